@@ -1,0 +1,569 @@
+"""Training-memory model: bytes needed to fine-tune a model with backprop (BP) or forward gradients (FF).
+
+Shapes are never entered by hand. :func:`trace_model` runs the model once on ``meta`` tensors (no data,
+no compute) through ``torch.func.functional_call`` and records, from PyTorch itself:
+
+- every ATen op (``TorchDispatchMode``) with the storages it reads and writes, its MACs and the module
+  that ran it;
+- every tensor autograd saves for the backward (``saved_tensors_hooks``), with only the trainable
+  parameters requiring grad.
+
+The model is traced in eval mode (BatchNorm on running statistics, dropout off), loss excluded.
+``scaled_dot_product_attention`` on meta tensors takes the math path: the attention scores are
+materialized, as on edge kernels (fused flash-style kernels would keep less).
+
+Byte counts (n = element count, b_w/b_a = weight/activation bytes of the format, see :data:`FORMATS`):
+
+- ``weights``       = n_params * b_w (parameters only; BN statistics are folded into convs on device).
+- ``scratch``       BP: the activations autograd keeps for the backward = the distinct non-parameter
+  storages passed to ``saved_tensors_hooks``: the input of every trainable Conv/Linear (for its weight
+  gradient) plus whatever the backward needs through the layers between the loss and the earliest
+  trainable layer (inputs or outputs of nonlinearities, normalizations, attention scores, inputs of
+  frozen layers whose weights are not needed ...). Ops before the first trainable layer keep nothing, so
+  "lp" keeps only activations from the first trainable layer on; "sparse" keeps what "ft" keeps (each
+  layer's weight gradient is computed densely, then masked). Transient activation gradients during the
+  backward are not counted.
+  FF: the peak of live activations during one inference forward with ideal freeing (a tensor lives
+  from the op that writes it to the last op that reads it; the model output lives to the end). On a
+  chain this is the largest input+output pair of a single op; residual branches add their skip tensor.
+  Float tensors count b_a bytes per element, integer tensors (e.g. max-pool indices) their own size.
+- ``gradients``     BP: n_upd * b_w. FF: 0 for m = 1 (the update is +-z itself), else one layer's
+  accumulated gradient sum_i sign_i z_i: max_layer_upd * b_acc (int16 for fixed point).
+- ``optimizer_state`` = copies * n_upd * b_w (state kept in the weight format), copies = 0 (sgd),
+  1 (momentum), 2 (adam).
+- ``perturbation``  FF: z of the largest trainable layer, regenerated layer by layer from a seed and
+  applied in place (exact restore in integer arithmetic): max_layer_upd * b_z (b_z = 1 for fixed
+  point, b_w for float) + 16 bytes of counter-based RNG state. With ``z_storage="full"`` z is stored
+  for every updated weight instead: n_upd * b_z (what the QZO-FF paper's FF figure counts, docs/memory.md).
+- ``masks``         sparse: a bitmap, 1 bit per candidate weight: ceil(n_trainable / 8) (an index list
+  costs 4 bytes per selected weight, smaller only below a density of 1/32). ``mask_storage="seeded"``:
+  0, a random mask regenerated from a seed like z (top-k or threshold masks need the bitmap).
+
+n_trainable = parameters trained by the mode ("ft": all, "lp": those of the last ``lp_layers``
+parametrized layers, "sparse": all, of which a fraction ``density`` is selected); n_upd = n_trainable,
+or ceil(density * n_trainable) when sparse; max_layer_upd = the same for the largest trainable layer.
+"trainable_weights" = n_upd * b_w are the bytes that must be writable (SRAM): sparse updates keep the
+selected weights as a compact SRAM array beside the bitmap, the rest stay in flash.
+For FF in "lp" mode the frozen prefix can be run once per example and its output reused (DeepZero
+prefix reuse): the live-buffer peak is unchanged, the cache of prefix outputs is not counted here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from fwdgrad.models import head_params
+
+METHODS = ("bp", "ff")
+MODES = ("ft", "lp", "sparse")
+OPTIMIZERS = {"sgd": 0, "momentum": 1, "adam": 2}
+Z_STORAGE = ("layer", "full")
+MASK_STORAGE = ("bitmap", "seeded")
+RNG_STATE_BYTES = 16
+
+
+@dataclass(frozen=True)
+class NumberFormat:
+    """Storage bytes of one number format; ``fixed_point`` formats store integer weights and activations."""
+
+    name: str
+    weight_bytes: int
+    act_bytes: int
+    fixed_point: bool
+
+    @property
+    def z_bytes(self) -> int:
+        """Bytes per perturbation element: 8-bit z for fixed point, the weight type for float."""
+        return 1 if self.fixed_point else self.weight_bytes
+
+    @property
+    def acc_bytes(self) -> int:
+        """Bytes per element of the gradient sum over m perturbations: int16 for fixed point."""
+        return 2 if self.fixed_point else self.weight_bytes
+
+
+FORMATS = {
+    f.name: f
+    for f in (
+        NumberFormat("fp32", 4, 4, False),
+        NumberFormat("fp16", 2, 2, False),
+        NumberFormat("bf16", 2, 2, False),
+        NumberFormat("w16a16", 2, 2, True),
+        NumberFormat("w16a8", 2, 1, True),
+        NumberFormat("w8a16", 1, 2, True),
+        NumberFormat("w8a8", 1, 1, True),
+    )
+}
+
+
+def _check(name: str, value, allowed: Iterable) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {allowed}")
+
+
+def get_format(name: str) -> NumberFormat:
+    """The :class:`NumberFormat` called ``name`` (ValueError naming the allowed ones otherwise)."""
+    _check("number format", name, FORMATS)
+    return FORMATS[name]
+
+
+def fmt_bytes(n: float) -> str:
+    """Human-readable decimal bytes (1 MB = 10^6 B), e.g. ``11.43 MB``."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class _Storage:
+    nbytes: int
+    itemsize: int
+    is_float: bool
+
+    def bytes(self, act_bytes: int) -> int:
+        return self.nbytes // self.itemsize * act_bytes if self.is_float else self.nbytes
+
+
+@dataclass(frozen=True)
+class Op:
+    """One ATen op of the traced forward: its module, MACs, and non-parameter storages read/written."""
+
+    name: str
+    module: str
+    macs: int
+    reads: tuple[int, ...]
+    writes: tuple[int, ...]
+
+
+@dataclass
+class ModelTrace:
+    """What one meta-device forward of a model recorded; see :func:`trace_model`."""
+
+    params: dict[str, int]
+    trainable: tuple[str, ...]
+    backward: bool
+    ops: list[Op] = field(default_factory=list)
+    storages: dict[int, _Storage] = field(default_factory=dict)
+    saved: set[int] = field(default_factory=set)
+    inputs: set[int] = field(default_factory=set)
+    outputs: set[int] = field(default_factory=set)
+
+    def saved_bytes(self, act_bytes: int) -> int:
+        """Bytes of the activations autograd keeps for the backward."""
+        return sum(self.storages[s].bytes(act_bytes) for s in self.saved)
+
+    def peak_live_bytes(self, act_bytes: int, keep_saved: bool = False) -> int:
+        """Peak over ops of the live activation bytes (tensor lives from first write/input to last read).
+
+        ``keep_saved``: tensors saved for the backward live to the end: the peak of a BP forward.
+        """
+        n = len(self.ops)
+        first = {s: -1 for s in self.inputs}
+        last = {s: n for s in self.outputs | (self.saved if keep_saved else set())}
+        for i, op in enumerate(self.ops):
+            for s in op.reads + op.writes:
+                first.setdefault(s, i)
+                last[s] = max(last.get(s, i), i)
+        delta = [0] * (n + 3)
+        for s, i in first.items():
+            b = self.storages[s].bytes(act_bytes)
+            delta[i + 1] += b
+            delta[last[s] + 2] -= b
+        peak = live = 0
+        for d in delta:
+            live += d
+            peak = max(peak, live)
+        return peak
+
+    def macs_by_layer(self) -> dict[str, int]:
+        """Forward MACs per module (the innermost module running each op), in forward order."""
+        out: dict[str, int] = {}
+        for op in self.ops:
+            if op.macs:
+                out[op.module] = out.get(op.module, 0) + op.macs
+        return out
+
+    @property
+    def macs(self) -> int:
+        return sum(op.macs for op in self.ops)
+
+    def layer_sizes(self, names: Iterable[str]) -> dict[str, int]:
+        """Parameter count per owning module of the parameters ``names``."""
+        out: dict[str, int] = {}
+        for n in names:
+            layer = n.rpartition(".")[0]
+            out[layer] = out.get(layer, 0) + self.params[n]
+        return out
+
+
+def _op_macs(func, args, out) -> int:
+    """Multiply-accumulates of matmul/conv/attention ATen ops (0 for everything else)."""
+    name = func.overloadpacket.__name__
+    if name in ("mm", "addmm"):
+        a, b = args[-2], args[-1]
+        return a.shape[0] * a.shape[1] * b.shape[1]
+    if name in ("bmm", "baddbmm"):
+        a, b = args[-2], args[-1]
+        return a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+    if name in ("convolution", "_convolution", "mkldnn_convolution"):
+        return out.numel() * args[1][0].numel()
+    return 0
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, trace: ModelTrace, skip: set[int], stack: list[str]):
+        super().__init__()
+        self.trace, self.skip, self.stack = trace, skip, stack
+        self.keep: list[torch.Tensor] = []  # keeps storages alive so their ids stay unique
+
+    def sids(self, tree) -> tuple[int, ...]:
+        out = []
+        for t in tree_flatten(tree)[0]:
+            if isinstance(t, torch.Tensor):
+                sid = t.untyped_storage()._cdata
+                if sid in self.skip:
+                    continue
+                self.keep.append(t)
+                if sid not in self.trace.storages:
+                    nbytes = t.untyped_storage().nbytes()
+                    self.trace.storages[sid] = _Storage(nbytes, t.element_size(), t.is_floating_point())
+                out.append(sid)
+        return tuple(dict.fromkeys(out))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        reads = self.sids((args, kwargs))
+        writes = tuple(s for s in self.sids(out) if s not in reads)
+        macs = _op_macs(func, args, out)
+        self.trace.ops.append(Op(str(func), self.stack[-1], macs, reads, writes))
+        return out
+
+
+def trace_model(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    trainable: Collection[str] = (),
+    backward: bool = False,
+) -> ModelTrace:
+    """Run ``model`` once on a meta input of ``input_shape`` and record ops, storages and saved tensors.
+
+    ``trainable``: the trained parameter names. ``backward=True`` runs the forward with autograd, only
+    these parameters requiring grad, and records what autograd saves for the backward (a BP forward);
+    ``backward=False`` runs under ``no_grad`` like an FF (inference) forward.
+    """
+    params = dict(model.named_parameters())
+    trainable = tuple(trainable)
+    unknown = sorted(set(trainable) - set(params))
+    if unknown:
+        raise ValueError(f"unknown trainable parameters {unknown[:5]}; the model has e.g. {list(params)[:5]}")
+    meta = {n: torch.empty_like(p, device="meta").requires_grad_(n in trainable) for n, p in params.items()}
+    meta.update({n: torch.empty_like(b, device="meta") for n, b in model.named_buffers()})
+    trace = ModelTrace({n: p.numel() for n, p in params.items()}, trainable, backward)
+    stack = ["<model>"]
+
+    def enter(name: str) -> Callable:
+        return lambda *_: stack.append(name)
+
+    def leave(*_) -> None:
+        stack.pop()
+
+    handles = []
+    for name, mod in model.named_modules():
+        handles += [mod.register_forward_pre_hook(enter(name)), mod.register_forward_hook(leave)]
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    skip = {t.untyped_storage()._cdata for t in meta.values()}
+    x = torch.empty(input_shape, device="meta")
+    recorder = _Recorder(trace, skip, stack)
+    trace.inputs = set(recorder.sids(x))
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        trace.saved.update(recorder.sids(t))
+        return t
+
+    try:
+        with (
+            torch.set_grad_enabled(backward),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            recorder,
+        ):
+            y = functional_call(model, meta, (x,))
+        trace.outputs = set(recorder.sids(y))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, f in flags.items():
+            m.train(f)
+    return trace
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Training-memory bytes by category (formulas in the module docstring)."""
+
+    model: str
+    input_shape: tuple[int, ...]
+    method: str
+    mode: str
+    fmt: str
+    optimizer: str
+    m: int
+    forward_macs: int
+    n_params: int
+    n_updated: int
+    weights: int
+    trainable_weights: int
+    scratch: int
+    gradients: int
+    optimizer_state: int
+    perturbation: int
+    masks: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.paper_scratch
+
+    @property
+    def paper_scratch(self) -> int:
+        """The paper's "scratch buffer": everything but the weights."""
+        return self.scratch + self.gradients + self.optimizer_state + self.perturbation + self.masks
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"total": self.total, "paper_scratch": self.paper_scratch}
+
+    def summary(self) -> str:
+        """One line: ``weights=.. scratch=.. gradients=.. optimizer=.. perturbation=.. masks=.. total=..``."""
+        parts = ("weights", "scratch", "gradients", "optimizer_state", "perturbation", "masks", "total")
+        return f"{self.method}/{self.mode}/{self.fmt}: " + " ".join(
+            f"{p.replace('_state', '')}={fmt_bytes(getattr(self, p))}" for p in parts
+        )
+
+
+def trainable_for(model: nn.Module, mode: str, lp_layers: int = 1) -> list[str]:
+    """Parameter names trained in ``mode``: all for "ft"/"sparse", the last ``lp_layers`` layers for "lp"."""
+    _check("mode", mode, MODES)
+    if mode == "lp":
+        return head_params(model, lp_layers)
+    return [n for n, _ in model.named_parameters()]
+
+
+def breakdown_from_trace(
+    trace: ModelTrace,
+    method: str,
+    fmt: str,
+    mode: str = "ft",
+    density: float = 0.1,
+    optimizer: str = "sgd",
+    m: int = 1,
+    z_storage: str = "layer",
+    mask_storage: str = "bitmap",
+    model_name: str = "model",
+    input_shape: tuple[int, ...] = (),
+) -> MemoryBreakdown:
+    """Byte breakdown for a trace: BP needs a ``backward=True`` trace, FF an inference one."""
+    _check("method", method, METHODS)
+    if trace.backward != (method == "bp"):
+        raise ValueError(f"method {method!r} needs a trace with backward={method == 'bp'}")
+    _check("mode", mode, MODES)
+    _check("optimizer", optimizer, OPTIMIZERS)
+    _check("z_storage", z_storage, Z_STORAGE)
+    _check("mask_storage", mask_storage, MASK_STORAGE)
+    f = get_format(fmt)
+    if mode == "sparse" and not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    if m < 1:
+        raise ValueError(f"m (perturbations per step) must be >= 1, got {m}")
+    frac = density if mode == "sparse" else 1.0
+    n_train = sum(trace.params[n] for n in trace.trainable)
+    n_upd = math.ceil(frac * n_train)
+    layer_upd = math.ceil(frac * max(trace.layer_sizes(trace.trainable).values(), default=0))
+    if method == "bp":
+        scratch, grads, pert = trace.saved_bytes(f.act_bytes), n_upd * f.weight_bytes, 0
+    else:
+        scratch = trace.peak_live_bytes(f.act_bytes)
+        grads = 0 if m == 1 else layer_upd * f.acc_bytes
+        pert = (n_upd if z_storage == "full" else layer_upd) * f.z_bytes + RNG_STATE_BYTES
+    return MemoryBreakdown(
+        model=model_name,
+        input_shape=tuple(input_shape),
+        method=method,
+        mode=mode,
+        fmt=fmt,
+        optimizer=optimizer,
+        m=m,
+        forward_macs=trace.macs,
+        n_params=sum(trace.params.values()),
+        n_updated=n_upd,
+        weights=sum(trace.params.values()) * f.weight_bytes,
+        trainable_weights=n_upd * f.weight_bytes,
+        scratch=scratch,
+        gradients=grads,
+        optimizer_state=OPTIMIZERS[optimizer] * n_upd * f.weight_bytes,
+        perturbation=pert,
+        masks=math.ceil(n_train / 8) if mode == "sparse" and mask_storage == "bitmap" else 0,
+    )
+
+
+def memory_breakdown(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    method: str = "ff",
+    mode: str = "ft",
+    fmt: str = "fp32",
+    *,
+    density: float = 0.1,
+    lp_layers: int = 1,
+    optimizer: str = "sgd",
+    m: int = 1,
+    z_storage: str = "layer",
+    mask_storage: str = "bitmap",
+    trainable: Collection[str] | None = None,
+    model_name: str | None = None,
+) -> MemoryBreakdown:
+    """Training-memory breakdown of ``model`` on a batch of ``input_shape`` (formulas: module docstring).
+
+    ``trainable`` overrides the parameter set implied by ``mode`` (e.g. the exact set a trainer uses);
+    ``model_name`` labels the result (default: the model's class name).
+    """
+    _check("method", method, METHODS)
+    names = trainable_for(model, mode, lp_layers) if trainable is None else list(trainable)
+    trace = trace_model(model, input_shape, names, method == "bp")
+    kw = dict(density=density, optimizer=optimizer, m=m, z_storage=z_storage, mask_storage=mask_storage)
+    return breakdown_from_trace(
+        trace, method, fmt, mode, model_name=model_name or type(model).__name__, input_shape=input_shape, **kw
+    )
+
+
+def format_table(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    formats: Iterable[str] = ("fp32", "fp16", "w16a16", "w16a8", "w8a8"),
+    mode: str = "ft",
+    density: float = 0.1,
+    lp_layers: int = 1,
+    **kw,
+) -> str:
+    """Markdown table of training memory, BP vs FF vs FF + sparse (``density``), one row per format.
+
+    Cells are the paper's "scratch" (total - weights); ``kw`` go to :func:`breakdown_from_trace`.
+    """
+    names = trainable_for(model, mode, lp_layers)
+    bp_trace = trace_model(model, input_shape, names, backward=True)
+    ff_trace = trace_model(model, input_shape, names)
+    rows = [
+        f"| format | weights | BP ({mode}) | FF ({mode}) | FF sparse {density:g} | BP / FF |",
+        "|---|---|---|---|---|---|",
+    ]
+    for fmt in formats:
+        bp = breakdown_from_trace(bp_trace, "bp", fmt, mode, density, **kw)
+        ff = breakdown_from_trace(ff_trace, "ff", fmt, mode, density, **kw)
+        sp = breakdown_from_trace(ff_trace, "ff", fmt, "sparse", density, **kw)
+        cells = [fmt_bytes(x) for x in (bp.weights, bp.paper_scratch, ff.paper_scratch, sp.paper_scratch)]
+        rows.append(f"| {fmt} | {' | '.join(cells)} | {bp.paper_scratch / ff.paper_scratch:.1f}x |")
+    return "\n".join(rows)
+
+
+def measure_peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") -> int:
+    """Measured peak bytes allocated by torch while running ``fn()`` above the level before it.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: ``torch.profiler``
+    with ``profile_memory=True`` records every allocation (+bytes) and free (-bytes) of torch's CPU
+    allocator, kernels' internal workspaces included; the result is the maximum of the running sum of
+    those deltas in time order. Memory not allocated through torch (Python objects, numpy) is not seen;
+    tensors that already exist when ``fn`` starts count only if ``fn`` frees them (as negative deltas).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocs = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag.name == "Allocation":
+            allocs.append((event.start_time_ns, event.extra_fields.alloc_size))
+    peak = live = 0
+    for _, delta in sorted(allocs):
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+#: The QZO-FF paper's ViT-tiny (DeiT-tiny) full fine-tuning scratch figures, bytes (SPEC section 2.4).
+PAPER_VIT_SCRATCH = {"bp_fp16": 31.64e6, "ff_fp16": 11.43e6, "ff_sparse_fixed": 0.40e6}
+
+
+def vit_paper_comparison(batch_size: int = 1) -> str:
+    """Markdown table: our model vs the paper's ViT-tiny scratch figures (DeiT-tiny, 224 px, patch 16).
+
+    Rows: BP fp16; FF fp16 with our layer-wise z and with the paper's apparent convention (z for every
+    weight, activations not counted); FF w16a8 with a 10% sparse update, seeded and bitmap masks.
+    """
+    from fwdgrad.models import vit_tiny
+
+    model = vit_tiny(1000, image_size=224, patch_size=16)
+    shape = (batch_size, 3, 224, 224)
+    names = trainable_for(model, "ft")
+    bp_trace = trace_model(model, shape, names, backward=True)
+    ff_trace = trace_model(model, shape, names)
+    sparse = dict(mode="sparse", density=0.1)
+    rows = [  # label, breakdown, paper figure, count activations
+        ("BP, fp16, ft", breakdown_from_trace(bp_trace, "bp", "fp16"), "bp_fp16", True),
+        ("FF, fp16, ft, layer-wise z", breakdown_from_trace(ff_trace, "ff", "fp16"), "ff_fp16", True),
+        (
+            "FF, fp16, ft, full z, no activations",
+            breakdown_from_trace(ff_trace, "ff", "fp16", z_storage="full"),
+            "ff_fp16",
+            False,
+        ),
+        (
+            "FF, w16a8, sparse 10 %, seeded mask",
+            breakdown_from_trace(ff_trace, "ff", "w16a8", mask_storage="seeded", **sparse),
+            "ff_sparse_fixed",
+            True,
+        ),
+        (
+            "FF, w16a8, sparse 10 %, bitmap mask",
+            breakdown_from_trace(ff_trace, "ff", "w16a8", **sparse),
+            "ff_sparse_fixed",
+            True,
+        ),
+    ]
+    out = [
+        f"DeiT-tiny ({sum(bp_trace.params.values()):,} parameters), batch {batch_size}, SGD, m = 1.",
+        "",
+        "| configuration | activations | gradients | perturbation | masks | scratch (ours) | paper |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, b, key, with_acts in rows:
+        acts = b.scratch if with_acts else 0
+        ours = b.paper_scratch - b.scratch + acts
+        out.append(
+            f"| {label} | {fmt_bytes(acts)} | {fmt_bytes(b.gradients)} | {fmt_bytes(b.perturbation)} "
+            f"| {fmt_bytes(b.masks)} | {fmt_bytes(ours)} | {fmt_bytes(PAPER_VIT_SCRATCH[key])} |"
+        )
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(vit_paper_comparison())

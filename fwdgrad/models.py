@@ -1,0 +1,294 @@
+"""Model zoo: every model is built by name through :func:`build_model`.
+
+All models take ``(N, in_channels, H, W)`` inputs (audio models take ``(N, 1, n_mels, T)`` features),
+return logits of shape ``(N, num_classes)`` and trace with ``torch.fx.symbolic_trace`` (the GRU of
+``crnn`` is a leaf module of the trace).
+
+Pretrained torchvision weights are optional (``pretrained="IMAGENET1K_V1"`` etc.); they come from
+torchvision's cache (``$TORCH_HOME/hub/checkpoints``) or a download. Where neither works (offline machines),
+:class:`PretrainedWeightsUnavailable` says so in one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.fx
+from torch import nn
+from torchvision import models as tvm
+from torchvision.models.resnet import BasicBlock
+
+#: Layers that count as "parametrized layers" for :func:`head_layers` (linear probing of the last k).
+LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.MultiheadAttention, nn.RNNBase)
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """Pretrained weights are neither in the local torch cache nor downloadable."""
+
+
+def _load_weights(enum: type[tvm.WeightsEnum], name: str) -> tuple[dict, int]:
+    """Return (state_dict, num_classes) of torchvision weights ``enum[name]`` or raise a one-line error."""
+    allowed = [w.name for w in enum]
+    if name not in allowed:
+        raise ValueError(f"unknown pretrained weights {name!r} for {enum.__name__}; allowed: {allowed}")
+    weights = enum[name]
+    try:
+        state = weights.get_state_dict(progress=False)
+    except OSError as err:  # URLError, socket and file errors
+        raise PretrainedWeightsUnavailable(
+            f"pretrained weights {enum.__name__}.{name} are not in the torch cache ({torch.hub.get_dir()}"
+            f"/checkpoints) and cannot be downloaded here ({type(err).__name__}); use pretrained=None"
+        ) from None
+    return state, len(weights.meta["categories"])
+
+
+def _new_conv(old: nn.Conv2d, in_channels: int, **overrides) -> nn.Conv2d:
+    """A conv like ``old`` with ``in_channels`` inputs (and any overridden kwargs); fresh init."""
+    kw = dict(
+        kernel_size=old.kernel_size,
+        stride=old.stride,
+        padding=old.padding,
+        groups=old.groups,
+        bias=old.bias is not None,
+    )
+    kw.update(overrides)
+    return nn.Conv2d(in_channels, old.out_channels, **kw)
+
+
+def _adapt_in_channels(old: nn.Conv2d, in_channels: int, pretrained: bool) -> nn.Conv2d:
+    """Replace an RGB stem conv for ``in_channels`` inputs; pretrained kernels are averaged over RGB."""
+    if in_channels == old.in_channels:
+        return old
+    new = _new_conv(old, in_channels)
+    if not pretrained:
+        return new
+    with torch.no_grad():
+        new.weight.copy_(old.weight.mean(1, keepdim=True).expand_as(new.weight))
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    return new
+
+
+def _replace_linear(old: nn.Linear, num_classes: int) -> nn.Linear:
+    return old if old.out_features == num_classes else nn.Linear(old.in_features, num_classes)
+
+
+class ResNet8(nn.Module):
+    """CIFAR-style ResNet-8: conv3x3 stem, three BasicBlocks (16w/32w/64w ch, strides 1/2/2), GAP, linear."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: float = 1.0):
+        super().__init__()
+        c1, c2, c3 = (max(1, round(c * width)) for c in (16, 32, 64))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU(inplace=True)
+        )
+        self.layer1 = BasicBlock(c1, c1)
+        self.layer2 = BasicBlock(c1, c2, stride=2, downsample=_shortcut(c1, c2, 2))
+        self.layer3 = BasicBlock(c2, c3, stride=2, downsample=_shortcut(c2, c3, 2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _shortcut(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+
+def resnet8(num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    """CIFAR ResNet-8 (78k parameters at width 1 with 10 classes)."""
+    return ResNet8(num_classes, in_channels, width)
+
+
+def resnet18(
+    num_classes: int, in_channels: int = 3, small_input: bool = False, pretrained: str | None = None
+) -> nn.Module:
+    """torchvision ResNet-18; ``small_input`` swaps the 7x7/2 stem + maxpool for a conv3x3/1 (<= 32 px)."""
+    if pretrained is None:
+        model = tvm.resnet18(weights=None, num_classes=num_classes)
+    else:
+        state, n = _load_weights(tvm.ResNet18_Weights, pretrained)
+        model = tvm.resnet18(weights=None, num_classes=n)
+        model.load_state_dict(state)
+        model.fc = _replace_linear(model.fc, num_classes)
+    if small_input:
+        model.conv1 = _new_conv(model.conv1, in_channels, kernel_size=3, stride=1, padding=1)
+        model.maxpool = nn.Identity()
+    else:
+        model.conv1 = _adapt_in_channels(model.conv1, in_channels, pretrained is not None)
+    return model
+
+
+def mobilenet_v2(
+    num_classes: int,
+    in_channels: int = 3,
+    width_mult: float = 1.0,
+    small_input: bool = False,
+    pretrained: str | None = None,
+) -> nn.Module:
+    """torchvision MobileNetV2; ``small_input`` makes the first conv stride 1 (overall stride 16, not 32)."""
+    if pretrained is None:
+        model = tvm.mobilenet_v2(weights=None, num_classes=num_classes, width_mult=width_mult)
+    else:
+        if width_mult != 1.0:
+            raise ValueError(f"pretrained MobileNetV2 weights need width_mult=1.0, got {width_mult}")
+        state, n = _load_weights(tvm.MobileNet_V2_Weights, pretrained)
+        model = tvm.mobilenet_v2(weights=None, num_classes=n)
+        model.load_state_dict(state)
+        model.classifier[1] = _replace_linear(model.classifier[1], num_classes)
+    stem = model.features[0][0]
+    stem = _adapt_in_channels(stem, in_channels, pretrained is not None)
+    if small_input:
+        stem.stride = (1, 1)
+    model.features[0][0] = stem
+    return model
+
+
+def vit_tiny(
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    patch_size: int = 4,
+    hidden_dim: int = 192,
+    depth: int = 12,
+    heads: int = 3,
+    mlp_ratio: int = 4,
+    pretrained: str | None = None,
+) -> nn.Module:
+    """torchvision VisionTransformer with DeiT-tiny dims by default (192 wide, 12 deep, 3 heads, MLP 4x).
+
+    ``image_size=224, patch_size=16, num_classes=1000`` is DeiT-tiny exactly (5,717,416 parameters).
+    """
+    if pretrained is not None:
+        raise ValueError(
+            f"pretrained={pretrained!r}: torchvision ships no ViT-tiny weights; allowed: None "
+            "(load a checkpoint of your own with load_state_dict)"
+        )
+    model = tvm.VisionTransformer(
+        image_size=image_size,
+        patch_size=patch_size,
+        num_layers=depth,
+        num_heads=heads,
+        hidden_dim=hidden_dim,
+        mlp_dim=mlp_ratio * hidden_dim,
+        num_classes=num_classes,
+    )
+    if in_channels != 3:
+        model.conv_proj = _new_conv(model.conv_proj, in_channels)
+    return model
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel, stride=1, padding=0, groups: int = 1) -> list[nn.Module]:
+    return [
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    ]
+
+
+def ds_cnn(num_classes: int, in_channels: int = 1, channels: int = 64, blocks: int = 4) -> nn.Module:
+    """DS-CNN for keyword spotting (Zhang et al. 2017, "Hello Edge", DS-CNN-S at the defaults).
+
+    conv 10x4/2 -> ``blocks`` x (depthwise 3x3 + pointwise 1x1, each BN+ReLU) -> global avg pool -> linear.
+    Input ``(N, 1, n_mels or n_mfcc, T)``.
+    """
+    layers = _conv_bn_relu(in_channels, channels, (10, 4), stride=2, padding=(5, 1))
+    for _ in range(blocks):
+        layers += _conv_bn_relu(channels, channels, 3, padding=1, groups=channels)
+        layers += _conv_bn_relu(channels, channels, 1)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
+    return nn.Sequential(*layers)
+
+
+class CRNN(nn.Module):
+    """Conv blocks (conv3x3-BN-ReLU-maxpool 2x2) -> mean over frequency -> GRU over time -> linear.
+
+    Input ``(N, in_channels, F, T)``; the GRU reads the ``T / 2**len(channels)`` frames and its last hidden
+    state feeds the classifier. Defaults give about 250k parameters.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 1,
+        channels: tuple[int, ...] = (32, 64, 128),
+        hidden: int = 172,
+    ):
+        super().__init__()
+        layers, cin = [], in_channels
+        for c in channels:
+            layers += _conv_bn_relu(cin, c, 3, padding=1) + [nn.MaxPool2d(2)]
+            cin = c
+        self.conv = nn.Sequential(*layers)
+        self.gru = nn.GRU(cin, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x).mean(2).transpose(1, 2)  # (N, T', C)
+        _, h = self.gru(x)
+        return self.fc(h[-1])
+
+
+def crnn(
+    num_classes: int, in_channels: int = 1, channels: tuple[int, ...] = (32, 64, 128), hidden: int = 172
+) -> nn.Module:
+    """Small CRNN for audio (see :class:`CRNN`); 250k parameters with 10 classes at the defaults."""
+    return CRNN(num_classes, in_channels, tuple(channels), hidden)
+
+
+def small_cnn(num_classes: int, in_channels: int = 1, width: int = 16) -> nn.Module:
+    """Tiny CNN for 8x8 digits: conv3x3(w)-BN-ReLU, conv3x3/2(2w)-BN-ReLU, global avg pool, linear."""
+    return nn.Sequential(
+        *_conv_bn_relu(in_channels, width, 3, padding=1),
+        *_conv_bn_relu(width, 2 * width, 3, stride=2, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, num_classes),
+    )
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet8": resnet8,
+    "resnet18": resnet18,
+    "mobilenet_v2": mobilenet_v2,
+    "vit_tiny": vit_tiny,
+    "ds_cnn": ds_cnn,
+    "crnn": crnn,
+    "small_cnn": small_cnn,
+}
+
+
+def build_model(name: str, num_classes: int, in_channels: int, **kw) -> nn.Module:
+    """Build model ``name`` (one of :data:`MODELS`) with extra constructor kwargs ``kw``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; allowed: {sorted(MODELS)}")
+    return MODELS[name](num_classes=num_classes, in_channels=in_channels, **kw)
+
+
+def _forward_order(model: nn.Module) -> list[str]:
+    """Module names in the order ``forward`` calls them (fx trace; registration order if untraceable)."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # any trace failure: fall back to registration order
+        return [name for name, _ in model.named_modules()]
+    return list(dict.fromkeys(n.target for n in graph.nodes if n.op == "call_module"))
+
+
+def head_layers(model: nn.Module, k: int) -> list[str]:
+    """Qualified names of the last ``k`` parametrized layers (:data:`LAYER_TYPES`) in forward order."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    modules = dict(model.named_modules())
+    layers = [n for n in _forward_order(model) if isinstance(modules.get(n), LAYER_TYPES)]
+    if k > len(layers):
+        raise ValueError(f"k={k} but the model has only {len(layers)} parametrized layers")
+    return layers[-k:]
+
+
+def head_params(model: nn.Module, k: int) -> list[str]:
+    """Parameter names of the last ``k`` parametrized layers: the trainable set of "lp" (linear probing)."""
+    layers = head_layers(model, k)
+    return [n for n, _ in model.named_parameters() if any(n.startswith(layer + ".") for layer in layers)]
