@@ -39,13 +39,22 @@ def main(argv=None) -> dict:
     g = torch.Generator().manual_seed(0)
     model = build_model("resnet8", num_classes=10, in_channels=3).eval()
     x = torch.randn(args.batch, 3, 32, 32, generator=g)
-    result = {"model": "resnet8", "batch": args.batch, "input": [3, 32, 32], "threads": args.threads,
-              "torch": torch.__version__, "schemes": {}}
+    result = {
+        "model": "resnet8",
+        "batch": args.batch,
+        "input": [3, 32, 32],
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "schemes": {},
+    }
     with torch.no_grad():
         for scheme in args.schemes:
             q = convert(model, scheme, x)
-            runs = {"float32": lambda: model(x), "integer": lambda: q(x, mode="integer"),
-                    "fake": lambda: q(x, mode="fake")}
+            runs = {
+                "float32": lambda: model(x),
+                "integer": lambda q=q: q(x, mode="integer"),
+                "fake": lambda q=q: q(x, mode="fake"),
+            }
             for fn in runs.values():  # warm-up
                 fn()
             times = {k: [] for k in runs}

@@ -292,7 +292,9 @@ class MSEObserver(_SampleObserver):
         best, best_err = None, None
         for i in range(self.grid):
             a = 1.0 - i / (self.grid * 1.25)
-            qp = compute_qparams(lo * a, hi * a, replace(self.fmt, axis=0 if self.fmt.axis is not None else None))
+            qp = compute_qparams(
+                lo * a, hi * a, replace(self.fmt, axis=0 if self.fmt.axis is not None else None)
+            )
             scale, zp = (qp.scale.reshape(-1, 1), qp.zero_point.reshape(-1, 1))
             q = (torch.round(d / scale) + zp).clamp(self.fmt.qmin, self.fmt.qmax)
             err = ((q - zp) * scale - d).pow(2).mean(1)
@@ -300,8 +302,11 @@ class MSEObserver(_SampleObserver):
                 best, best_err = qp, err
             else:
                 better = err < best_err
-                best = QParams(self.fmt, torch.where(better, qp.scale, best.scale),
-                               torch.where(better, qp.zero_point, best.zero_point))
+                best = QParams(
+                    self.fmt,
+                    torch.where(better, qp.scale, best.scale),
+                    torch.where(better, qp.zero_point, best.zero_point),
+                )
                 best_err = torch.minimum(err, best_err)
         return QParams(self.fmt, best.scale, best.zero_point)
 
@@ -358,8 +363,11 @@ def requantize(
     real factor `real` (float32 arithmetic, round half to even, as PyTorch's x86 engine).
     """
     if mode == "float":
-        r = real.to(torch.float32) if real is not None else (multiplier.double() * torch.exp2(
-            -(31 + shift).double())).float()
+        r = (
+            real.to(torch.float32)
+            if real is not None
+            else (multiplier.double() * torch.exp2(-(31 + shift).double())).float()
+        )
         return torch.round(acc.to(torch.float32) * r).to(torch.int64)
     if mode == "single":
         n = 31 + shift

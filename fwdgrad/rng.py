@@ -83,11 +83,18 @@ def _map_words(seed, step, sample, tensor_id, n, offset, device, dtype, fn) -> t
     return out
 
 
+def _on_cpu(device) -> bool:
+    """On the CPU the numpy implementation (bit-identical by construction and test) is the faster one."""
+    return _resolve_device(device).type == "cpu"
+
+
 def hash_words(seed, step, sample, tensor_id, n, offset=0, device=None) -> torch.Tensor:
     """Uniform 32-bit words of elements ``offset .. offset+n-1`` as ``int64`` values in [0, 2**32).
 
     Equal to ``fwdgrad.rng_np.hash_words`` (same arguments) element for element.
     """
+    if _on_cpu(device):
+        return torch.from_numpy(rng_np.hash_words(seed, step, sample, tensor_id, n, offset).astype("int64"))
     return _map_words(seed, step, sample, tensor_id, n, offset, device, torch.int64, lambda w: w)
 
 
@@ -134,6 +141,8 @@ def gaussian_q(
     ``fwdgrad.rng_np.gaussian_q`` with the same arguments.
     """
     z_max = rng_np.check_z_max(z_max)
+    if _on_cpu(device):
+        return torch.from_numpy(rng_np.gaussian_q(seed, step, sample, tensor_id, shape, z_max, offset))
     dims, size = shape_size(shape)
     fn = functools.partial(gaussian_from_words, z_max=z_max)
     return _map_words(seed, step, sample, tensor_id, size, offset, device, torch.int8, fn).reshape(dims)
@@ -143,6 +152,8 @@ def rademacher_q(
     seed, step, sample, tensor_id, shape, z_max=Z_MAX_DEFAULT, offset=0, device=None
 ) -> torch.Tensor:
     """Rademacher perturbation ``±1_q`` (``int8``, scale ``z_max / 127``) of ``shape`` on ``device``."""
+    if _on_cpu(device):
+        return torch.from_numpy(rng_np.rademacher_q(seed, step, sample, tensor_id, shape, z_max, offset))
     fn = functools.partial(rademacher_from_words, one=one_q(z_max))
     dims, size = shape_size(shape)
     return _map_words(seed, step, sample, tensor_id, size, offset, device, torch.int8, fn).reshape(dims)

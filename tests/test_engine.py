@@ -53,9 +53,17 @@ def test_w8a8_linear_matches_torch_x86(seed):
     a8 = activation_format(8)
     bias_q = torch.round(bias.double() / (s_in * s_w)).to(torch.int32)
     for requant in ("float", "single", "gemmlowp"):
-        node = QLinear("fc", ["x"], in_qp=_qp(s_in, zp_in, a8), w_qp=_qp(s_w, 0, QFormat(8)),
-                       out_qp=_qp(s_out, zp_out, a8), weight_q=w_q.to(torch.int8), bias_q=bias_q, act=None,
-                       bias_float=bias)
+        node = QLinear(
+            "fc",
+            ["x"],
+            in_qp=_qp(s_in, zp_in, a8),
+            w_qp=_qp(s_w, 0, QFormat(8)),
+            out_qp=_qp(s_out, zp_out, a8),
+            weight_q=w_q.to(torch.int8),
+            bias_q=bias_q,
+            act=None,
+            bias_float=bias,
+        )
         ours = node(x_q.float(), ctx=ExecContext(requant=requant))
         same, worst = _agreement(ours, ref)
         assert same >= 0.999 and worst <= 1, (requant, same, worst)
@@ -75,10 +83,18 @@ def test_w8a8_conv_matches_torch_x86(groups, stride, padding, dilation):
     ref = ref_mod(torch._make_per_tensor_quantized_tensor(x_q.to(torch.uint8), s_in, zp_in)).int_repr()
     a8 = activation_format(8)
     conv = nn.Conv2d(cin, cout, 3, stride, padding, dilation, groups)
-    node = QConv2d("conv", ["x"], conv, in_qp=_qp(s_in, zp_in, a8), w_qp=_qp(s_w, 0, QFormat(8)),
-                   out_qp=_qp(s_out, zp_out, a8), weight_q=w_q.to(torch.int8),
-                   bias_q=torch.round(bias.double() / (s_in * s_w)).to(torch.int32), act=None,
-                   bias_float=bias)
+    node = QConv2d(
+        "conv",
+        ["x"],
+        conv,
+        in_qp=_qp(s_in, zp_in, a8),
+        w_qp=_qp(s_w, 0, QFormat(8)),
+        out_qp=_qp(s_out, zp_out, a8),
+        weight_q=w_q.to(torch.int8),
+        bias_q=torch.round(bias.double() / (s_in * s_w)).to(torch.int32),
+        act=None,
+        bias_float=bias,
+    )
     ours = node(x_q.float(), ctx=ExecContext(requant="float"))
     assert ours.shape == ref.shape
     same, worst = _agreement(ours, ref)
@@ -139,7 +155,10 @@ def test_integer_and_fake_agree_within_one_lsb_per_layer(scheme):
             continue
         ins = [outs[i] for i in node.inputs]
         q_int = node(*ins, ctx=ExecContext("integer"))
-        fake_in = [dequantize(v, q.nodes[[n.name for n in q.nodes].index(i)].out_qp) for v, i in zip(ins, node.inputs)]
+        fake_in = [
+            dequantize(v, q.nodes[[n.name for n in q.nodes].index(i)].out_qp)
+            for v, i in zip(ins, node.inputs)
+        ]
         f = node(*fake_in, ctx=ExecContext("fake"))
         q_fake = torch.round(f / node.out_qp.scale.float()) + node.out_qp.zero_point.float()
         assert (q_int - q_fake).abs().max() <= 1, node.name
@@ -213,9 +232,17 @@ def test_small_cnn_on_digits_keeps_float_agreement_at_w8a8():
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(d.target)
-    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                          nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), 1e-2)
     torch.manual_seed(0)

@@ -42,7 +42,8 @@ def test_quantize_dequantize_error_bound(mode, fmt):
     assert q.min() >= fmt.qmin and q.max() <= fmt.qmax
     err = (dequantize(q, qp, torch.float64) - x) / qp.scale
     in_range = (x >= dequantize(torch.tensor(fmt.qmin), qp, torch.float64)) & (
-        x <= dequantize(torch.tensor(fmt.qmax), qp, torch.float64))
+        x <= dequantize(torch.tensor(fmt.qmax), qp, torch.float64)
+    )
     err = err[in_range]
     if mode in ("nearest_even", "half_away", "half_up"):
         assert err.abs().max() <= 0.5 + 1e-9
@@ -56,8 +57,12 @@ def test_quantize_dequantize_error_bound(mode, fmt):
 def test_half_way_cases_per_mode():
     qp = QParams(QFormat(bits=8), torch.tensor(1.0))
     x = torch.tensor([0.5, 1.5, -0.5, -1.5, 2.5])
-    expect = {"nearest_even": [0, 2, 0, -2, 2], "half_away": [1, 2, -1, -2, 3], "half_up": [1, 2, 0, -1, 3],
-              "floor": [0, 1, -1, -2, 2]}
+    expect = {
+        "nearest_even": [0, 2, 0, -2, 2],
+        "half_away": [1, 2, -1, -2, 3],
+        "half_up": [1, 2, 0, -1, 3],
+        "floor": [0, 1, -1, -2, 2],
+    }
     from dataclasses import replace
 
     for mode, want in expect.items():

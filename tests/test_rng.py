@@ -29,6 +29,12 @@ RANGES = [(1, 0), (7, 0), (1000, 3), (33, 2**24 + 1), (5000, 2**24 - 2), (4097, 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.fixture(autouse=True)
+def _torch_kernels(monkeypatch):
+    """fwdgrad.rng hands CPU requests to the (faster) numpy code; the tests here pin the torch integer
+    kernels themselves, on every device, against numpy."""
+    monkeypatch.setattr(rt, "_on_cpu", lambda device: False)
+
 def _phi(x: float) -> float:
     return 0.5 * math.erfc(-x / math.sqrt(2.0))
 
@@ -286,3 +292,10 @@ def test_numpy_module_does_not_import_torch():
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
+
+
+def test_cpu_requests_use_numpy_and_match(monkeypatch):
+    monkeypatch.undo()
+    assert rt._on_cpu(None)
+    np.testing.assert_array_equal(rt.gaussian_q(*KEY, (7, 9)).numpy(), rn.gaussian_q(*KEY, (7, 9)))
+    np.testing.assert_array_equal(rt.hash_words(*KEY, 50).numpy(), rn.hash_words(*KEY, 50).astype(np.int64))

@@ -5,5 +5,18 @@ from .intops import AccumulatorSpec, OverflowStats
 from .model import MODES, QModel
 from .nodes import ExecContext, QConv2d, QLinear, QNode, QWeighted
 
-__all__ = ["SCHEMES", "Scheme", "convert", "fold_batchnorm", "AccumulatorSpec", "OverflowStats", "MODES",
-           "QModel", "ExecContext", "QConv2d", "QLinear", "QNode", "QWeighted"]
+__all__ = [
+    "SCHEMES",
+    "Scheme",
+    "convert",
+    "fold_batchnorm",
+    "AccumulatorSpec",
+    "OverflowStats",
+    "MODES",
+    "QModel",
+    "ExecContext",
+    "QConv2d",
+    "QLinear",
+    "QNode",
+    "QWeighted",
+]

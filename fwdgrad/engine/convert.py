@@ -51,7 +51,9 @@ class Scheme:
     def parse(cls, name: str) -> Scheme:
         m = re.fullmatch(r"w(\d+)a(\d+)", str(name))
         if not m:
-            raise ValueError(f"quantization scheme {name!r} is invalid; expected 'w<bits>a<bits>', e.g. {SCHEMES}")
+            raise ValueError(
+                f"quantization scheme {name!r} is invalid; expected 'w<bits>a<bits>', e.g. {SCHEMES}"
+            )
         w, a = int(m[1]), int(m[2])
         for what, b in (("weight", w), ("activation", a)):
             if not 2 <= b <= 16:
@@ -64,13 +66,37 @@ class Scheme:
 
 
 LAYOUT_MODULES = (nn.Flatten, nn.Dropout, nn.Identity, nn.MaxPool2d, nn.Unflatten)
-LAYOUT_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, F.max_pool2d, F.dropout,
-                    torch.squeeze, torch.unsqueeze, operator.getitem}
-LAYOUT_METHODS = {"flatten", "view", "reshape", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-                  "expand", "__getitem__"}
+LAYOUT_FUNCTIONS = {
+    torch.flatten,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    F.max_pool2d,
+    F.dropout,
+    torch.squeeze,
+    torch.unsqueeze,
+    operator.getitem,
+}
+LAYOUT_METHODS = {
+    "flatten",
+    "view",
+    "reshape",
+    "permute",
+    "transpose",
+    "contiguous",
+    "squeeze",
+    "unsqueeze",
+    "expand",
+    "__getitem__",
+}
 LUT_MODULES = (nn.Hardswish, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.Hardsigmoid)
-LUT_FUNCTIONS = {F.hardswish: F.hardswish, torch.sigmoid: torch.sigmoid, F.gelu: F.gelu, torch.tanh: torch.tanh,
-                 F.silu: F.silu}
+LUT_FUNCTIONS = {
+    F.hardswish: F.hardswish,
+    torch.sigmoid: torch.sigmoid,
+    F.gelu: F.gelu,
+    torch.tanh: torch.tanh,
+    F.silu: F.silu,
+}
 RELU_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 RELU_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 ADD_FUNCTIONS = {operator.add, torch.add, operator.iadd}
@@ -177,8 +203,12 @@ def convert(
     builder = _Builder(gm, modules, act_qp, w_fmt)
     nodes, output = builder.build()
     if builder.fallbacks:
-        warnings.warn("fwdgrad: no integer kernel for " + ", ".join(builder.fallbacks)
-                      + "; these run in fake-quant (float) mode", stacklevel=2)
+        warnings.warn(
+            "fwdgrad: no integer kernel for "
+            + ", ".join(builder.fallbacks)
+            + "; these run in fake-quant (float) mode",
+            stacklevel=2,
+        )
     return QModel(nodes, output, scheme.name, AccumulatorSpec(acc_bits, overflow), requant, mode)
 
 
@@ -255,7 +285,11 @@ class _Builder:
             self.alias[last.name] = n.name
             in_qp, out_qp = self.qp[inputs[0]], qp[last.name]
             return self.weighted(n.name, inputs, mod, in_qp, out_qp, act)
-        if n.op == "call_function" and n.target in ADD_FUNCTIONS and all(isinstance(a, fx.Node) for a in n.args):
+        if (
+            n.op == "call_function"
+            and n.target in ADD_FUNCTIONS
+            and all(isinstance(a, fx.Node) for a in n.args)
+        ):
             act, last = self.fused_act(n)
             self.alias[last.name] = n.name
             return QRescaleSum(n.name, inputs, self.in_qps(inputs), qp[last.name], act)
@@ -269,13 +303,22 @@ class _Builder:
             return QAvgPool(n.name, inputs, self.qp[inputs[0]], qp[n.name], mod)
         if n.op == "call_function" and n.target is F.adaptive_avg_pool2d:
             return QAvgPool(n.name, inputs, self.qp[inputs[0]], qp[n.name], nn.AdaptiveAvgPool2d(n.args[1]))
-        lut = mod if isinstance(mod, LUT_MODULES) else LUT_FUNCTIONS.get(n.target) if n.op == "call_function" else None
+        lut = (
+            mod
+            if isinstance(mod, LUT_MODULES)
+            else LUT_FUNCTIONS.get(n.target)
+            if n.op == "call_function"
+            else None
+        )
         if lut is not None and self.qp[inputs[0]].fmt.bits <= 16 and len(inputs) == 1:
             return QLut(n.name, inputs, self.qp[inputs[0]], qp[n.name], lut)
         call = mod if mod is not None else n.target if n.op == "call_function" else _Method(n.target)
         first_qp = self.qp.get(inputs[0]) if inputs else None
-        if (isinstance(mod, LAYOUT_MODULES) or (n.op == "call_function" and n.target in LAYOUT_FUNCTIONS)
-                or (n.op == "call_method" and n.target in LAYOUT_METHODS)) and first_qp is not None:
+        if (
+            isinstance(mod, LAYOUT_MODULES)
+            or (n.op == "call_function" and n.target in LAYOUT_FUNCTIONS)
+            or (n.op == "call_method" and n.target in LAYOUT_METHODS)
+        ) and first_qp is not None:
             return QLayout(n.name, inputs, first_qp, call, args, kwargs)
         computes = mod is not None or (n.name in qp and n.target is not operator.getitem)
         if computes and n.target not in STRUCTURAL:
@@ -291,11 +334,23 @@ class _Builder:
         bias_q = None
         if mod.bias is not None:
             s_acc = float(in_qp.scale.reshape(-1)[0]) * w_qp.scale.reshape(-1)
-            bias_q = torch.round(mod.bias.detach().double() / s_acc).clamp(-(2**31), 2**31 - 1).to(torch.int32)
+            bias_q = (
+                torch.round(mod.bias.detach().double() / s_acc).clamp(-(2**31), 2**31 - 1).to(torch.int32)
+            )
         cls = QConv2d if isinstance(mod, nn.Conv2d) else QLinear
         extra = {"conv": mod} if cls is QConv2d else {}
-        return cls(name, inputs, in_qp=in_qp, w_qp=w_qp, out_qp=out_qp, weight_q=weight_q, bias_q=bias_q,
-                   act=act, bias_float=None if mod.bias is None else mod.bias.detach(), **extra)
+        return cls(
+            name,
+            inputs,
+            in_qp=in_qp,
+            w_qp=w_qp,
+            out_qp=out_qp,
+            weight_q=weight_q,
+            bias_q=bias_q,
+            act=act,
+            bias_float=None if mod.bias is None else mod.bias.detach(),
+            **extra,
+        )
 
 
 class _Method(nn.Module):

@@ -39,7 +39,9 @@ class AccumulatorSpec:
         if not 16 <= self.bits <= 64:
             raise ValueError(f"accumulator bits={self.bits} is invalid; allowed: 16..64")
         if self.overflow not in ("saturate", "wrap"):
-            raise ValueError(f"accumulator overflow={self.overflow!r} is invalid; allowed: 'saturate', 'wrap'")
+            raise ValueError(
+                f"accumulator overflow={self.overflow!r} is invalid; allowed: 'saturate', 'wrap'"
+            )
 
 
 @dataclass
@@ -93,7 +95,9 @@ def _combine(out: torch.Tensor, n_planes: int, b: int, cout: int, dim: int) -> t
     return acc
 
 
-def exact_conv2d(x: torch.Tensor, w: torch.Tensor, x_bound: int, stride, padding, dilation, groups) -> torch.Tensor:
+def exact_conv2d(
+    x: torch.Tensor, w: torch.Tensor, x_bound: int, stride, padding, dilation, groups
+) -> torch.Tensor:
     """Exact Σ x·w of integer-valued float32 `x` (zero point already removed) and integer `w` → int64."""
     planes = digit_planes(w, x_bound)
     if planes is None:

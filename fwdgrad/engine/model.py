@@ -24,8 +24,15 @@ class QModel(nn.Module):
     perturbs weights on the fly without touching the stored ones.
     """
 
-    def __init__(self, nodes: list[QNode], output: str, scheme: str, acc: AccumulatorSpec, requant: str,
-                 mode: str = "integer"):
+    def __init__(
+        self,
+        nodes: list[QNode],
+        output: str,
+        scheme: str,
+        acc: AccumulatorSpec,
+        requant: str,
+        mode: str = "integer",
+    ):
         super().__init__()
         self.nodes = nn.ModuleList(nodes)
         self.output, self.scheme, self.acc, self.requant = output, scheme, acc, requant
@@ -33,6 +40,16 @@ class QModel(nn.Module):
         self.stats = OverflowStats()
         self._last_use = self._liveness()
         self._weight_fn: Callable | None = None
+        self._prefix_start: int | None = None
+        self._prefix: tuple | None = None
+
+    def set_prefix_cache(self, first_varying: str | None) -> None:
+        """Reuse the frozen prefix (DeepZero): while a `weight_fn` is active, the outputs of the nodes before
+        `first_varying` are computed once per input tensor and reused by every further pass on that same
+        tensor object (e.g. the 2m perturbed passes of one forward-gradient step). None disables it."""
+        names = [n.name for n in self.nodes]
+        self._prefix_start = None if first_varying is None else names.index(first_varying)
+        self._prefix = None
 
     @contextmanager
     def using_weights(self, weight_fn: Callable):
@@ -66,15 +83,24 @@ class QModel(nn.Module):
         """Conv/linear nodes (the trainable integer tensors) in forward order."""
         return OrderedDict((n.name, n) for n in self.nodes if isinstance(n, QWeighted))
 
-    def run(self, x: torch.Tensor, mode: str | None = None, weight_fn: Callable | None = None,
-            keep: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+    def run(
+        self, x: torch.Tensor, mode: str | None = None, weight_fn: Callable | None = None, keep: bool = False
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Execute the graph. Returns the raw output value (integers in integer mode), or with keep=True a
         dict of every node's output."""
         ctx = ExecContext(mode or self.mode, weight_fn or self._weight_fn, self.acc, self.requant, self.stats)
         if ctx.mode not in MODES:
             raise ValueError(f"execution mode {ctx.mode!r} is invalid; allowed: {MODES}")
         env: dict[str, object] = {}
-        for i, node in enumerate(self.nodes):
+        start, b = 0, self._prefix_start
+        cache = b is not None and ctx.weight_fn is not None and not keep
+        key = (x, x._version, ctx.mode) if cache else None
+        if cache and self._prefix is not None and self._prefix[0][0] is x and self._prefix[0][1:] == key[1:]:
+            env, start = dict(self._prefix[1]), b
+        for i in range(start, len(self.nodes)):
+            node = self.nodes[i]
+            if cache and i == b and start == 0:
+                self._prefix = (key, dict(env))
             args = [x] if node.kind == "input" else [env[name] for name in node.inputs]
             env[node.name] = node(*args, ctx=ctx)
             if not keep:
@@ -86,12 +112,16 @@ class QModel(nn.Module):
     def output_qparams(self):
         return next(n.out_qp for n in self.nodes if n.name == self.output)
 
-    def forward(self, x: torch.Tensor, mode: str | None = None, weight_fn: Callable | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mode: str | None = None, weight_fn: Callable | None = None
+    ) -> torch.Tensor:
         out = self.run(x, mode, weight_fn)
         if (mode or self.mode) == "integer":
             return dequantize(out, self.output_qparams())
         return out
 
     def extra_repr(self) -> str:
-        return f"scheme={self.scheme}, mode={self.mode}, acc={self.acc.bits}b/{self.acc.overflow}, " \
-               f"requant={self.requant}"
+        return (
+            f"scheme={self.scheme}, mode={self.mode}, acc={self.acc.bits}b/{self.acc.overflow}, "
+            f"requant={self.requant}"
+        )

@@ -55,7 +55,9 @@ def materialize(template, xs):
     if isinstance(template, dict):
         return {k: materialize(v, xs) for k, v in template.items()}
     if isinstance(template, slice):
-        return slice(materialize(template.start, xs), materialize(template.stop, xs), materialize(template.step, xs))
+        return slice(
+            materialize(template.start, xs), materialize(template.stop, xs), materialize(template.step, xs)
+        )
     return template
 
 
@@ -134,27 +136,62 @@ def fake_out(y: torch.Tensor, qp: QParams, lo: int, hi: int) -> torch.Tensor:
 class QWeighted(QNode):
     """Conv2d / Linear with integer weights `weight_q` (the storage training updates in place).
 
-    acc = Σ (x_q - zp_in) · w_q + b_q   (exact, width-checked)       y_q = sat(round(acc · s_in·s_w/s_out) + zp)
+    acc = Σ (x_q - zp_in) · w_q + b_q   (exact, width-checked)
+    y_q = sat(round(acc · s_in·s_w / s_out) + zp)
     """
 
     kind = "weighted"
 
-    def __init__(self, name, inputs, in_qp: QParams, w_qp: QParams, out_qp: QParams, weight_q: torch.Tensor,
-                 bias_q: torch.Tensor | None, act: str | None, bias_float: torch.Tensor | None = None):
+    def __init__(
+        self,
+        name,
+        inputs,
+        in_qp: QParams,
+        w_qp: QParams,
+        out_qp: QParams,
+        weight_q: torch.Tensor,
+        bias_q: torch.Tensor | None,
+        act: str | None,
+        bias_float: torch.Tensor | None = None,
+    ):
         super().__init__(name, inputs, out_qp)
         self.in_qp, self.w_qp, self.act = in_qp, w_qp, act
         self.register_buffer("weight_q", weight_q)
         self.register_buffer("bias_q", bias_q)
         # the float bias the x86 engine adds (requant='float'); defaults to the dequantized int32 bias
-        self.register_buffer("bias_float", None if bias_q is None else (
-            bias_float.float() if bias_float is not None else None))
+        self.register_buffer(
+            "bias_float", None if bias_q is None else (bias_float.float() if bias_float is not None else None)
+        )
         self.lo, self.hi = act_range(out_qp, act)
-        s_in = float(in_qp.scale.reshape(-1)[0])
-        self.acc_scale = s_in * w_qp.scale.reshape(-1)  # per output channel (or scalar)
-        self.requant = Requantizer(self.acc_scale / out_qp.scale.reshape(-1), out_qp, self.lo, self.hi,
-                                   channel_dim=self.channel_dim)
         self.zp_in = float(in_qp.zero_point.reshape(-1)[0])
         self.xb = x_bound(in_qp)
+        self._derive_scales()
+
+    def _derive_scales(self) -> None:
+        s_in = float(self.in_qp.scale.reshape(-1)[0])
+        self.acc_scale = s_in * self.w_qp.scale.reshape(-1)  # per output channel (or scalar)
+        self.requant = Requantizer(
+            self.acc_scale / self.out_qp.scale.reshape(-1),
+            self.out_qp,
+            self.lo,
+            self.hi,
+            channel_dim=self.channel_dim,
+        )
+
+    @torch.no_grad()
+    def set_weight_scale(self, scale: torch.Tensor | float) -> None:
+        """Re-express the stored weights (and int32 bias) on a new weight scale Δ_w' (e.g. headroom for
+        training): w_q ← sat(round(w_q·Δ_w/Δ_w')), b_q ← round(b_q·Δ_w/Δ_w'); requantizers follow."""
+        new = torch.as_tensor(scale, dtype=torch.float64).expand_as(self.w_qp.scale).clone()
+        ratio = self.w_qp.scale / new
+        fmt = self.w_qp.fmt
+        shape = [-1] + [1] * (self.weight_q.dim() - 1) if ratio.numel() > 1 else []
+        w = torch.round(self.weight_q.double() * ratio.reshape(shape)).clamp(fmt.qmin, fmt.qmax)
+        self.weight_q.copy_(w.to(self.weight_q.dtype))
+        if self.bias_q is not None:
+            self.bias_q.copy_(torch.round(self.bias_q.double() * ratio.reshape(-1)).to(self.bias_q.dtype))
+        self.w_qp = QParams(fmt, new, self.w_qp.zero_point)
+        self._derive_scales()
 
     channel_dim = 1
 
@@ -189,7 +226,9 @@ class QWeighted(QNode):
         acc, n = accumulate(acc, ctx.acc)
         ctx.stats.add(self.name, n)
         shape = self._bias_shape(acc.dim())
-        y = acc.to(torch.float32) * self.acc_scale.float().reshape(shape if self.acc_scale.numel() > 1 else ())
+        y = acc.to(torch.float32) * self.acc_scale.float().reshape(
+            shape if self.acc_scale.numel() > 1 else ()
+        )
         if self.bias_q is not None:
             y = y + self.float_bias().reshape(shape)
         y = torch.round(y / torch.tensor(float(self.out_qp.scale.reshape(-1)[0]), dtype=torch.float32))
@@ -203,7 +242,12 @@ class QWeighted(QNode):
 
 class QConv2d(QWeighted):
     def __init__(self, name, inputs, conv: nn.Conv2d, **kw):
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.stride, self.padding, self.dilation, self.groups = (
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+        )
         if conv.padding_mode != "zeros":
             raise NotImplementedError(f"{name}: padding_mode={conv.padding_mode!r} is not supported")
         super().__init__(name, inputs, **kw)
@@ -258,8 +302,15 @@ class QRescaleSum(QNode):
     y = sat(Σ_i ((q_i - zp_i) · M_i + 2^(S-1)) >> S + zp_out), M_i = round(s_i / s_out · 2^S), S = 30 - e.
     """
 
-    def __init__(self, name, inputs, in_qps: list[QParams], out_qp: QParams, act: str | None = None,
-                 cat_dim: int | None = None):
+    def __init__(
+        self,
+        name,
+        inputs,
+        in_qps: list[QParams],
+        out_qp: QParams,
+        act: str | None = None,
+        cat_dim: int | None = None,
+    ):
         super().__init__(name, inputs, out_qp)
         self.in_qps, self.cat_dim = in_qps, cat_dim
         self.lo, self.hi = act_range(out_qp, act)
@@ -306,7 +357,9 @@ class QAvgPool(QNode):
             h, w = x.shape[-2:]
             oh, ow = osz[0] or h, osz[1] or w
             if h % oh or w % ow:
-                raise NotImplementedError(f"{self.name}: adaptive pool {h}x{w}->{oh}x{ow} needs equal windows")
+                raise NotImplementedError(
+                    f"{self.name}: adaptive pool {h}x{w}->{oh}x{ow} needs equal windows"
+                )
             return (h // oh, w // ow), (h // oh, w // ow), 0
         p = self.pool
         return p.kernel_size, p.stride, p.padding
@@ -382,7 +435,10 @@ class QFallback(QLayout):
         self.in_qps = in_qps
 
     def int_forward(self, *xs, ctx):
-        xs = [dequantize(x, qp) if qp is not None and torch.is_tensor(x) else x for x, qp in zip(xs, self.in_qps)]
+        xs = [
+            dequantize(x, qp) if qp is not None and torch.is_tensor(x) else x
+            for x, qp in zip(xs, self.in_qps)
+        ]
         y = self._run(*xs, ctx=ctx)
         return quantize(y, self.out_qp).to(torch.float32) if self.out_qp is not None else y
 

@@ -1,0 +1,196 @@
+"""Integer inference on a bundle, in numpy: the op graph interpreted exactly as `QModel.run(x, "integer")`.
+
+Per op (scales s, zero points zp, clamp [lo, hi] carrying a fused ReLU/ReLU6):
+
+* input:   q = sat(round_half_even(x / s) + zp)            (x float; integer inputs are taken as q)
+* conv2d / linear:  acc = Σ (q − zp_in)·w + b  (exact, width-checked),  y = clamp(requant(acc) + zp_out)
+* add / concat:     y = clamp((Σ_i (q_i − zp_i)·M_i + 2^(S−1)) >> S + zp_out)  (concat: per input)
+* avgpool: acc = Σ_window (q − zp_in), y = clamp(requant(acc; s_in/(n·s_out)) + zp_out)
+* maxpool, flatten, reshape, permute, transpose, identity: move values; clamp: clip; lut: table[q − qmin]
+
+Working memory: an op's output is freed as soon as its last reader has run; activations are stored in
+the narrowest integer dtype of their range; weights are read from the bundle (or from `weight_fn`, which
+training uses to hand out perturbed weights one layer at a time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from . import ops as K
+from .bundle import Bundle
+
+WeightFn = Callable[[dict], np.ndarray]
+Prefix = tuple[dict, int]  # (live values by op name, index of the next op to run)
+
+
+class Runtime:
+    """Runs a bundle's graph. `run` returns integer output codes; `logits` also the float64 logits."""
+
+    def __init__(self, bundle: Bundle):
+        self.bundle, self.arrays = bundle, bundle.arrays
+        eng = bundle.header["engine"]
+        self.requant, self.acc_bits, self.overflow = eng["requant"], eng["acc_bits"], eng["overflow"]
+        self.ops = bundle.ops
+        self.output = bundle.header["output"]["name"]
+        self.last_use = {name: i for i, op in enumerate(self.ops) for name in op["inputs"]}
+        self._pool_mult: dict[int, tuple] = {}
+
+    # -- input ---------------------------------------------------------------------------------------
+    def quantize_input(self, x: np.ndarray) -> np.ndarray:
+        """Float input → codes (after the bundle's preprocessing, if any); integer input is checked."""
+        spec = self.bundle.header["input"]
+        x = np.asarray(x)
+        pre = self.bundle.header.get("preprocessing") or {}
+        shape = pre.get("shape")
+        if shape is not None and list(x.shape[1:]) != list(shape):
+            raise ValueError(
+                f"input shape {list(x.shape[1:])} (per sample) does not match the bundle's {shape}"
+            )
+        if x.dtype.kind in "iu":
+            if x.size and (x.min() < spec["qmin"] or x.max() > spec["qmax"]):
+                raise ValueError(f"integer input outside the input format [{spec['qmin']}, {spec['qmax']}]")
+            return x.astype(K.storage(spec["qmin"], spec["qmax"]))
+        if pre.get("mean") is not None:  # in the input's own float dtype, as a torch Normalize transform
+            view = [1, -1] + [1] * (x.ndim - 2)
+            mean = np.asarray(pre["mean"], x.dtype).reshape(view)
+            x = (x - mean) / np.asarray(pre["std"], x.dtype).reshape(view)
+        q = np.rint(x.astype(np.float64) / spec["scale"]) + spec["zero_point"]
+        return np.clip(q, spec["qmin"], spec["qmax"]).astype(K.storage(spec["qmin"], spec["qmax"]))
+
+    # -- graph ---------------------------------------------------------------------------------------
+    def run(
+        self, x: np.ndarray, weight_fn: WeightFn | None = None, prefix: Prefix | None = None
+    ) -> np.ndarray:
+        """Integer output codes of the graph for input `x` (float, or already-quantized integers); with
+        `prefix` (from `run_prefix`), execution resumes from its saved values instead of from `x`."""
+        env, start = ({}, 0) if prefix is None else (dict(prefix[0]), prefix[1])
+        return self._execute(env, x, weight_fn, start, len(self.ops))[self.output]
+
+    def run_prefix(self, x: np.ndarray, stop: int) -> Prefix:
+        """The live values before op `stop`: computed once, reused by every pass whose weights differ only
+        from op `stop` on (the 2m perturbed passes of a step that trains only later layers)."""
+        return self._execute({}, x, None, 0, stop), stop
+
+    def _execute(self, env: dict, x, weight_fn: WeightFn | None, start: int, stop: int) -> dict:
+        for i in range(start, stop):
+            op = self.ops[i]
+            xs = [env[name] for name in op["inputs"]]
+            env[op["name"]] = (
+                self.quantize_input(x)
+                if op["kind"] == "input"
+                else getattr(self, "_" + op["kind"])(op, *xs, weight_fn=weight_fn)
+            )
+            del xs
+            for name in op["inputs"]:
+                if self.last_use[name] == i and name != self.output:
+                    del env[name]
+        return env
+
+    def logits(
+        self, x: np.ndarray, weight_fn: WeightFn | None = None, prefix: Prefix | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(integer output codes, dequantized float64 logits (q − zp)·s)."""
+        q = self.run(x, weight_fn, prefix)
+        out = self.bundle.header["output"]
+        return q, (q.astype(np.float64) - out["zero_point"]) * out["scale"]
+
+    # -- ops -----------------------------------------------------------------------------------------
+    def _finish(self, acc: np.ndarray, op: dict, mult, shift, channel_dim: int) -> np.ndarray:
+        a = op["attrs"]
+        if np.size(mult) > 1:
+            view = [1] * acc.ndim
+            view[channel_dim] = -1
+            mult, shift = mult.reshape(view), shift.reshape(view)
+        y = K.requantize(acc, mult, shift, self.requant) + a["zp_out"]
+        return np.clip(y, a["lo"], a["hi"]).astype(K.storage(a["lo"], a["hi"]))
+
+    def _weighted(self, op: dict, x: np.ndarray, weight_fn: WeightFn | None) -> np.ndarray:
+        a, names = op["attrs"], op["arrays"]
+        channel_dim = a["channel_dim"]
+        w = weight_fn(op) if weight_fn is not None else self.arrays[names["weight"]]
+        xz = x.astype(np.int64) - a["zp_in"]
+        if op["kind"] == "conv2d":
+            acc = K.conv2d(xz, w, a["stride"], a["padding"], a["dilation"], a["groups"])
+        else:
+            acc = K.linear(xz, w)
+        del xz, w
+        if "bias" in names:
+            view = [1] * acc.ndim
+            view[channel_dim] = -1
+            acc += self.arrays[names["bias"]].astype(np.int64).reshape(view)
+        acc = K.accumulate(acc, self.acc_bits, self.overflow)
+        return self._finish(acc, op, self.arrays[names["mult"]], self.arrays[names["shift"]], channel_dim)
+
+    _conv2d = _linear = _weighted
+
+    def _rescale(self, op, xs) -> list[np.ndarray]:
+        a, mults = op["attrs"], self.arrays[op["arrays"]["mult"]]
+        return [(x.astype(np.int64) - zp) * int(m) for x, zp, m in zip(xs, a["zp_in"], mults)]
+
+    def _round_sum(self, acc: np.ndarray, a: dict) -> np.ndarray:
+        s = a["shift"]
+        y = ((acc + (1 << (s - 1))) >> s) + a["zp_out"]
+        return np.clip(y, a["lo"], a["hi"]).astype(K.storage(a["lo"], a["hi"]))
+
+    def _add(self, op, *xs, weight_fn):
+        return self._round_sum(sum(self._rescale(op, xs)), op["attrs"])
+
+    def _concat(self, op, *xs, weight_fn):
+        return np.concatenate(
+            [self._round_sum(r, op["attrs"]) for r in self._rescale(op, xs)], axis=op["attrs"]["dim"]
+        )
+
+    def _avgpool(self, op, x, weight_fn):
+        a = op["attrs"]
+        if a["adaptive"]:
+            (h, w), (oh, ow) = x.shape[-2:], a["output_size"]
+            oh, ow = oh or h, ow or w
+            if h % oh or w % ow:
+                raise ValueError(f"{op['name']}: adaptive pool {h}x{w}->{oh}x{ow} needs equal windows")
+            kernel = stride = (h // oh, w // ow)
+            padding = (0, 0)
+        else:
+            kernel, stride, padding = a["kernel"], a["stride"], a["padding"]
+        n = kernel[0] * kernel[1]
+        if n not in self._pool_mult:  # real = s_in / (n · s_out), as the engine computes it
+            self._pool_mult[n] = K.quantize_multiplier(a["scale_in"] / (n * a["scale_out"]))
+        acc = K.window_sum(x.astype(np.int64) - a["zp_in"], kernel, stride, padding)
+        return self._finish(acc, op, *self._pool_mult[n], 1)
+
+    def _maxpool(self, op, x, weight_fn):
+        a = op["attrs"]
+        return K.max_pool(x, a["kernel"], a["stride"], a["padding"], a["dilation"])
+
+    def _clamp(self, op, x, weight_fn):
+        a = op["attrs"]
+        return np.clip(x, a["lo"], a["hi"]).astype(x.dtype)
+
+    def _lut(self, op, x, weight_fn):
+        table = self.arrays[op["arrays"]["table"]]
+        a = op["attrs"]
+        return table[x.astype(np.int64) - a["qmin"]].astype(K.storage(a["lo"], a["hi"]))
+
+    def _const(self, op, weight_fn):
+        a = op["attrs"]
+        return self.arrays[op["arrays"]["value"]].astype(K.storage(a["lo"], a["hi"]))
+
+    def _flatten(self, op, x, weight_fn):
+        a = op["attrs"]
+        start, end = a["start_dim"] % x.ndim, a["end_dim"] % x.ndim
+        return x.reshape(x.shape[:start] + (-1,) + x.shape[end + 1 :])
+
+    def _reshape(self, op, x, weight_fn):
+        return x.reshape(op["attrs"]["shape"])
+
+    def _permute(self, op, x, weight_fn):
+        return np.ascontiguousarray(x.transpose(op["attrs"]["dims"]))
+
+    def _transpose(self, op, x, weight_fn):
+        a = op["attrs"]
+        return np.ascontiguousarray(np.swapaxes(x, a["dim0"], a["dim1"]))
+
+    def _identity(self, op, x, weight_fn):
+        return x

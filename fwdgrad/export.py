@@ -1,0 +1,461 @@
+"""Export a converted `QModel` plus QZO-FF training settings as one bundle file for `fwdgrad.edge`.
+
+The bundle (format in `fwdgrad.edge.bundle` and ``docs/edge.md``) carries everything the numpy runtime
+needs to run and fine-tune the model bit-for-bit with the PyTorch engine: the op graph, integer weights
+and biases, requantization multipliers/shifts, and the fixed-point training constants, all computed here
+with the engine's own code (`FixedPointSpace`, `quantize_multiplier`):
+
+    ε_q = max(round(ε/Δ_w), eps_min_q)   (per tensor, or per channel)     1_q = round(127/z_max)
+    (M_p, n_p):  r_p = 1/1_q ("one") or Δ_z ("delta_z") ≈ M_p·2^-n_p
+    (M_u, s_u):  η·Δ_z/Δ_w ≈ M_u·2^-(31+s_u)   (per trainable tensor, per channel if Δ_w is)
+
+Call `export_bundle` after anything that rescales weights (e.g. `qzo_ff(..., weight_headroom=...)`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import __version__
+from .edge.bundle import FORMAT, VERSION, Bundle, BundleError, save_bundle
+from .engine.convert import _Method
+from .engine.model import QModel
+from .engine.nodes import (
+    QAvgPool,
+    QClamp,
+    QConst,
+    QConv2d,
+    QFallback,
+    QInput,
+    QLayout,
+    QLinear,
+    QLut,
+    QRescaleSum,
+    Ref,
+)
+from .ff.estimators import make_distribution
+from .ff.spaces import ROUNDINGS, FixedPointSpace
+from .quant import QParams, quantize_multiplier
+
+EXPORT_REQUANT = ("single", "gemmlowp")
+
+
+def _np(t: torch.Tensor, dtype=None) -> np.ndarray:
+    """A numpy copy of a tensor (in `dtype` if given)."""
+    a = t.detach().cpu().numpy()
+    return a.astype(a.dtype if dtype is None else dtype)
+
+
+def _fmt(qp: QParams) -> dict:
+    """A per-tensor activation format as header fields."""
+    return {
+        "scale": float(qp.scale.reshape(-1)[0]),
+        "zero_point": int(qp.zero_point.reshape(-1)[0]),
+        "bits": qp.fmt.bits,
+        "signed": qp.fmt.signed,
+        "qmin": qp.fmt.qmin,
+        "qmax": qp.fmt.qmax,
+    }
+
+
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
+
+
+class _Exporter:
+    """Turns the nodes of a QModel into header ops and named arrays."""
+
+    def __init__(self, qmodel: QModel):
+        self.q, self.arrays = qmodel, {}
+
+    def add(self, op: dict, role: str, value: np.ndarray) -> None:
+        name = f"{op['name']}.{role}"
+        self.arrays[name] = value
+        op["arrays"][role] = name
+
+    def op(self, node) -> dict:
+        kind, attrs = self.kind_attrs(node)
+        op = {"kind": kind, "name": node.name, "inputs": list(node.inputs), "attrs": attrs, "arrays": {}}
+        if node.out_qp is not None:
+            op["out"] = _fmt(node.out_qp)
+        if isinstance(node, QConv2d | QLinear):
+            self.add(op, "weight", _np(node.weight_q))
+            if node.bias_q is not None:
+                self.add(op, "bias", _np(node.bias_q, np.int32))
+            self.add(op, "mult", _np(node.requant.mult, np.int64))
+            self.add(op, "shift", _np(node.requant.shift, np.int64))
+            op["scales"] = {
+                "in": float(node.in_qp.scale.reshape(-1)[0]),
+                "weight": node.w_qp.scale.reshape(-1).tolist(),
+                "out": op["out"]["scale"],
+            }
+        elif isinstance(node, QRescaleSum):
+            self.add(op, "mult", np.array(node.mults, dtype=np.int64))
+        elif isinstance(node, QLut):
+            self.add(op, "table", _np(node.table, np.int32))
+        elif isinstance(node, QConst):
+            self.add(op, "value", _np(node.q, np.int32))
+        return op
+
+    def kind_attrs(self, node) -> tuple[str, dict]:
+        if isinstance(node, QInput):
+            fmt = node.out_qp.fmt
+            if fmt.rounding != "nearest_even" or not fmt.saturate or not node.out_qp.is_scalar:
+                raise ValueError(
+                    f"input node {node.name!r}: only per-tensor, round-half-even, saturating input "
+                    f"quantization can be exported, got {fmt}"
+                )
+            return "input", {}
+        if isinstance(node, QConst):
+            return "const", {"lo": node.out_qp.fmt.qmin, "hi": node.out_qp.fmt.qmax}
+        if isinstance(node, QConv2d | QLinear):
+            attrs = {
+                "zp_in": int(node.zp_in),
+                "zp_out": node.requant.zp,
+                "lo": node.lo,
+                "hi": node.hi,
+                "act": node.act,
+                "w_qmin": node.w_qp.fmt.qmin,
+                "w_qmax": node.w_qp.fmt.qmax,
+                "channel_dim": node.channel_dim,
+            }
+            if isinstance(node, QLinear):
+                return "linear", attrs
+            attrs.update(
+                stride=_pair(node.stride),
+                padding=_conv_padding(node),
+                dilation=_pair(node.dilation),
+                groups=int(node.groups),
+            )
+            return "conv2d", attrs
+        if isinstance(node, QRescaleSum):
+            attrs = {
+                "zp_in": [int(z) for z in node.zps],
+                "shift": node.shift,
+                "zp_out": node.zp_out,
+                "lo": node.lo,
+                "hi": node.hi,
+            }
+            return ("add", attrs) if node.cat_dim is None else ("concat", dict(attrs, dim=int(node.cat_dim)))
+        if isinstance(node, QAvgPool):
+            attrs = {
+                "zp_in": int(node.zp_in),
+                "zp_out": int(node.out_qp.zero_point.reshape(-1)[0]),
+                "lo": node.lo,
+                "hi": node.hi,
+                "scale_in": float(node.in_qp.scale.reshape(-1)[0]),
+                "scale_out": float(node.out_qp.scale.reshape(-1)[0]),
+            }
+            p = node.pool
+            if isinstance(p, nn.AdaptiveAvgPool2d):
+                osz = p.output_size
+                osz = [osz, osz] if isinstance(osz, int) else list(osz)
+                return "avgpool", dict(attrs, adaptive=True, output_size=osz)
+            return "avgpool", dict(
+                attrs,
+                adaptive=False,
+                kernel=_pair(p.kernel_size),
+                stride=_pair(p.stride or p.kernel_size),
+                padding=_pair(p.padding),
+            )
+        if isinstance(node, QClamp):
+            return "clamp", {"lo": node.lo, "hi": node.hi}
+        if isinstance(node, QLut):
+            return "lut", {"qmin": node.qmin, "lo": node.out_qp.fmt.qmin, "hi": node.out_qp.fmt.qmax}
+        if isinstance(node, QLayout):
+            return _layout(node)
+        raise ValueError(f"node {node.name!r} ({type(node).__name__}) has no edge-runtime kernel")
+
+
+def _conv_padding(node: QConv2d) -> list[int]:
+    p = node.padding
+    if p == "valid":
+        return [0, 0]
+    if p == "same":
+        kh, kw = node.weight_q.shape[-2:]
+        eff = [d * (k - 1) for d, k in zip(_pair(node.dilation), (kh, kw))]
+        if any(e % 2 for e in eff):
+            raise ValueError(
+                f"{node.name}: padding='same' with an even kernel extent pads asymmetrically; not exportable"
+            )
+        return [e // 2 for e in eff]
+    return _pair(p)
+
+
+def _layout(node: QLayout) -> tuple[str, dict]:
+    """Map a data-movement call (module, function or tensor method) to an edge op kind and attributes."""
+    call, args, kw = node.call, list(node.args_t[1:]), dict(node.kwargs_t)
+    if any(isinstance(a, Ref) for a in args + list(kw.values())):
+        raise ValueError(f"node {node.name!r}: its arguments depend on runtime values; not exportable")
+    method = call.method if isinstance(call, _Method) else None
+
+    def arg(i, key, default):
+        return args[i] if len(args) > i else kw.get(key, default)
+
+    if isinstance(call, nn.Flatten):
+        return "flatten", {"start_dim": call.start_dim, "end_dim": call.end_dim}
+    if call is torch.flatten or method == "flatten":
+        return "flatten", {"start_dim": arg(0, "start_dim", 0), "end_dim": arg(1, "end_dim", -1)}
+    if isinstance(call, nn.Dropout | nn.Identity) or call is F.dropout or method == "contiguous":
+        return "identity", {}
+    if isinstance(call, nn.MaxPool2d) or call is F.max_pool2d:
+        if isinstance(call, nn.MaxPool2d):
+            k, s, p, d, ceil = call.kernel_size, call.stride, call.padding, call.dilation, call.ceil_mode
+        else:
+            k, s, p, d = (
+                arg(0, "kernel_size", None),
+                arg(1, "stride", None),
+                arg(2, "padding", 0),
+                arg(3, "dilation", 1),
+            )
+            ceil = arg(4, "ceil_mode", False)
+        if ceil:
+            raise ValueError(f"node {node.name!r}: max pooling with ceil_mode=True is not exportable")
+        return "maxpool", {
+            "kernel": _pair(k),
+            "stride": _pair(s or k),
+            "padding": _pair(p),
+            "dilation": _pair(d),
+        }
+    if call is torch.reshape or method in ("view", "reshape"):
+        shape = args[0] if len(args) == 1 and isinstance(args[0], tuple | list) else args or kw.get("shape")
+        return "reshape", {"shape": [int(s) for s in shape]}
+    if call is torch.permute or method == "permute":
+        dims = args[0] if len(args) == 1 and isinstance(args[0], tuple | list) else args or kw.get("dims")
+        return "permute", {"dims": [int(d) for d in dims]}
+    if call is torch.transpose or method == "transpose":
+        return "transpose", {"dim0": int(arg(0, "dim0", None)), "dim1": int(arg(1, "dim1", None))}
+    what = method or getattr(call, "__name__", type(call).__name__)
+    raise ValueError(
+        f"node {node.name!r}: layout op {what!r} is not supported by the edge runtime; allowed: "
+        "flatten, reshape/view, permute, transpose, max pooling, dropout/identity"
+    )
+
+
+def _preprocessing(pre: dict | None) -> dict | None:
+    if pre is None:
+        return None
+    unknown = set(pre) - {"mean", "std", "shape"}
+    if unknown:
+        raise ValueError(f"input_preprocessing has unknown keys {sorted(unknown)}; allowed: mean, std, shape")
+    out = {k: [float(v) for v in np.atleast_1d(pre[k])] for k in ("mean", "std") if pre.get(k) is not None}
+    if ("mean" in out) != ("std" in out) or len(out.get("mean", [])) != len(out.get("std", [])):
+        raise ValueError("input_preprocessing needs mean and std of the same length (one per channel)")
+    if any(s <= 0 for s in out.get("std", [])):
+        raise ValueError(f"input_preprocessing std must be > 0, got {out['std']}")
+    if pre.get("shape") is not None:
+        out["shape"] = [int(s) for s in pre["shape"]]
+    return out
+
+
+def _training(qmodel: QModel, exporter: _Exporter, names: list[str], s: dict) -> dict:
+    """The header's training section; constants computed by the engine's own `FixedPointSpace`."""
+    eps, lr, m = s["eps"], s["lr"], s["m"]
+    if not lr > 0 or not eps > 0:
+        raise ValueError(f"lr={lr!r} and eps={eps!r} must both be > 0")
+    if not isinstance(m, int) or m < 1:
+        raise ValueError(f"number of perturbations m={m!r} is invalid; allowed: integers >= 1")
+    if s["rounding"] not in ROUNDINGS:
+        raise ValueError(f"rounding {s['rounding']!r} is invalid; allowed: {ROUNDINGS}")
+    dist = make_distribution(s["distribution"], s["z_max"])
+    space = FixedPointSpace(
+        qmodel,
+        names,
+        dist,
+        eps,
+        seed=s["seed"],
+        masks=s["masks"],
+        rounding=s["rounding"],
+        perturb_scale=s["perturb_scale"],
+        eps_min_q=s["eps_min_q"],
+    )
+    p_shift = int(space.p_n) - 31
+    tensors = []
+    for t, name in enumerate(names):
+        node = space.nodes[t]
+        op = {"name": name, "arrays": {}}
+        exporter.add(op, "eps_q", _np(space.size_q(t, eps), np.int64))
+        mult, shift = quantize_multiplier(lr * dist.delta / space.delta_w(t))
+        if int((31 + shift).min()) < 1 or int((31 + shift).max()) > 62:
+            raise ValueError(
+                f"{name}: update factor lr·Δ_z/Δ_w = {lr * dist.delta / space.delta_w(t).max():.3g} "
+                "is outside the representable range [2^-32, 2^30); change lr"
+            )
+        exporter.add(op, "update_mult", _np(mult, np.int64))
+        exporter.add(op, "update_shift", _np(shift, np.int64))
+        if t in space.masks:
+            exporter.add(op, "mask", _np(space.masks[t], bool))
+        tensors.append(
+            {
+                "name": name,
+                "id": t,
+                "eps_q": op["arrays"]["eps_q"],
+                "update_mult": op["arrays"]["update_mult"],
+                "update_shift": op["arrays"]["update_shift"],
+                "mask": op["arrays"].get("mask"),
+                "qmin": node.w_qp.fmt.qmin,
+                "qmax": node.w_qp.fmt.qmax,
+                "weight_scale": node.w_qp.scale.reshape(-1).tolist(),
+            }
+        )
+    return {
+        "method": "qzo_ff",
+        "difference": "sign",
+        "distribution": s["distribution"],
+        "loss": "cross_entropy_f64",
+        "trainable": names,
+        "eps": float(eps),
+        "lr": float(lr),
+        "m": m,
+        "seed": int(s["seed"]),
+        "z_max": dist.z_max,
+        "delta_z": dist.delta,
+        "one_q": dist.one_q,
+        "rounding": s["rounding"],
+        "perturb_scale": s["perturb_scale"],
+        "eps_min_q": int(s["eps_min_q"]),
+        "perturb": {"mult": int(space.p_mult), "shift": p_shift, "n": int(space.p_n)},
+        "step": int(s["step"]),
+        "tensors": tensors,
+    }
+
+
+def export_bundle(
+    qmodel: QModel,
+    path,
+    trainable: list[str] | None,
+    eps: float,
+    lr: float,
+    m: int,
+    seed: int,
+    z_max: float = 3.5,
+    rounding: str = "nearest",
+    perturb_scale: str = "one",
+    eps_min_q: int = 0,
+    input_preprocessing: dict | None = None,
+    meta: dict | None = None,
+    masks: dict | None = None,
+    distribution: str = "qgaussian",
+    step: int = 0,
+) -> Bundle:
+    """Write `qmodel` and its QZO-FF settings to one bundle file at `path`; returns the `Bundle`.
+
+    trainable: conv/linear node names to fine-tune (None: all), in the order that defines tensor ids (as
+    `qzo_ff(trainable=...)`); masks: {name: bool tensor} sparse-update masks (e.g. from `make_masks`);
+    input_preprocessing: {"mean": [...], "std": [...], "shape": [C, H, W]} applied by the runtime to float
+    inputs; step: the optimizer step the run continues from; meta: free JSON-serializable metadata.
+    """
+    fallbacks = [f"{n.name} ({_describe(n)})" for n in qmodel.nodes if isinstance(n, QFallback)]
+    if fallbacks:
+        raise ValueError(
+            "cannot export: these nodes have no integer kernel (QFallback): " + ", ".join(fallbacks)
+        )
+    if qmodel.requant not in EXPORT_REQUANT:
+        raise ValueError(f"requant={qmodel.requant!r} cannot be exported; allowed: {EXPORT_REQUANT}")
+    exporter = _Exporter(qmodel)
+    ops = [exporter.op(node) for node in qmodel.nodes]
+    names = list(qmodel.weight_nodes()) if trainable is None else list(trainable)
+    settings = dict(
+        eps=eps,
+        lr=lr,
+        m=m,
+        seed=seed,
+        z_max=z_max,
+        rounding=rounding,
+        perturb_scale=perturb_scale,
+        eps_min_q=eps_min_q,
+        masks=masks,
+        distribution=distribution,
+        step=step,
+    )
+    training = _training(qmodel, exporter, names, settings)
+    first = next(op for op in ops if op["kind"] == "input")
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "producer": f"fwdgrad {__version__} (torch {torch.__version__})",
+        "engine": {
+            "scheme": qmodel.scheme,
+            "requant": qmodel.requant,
+            "acc_bits": qmodel.acc.bits,
+            "overflow": qmodel.acc.overflow,
+        },
+        "input": {"name": first["name"], "rounding": "nearest_even", **first["out"]},
+        "output": {"name": qmodel.output, **next(op["out"] for op in ops if op["name"] == qmodel.output)},
+        "preprocessing": _preprocessing(input_preprocessing),
+        "ops": ops,
+        "arrays": {},
+        "training": training,
+        "meta": dict(meta or {}),
+    }
+    bundle = Bundle(header, exporter.arrays)
+    save_bundle(bundle, path)
+    return bundle
+
+
+def _describe(node: QFallback) -> str:
+    call = node.call
+    return call.method if isinstance(call, _Method) else getattr(call, "__name__", type(call).__name__)
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """``fwdgrad export CHECKPOINT OUTPUT [options]``: checkpoint = ``torch.save(qmodel)`` or
+    ``{"model": qmodel, ...}``. Returns the exit status (0 ok, 2 bad input, with a one-line error)."""
+    ap = argparse.ArgumentParser(prog="fwdgrad export", description="Export a QModel as an edge bundle.")
+    ap.add_argument("checkpoint", help="torch.save(qmodel) file, or a dict with key 'model'")
+    ap.add_argument("output", help="bundle file to write (.npz)")
+    ap.add_argument("--lr", type=float, required=True, help="learning rate η")
+    ap.add_argument("--eps", type=float, default=1e-3, help="perturbation size ε (real units)")
+    ap.add_argument("--m", type=int, default=3, help="perturbations per step")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trainable", nargs="+", default=None, help="conv/linear node names (default: all)")
+    ap.add_argument("--z-max", type=float, default=3.5)
+    ap.add_argument("--rounding", default="nearest", choices=ROUNDINGS)
+    ap.add_argument("--perturb-scale", default="one", choices=("one", "delta_z"))
+    ap.add_argument("--eps-min-q", type=int, default=0)
+    ap.add_argument("--distribution", default="qgaussian", choices=("qgaussian", "qrademacher"))
+    ap.add_argument("--mean", type=float, nargs="+", help="per-channel input mean (preprocessing)")
+    ap.add_argument("--std", type=float, nargs="+", help="per-channel input std (preprocessing)")
+    ap.add_argument("--input-shape", type=int, nargs="+", help="per-sample input shape, e.g. 3 32 32")
+    args = ap.parse_args(argv)
+    try:
+        obj = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        model = obj.get("model") if isinstance(obj, dict) else obj
+        if not isinstance(model, QModel):
+            raise ValueError(
+                f"{args.checkpoint!r} holds {type(model).__name__}, expected a QModel "
+                "(torch.save(qmodel, path) or {'model': qmodel})"
+            )
+        pre = {"mean": args.mean, "std": args.std, "shape": args.input_shape}
+        pre = {k: v for k, v in pre.items() if v is not None} or None
+        bundle = export_bundle(
+            model,
+            args.output,
+            args.trainable,
+            args.eps,
+            args.lr,
+            args.m,
+            args.seed,
+            args.z_max,
+            args.rounding,
+            args.perturb_scale,
+            args.eps_min_q,
+            pre,
+            {"source": args.checkpoint},
+            distribution=args.distribution,
+        )
+    except (OSError, ValueError, BundleError, RuntimeError) as err:
+        print(f"fwdgrad export: error: {err}", file=sys.stderr)
+        return 2
+    n_w = sum(bundle.arrays[t["name"] + ".weight"].size for t in bundle.training["tensors"])
+    print(
+        f"wrote {args.output}: {len(bundle.ops)} ops, {bundle.nbytes() / 1024:.1f} KiB of arrays, "
+        f"{len(bundle.training['trainable'])} trainable tensors ({n_w} weights)"
+    )
+    return 0

@@ -1,0 +1,28 @@
+"""Forward-gradient training: estimators, perturbation spaces (float / fixed point), optimizers."""
+
+from .estimators import DIFFERENCES, DISTRIBUTIONS, PRESETS, Estimator, Key, make_estimator, preset
+from .jvp import JVPForwardGradient, closure_for, jvp_gradient
+from .masks import make_masks
+from .optim import ForwardGradient, qzo_ff, zo_sgd
+from .spaces import FixedPointSpace, FloatSpace, MomentumGuided, Term
+
+__all__ = [
+    "DIFFERENCES",
+    "DISTRIBUTIONS",
+    "PRESETS",
+    "Estimator",
+    "Key",
+    "make_estimator",
+    "preset",
+    "jvp_gradient",
+    "JVPForwardGradient",
+    "closure_for",
+    "make_masks",
+    "ForwardGradient",
+    "qzo_ff",
+    "zo_sgd",
+    "FixedPointSpace",
+    "FloatSpace",
+    "MomentumGuided",
+    "Term",
+]

@@ -1,0 +1,355 @@
+"""Where forward-gradient training perturbs and updates weights: float parameters or fixed-point integers.
+
+A *space* owns the trainable tensors (ids 0..T-1, in forward order) and knows how to
+
+* apply a perturbation Σ_j s_j·a_j·z_j (terms: sample index j, real size a_j (ε or ρ), sign s_j) for the
+  duration of one forward pass, and
+* apply the update ĝ = (1/m) Σ_i c_i·z_i, regenerating each z_i one tensor at a time (never stored).
+
+`FloatSpace` perturbs nn.Parameters in place (MeZO); `FixedPointSpace` perturbs the integer weights of a
+`QModel` on the fly inside its forward pass (the stored integers change only at the update), in the exact
+fixed-point arithmetic of SPEC §2.2 / QZO-FF:
+
+    1_q = round(1/Δ_z),  ε_q = round(ε/Δ_w)
+    w_q± = sat_b( round( (w_q·1_q ± ε_q·z_q) · r_p ) )         r_p = 1/1_q (default) or Δ_z (paper literal)
+    g_q  = round( (1/m) Σ_i sign(L_i+ − L_i−) · z_q,i )          8 bits, scale Δ_z
+    w_q ← sat_b( w_q − round( (η·Δ_z/Δ_w) · g_q ) )
+
+Every real factor r is applied as an integer multiplier and right shift (M·2^-n, `quantize_multiplier`);
+the accumulator w_q·1_q ± ε_q·z_q fits in 32 bits for 16-bit weights (|w_q|·36 + ε_q·127 < 2^31).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from .. import rng
+from ..engine.model import QModel
+from ..quant import quantize_multiplier
+from .estimators import SR_STREAM, Distribution, Key, QuantDistribution
+
+ROUNDINGS = ("nearest", "floor", "stochastic")
+
+
+@dataclass(frozen=True)
+class Term:
+    """One perturbation term: s · a · z(sample), a in real (float-weight) units."""
+
+    sample: int
+    size: float
+    sign: int
+
+
+@dataclass
+class MomentumGuided:
+    """Momentum-guided sampling (SPEC §2.3.1): z = β·z₁ + (1−β)·z₂, z₁ ~ N(0, α), z₂ ~ N(h, 1−α), with h the
+    previous step's gradient estimate rescaled to unit RMS. β = 1 for the first `warmup` steps."""
+
+    alpha: float = 0.5
+    beta: float = 0.5
+    warmup: int = 10
+
+    def coefficients(self, step: int) -> tuple[float, float, float]:
+        """(weight of fresh noise n1, weight of history h, weight of noise n2 around h)."""
+        beta = 1.0 if step < self.warmup else self.beta
+        return beta * math.sqrt(self.alpha), 1.0 - beta, (1.0 - beta) * math.sqrt(1.0 - self.alpha)
+
+
+class Space:
+    """Common bookkeeping: tensor ids, masks, momentum history, counters."""
+
+    def __init__(
+        self,
+        names: list[str],
+        distribution: Distribution,
+        seed: int,
+        masks: dict | None,
+        momentum: MomentumGuided | None,
+        kernel_norm: bool,
+    ):
+        if not names:
+            raise ValueError("nothing to train: the trainable set is empty")
+        self.names, self.dist, self.seed = names, distribution, seed
+        self.masks = {names.index(n): m for n, m in (masks or {}).items()}  # keyed by tensor id
+        self.momentum, self.kernel_norm = momentum, kernel_norm
+        self.history: dict[int, torch.Tensor] = {}
+
+    def key(self, step: int, sample: int, t: int) -> Key:
+        return Key(self.seed, step, sample, t)
+
+    def _noise(self, step, sample, t, shape, device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def z(self, step: int, sample: int, t: int, shape, device) -> torch.Tensor:
+        """The perturbation of tensor t for (step, sample): base noise, momentum mix, sparse mask."""
+        z = self._noise(step, sample, t, shape, device)
+        if self.momentum is not None and t in self.history and step >= self.momentum.warmup:
+            z = self._mix(z, self._noise(step, sample + (1 << 19), t, shape, device), self.history[t], step)
+        if t in self.masks:
+            z = z * self.masks[t].to(z.dtype)
+        return z
+
+    def state_dict(self) -> dict:
+        return {
+            "history": {k: v.clone() for k, v in self.history.items()},
+            "masks": {k: v.clone() for k, v in self.masks.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = {int(k): v.clone() for k, v in state["history"].items()}
+        self.masks = {int(k): v.clone() for k, v in state["masks"].items()}
+
+
+# ------------------------------------------------------------------------------------------ float
+class FloatSpace(Space):
+    """nn.Parameters perturbed in place (MeZO). The restore w + εz − εz is exact only up to float rounding
+    (≈1 ulp per step); the fixed-point space has no such drift."""
+
+    def __init__(
+        self,
+        params: list[tuple[str, torch.nn.Parameter]],
+        distribution: Distribution,
+        seed: int = 0,
+        masks=None,
+        momentum=None,
+        kernel_norm=False,
+    ):
+        super().__init__([n for n, _ in params], distribution, seed, masks, momentum, kernel_norm)
+        self.params = [p for _, p in params]
+
+    def _noise(self, step, sample, t, shape, device):
+        return self.dist.sample(self.key(step, sample, t), shape, device, self.params[t].dtype)
+
+    def _mix(self, n1, n2, h, step):
+        a, b, c = self.momentum.coefficients(step)
+        return a * n1 + b * h + c * n2
+
+    def _add(self, step, terms, sign):
+        with torch.no_grad():
+            for t, p in enumerate(self.params):
+                for term in terms:
+                    p.add_(
+                        self.z(step, term.sample, t, p.shape, p.device), alpha=sign * term.sign * term.size
+                    )
+
+    @contextmanager
+    def perturbed(self, step: int, terms: list[Term]):
+        self._add(step, terms, +1)
+        try:
+            yield
+        finally:
+            self._add(step, terms, -1)
+
+    def update(self, step: int, coeffs: list[float], lr: float) -> None:
+        m = len(coeffs)
+        with torch.no_grad():
+            for t, p in enumerate(self.params):
+                g = torch.zeros_like(p)
+                for i, c in enumerate(coeffs):
+                    if c:
+                        z = self.z(step, i, t, p.shape, p.device)
+                        if self.kernel_norm:
+                            z = _kernel_normalized(z, p)
+                        g.add_(z, alpha=c / m)
+                p.sub_(g, alpha=lr)
+                if self.momentum is not None:
+                    self.history[t] = _unit_rms(g)
+
+
+def _kernel_normalized(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """z^i/‖z^i‖·‖w^i‖ per kernel i (output channel), SPEC §2.3.4."""
+    zn = z.reshape(z.shape[0], -1).norm(dim=1).clamp_min(1e-12)
+    wn = w.reshape(w.shape[0], -1).norm(dim=1)
+    return z * (wn / zn).reshape([-1] + [1] * (z.dim() - 1))
+
+
+def _unit_rms(g: torch.Tensor) -> torch.Tensor:
+    rms = g.pow(2).mean().sqrt()
+    return g / rms if rms > 0 else g
+
+
+# ------------------------------------------------------------------------------------ fixed point
+def shift_round(
+    x: torch.Tensor, mult: torch.Tensor, n: torch.Tensor, rounding: str, words: torch.Tensor | None = None
+) -> torch.Tensor:
+    """round(x · M / 2^n) in int64 with the given rounding: nearest (half up), floor, or stochastic
+    (adds a uniform integer in [0, 2^n) drawn from 32-bit hash `words`)."""
+    prod = x * mult
+    if rounding == "nearest":
+        return (prod + (torch.ones_like(n) << (n - 1))) >> n
+    if rounding == "floor":
+        return prod >> n
+    if rounding == "stochastic":
+        r = torch.where(n <= 32, words >> (32 - n).clamp_min(0), words << (n - 32).clamp_min(0))
+        return (prod + r) >> n
+    raise ValueError(f"rounding {rounding!r} is invalid; allowed: {ROUNDINGS}")
+
+
+class FixedPointSpace(Space):
+    """The integer weights of a QModel, perturbed on the fly and updated in fixed point (module docstring)."""
+
+    def __init__(
+        self,
+        model: QModel,
+        names: list[str],
+        distribution: Distribution,
+        eps: float,
+        seed: int = 0,
+        masks=None,
+        momentum=None,
+        kernel_norm=False,
+        rounding: str = "nearest",
+        perturb_scale: str = "one",
+        eps_min_q: int = 0,
+    ):
+        if not isinstance(distribution, QuantDistribution):
+            raise ValueError(
+                f"distribution {distribution.name!r} is float; fixed-point training needs an 8-bit "
+                "one: 'qgaussian' or 'qrademacher'"
+            )
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding {rounding!r} is invalid; allowed: {ROUNDINGS}")
+        if perturb_scale not in ("one", "delta_z"):
+            raise ValueError(f"perturb_scale {perturb_scale!r} is invalid; allowed: 'one', 'delta_z'")
+        super().__init__(names, distribution, seed, masks, momentum, kernel_norm)
+        nodes = model.weight_nodes()
+        missing = [n for n in names if n not in nodes]
+        if missing:
+            raise ValueError(
+                f"trainable layers {missing} are not conv/linear layers of the model; allowed: {list(nodes)}"
+            )
+        self.model, self.nodes = model, [nodes[n] for n in names]
+        model.set_prefix_cache(next(n for n in nodes if n in names))  # frozen prefix computed once per batch
+        self.index = {n: t for t, n in enumerate(names)}
+        self.rounding, self.perturb_scale, self.eps_min_q = rounding, perturb_scale, eps_min_q
+        self.eps = eps
+        one = distribution.one_q
+        r_p = 1.0 / one if perturb_scale == "one" else distribution.delta
+        self.p_mult, p_shift = quantize_multiplier(r_p)
+        self.p_n = 31 + p_shift
+        self.saturations = {"perturb": 0, "update": 0}
+
+    # -- per-tensor constants ---------------------------------------------------------------------
+    def _channel_view(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
+        return v.reshape(()) if v.numel() == 1 else v.reshape([-1] + [1] * (ndim - 1))
+
+    def delta_w(self, t: int) -> torch.Tensor:
+        return self.nodes[t].w_qp.scale
+
+    def size_q(self, t: int, size: float) -> torch.Tensor:
+        """A real perturbation size (ε or ρ) in weight LSBs: round(size/Δ_w), at least eps_min_q."""
+        q = torch.round(size / self.delta_w(t)).to(torch.int64)
+        return q.clamp_min(self.eps_min_q) if self.eps_min_q else q
+
+    def _noise(self, step, sample, t, shape, device):
+        return self.dist.sample_q(self.key(step, sample, t), shape, device).to(torch.int64)
+
+    def _mix(self, n1, n2, h, step):
+        a, b, c = (round(v * 2**15) for v in self.momentum.coefficients(step))
+        return ((a * n1 + b * h + c * n2 + (1 << 14)) >> 15).clamp(-127, 127)
+
+    def _words(self, step, stream, t, n, device):
+        return rng.hash_words(self.seed, step, SR_STREAM + stream, t, n, device=device)
+
+    # -- perturbation -----------------------------------------------------------------------------
+    def perturbed_weight(self, step: int, t: int, terms: list[Term]) -> torch.Tensor:
+        """w_q± for tensor t: sat_b(round((w_q·1_q + Σ s·a_q·z_q) · r_p))."""
+        node = self.nodes[t]
+        w = node.weight_q.to(torch.int64)
+        acc = w * self.dist.one_q
+        for term in terms:
+            a_q = self._channel_view(self.size_q(t, term.size), w.dim())
+            acc = acc + term.sign * a_q * self.z(step, term.sample, t, w.shape, w.device)
+        words = (
+            self._words(step, 2 * t, t, w.numel(), w.device).reshape(w.shape)
+            if self.rounding == "stochastic"
+            else None
+        )
+        n = torch.as_tensor(self.p_n)
+        out = shift_round(acc, self.p_mult, n, self.rounding, words)
+        fmt = node.w_qp.fmt
+        bad = int(((out < fmt.qmin) | (out > fmt.qmax)).sum())
+        self.saturations["perturb"] += bad
+        return out.clamp(fmt.qmin, fmt.qmax).to(node.weight_q.dtype)
+
+    @contextmanager
+    def perturbed(self, step: int, terms: list[Term]):
+        def weight_fn(name, node):
+            t = self.index.get(name)
+            return node.weight_q if t is None else self.perturbed_weight(step, t, terms)
+
+        with self.model.using_weights(weight_fn):
+            yield
+
+    # -- update -----------------------------------------------------------------------------------
+    def gradient_q(self, step: int, t: int, coeffs: list[float], shape, device) -> torch.Tensor:
+        """g_q = round_half_away((1/m) Σ_i c_i z_q,i), 8 bits on Δ_z; z regenerated one sample at a time."""
+        s = torch.zeros(shape, dtype=torch.int64, device=device)
+        for i, c in enumerate(coeffs):
+            if c:
+                s += int(c) * self.z(step, i, t, shape, device)
+        m = len(coeffs)
+        return (torch.sign(s) * ((s.abs() * 2 + m) // (2 * m))).clamp(-127, 127)
+
+    def update(self, step: int, coeffs: list[float], lr: float) -> None:
+        if any(c not in (-1.0, 0.0, 1.0) for c in coeffs):
+            raise ValueError("the fixed-point update takes sign coefficients; use the 'sign' difference")
+        for t, node in enumerate(self.nodes):
+            w = node.weight_q.to(torch.int64)
+            words = (
+                self._words(step, 2 * t + 1, t, w.numel(), w.device).reshape(w.shape)
+                if self.rounding == "stochastic"
+                else None
+            )
+            if self.kernel_norm:
+                upd, g = self._kernel_norm_update(step, t, coeffs, lr, w, words)
+            else:
+                g = self.gradient_q(step, t, coeffs, w.shape, w.device)
+                mult, shift = quantize_multiplier(lr * self.dist.delta / self.delta_w(t))
+                upd = shift_round(
+                    g,
+                    self._channel_view(mult, w.dim()),
+                    self._channel_view(31 + shift, w.dim()),
+                    self.rounding,
+                    words,
+                )
+            fmt = node.w_qp.fmt
+            new = w - upd
+            self.saturations["update"] += int(((new < fmt.qmin) | (new > fmt.qmax)).sum())
+            node.weight_q.copy_(new.clamp(fmt.qmin, fmt.qmax).to(node.weight_q.dtype))
+            if self.momentum is not None:
+                self.history[t] = self._rescale_history(g)
+
+    def _kernel_norm_update(self, step, t, coeffs, lr, w, words):
+        """upd_q = round(η/m · Σ_i c_i · z_q,i · ‖w_q^k‖/‖z_q,i^k‖) per kernel k: per-kernel multipliers on a
+        common 2^-S scale, one rounding."""
+        m, S = len(coeffs), 40
+        wn = w.reshape(w.shape[0], -1).double().norm(dim=1)
+        acc = torch.zeros_like(w)
+        g = torch.zeros_like(w)
+        for i, c in enumerate(coeffs):
+            if not c:
+                continue
+            z = self.z(step, i, t, w.shape, w.device)
+            zn = z.reshape(z.shape[0], -1).double().norm(dim=1).clamp_min(1.0)
+            mult = torch.round(lr * wn / (m * zn) * 2**S).to(torch.int64)
+            acc += int(c) * z * self._channel_view(mult, w.dim())
+            g += int(c) * z
+        if self.rounding == "nearest":
+            upd = (acc + (1 << (S - 1))) >> S
+        elif self.rounding == "floor":
+            upd = acc >> S
+        else:
+            upd = (acc + (words << (S - 32))) >> S
+        return upd, g
+
+    def _rescale_history(self, g: torch.Tensor) -> torch.Tensor:
+        """History in z codes with unit RMS on the z scale (RMS = 1_q)."""
+        rms = g.double().pow(2).mean().sqrt()
+        if rms == 0:
+            return g
+        return torch.round(g.double() * (self.dist.one_q / rms)).clamp(-127, 127).to(torch.int64)
