@@ -42,6 +42,17 @@ from .quant import fake_quantize, quantize
 METHODS = ("bp", "bp_fp16", "bp_bf16", "bp_qat", "zo_fp32", "sign_spsa_fp32", "qzo_ff", "jvp")
 TRAIN_MODES = ("ft", "lp", "sparse")
 BP_FORWARD_EQUIVALENTS = 3
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def scheduled_lr(cfg: TrainConfig, step: int, total: int) -> float:
+    """Learning rate for 0-based `step` of `total`: constant, cosine or linear decay to 0."""
+    frac = step / max(1, total)
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    if cfg.lr_schedule == "linear":
+        return cfg.lr * (1.0 - frac)
+    return cfg.lr
 
 
 @dataclass
@@ -54,6 +65,7 @@ class TrainConfig:
     sparse_kind: str = "topk"
     sparse_density: float = 0.1
     lr: float = 0.01
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at the end of the budget) | linear
     eps: float = 1e-3
     m: int = 3
     steps: int | None = 300
@@ -76,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"m={self.m!r} is invalid; allowed: integers >= 1")
         if (self.steps is None) == (self.forward_budget is None):
             raise ValueError("give exactly one budget: steps or forward_budget")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r} is invalid; allowed: {LR_SCHEDULES}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size!r} is invalid; allowed: >= 1")
 
@@ -224,8 +238,16 @@ class Method:
 
         return bp_closure
 
+    def set_lr(self, lr: float) -> None:
+        if isinstance(self.opt, torch.optim.Optimizer):
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+        else:
+            self.opt.lr = lr
+
     def step(self, x, y) -> float:
-        return float(self.opt.step(self.closure(x, y)))
+        loss = self.opt.step(self.closure(x, y))
+        return float(loss.detach()) if torch.is_tensor(loss) else float(loss)
 
     def finish(self) -> None:
         """QAT: write the trained master weights back as integers."""
@@ -295,6 +317,8 @@ def train(
     method = Method(model, cfg)
     stream = BatchStream(*train_xy, cfg.batch_size, cfg.seed)
     total = cfg.steps if cfg.steps is not None else cfg.forward_budget // method.forwards_per_step
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
     step, forward_passes, wall, log, peak = 0, 0, 0.0, [], 0
     if ckpt and resume and os.path.exists(ckpt):
@@ -331,6 +355,7 @@ def train(
         if stop_after is not None and step >= stop_after:  # simulated crash: no final checkpoint
             return TrainResult(model, step, forward_passes, float("nan"), wall, peak, log)
         x, y = stream.next()
+        method.set_lr(scheduled_lr(cfg, step, total))
         t0 = time.perf_counter()
         if step == 0:  # measure the peak memory of one real training step
             loss, peak = _measured_step(method, x, y)

@@ -105,9 +105,15 @@ class Requantizer:
         return t.reshape(shape)
 
     def __call__(self, acc: torch.Tensor, mode: str) -> torch.Tensor:
-        m, s, r = (self._shaped(t, acc.dim()) for t in (self.mult, self.shift, self.real))
-        y = requantize(acc, m, s, mode, real=r)
-        return (y + self.zp).clamp_(self.lo, self.hi).to(torch.float32)
+        """`acc` is consumed (updated in place where possible)."""
+        if mode == "single" and self.mult.numel() == 1 and int(self.shift) > -31:
+            # per-tensor fast path, same arithmetic as `requantize(..., "single")` with Python scalars
+            n = 31 + int(self.shift)
+            y = acc.mul_(int(self.mult)).add_(1 << (n - 1)).bitwise_right_shift_(n)
+        else:
+            m, s, r = (self._shaped(t, acc.dim()) for t in (self.mult, self.shift, self.real))
+            y = requantize(acc, m, s, mode, real=r)
+        return y.add_(self.zp).clamp_(self.lo, self.hi).to(torch.float32)
 
 
 def act_range(out_qp: QParams, act: str | None) -> tuple[int, int]:
