@@ -74,9 +74,15 @@ def test_surface_of_convex_quadratic_is_bowl_with_minimum_at_optimum():
     assert np.all(np.diff(s.loss[5, 5:]) > 0) and np.all(np.diff(s.loss[5, :6]) < 0)
     assert np.all(np.diff(s.loss[5:, 5]) > 0) and np.all(np.diff(s.loss[:6, 5]) < 0)
     for r in range(1, 5):  # every square ring around the center lies above the minimum inside it
-        inner = s.loss[5 - r + 1:5 + r, 5 - r + 1:5 + r]
-        ring = np.concatenate([s.loss[5 - r, 5 - r:6 + r], s.loss[5 + r, 5 - r:6 + r],
-                               s.loss[5 - r:6 + r, 5 - r], s.loss[5 - r:6 + r, 5 + r]])
+        inner = s.loss[5 - r + 1 : 5 + r, 5 - r + 1 : 5 + r]
+        ring = np.concatenate(
+            [
+                s.loss[5 - r, 5 - r : 6 + r],
+                s.loss[5 + r, 5 - r : 6 + r],
+                s.loss[5 - r : 6 + r, 5 - r],
+                s.loss[5 - r : 6 + r, 5 + r],
+            ]
+        )
         assert ring.min() > inner.min()
     # the surface is exactly the quadratic form: L(a, b) = mean((x (a d1 + b d2)ᵀ)²)
     d1, d2 = dirs[0]["weight"], dirs[1]["weight"]
@@ -144,8 +150,10 @@ def test_filter_normalized_direction_has_per_filter_norms_of_weights():
 
 def test_pca_and_projection_recover_a_trajectory_in_a_plane():
     g = torch.Generator().manual_seed(0)
-    center = {"a": torch.randn(4, 3, generator=g, dtype=torch.float64), "b": torch.randn(5, generator=g,
-                                                                                        dtype=torch.float64)}
+    center = {
+        "a": torch.randn(4, 3, generator=g, dtype=torch.float64),
+        "b": torch.randn(5, generator=g, dtype=torch.float64),
+    }
     u = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in center.items()}
     v = {k: torch.randn(t.shape, generator=g, dtype=torch.float64) for k, t in center.items()}
     coeffs = [(0.1 * t, 0.3 * math.sin(t)) for t in range(1, 9)]
@@ -192,9 +200,11 @@ def test_prefix_reuse_gives_the_same_losses():
     q = convert(model, "w16a8", x)
     assert sorted(paths) == sorted(q.weight_nodes())
     head = list(q.weight_nodes())[-1:]
-    for make in (lambda r: FloatEvaluator(gm, x, y, {n: paths[n] for n in head}, reuse_prefix=r),
-                 lambda r: QuantEvaluator(q, x, y, head, mode="integer", reuse_prefix=r),
-                 lambda r: QuantEvaluator(q, x, y, head, mode="fake", reuse_prefix=r)):
+    for make in (
+        lambda r: FloatEvaluator(gm, x, y, {n: paths[n] for n in head}, reuse_prefix=r),
+        lambda r: QuantEvaluator(q, x, y, head, mode="integer", reuse_prefix=r),
+        lambda r: QuantEvaluator(q, x, y, head, mode="fake", reuse_prefix=r),
+    ):
         fast, slow = make(True), make(False)
         c = fast.center()
         d = random_direction(c, seed=2)
@@ -273,9 +283,21 @@ def test_sharpness_through_float_model_agrees():
 # ---------------------------------------------------------------------------------------- experiment
 def test_experiment_end_to_end_tiny(tmp_path):
     out = tmp_path / "run"
-    main([f"hydra.run.dir={out}", "pretrain.epochs=1", "runs.bp.steps=4", "runs.ff.steps=4", "snapshots=2",
-          "landscape.grid=3", "landscape.line_points=3", "landscape.eval_examples=64",
-          "sharpness.power_iters=2", "sharpness.directions=2", "sharpness.subspace=2"])
+    main(
+        [
+            f"hydra.run.dir={out}",
+            "pretrain.epochs=1",
+            "runs.bp.steps=4",
+            "runs.ff.steps=4",
+            "snapshots=2",
+            "landscape.grid=3",
+            "landscape.line_points=3",
+            "landscape.eval_examples=64",
+            "sharpness.power_iters=2",
+            "sharpness.directions=2",
+            "sharpness.subspace=2",
+        ]
+    )
     for f in ("landscape.npz", "landscape.json", "landscape_2d.png", "landscape_1d.png"):
         assert (out / f).is_file(), f
     summary = json.loads((out / "landscape.json").read_text())
@@ -289,14 +311,17 @@ def test_experiment_end_to_end_tiny(tmp_path):
     assert z["traj_bp_loss"][0] == z["traj_ff_loss"][0]
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("landscape.plane", "hessian", "landscape.plane='hessian' is invalid; allowed"),
-    ("landscape.eval_mode", "int", "landscape.eval_mode='int' is invalid"),
-    ("landscape.center", "nowhere", r"center='nowhere' is invalid; allowed: \('start', 'bp', 'ff'\)"),
-    ("runs.ff.method", "bp_qat", "runs.ff.method='bp_qat' is invalid"),
-    ("landscape.grid", 1, "landscape.grid=1 is invalid"),
-    ("quant.name", "fp32", "quant=fp32 is invalid here"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("landscape.plane", "hessian", "landscape.plane='hessian' is invalid; allowed"),
+        ("landscape.eval_mode", "int", "landscape.eval_mode='int' is invalid"),
+        ("landscape.center", "nowhere", r"center='nowhere' is invalid; allowed: \('start', 'bp', 'ff'\)"),
+        ("runs.ff.method", "bp_qat", "runs.ff.method='bp_qat' is invalid"),
+        ("landscape.grid", 1, "landscape.grid=1 is invalid"),
+        ("quant.name", "fp32", "quant=fp32 is invalid here"),
+    ],
+)
 def test_bad_config_is_a_one_line_error(key, value, match):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from fwdgrad.data import digits_split
 from fwdgrad.engine import convert
-from fwdgrad.train import METHODS, TrainConfig, evaluate, scheduled_lr, train
 from fwdgrad.models import build_model
+from fwdgrad.train import METHODS, TrainConfig, evaluate, scheduled_lr, train
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,15 @@ def test_every_method_trains_through_the_same_loop(method, digits_task):
 
 def test_budget_by_forward_passes(digits_task):
     model, calib, train_xy, test_xy = digits_task
-    ff = train(_model_for("qzo_ff", model, calib), TrainConfig(method="qzo_ff", m=3, steps=None, forward_budget=60),
-               train_xy, test_xy)
-    bp = train(copy.deepcopy(model), TrainConfig(method="bp", steps=None, forward_budget=60), train_xy, test_xy)
+    ff = train(
+        _model_for("qzo_ff", model, calib),
+        TrainConfig(method="qzo_ff", m=3, steps=None, forward_budget=60),
+        train_xy,
+        test_xy,
+    )
+    bp = train(
+        copy.deepcopy(model), TrainConfig(method="bp", steps=None, forward_budget=60), train_xy, test_xy
+    )
     assert (ff.steps, ff.forward_passes) == (10, 60) and (bp.steps, bp.forward_passes) == (20, 60)
 
 
@@ -65,8 +71,17 @@ def test_lr_schedules():
 @pytest.mark.parametrize("method", ["qzo_ff", "bp"])
 def test_resume_after_interrupt_equals_uninterrupted(method, digits_task, tmp_path):
     model, calib, train_xy, test_xy = digits_task
-    cfg = TrainConfig(method=method, mode="ft", lr=0.02, m=2, steps=9, checkpoint_every=4, eval_every=3,
-                      batch_size=32, lr_schedule="cosine")
+    cfg = TrainConfig(
+        method=method,
+        mode="ft",
+        lr=0.02,
+        m=2,
+        steps=9,
+        checkpoint_every=4,
+        eval_every=3,
+        batch_size=32,
+        lr_schedule="cosine",
+    )
     whole = _model_for(method, model, calib)
     ref = train(whole, cfg, train_xy, test_xy, out_dir=str(tmp_path / "a"))
     broken = _model_for(method, model, calib)
@@ -82,9 +97,14 @@ def test_resume_after_interrupt_equals_uninterrupted(method, digits_task, tmp_pa
 
 
 def test_bad_training_values_are_clear_errors():
-    for kw, msg in [({"m": 0}, "m=0"), ({"eps": 0.0}, "eps=0.0"), ({"lr": -1.0}, "lr=-1.0"),
-                    ({"method": "adam"}, "'adam'"), ({"mode": "full"}, "'full'"),
-                    ({"lr_schedule": "step"}, "'step'")]:
+    for kw, msg in [
+        ({"m": 0}, "m=0"),
+        ({"eps": 0.0}, "eps=0.0"),
+        ({"lr": -1.0}, "lr=-1.0"),
+        ({"method": "adam"}, "'adam'"),
+        ({"mode": "full"}, "'full'"),
+        ({"lr_schedule": "step"}, "'step'"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             TrainConfig(**kw)
 
@@ -112,11 +132,24 @@ def test_qzo_ff_w16a8_converges_within_5_points_of_fp32_bp(digits_task):
     move the 8-bit logits: ε = 3e-2 (ε = 1e-3 plateaus near 0.66, docs/training.md)."""
     model, calib, train_xy, test_xy = digits_task
     zero_shot = evaluate(model, *test_xy)
-    bp = train(copy.deepcopy(model), TrainConfig(method="bp", mode="lp", lr=0.1, steps=1000, lr_schedule="cosine",
-                                                 eval_every=10**9), train_xy, test_xy)
+    bp = train(
+        copy.deepcopy(model),
+        TrainConfig(method="bp", mode="lp", lr=0.1, steps=1000, lr_schedule="cosine", eval_every=10**9),
+        train_xy,
+        test_xy,
+    )
     q = _model_for("qzo_ff", model, calib)
-    cfg = TrainConfig(method="qzo_ff", mode="lp", lr=0.1, eps=3e-2, m=3, steps=4000, lr_schedule="cosine",
-                      eval_every=10**9, ff={"weight_headroom": 4})
+    cfg = TrainConfig(
+        method="qzo_ff",
+        mode="lp",
+        lr=0.1,
+        eps=3e-2,
+        m=3,
+        steps=4000,
+        lr_schedule="cosine",
+        eval_every=10**9,
+        ff={"weight_headroom": 4},
+    )
     ff = train(q, cfg, train_xy, test_xy)
     assert zero_shot < 0.35 and bp.test_acc > 0.7
     assert ff.test_acc >= bp.test_acc - 0.05, (ff.test_acc, bp.test_acc)

@@ -75,7 +75,7 @@ def unflatten(v: torch.Tensor, like: Params) -> Params:
     """Inverse of :func:`flatten` for the shapes/dtypes (and order) of ``like``."""
     out, i = {}, 0
     for n, t in like.items():
-        out[n] = v[i:i + t.numel()].reshape(t.shape).to(t.dtype)
+        out[n] = v[i : i + t.numel()].reshape(t.shape).to(t.dtype)
         i += t.numel()
     if i != v.numel():
         raise ValueError(f"vector has {v.numel()} entries but the parameters have {i}")
@@ -111,8 +111,9 @@ def filter_norms(t: torch.Tensor) -> torch.Tensor:
     return t.detach().double().reshape(t.shape[0], -1).norm(dim=1)
 
 
-def normalize_direction(direction: Params, weights: Params, norm: str = "filter",
-                        ignore: str = "biasbn") -> Params:
+def normalize_direction(
+    direction: Params, weights: Params, norm: str = "filter", ignore: str = "biasbn"
+) -> Params:
     """Rescale ``direction`` to the scale of ``weights`` (Li et al. 2018).
 
     norm: ``filter`` — each filter d_i ← d_i · ‖w_i‖/‖d_i‖; ``layer`` — each tensor d ← d · ‖w‖/‖d‖;
@@ -152,8 +153,9 @@ def random_plane(center: Params, seed: int = 0, norm: str = "filter", ignore: st
     return [random_direction(center, seed, norm, ignore), random_direction(center, seed + 1, norm, ignore)]
 
 
-def pca_directions(center: Params, snapshots: Sequence[Params], k: int = 2,
-                   weights: Sequence[float] | None = None) -> tuple[list[Params], np.ndarray]:
+def pca_directions(
+    center: Params, snapshots: Sequence[Params], k: int = 2, weights: Sequence[float] | None = None
+) -> tuple[list[Params], np.ndarray]:
     """Top-``k`` principal directions of the differences ``snapshot − center`` (unit vectors).
 
     Uncentered SVD of the difference matrix: the span of the result is the k-dimensional subspace through
@@ -171,7 +173,7 @@ def pca_directions(center: Params, snapshots: Sequence[Params], k: int = 2,
             raise ValueError(f"{len(weights)} weights for {len(snapshots)} snapshots")
         rows = rows * torch.as_tensor(weights, dtype=rows.dtype).unsqueeze(1)
     _, s, vh = torch.linalg.svd(rows, full_matrices=False)
-    total = float((s ** 2).sum())
+    total = float((s**2).sum())
     dirs, ratios = [], []
     for i in range(k):
         if i < len(s) and s[i] > 1e-12 * max(1.0, float(s[0])):
@@ -190,8 +192,9 @@ def pca_directions(center: Params, snapshots: Sequence[Params], k: int = 2,
     return [unflatten(v, center) for v in dirs], np.array(ratios)
 
 
-def project(points: Sequence[Params], center: Params,
-            directions: Sequence[Params]) -> tuple[np.ndarray, np.ndarray]:
+def project(
+    points: Sequence[Params], center: Params, directions: Sequence[Params]
+) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares coordinates of each point on the plane ``center + span(directions)``.
 
     Returns (coords (n, k), in_plane (n,)): in_plane = ‖projection‖ / ‖point − center‖ (1: on the plane;
@@ -219,8 +222,12 @@ class Evaluator:
 
     names: list[str]
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor,
-                 criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
         self.x, self.y = x, y
         self.criterion = criterion or F.cross_entropy
         self.calls = 0
@@ -299,9 +306,15 @@ class FloatEvaluator(Evaluator):
     (needs an fx-traceable model; otherwise every evaluation runs the whole model).
     """
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 params: Sequence[str] | Mapping[str, str] | None = None, reuse_prefix: bool = True,
-                 criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        params: Sequence[str] | Mapping[str, str] | None = None,
+        reuse_prefix: bool = True,
+        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
         super().__init__(x, y, criterion)
         self.model = model.eval()
         if params is None:
@@ -332,11 +345,12 @@ class FloatEvaluator(Evaluator):
             if owner is None:  # a get_attr tensor (or a parameter used outside call_module)
                 varied.setdefault("", []).append((name, path))
             else:
-                varied.setdefault(owner, []).append((name, path[len(owner) + 1:]))
+                varied.setdefault(owner, []).append((name, path[len(owner) + 1 :]))
         dependent = set()
         for n in gm.graph.nodes:
             hit = (n.op == "call_module" and n.target in varied) or (
-                n.op == "get_attr" and any(rel == n.target for _, rel in varied.get("", ())))
+                n.op == "get_attr" and any(rel == n.target for _, rel in varied.get("", ()))
+            )
             if hit or any(a in dependent for a in n.all_input_nodes):
                 dependent.add(n)
         interp = _PartialInterpreter(gm, varied)
@@ -368,9 +382,16 @@ class QuantEvaluator(Evaluator):
     ``last_saturated`` is the number of weights clamped at ±qmax in the last evaluation.
     """
 
-    def __init__(self, qmodel: QModel, x: torch.Tensor, y: torch.Tensor, names: Sequence[str] | None = None,
-                 mode: str = "integer", reuse_prefix: bool = True,
-                 criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        qmodel: QModel,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        names: Sequence[str] | None = None,
+        mode: str = "integer",
+        reuse_prefix: bool = True,
+        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
         super().__init__(x, y, criterion)
         if mode not in ("integer", "fake"):
             raise ValueError(f"quantized evaluation mode {mode!r} is invalid; allowed: ('integer', 'fake')")
@@ -454,8 +475,13 @@ def _sat(ev: Evaluator) -> int:
     return getattr(ev, "last_saturated", 0)
 
 
-def interpolate(evaluator: Evaluator, a: Params, b: Params, alphas: Sequence[float] | None = None,
-                name: str = "interpolation") -> Line:
+def interpolate(
+    evaluator: Evaluator,
+    a: Params,
+    b: Params,
+    alphas: Sequence[float] | None = None,
+    name: str = "interpolation",
+) -> Line:
     """Loss along (1 − α)·a + α·b (default α ∈ [−0.5, 1.5], 41 points)."""
     _check_same_keys(a, b, "interpolate")
     alphas = np.linspace(-0.5, 1.5, 41) if alphas is None else np.asarray(alphas, dtype=float)
@@ -463,8 +489,14 @@ def interpolate(evaluator: Evaluator, a: Params, b: Params, alphas: Sequence[flo
     return along(evaluator, a, d, alphas, name, kind="interpolation")
 
 
-def along(evaluator: Evaluator, center: Params, direction: Params, alphas: Sequence[float] | None = None,
-          name: str = "direction", kind: str = "direction") -> Line:
+def along(
+    evaluator: Evaluator,
+    center: Params,
+    direction: Params,
+    alphas: Sequence[float] | None = None,
+    name: str = "direction",
+    kind: str = "direction",
+) -> Line:
     """Loss along center + α·direction (default α ∈ [−1, 1], 41 points)."""
     alphas = np.linspace(-1.0, 1.0, 41) if alphas is None else np.asarray(alphas, dtype=float)
     loss, acc, sat = [], [], []
@@ -499,12 +531,20 @@ class Surface:
         fy_ = np.interp(y, self.ys, np.arange(len(self.ys)))
         x0, y0 = min(int(fx_), len(self.xs) - 2), min(int(fy_), len(self.ys) - 2)
         tx, ty = fx_ - x0, fy_ - y0
-        return float((1 - ty) * ((1 - tx) * z[y0, x0] + tx * z[y0, x0 + 1])
-                     + ty * ((1 - tx) * z[y0 + 1, x0] + tx * z[y0 + 1, x0 + 1]))
+        return float(
+            (1 - ty) * ((1 - tx) * z[y0, x0] + tx * z[y0, x0 + 1])
+            + ty * ((1 - tx) * z[y0 + 1, x0] + tx * z[y0 + 1, x0 + 1])
+        )
 
 
-def surface(evaluator: Evaluator, center: Params, directions: Sequence[Params], xs: Sequence[float],
-            ys: Sequence[float], progress: Callable[[int, int], None] | None = None) -> Surface:
+def surface(
+    evaluator: Evaluator,
+    center: Params,
+    directions: Sequence[Params],
+    xs: Sequence[float],
+    ys: Sequence[float],
+    progress: Callable[[int, int], None] | None = None,
+) -> Surface:
     """Evaluate the 2-D slice center + x·d1 + y·d2 on the grid xs × ys."""
     if len(directions) != 2:
         raise ValueError(f"a surface needs exactly 2 directions, got {len(directions)}")
@@ -577,8 +617,9 @@ def quant_weights(q: QModel, names: Sequence[str]) -> Params:
     return {n: dequantize(nodes[n].weight_q, nodes[n].w_qp) for n in names}
 
 
-def pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch_size: int,
-             seed: int) -> nn.Module:
+def pretrain(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch_size: int, seed: int
+) -> nn.Module:
     """Source-task pretraining with Adam (BatchNorm in train mode), seeded; returns the model in eval mode."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -586,7 +627,7 @@ def pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), batch_size):
-            idx = perm[i:i + batch_size]
+            idx = perm[i : i + batch_size]
             opt.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
@@ -608,9 +649,21 @@ class Trajectory:
     forward_passes: int
 
 
-def run_trajectory(label: str, run_cfg: Mapping, start_float: nn.Module, start_q: QModel,
-                   paths: Mapping[str, str], names: Sequence[str], train_xy, test_xy, *, mode: Mapping,
-                   batch_size: int, seed: int, snapshots: int) -> Trajectory:
+def run_trajectory(
+    label: str,
+    run_cfg: Mapping,
+    start_float: nn.Module,
+    start_q: QModel,
+    paths: Mapping[str, str],
+    names: Sequence[str],
+    train_xy,
+    test_xy,
+    *,
+    mode: Mapping,
+    batch_size: int,
+    seed: int,
+    snapshots: int,
+) -> Trajectory:
     """Train one run from the common start, snapshotting the landscape weights every steps/snapshots steps.
 
     Float methods train a copy of the folded float model (weights = ``paths``); qzo_ff trains a copy of the
@@ -622,18 +675,25 @@ def run_trajectory(label: str, run_cfg: Mapping, start_float: nn.Module, start_q
     rc = dict(run_cfg)
     method = rc.pop("method", None)
     if method in UNSUPPORTED_METHODS:
-        raise ValueError(f"runs.{label}.method={method!r} is not supported for trajectories; allowed: any "
-                         f"other training method (float methods and {QUANT_METHODS})")
+        raise ValueError(
+            f"runs.{label}.method={method!r} is not supported for trajectories; allowed: any "
+            f"other training method (float methods and {QUANT_METHODS})"
+        )
     if "weight_headroom" in dict(rc.get("ff") or {}):
-        raise ValueError(f"runs.{label}.ff.weight_headroom: set quant.weight_headroom instead (it is applied "
-                         "once to the common start so every run and the evaluator share the weight grid)")
+        raise ValueError(
+            f"runs.{label}.ff.weight_headroom: set quant.weight_headroom instead (it is applied "
+            "once to the common start so every run and the evaluator share the weight grid)"
+        )
     steps = int(rc.pop("steps"))
     rc.setdefault("eval_every", max(1, steps))
     cfg = TrainConfig(method=method, steps=steps, batch_size=batch_size, seed=seed, **dict(mode), **rc)
     quant = method in QUANT_METHODS
     model = copy.deepcopy(start_q if quant else start_float)
-    get = (lambda: quant_weights(model, names)) if quant else (
-        lambda: float_weights(model, {n: paths[n] for n in names}))
+    get = (
+        (lambda: quant_weights(model, names))
+        if quant
+        else (lambda: float_weights(model, {n: paths[n] for n in names}))
+    )
     every = max(1, steps // max(1, snapshots))
     pts, at = [get()], [0]
 
@@ -657,8 +717,15 @@ def _color(label: str, i: int) -> str:
     return RUN_COLORS.get(label, _EXTRA_COLORS[i % len(_EXTRA_COLORS)])
 
 
-def plot_surface(path: str, surf: Surface, trajs: Mapping[str, np.ndarray], axis_labels: tuple[str, str],
-                 title: str, labels: Mapping[str, str] | None = None, equal_aspect: bool = True) -> None:
+def plot_surface(
+    path: str,
+    surf: Surface,
+    trajs: Mapping[str, np.ndarray],
+    axis_labels: tuple[str, str],
+    title: str,
+    labels: Mapping[str, str] | None = None,
+    equal_aspect: bool = True,
+) -> None:
     """Loss contour (log-spaced levels) and accuracy contour with the projected trajectories on both."""
     import matplotlib
 
@@ -671,10 +738,12 @@ def plot_surface(path: str, surf: Surface, trajs: Mapping[str, np.ndarray], axis
     lo = max(float(np.nanmin(surf.loss)), 1e-4)
     hi = max(float(np.nanmax(surf.loss)), lo * 1.01)
     levels = np.geomspace(lo, hi, 30)
-    cs = axes[0].contourf(X, Y, np.clip(surf.loss, lo, hi), levels=levels, norm=LogNorm(lo, hi),
-                          cmap="viridis")
-    axes[0].contour(X, Y, np.clip(surf.loss, lo, hi), levels=levels[::3], colors="white", linewidths=0.4,
-                    alpha=0.6)
+    cs = axes[0].contourf(
+        X, Y, np.clip(surf.loss, lo, hi), levels=levels, norm=LogNorm(lo, hi), cmap="viridis"
+    )
+    axes[0].contour(
+        X, Y, np.clip(surf.loss, lo, hi), levels=levels[::3], colors="white", linewidths=0.4, alpha=0.6
+    )
     fig.colorbar(cs, ax=axes[0], label="loss (log scale)", format="%.2g")
     ca = axes[1].contourf(X, Y, surf.acc * 100, levels=np.linspace(0, 100, 21), cmap="magma")
     fig.colorbar(ca, ax=axes[1], label="accuracy (%)")
@@ -714,8 +783,11 @@ def plot_lines(path: str, lines: Sequence[Line], title: str) -> None:
             kw = {"color": line.color} if line.color else {}
             axes[0, j].plot(line.alphas, line.loss, label=line.name, **kw)
             axes[1, j].plot(line.alphas, line.acc * 100, label=line.name, **kw)
-        xl = ("α  (point = (1−α)·a + α·b)" if kind == "interpolation"
-              else "α  (point = w + α·d, filter-normalized d)")
+        xl = (
+            "α  (point = (1−α)·a + α·b)"
+            if kind == "interpolation"
+            else "α  (point = w + α·d, filter-normalized d)"
+        )
         axes[0, j].set_yscale("log")
         axes[0, j].set_ylabel("loss (log)")
         axes[1, j].set_ylabel("accuracy (%)")
@@ -788,18 +860,24 @@ def validate(cfg: Mapping) -> None:
 
     for part in ("source", "target"):
         if not isinstance(_get(cfg, f"data.{part}"), Mapping):
-            raise ValueError(f"data.{part} is missing; the data group must give source and target "
-                             "build_dataset specs (e.g. data=digits)")
+            raise ValueError(
+                f"data.{part} is missing; the data group must give source and target "
+                "build_dataset specs (e.g. data=digits)"
+            )
     if _get(cfg, "data.fewshot"):
-        raise ValueError(f"data={_get(cfg, 'data.name')!r} is a few-shot episode config; the landscape "
-                         "needs a source -> target transfer config such as data=digits")
+        raise ValueError(
+            f"data={_get(cfg, 'data.name')!r} is a few-shot episode config; the landscape "
+            "needs a source -> target transfer config such as data=digits"
+        )
     _choice(_get(cfg, "model.name"), tuple(sorted(MODELS)), "model.name")
     _choice(mode_of(cfg)["mode"], TRAIN_MODES, "mode")
     scheme = scheme_of(cfg)
     if scheme == "fp32":
-        raise ValueError(f"quant=fp32 is invalid here: the common start is a QModel (QZO-FF trains it); "
-                         f"allowed: a fixed-point scheme such as {SCHEMES} (landscape.eval_mode=float "
-                         "gives a float surface)")
+        raise ValueError(
+            f"quant=fp32 is invalid here: the common start is a QModel (QZO-FF trains it); "
+            f"allowed: a fixed-point scheme such as {SCHEMES} (landscape.eval_mode=float "
+            "gives a float surface)"
+        )
     Scheme.parse(scheme)
     _choice(_get(cfg, "landscape.plane"), PLANES, "landscape.plane")
     _choice(_get(cfg, "landscape.eval_mode"), EVAL_MODES, "landscape.eval_mode")
@@ -820,8 +898,14 @@ def validate(cfg: Mapping) -> None:
     n = _get(cfg, "landscape.grid")
     if not isinstance(n, int) or n < 2:
         raise ValueError(f"landscape.grid={n!r} is invalid; allowed: integers >= 2")
-    for key in ("landscape.eval_examples", "snapshots", "landscape.line_points", "threads", "batch_size",
-                "quant.calib_examples"):
+    for key in (
+        "landscape.eval_examples",
+        "snapshots",
+        "landscape.line_points",
+        "threads",
+        "batch_size",
+        "quant.calib_examples",
+    ):
         v = _get(cfg, key)
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{key}={v!r} is invalid; allowed: integers >= 1")
@@ -854,12 +938,16 @@ def run(cfg: Mapping, out_dir: str, log: Callable[[str], None] = print) -> dict:
     src, tgt = instantiate(d["source"], seed=seed), instantiate(d["target"], seed=seed)
     for part, splits in (("source", src), ("target", tgt)):
         if not hasattr(splits.train, "tensors"):
-            raise ValueError(f"data.{part} ({d[part].get('name')!r}) yields raw clips; the landscape needs "
-                             "tensor datasets (image sets, or synth_keywords features)")
+            raise ValueError(
+                f"data.{part} ({d[part].get('name')!r}) yields raw clips; the landscape needs "
+                "tensor datasets (image sets, or synth_keywords features)"
+            )
     if len(src.classes) != len(tgt.classes):
-        raise ValueError(f"data={d.get('name')!r}: the source task has {len(src.classes)} classes and the "
-                         f"target {len(tgt.classes)}; the landscape fine-tunes the source head, so they must "
-                         "match")
+        raise ValueError(
+            f"data={d.get('name')!r}: the source task has {len(src.classes)} classes and the "
+            f"target {len(tgt.classes)}; the landscape fine-tunes the source head, so they must "
+            "match"
+        )
     train_xy, test_xy = tgt.train.tensors, tgt.test.tensors
     in_ch = train_xy[0].shape[1]
     model = instantiate(cfg["model"], num_classes=len(src.classes), in_channels=in_ch)
@@ -876,8 +964,13 @@ def run(cfg: Mapping, out_dir: str, log: Callable[[str], None] = print) -> dict:
     # common start: the converted model, headroom applied to the landscape layers; the float model gets the
     # same (dequantized) weights so every run starts from exactly one point
     q, scheme, mode = cfg["quant"], scheme_of(cfg), mode_of(cfg)
-    q0 = convert(model, scheme, train_xy[0][: q["calib_examples"]], observer=q.get("observer", "minmax"),
-                 per_channel=bool(q.get("per_channel", False)))
+    q0 = convert(
+        model,
+        scheme,
+        train_xy[0][: q["calib_examples"]],
+        observer=q.get("observer", "minmax"),
+        per_channel=bool(q.get("per_channel", False)),
+    )
     names = trainable_names(q0, TrainConfig(method="qzo_ff", **mode))
     for n in names:
         node = q0.weight_nodes()[n]
@@ -885,14 +978,17 @@ def run(cfg: Mapping, out_dir: str, log: Callable[[str], None] = print) -> dict:
             node.set_weight_scale(node.w_qp.scale * float(q["weight_headroom"]))
     gm, paths = folded_float_model(model)
     if sorted(paths) != sorted(q0.weight_nodes()):
-        raise RuntimeError(f"folded float model layers {sorted(paths)} do not match the QModel's "
-                           f"{sorted(q0.weight_nodes())}")
+        raise RuntimeError(
+            f"folded float model layers {sorted(paths)} do not match the QModel's {sorted(q0.weight_nodes())}"
+        )
     load_weights(gm, paths, quant_weights(q0, list(paths)))
     start = quant_weights(q0, names)
     zero_shot = {"float": evaluate(model, *test_xy), "quant": evaluate(q0, *test_xy)}
-    log(f"landscape: pretrained {cfg['model']['name']}; zero-shot target acc float {zero_shot['float']:.3f}, "
+    log(
+        f"landscape: pretrained {cfg['model']['name']}; zero-shot target acc float {zero_shot['float']:.3f}, "
         f"{scheme} {zero_shot['quant']:.3f}; landscape over {len(names)} layers "
-        f"({sum(v.numel() for v in start.values())} weights)")
+        f"({sum(v.numel() for v in start.values())} weights)"
+    )
 
     # runs
     trajs: dict[str, Trajectory] = {}
@@ -900,15 +996,29 @@ def run(cfg: Mapping, out_dir: str, log: Callable[[str], None] = print) -> dict:
         if not rc:
             continue
         t = time.perf_counter()
-        trajs[label] = run_trajectory(label, rc, gm, q0, paths, names, train_xy, test_xy, mode=mode,
-                                      batch_size=cfg["batch_size"], seed=seed, snapshots=cfg["snapshots"])
+        trajs[label] = run_trajectory(
+            label,
+            rc,
+            gm,
+            q0,
+            paths,
+            names,
+            train_xy,
+            test_xy,
+            mode=mode,
+            batch_size=cfg["batch_size"],
+            seed=seed,
+            snapshots=cfg["snapshots"],
+        )
         timings[f"train_{label}_s"] = time.perf_counter() - t
-        log(f"landscape: run {label} ({trajs[label].method}, {trajs[label].steps[-1]} steps) test acc "
-            f"{trajs[label].test_acc:.3f} in {timings[f'train_{label}_s']:.1f}s")
+        log(
+            f"landscape: run {label} ({trajs[label].method}, {trajs[label].steps[-1]} steps) test acc "
+            f"{trajs[label].test_acc:.3f} in {timings[f'train_{label}_s']:.1f}s"
+        )
 
     # evaluator on a fixed batch
     L = cfg["landscape"]
-    ex, ey = (train_xy if L["eval_split"] == "train" else test_xy)
+    ex, ey = train_xy if L["eval_split"] == "train" else test_xy
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(ex), generator=g)[: L["eval_examples"]]
     ex, ey = ex[idx], ey[idx]
@@ -929,8 +1039,10 @@ def run(cfg: Mapping, out_dir: str, log: Callable[[str], None] = print) -> dict:
                 tot = math.sqrt(sum(float((flatten(p) - flatten(center)).square().sum()) for p in tr.points))
                 weights += [1.0 / tot if tot > 0 else 0.0] * len(tr.points)
         dirs, explained = pca_directions(center, snaps, weights=weights)
-        axis_labels = (f"PC1 ({100 * explained[0]:.1f}% of displacement²)",
-                       f"PC2 ({100 * explained[1]:.1f}%)")
+        axis_labels = (
+            f"PC1 ({100 * explained[0]:.1f}% of displacement²)",
+            f"PC2 ({100 * explained[1]:.1f}%)",
+        )
     else:
         dirs, explained = random_plane(center, L["seed"], L["norm"]), np.array([np.nan, np.nan])
         axis_labels = ("filter-normalized direction 1", "filter-normalized direction 2")
@@ -946,12 +1058,16 @@ def run(cfg: Mapping, out_dir: str, log: Callable[[str], None] = print) -> dict:
         xs = ys = np.linspace(-L["span"], L["span"], L["grid"])
 
     # surface
-    log(f"landscape: evaluating a {L['grid']}x{L['grid']} {L['plane']} grid ({L['eval_mode']}, "
-        f"{len(ey)} examples)")
+    log(
+        f"landscape: evaluating a {L['grid']}x{L['grid']} {L['plane']} grid ({L['eval_mode']}, "
+        f"{len(ey)} examples)"
+    )
     surf = surface(ev, center, dirs, xs, ys)
     timings["grid_wall_s"], timings["grid_cpu_s"] = surf.wall_s, surf.cpu_s
-    log(f"landscape: grid done in {surf.wall_s:.1f}s wall ({surf.cpu_s:.1f}s CPU, "
-        f"{1e3 * surf.wall_s / surf.loss.size:.1f} ms/point)")
+    log(
+        f"landscape: grid done in {surf.wall_s:.1f}s wall ({surf.cpu_s:.1f}s CPU, "
+        f"{1e3 * surf.wall_s / surf.loss.size:.1f} ms/point)"
+    )
 
     # losses at the actual snapshots (off-plane components included)
     traj_eval = {}
@@ -963,13 +1079,23 @@ def run(cfg: Mapping, out_dir: str, log: Callable[[str], None] = print) -> dict:
     npts = L["line_points"]
     lines = []
     for i, (label, tr) in enumerate(trajs.items()):
-        lines.append(interpolate(ev, tr.points[0], tr.points[-1], np.linspace(-0.5, 1.5, npts),
-                                 f"start → {label} final"))
+        lines.append(
+            interpolate(
+                ev, tr.points[0], tr.points[-1], np.linspace(-0.5, 1.5, npts), f"start → {label} final"
+            )
+        )
         lines[-1].color = _color(label, i)
     labs = list(trajs)
     if len(labs) >= 2:
-        lines.append(interpolate(ev, trajs[labs[0]].points[-1], trajs[labs[1]].points[-1],
-                                 np.linspace(-0.5, 1.5, npts), f"{labs[0]} final → {labs[1]} final"))
+        lines.append(
+            interpolate(
+                ev,
+                trajs[labs[0]].points[-1],
+                trajs[labs[1]].points[-1],
+                np.linspace(-0.5, 1.5, npts),
+                f"{labs[0]} final → {labs[1]} final",
+            )
+        )
         lines[-1].color = "tab:green" if set(labs[:2]) == {"bp", "ff"} else "black"
     for i, (label, tr) in enumerate(trajs.items()):
         dvec = random_direction(tr.points[-1], L["seed"] + 100 + i, L["norm"])
@@ -989,23 +1115,40 @@ def run(cfg: Mapping, out_dir: str, log: Callable[[str], None] = print) -> dict:
             tr_f, tr_se = hessian_trace(float_ev.loss_tensor, p, samples=s["directions"], seed=seed)
             sharp[key] = {"top_eigenvalue_float": eig.as_dict()}
             for mode_name, e in {"float": float_ev, L["eval_mode"]: ev}.items():  # same directions for both
-                fs = forward_sharpness(e.loss, p, rho=rho, directions=s["directions"], subspace=s["subspace"],
-                                       seed=seed)
+                fs = forward_sharpness(
+                    e.loss, p, rho=rho, directions=s["directions"], subspace=s["subspace"], seed=seed
+                )
                 fsd = fs.as_dict()
                 fsd.pop("curvatures")
                 fsd["stderr"] = fs.std / math.sqrt(fs.directions)
                 sharp[key][f"forward_{mode_name}"] = fsd
-            sharp[key]["trace_float_hutchinson"] = {"trace": tr_f, "stderr": tr_se, "mean": tr_f / fs.dim,
-                                                    "stderr_mean": tr_se / fs.dim}
+            sharp[key]["trace_float_hutchinson"] = {
+                "trace": tr_f,
+                "stderr": tr_se,
+                "mean": tr_f / fs.dim,
+                "stderr_mean": tr_se / fs.dim,
+            }
         timings["sharpness_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
 
     # outputs
-    files = {k: os.path.join(out_dir, v) for k, v in (("npz", "landscape.npz"), ("json", "landscape.json"),
-                                                       ("surface_png", "landscape_2d.png"),
-                                                       ("lines_png", "landscape_1d.png"))}
-    arrays = {"xs": surf.xs, "ys": surf.ys, "loss": surf.loss, "acc": surf.acc, "saturated": surf.saturated,
-              "explained": explained}
+    files = {
+        k: os.path.join(out_dir, v)
+        for k, v in (
+            ("npz", "landscape.npz"),
+            ("json", "landscape.json"),
+            ("surface_png", "landscape_2d.png"),
+            ("lines_png", "landscape_1d.png"),
+        )
+    }
+    arrays = {
+        "xs": surf.xs,
+        "ys": surf.ys,
+        "loss": surf.loss,
+        "acc": surf.acc,
+        "saturated": surf.saturated,
+        "explained": explained,
+    }
     for label, tr in trajs.items():
         arrays[f"traj_{label}_coords"] = coords[label]
         arrays[f"traj_{label}_steps"] = np.array(tr.steps)
@@ -1017,12 +1160,16 @@ def run(cfg: Mapping, out_dir: str, log: Callable[[str], None] = print) -> dict:
             arrays[f"line{i}_{k}"] = getattr(line, k)
     np.savez_compressed(files["npz"], **arrays)
     pretty = {"bp": "BP (float SGD)", "ff": f"QZO-FF ({scheme}, integer)"}
-    run_names = {lab: f"{pretty.get(lab, lab)}: {tr.steps[-1]} steps, test acc {100 * tr.test_acc:.1f}%"
-                 for lab, tr in trajs.items()}
+    run_names = {
+        lab: f"{pretty.get(lab, lab)}: {tr.steps[-1]} steps, test acc {100 * tr.test_acc:.1f}%"
+        for lab, tr in trajs.items()
+    }
     where = f"{scheme} {L['eval_mode']} mode" if L["eval_mode"] != "float" else "float32"
     task = f"{d.get('name')} {'/'.join(src.classes)} → {'/'.join(tgt.classes)}"
-    title = (f"{cfg['model']['name']}, {task}, mode={mode['mode']}; {L['plane']} plane through "
-             f"{L['center']}; loss in {where} on {len(ey)} {L['eval_split']} examples")
+    title = (
+        f"{cfg['model']['name']}, {task}, mode={mode['mode']}; {L['plane']} plane through "
+        f"{L['center']}; loss in {where} on {len(ey)} {L['eval_split']} examples"
+    )
     plot_surface(files["surface_png"], surf, coords, axis_labels, title, run_names)
     plot_lines(files["lines_png"], lines, title)
     xmin, ymin = surf.argmin()
@@ -1031,35 +1178,61 @@ def run(cfg: Mapping, out_dir: str, log: Callable[[str], None] = print) -> dict:
         "files": {k: os.path.basename(v) for k, v in files.items()},
         "landscape_tensors": {n: list(start[n].shape) for n in names},
         "zero_shot_acc": zero_shot,
-        "runs": {lab: {"method": tr.method, "steps": tr.steps[-1], "forward_passes": tr.forward_passes,
-                       "test_acc": tr.test_acc, "train_wall_s": tr.wall_s, "snapshot_steps": tr.steps,
-                       "final_coords": coords[lab][-1].tolist(),
-                       "final_eval_loss": float(traj_eval[lab][-1, 0]),
-                       "final_eval_acc": float(traj_eval[lab][-1, 1]),
-                       "final_surface_loss": surf.at(*coords[lab][-1]),
-                       "mean_in_plane": float(in_plane[lab].mean()),
-                       "distance_from_start": float((flatten(tr.points[-1]) - flatten(tr.points[0])).norm())}
-                 for lab, tr in trajs.items()},
-        "plane": {"kind": L["plane"], "center": L["center"], "explained": explained.tolist(),
-                  "xs": [float(xs[0]), float(xs[-1])], "ys": [float(ys[0]), float(ys[-1])]},
-        "grid": {"n": L["grid"], "points": int(surf.loss.size), "min_loss": float(surf.loss.min()),
-                 "argmin": [xmin, ymin], "max_loss": float(surf.loss.max()),
-                 "max_saturated_weights": int(surf.saturated.max()),
-                 "wall_s": surf.wall_s, "cpu_s": surf.cpu_s,
-                 "ms_per_point": 1e3 * surf.wall_s / surf.loss.size, "threads": torch.get_num_threads()},
-        "lines": {line.name: {"kind": line.kind, "min_loss": float(line.loss.min()),
-                              "loss_at_0": float(np.interp(0.0, line.alphas, line.loss)),
-                              "loss_at_1": float(np.interp(1.0, line.alphas, line.loss)),
-                              "max_loss_in_0_1": float(line.loss[(line.alphas >= 0) & (line.alphas <= 1)]
-                                                       .max())}
-                  for line in lines},
+        "runs": {
+            lab: {
+                "method": tr.method,
+                "steps": tr.steps[-1],
+                "forward_passes": tr.forward_passes,
+                "test_acc": tr.test_acc,
+                "train_wall_s": tr.wall_s,
+                "snapshot_steps": tr.steps,
+                "final_coords": coords[lab][-1].tolist(),
+                "final_eval_loss": float(traj_eval[lab][-1, 0]),
+                "final_eval_acc": float(traj_eval[lab][-1, 1]),
+                "final_surface_loss": surf.at(*coords[lab][-1]),
+                "mean_in_plane": float(in_plane[lab].mean()),
+                "distance_from_start": float((flatten(tr.points[-1]) - flatten(tr.points[0])).norm()),
+            }
+            for lab, tr in trajs.items()
+        },
+        "plane": {
+            "kind": L["plane"],
+            "center": L["center"],
+            "explained": explained.tolist(),
+            "xs": [float(xs[0]), float(xs[-1])],
+            "ys": [float(ys[0]), float(ys[-1])],
+        },
+        "grid": {
+            "n": L["grid"],
+            "points": int(surf.loss.size),
+            "min_loss": float(surf.loss.min()),
+            "argmin": [xmin, ymin],
+            "max_loss": float(surf.loss.max()),
+            "max_saturated_weights": int(surf.saturated.max()),
+            "wall_s": surf.wall_s,
+            "cpu_s": surf.cpu_s,
+            "ms_per_point": 1e3 * surf.wall_s / surf.loss.size,
+            "threads": torch.get_num_threads(),
+        },
+        "lines": {
+            line.name: {
+                "kind": line.kind,
+                "min_loss": float(line.loss.min()),
+                "loss_at_0": float(np.interp(0.0, line.alphas, line.loss)),
+                "loss_at_1": float(np.interp(1.0, line.alphas, line.loss)),
+                "max_loss_in_0_1": float(line.loss[(line.alphas >= 0) & (line.alphas <= 1)].max()),
+            }
+            for line in lines
+        },
         "sharpness": sharp,
         "timings": timings,
     }
     with open(files["json"], "w") as f:
         json.dump(summary, f, indent=2, default=float)
-    log(f"landscape: wrote {', '.join(summary['files'].values())} to {out_dir} "
-        f"(total {timings['total_s']:.1f}s)")
+    log(
+        f"landscape: wrote {', '.join(summary['files'].values())} to {out_dir} "
+        f"(total {timings['total_s']:.1f}s)"
+    )
     return summary
 
 
@@ -1071,8 +1244,9 @@ def conf_dir() -> str:
     env = os.environ.get("FWDGRAD_CONF")
     path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
     if not (path / "landscape.yaml").is_file():
-        raise FileNotFoundError(f"no landscape.yaml in {path}; set FWDGRAD_CONF to the folder holding the "
-                                "fwdgrad Hydra configs")
+        raise FileNotFoundError(
+            f"no landscape.yaml in {path}; set FWDGRAD_CONF to the folder holding the fwdgrad Hydra configs"
+        )
     return str(path)
 
 

@@ -44,7 +44,7 @@ def _unflat(v: torch.Tensor, like: Params, names: list[str]) -> Params:
     out, i = {}, 0
     for n in names:
         k = like[n].numel()
-        out[n] = v[i:i + k].reshape(like[n].shape).to(like[n].dtype)
+        out[n] = v[i : i + k].reshape(like[n].shape).to(like[n].dtype)
         i += k
     return out
 
@@ -64,8 +64,14 @@ class EigenResult:
         return d
 
 
-def top_hessian_eigenvalue(loss_fn: Callable[[Params], torch.Tensor], params: Params, iters: int = 50,
-                           tol: float = 1e-4, seed: int = 0, return_vector: bool = False) -> EigenResult:
+def top_hessian_eigenvalue(
+    loss_fn: Callable[[Params], torch.Tensor],
+    params: Params,
+    iters: int = 50,
+    tol: float = 1e-4,
+    seed: int = 0,
+    return_vector: bool = False,
+) -> EigenResult:
     """Power iteration on Hessian-vector products of ``loss_fn`` at ``params`` (double backward).
 
     loss_fn: differentiable function of a dict of tensors (same keys as ``params``) returning a scalar.
@@ -103,15 +109,17 @@ def _hvp_setup(loss_fn, params: Params):
         grads = torch.autograd.grad(loss_fn(p), [p[n] for n in names], create_graph=True)
 
     def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
-        hv = torch.autograd.grad(grads, [p[n] for n in names], grad_outputs=v, retain_graph=True,
-                                 allow_unused=True)
+        hv = torch.autograd.grad(
+            grads, [p[n] for n in names], grad_outputs=v, retain_graph=True, allow_unused=True
+        )
         return [torch.zeros_like(t) if h is None else h.detach() for h, t in zip(hv, v)]
 
     return names, p, hvp
 
 
-def hessian_trace(loss_fn: Callable[[Params], torch.Tensor], params: Params, samples: int = 16,
-                  seed: int = 0) -> tuple[float, float]:
+def hessian_trace(
+    loss_fn: Callable[[Params], torch.Tensor], params: Params, samples: int = 16, seed: int = 0
+) -> tuple[float, float]:
     """Hutchinson estimate of tr(H) at ``params``: mean of vᵀHv over Rademacher v -> (trace, std error)."""
     if samples < 1:
         raise ValueError(f"samples={samples!r} is invalid; allowed: integers >= 1")
@@ -159,8 +167,14 @@ def orthonormal_directions(dim: int, n: int, seed: int = 0, dtype=torch.float64)
     return torch.cat(rows).to(dtype)
 
 
-def forward_sharpness(loss_fn: Callable[[Params], float | torch.Tensor], params: Params, rho: float = 1e-2,
-                      directions: int = 16, subspace: int = 0, seed: int = 0) -> ForwardSharpness:
+def forward_sharpness(
+    loss_fn: Callable[[Params], float | torch.Tensor],
+    params: Params,
+    rho: float = 1e-2,
+    directions: int = 16,
+    subspace: int = 0,
+    seed: int = 0,
+) -> ForwardSharpness:
     """Forward-only sharpness at ``params``: second differences along random unit directions.
 
     loss_fn: any function of a dict of tensors returning the loss (float or 0-d tensor); it is only ever
@@ -202,6 +216,15 @@ def forward_sharpness(loss_fn: Callable[[Params], float | torch.Tensor], params:
                 m[i, j] = m[j, i] = (curvature(z[i] + z[j]) - c[i] - c[j]) / 2
         ritz = float(torch.linalg.eigvalsh(m)[-1])
     mean = float(ct.mean())
-    return ForwardSharpness(mean=mean, trace=mean * w.numel(), std=float(ct.std()) if len(c) > 1 else 0.0,
-                            max_sampled=float(ct.max()), ritz=ritz, rho=rho, directions=directions,
-                            dim=w.numel(), forward_passes=calls, curvatures=c)
+    return ForwardSharpness(
+        mean=mean,
+        trace=mean * w.numel(),
+        std=float(ct.std()) if len(c) > 1 else 0.0,
+        max_sampled=float(ct.max()),
+        ritz=ritz,
+        rho=rho,
+        directions=directions,
+        dim=w.numel(),
+        forward_passes=calls,
+        curvatures=c,
+    )
