@@ -8,9 +8,13 @@ every partial sum stays below 2^24 in magnitude — whatever the summation order
 
 When the certificate fails (e.g. 16-bit weights), the weights are split into P signed digit planes
 w = Σ_p d_p · B^p (B = 2^b, |d_p| <= B/2) so that each plane is certified; the planes run as one kernel
-call (stacked as extra output channels) and are recombined in int64: acc = Σ_p acc_p · B^p. Beyond
+call (stacked as extra output channels) and are recombined exactly: acc = Σ_p acc_p · B^p. Beyond
 `MAX_PLANES`, the float64 path (exact below 2^53) is used. No float32 sum of integers beyond 2^24 is ever
 trusted.
+
+Accumulators are returned as float64 tensors holding exact integers (|acc| < 2^53 is guaranteed by the same
+bound): float64 arithmetic is exact on such integers and about twice as fast as int64 on x86 (AVX2 has no
+64-bit integer multiply), so the requantization epilogue uses it whenever its own bound allows.
 
 The accumulator width is a setting: results outside [-2^(A-1), 2^(A-1)) are counted as overflows and
 saturated or wrapped (two's complement), never silently wrong.
@@ -87,27 +91,27 @@ def digit_planes(w: torch.Tensor, x_bound: int) -> tuple[list[torch.Tensor], int
 
 
 def _combine(out: torch.Tensor, n_planes: int, b: int, cout: int, dim: int) -> torch.Tensor:
-    """Recombine plane results stacked along `dim` into an int64 accumulator."""
+    """Recombine plane results stacked along `dim` into one exact (float64) accumulator."""
     acc = None
     for p, part in enumerate(out.split(cout, dim=dim)):
-        part = part.to(torch.int64)
-        acc = part if acc is None else acc + (part << (b * p))
+        part = part.double()
+        acc = part if acc is None else acc.add_(part, alpha=float(1 << (b * p)))
     return acc
 
 
 def exact_conv2d(
     x: torch.Tensor, w: torch.Tensor, x_bound: int, stride, padding, dilation, groups
 ) -> torch.Tensor:
-    """Exact Σ x·w of integer-valued float32 `x` (zero point already removed) and integer `w` → int64."""
+    """Exact Σ x·w of integer-valued float32 `x` (zero point already removed) and integer `w` (float64)."""
     planes = digit_planes(w, x_bound)
     if planes is None:
         _check_f64(w, x_bound)
         out = F.conv2d(x.double(), w.double(), None, stride, padding, dilation, groups)
-        return out.to(torch.int64)
+        return out
     ws, b = planes
     cout = w.shape[0]
     if len(ws) == 1:
-        return F.conv2d(x, ws[0], None, stride, padding, dilation, groups).to(torch.int64)
+        return F.conv2d(x, ws[0], None, stride, padding, dilation, groups).double()
     if groups == 1:
         out = F.conv2d(x, torch.cat(ws, 0), None, stride, padding, dilation, 1)
         return _combine(out, len(ws), b, cout, 1)
@@ -116,14 +120,14 @@ def exact_conv2d(
 
 
 def exact_linear(x: torch.Tensor, w: torch.Tensor, x_bound: int) -> torch.Tensor:
-    """Exact x @ w.T for integer-valued float32 `x` (zero point removed) and integer `w` → int64."""
+    """Exact x @ w.T for integer-valued float32 `x` (zero point removed) and integer `w` (float64)."""
     planes = digit_planes(w, x_bound)
     if planes is None:
         _check_f64(w, x_bound)
-        return F.linear(x.double(), w.double()).to(torch.int64)
+        return F.linear(x.double(), w.double())
     ws, b = planes
     if len(ws) == 1:
-        return F.linear(x, ws[0]).to(torch.int64)
+        return F.linear(x, ws[0]).double()
     out = F.linear(x, torch.cat(ws, 0))
     return _combine(out, len(ws), b, w.shape[0], -1)
 
@@ -134,13 +138,16 @@ def _check_f64(w: torch.Tensor, x_bound: int) -> None:
         raise OverflowError(f"dot products up to {x_bound * s} exceed exact float64 range 2^53")
 
 
-def accumulate(acc: torch.Tensor, spec: AccumulatorSpec) -> tuple[torch.Tensor, int]:
-    """Fit an exact int64 accumulator into spec.bits: returns (values, number of overflowing entries)."""
+def accumulate(acc: torch.Tensor, spec: AccumulatorSpec) -> tuple[torch.Tensor, int, int]:
+    """Fit an exact accumulator (float64 or int64 integers) into spec.bits.
+
+    Returns (values, number of overflowing entries, largest |value| after fitting)."""
     lo, hi = -(1 << (spec.bits - 1)), (1 << (spec.bits - 1)) - 1
-    mn, mx = torch.aminmax(acc)
-    if int(mn) >= lo and int(mx) <= hi:
-        return acc, 0
+    mn, mx = (int(v) for v in torch.aminmax(acc))
+    if mn >= lo and mx <= hi:
+        return acc, 0, max(-mn, mx)
     bad = int(((acc < lo) | (acc > hi)).sum())
     if spec.overflow == "wrap":
-        return torch.remainder(acc - lo, 1 << spec.bits) + lo, bad
-    return acc.clamp(lo, hi), bad
+        wrapped = torch.remainder(acc.to(torch.int64) - lo, 1 << spec.bits) + lo
+        return wrapped.to(acc.dtype), bad, max(-lo, hi)
+    return acc.clamp(lo, hi), bad, max(-lo, hi)

@@ -104,15 +104,20 @@ class Requantizer:
         shape[self.channel_dim] = -1
         return t.reshape(shape)
 
-    def __call__(self, acc: torch.Tensor, mode: str) -> torch.Tensor:
-        """`acc` is consumed (updated in place where possible)."""
-        if mode == "single" and self.mult.numel() == 1 and int(self.shift) > -31:
-            # per-tensor fast path, same arithmetic as `requantize(..., "single")` with Python scalars
-            n = 31 + int(self.shift)
-            y = acc.mul_(int(self.mult)).add_(1 << (n - 1)).bitwise_right_shift_(n)
-        else:
-            m, s, r = (self._shaped(t, acc.dim()) for t in (self.mult, self.shift, self.real))
-            y = requantize(acc, m, s, mode, real=r)
+    def __call__(self, acc: torch.Tensor, mode: str, amax: int | None = None) -> torch.Tensor:
+        """Requantize an exact accumulator (float64 or int64 integers; consumed). `amax` bounds |acc|."""
+        if mode == "single":
+            n = 31 + self.shift
+            if amax is not None and amax * int(self.mult.max()) + (1 << int(n.max() - 1)) < 2**53:
+                # float64 is exact here: floor((acc·M + 2^(n-1)) · 2^-n), the integers of the int64 path
+                m, half, inv = (
+                    self._shaped(t, acc.dim())
+                    for t in (self.mult.double(), torch.exp2((n - 1).double()), torch.exp2(-n.double()))
+                )
+                y = acc.double().mul_(m).add_(half).mul_(inv).floor_()
+                return y.add_(self.zp).clamp_(self.lo, self.hi).to(torch.float32)
+        m, s, r = (self._shaped(t, acc.dim()) for t in (self.mult, self.shift, self.real))
+        y = requantize(acc.to(torch.int64), m, s, mode, real=r)
         return y.add_(self.zp).clamp_(self.lo, self.hi).to(torch.float32)
 
 
@@ -221,15 +226,15 @@ class QWeighted(QNode):
         if ctx.requant == "float":
             return self._float_requant(acc, ctx)
         if self.bias_q is not None:
-            acc += self.bias_q.to(torch.int64).reshape(self._bias_shape(acc.dim()))
-        acc, n = accumulate(acc, ctx.acc)
+            acc += self.bias_q.to(acc.dtype).reshape(self._bias_shape(acc.dim()))
+        acc, n, amax = accumulate(acc, ctx.acc)
         ctx.stats.add(self.name, n)
-        return self.requant(acc, ctx.requant)
+        return self.requant(acc, ctx.requant, amax)
 
     def _float_requant(self, acc, ctx):
         """PyTorch x86 (fbgemm) output stage: float32(acc)·float32(s_in·s_w) + float bias, / s_out, round half
         to even. Reproduces `torch.ao.nn.quantized` bit-for-bit."""
-        acc, n = accumulate(acc, ctx.acc)
+        acc, n, _ = accumulate(acc, ctx.acc)
         ctx.stats.add(self.name, n)
         shape = self._bias_shape(acc.dim())
         y = acc.to(torch.float32) * self.acc_scale.float().reshape(
@@ -355,6 +360,7 @@ class QAvgPool(QNode):
         self.zp_in = float(in_qp.zero_point.reshape(-1)[0])
         self.xb = x_bound(in_qp)
         self.lo, self.hi = act_range(out_qp, None)
+        self._requant: dict[int, Requantizer] = {}
 
     def _window(self, x):
         if isinstance(self.pool, nn.AdaptiveAvgPool2d):
@@ -376,9 +382,11 @@ class QAvgPool(QNode):
         xz = x - self.zp_in
         if n * self.xb >= 2**24:
             xz = xz.double()
-        acc = F.avg_pool2d(xz, k, s, p, divisor_override=1).to(torch.int64)
-        real = self.in_qp.scale.reshape(-1) / (n * self.out_qp.scale.reshape(-1))
-        return Requantizer(real, self.out_qp, self.lo, self.hi)(acc, ctx.requant)
+        acc = F.avg_pool2d(xz, k, s, p, divisor_override=1).double()
+        if n not in self._requant:  # one requantizer per window size: r = s_in / (n · s_out)
+            real = self.in_qp.scale.reshape(-1) / (n * self.out_qp.scale.reshape(-1))
+            self._requant[n] = Requantizer(real, self.out_qp, self.lo, self.hi)
+        return self._requant[n](acc, ctx.requant, n * self.xb)
 
     def fake_forward(self, x, ctx):
         return fake_out(self.pool(x), self.out_qp, self.lo, self.hi)
