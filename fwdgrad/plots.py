@@ -1,0 +1,48 @@
+"""Plots (matplotlib, Agg backend, PNG): training curves and method comparisons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_curves(logs: dict[str, list[dict]], path: str | Path, title: str = "", x: str = "step") -> None:
+    """Loss and test accuracy against `x` ("step" or "forward_passes"), one line per named log."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, log in logs.items():
+        ax_loss.plot([r[x] for r in log], [r["loss"] for r in log], label=name, lw=1)
+        evals = [r for r in log if r.get("test_acc") not in (None, "")]
+        ax_acc.plot([r[x] for r in evals], [r["test_acc"] for r in evals], marker="o", ms=3, label=name)
+    label = x.replace("_", " ")
+    ax_loss.set(xlabel=label, ylabel="training loss", title="loss")
+    ax_acc.set(xlabel=label, ylabel="test accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bars(groups: list[str], series: dict[str, list[tuple[float, float]]], path: str | Path,
+              ylabel: str = "test accuracy", title: str = "") -> None:
+    """Grouped bar chart with error bars: `series[name][i]` = (mean, std) of that series in groups[i]
+    (NaN mean: no bar)."""
+    n = max(1, len(series))
+    width = 0.8 / n
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, n / 2)), 4.5))
+    for j, (name, values) in enumerate(series.items()):
+        xs = [i + (j - (n - 1) / 2) * width for i in range(len(groups))]
+        ax.bar(xs, [v[0] for v in values], width, yerr=[v[1] for v in values], capsize=3, label=name)
+    ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,139 @@
+"""`fwdgrad report SWEEP_DIR`: aggregate every metrics.json below a sweep directory.
+
+Runs are grouped by (dataset, model, mode, quant, method, variant) plus any `--by` keys (metrics fields or
+dotted config paths such as lr or train.batch_size); each group shows mean ± std over its
+seeds. "FF − BP" is the group's mean test accuracy minus that of the `bp` runs with the same dataset, model
+and mode (whatever their format: the paper compares quantized FF with float BP), in percentage points.
+Writes report.md, report.csv and report.png (test accuracy bars with std error bars).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from .analysis.memory import fmt_bytes
+from .plots import plot_bars
+
+KEYS = ("dataset", "model", "mode", "quant", "method", "variant")
+FIELDS = ("zero_shot_acc", "test_acc", "steps", "forward_passes", "wall_s", "peak_mem_bytes",
+          "train_mem_bytes_model")
+
+
+def collect(sweep_dir: str | Path) -> list[dict]:
+    """Every metrics.json below sweep_dir (sorted by path)."""
+    runs = []
+    for path in sorted(Path(sweep_dir).rglob("metrics.json")):
+        with open(path) as f:
+            runs.append(json.load(f) | {"path": str(path.parent)})
+    return runs
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+
+
+def _value(run: dict, key: str):
+    """A metrics field, or a dotted path into the resolved config (e.g. train.batch_size)."""
+    if key in run:
+        return run[key]
+    node = run.get("config", {})
+    for part in key.split("."):
+        node = node.get(part, "") if isinstance(node, dict) else ""
+    return node
+
+
+def aggregate(runs: list[dict], by: tuple[str, ...] = ()) -> list[dict]:
+    """One row per group (KEYS + `by`): n, seeds, `<field>_mean`/`<field>_std` and `gap_vs_bp` (points)."""
+    keys = KEYS + tuple(by)
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(tuple(str(_value(r, k)) for k in keys), []).append(r)
+    rows = []
+    for key, members in sorted(groups.items()):
+        row = dict(zip(keys, key)) | {"n": len(members), "seeds": sorted(m.get("seed") for m in members),
+                                      "synthetic": any(m.get("synthetic") for m in members)}
+        for f in FIELDS:
+            vals = [float(m[f]) for m in members if m.get(f) is not None]
+            row[f"{f}_mean"], row[f"{f}_std"] = _mean_std(vals) if vals else (math.nan, math.nan)
+        rows.append(row)
+    for row in rows:  # BP of the same dataset/model/mode, preferring equal `by` values, fp32, no variant
+        bp = [b for b in rows if b["method"] == "bp" and all(b[k] == row[k] for k in KEYS[:3])]
+        bp.sort(key=lambda b: (sum(b[k] != row[k] for k in by), b["quant"] != "fp32", b["variant"] != ""))
+        gap = bool(bp) and row["method"] != "bp"
+        row["gap_vs_bp"] = 100 * (row["test_acc_mean"] - bp[0]["test_acc_mean"]) if gap else math.nan
+    return rows
+
+
+def _pm(mean: float, std: float, scale: float = 100, digits: int = 1) -> str:
+    return "–" if math.isnan(mean) else f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def markdown(rows: list[dict], by: tuple[str, ...] = ()) -> str:
+    head = ("| dataset | model | mode | quant | method | variant | " + "".join(f"{k} | " for k in by)
+            + "n | zero-shot % | test % | FF − BP (pts) | forward passes | wall s | peak mem (measured) "
+            "| train mem (model) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        gap = "" if math.isnan(r["gap_vs_bp"]) else f"{r['gap_vs_bp']:+.1f}"
+        mem = ["–" if math.isnan(r[f"{k}_mean"]) else fmt_bytes(r[f"{k}_mean"])
+               for k in ("peak_mem_bytes", "train_mem_bytes_model")]
+        dataset = r["dataset"] + (" (synthetic)" if r["synthetic"] else "")
+        extra = "".join(f" | {r[k]}" for k in by)
+        lines.append(f"| {dataset} | {r['model']} | {r['mode']} | {r['quant']} | {r['method']} "
+                     f"| {r['variant']}{extra} | {r['n']} "
+                     f"| {_pm(r['zero_shot_acc_mean'], r['zero_shot_acc_std'])} "
+                     f"| {_pm(r['test_acc_mean'], r['test_acc_std'])} | {gap} "
+                     f"| {r['forward_passes_mean']:,.0f} | {_pm(r['wall_s_mean'], r['wall_s_std'], 1)} "
+                     f"| {mem[0]} | {mem[1]} |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: str | Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot(rows: list[dict], path: str | Path, by: tuple[str, ...] = ()) -> None:
+    """Test accuracy (mean ± std) per (dataset, model, mode), one bar series per method/quant/variant."""
+    groups = sorted({(r["dataset"], r["model"], r["mode"]) for r in rows})
+    series: dict[str, list] = {}
+    for r in rows:
+        name = " ".join(str(r[k]) for k in ("method", "quant", "variant", *by) if r[k] != "")
+        vals = series.setdefault(name, [(math.nan, 0.0)] * len(groups))
+        vals[groups.index((r["dataset"], r["model"], r["mode"]))] = (r["test_acc_mean"], r["test_acc_std"])
+    plot_bars(["/".join(g) for g in groups], series, path, title="test accuracy (mean ± std over seeds)")
+
+
+def report(sweep_dir: str | Path, out: str | Path | None = None, by: tuple[str, ...] = ()) -> str:
+    """Aggregate a sweep; write report.md, report.csv and report.png to out (default: sweep_dir).
+    `by`: extra grouping keys, metrics fields or dotted config paths (e.g. ("lr", "train.batch_size"))."""
+    runs = collect(sweep_dir)
+    if not runs:
+        raise FileNotFoundError(f"no metrics.json below {str(sweep_dir)!r}; allowed: a run or sweep folder")
+    out = Path(out or sweep_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = aggregate(runs, tuple(by))
+    table = markdown(rows, tuple(by))
+    (out / "report.md").write_text(f"# Report: {sweep_dir}\n\n{len(runs)} runs.\n\n{table}\n")
+    write_csv(rows, out / "report.csv")
+    plot(rows, out / "report.png", tuple(by))
+    return table
+
+
+def main_table(runs: list[dict]) -> str:
+    """The main job's comparison table, one row per run."""
+    lines = ["| run | method | quant | zero-shot % | test % | steps | forward passes | wall s "
+             "| peak mem (measured) | train mem (modelled, on device) |", "|---" * 10 + "|"]
+    for r in runs:
+        lines.append(f"| {r.get('label', r['method'])} | {r['method']} | {r['quant']} "
+                     f"| {100 * r['zero_shot_acc']:.1f} | {100 * r['test_acc']:.1f} | {r['steps']} "
+                     f"| {r['forward_passes']:,} | {r['wall_s']:.1f} | {fmt_bytes(r['peak_mem_bytes'])} "
+                     f"| {fmt_bytes(r['train_mem_bytes_model'])} |")
+    return "\n".join(lines)

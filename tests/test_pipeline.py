@@ -1,0 +1,137 @@
+"""End-to-end pipeline runs of every experiment preset on tiny settings, metrics.json contract, source cache,
+device check, the main job and a 2-job joblib sweep + report."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from fwdgrad.config import CONF_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC_FIELDS = ("method", "quant", "dataset", "model", "mode", "seed", "steps", "forward_passes",
+               "zero_shot_acc", "test_acc", "wall_s", "peak_mem_bytes", "train_mem_bytes_model", "config",
+               "synthetic")
+TINY = ["train.steps=2", "train.eval_every=1", "pretrain.steps=2", "progress=false", "data.max_train=48",
+        "data.max_test=24"]
+PER_PRESET = {
+    "fewshot_vision": ["data.fewshot.episodes=2", "data.max_train=null", "data.max_test=null"],
+    "fewshot_audio": ["data.fewshot.episodes=2", "data.fewshot.n_query=1", "data.source.clips_per_word=4",
+                      "data.target.clips_per_word=2", "model.channels=8", "model.blocks=1"],
+    "ood": ["data.target.corruption=gaussian_noise", "model.width=0.25"],
+    "crossdomain_lp": ["model.width=0.25"],
+}
+PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def run(tmp_path, *overrides, out="run"):
+    from fwdgrad.pipeline import run_experiment
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*TINY, f"cache_dir={tmp_path / 'cache'}",
+                                           f"out_dir={tmp_path / out}", *overrides])
+    return run_experiment(cfg)
+
+
+def need_data(preset):
+    if preset in ("ood", "crossdomain_lp"):
+        from fwdgrad.data import DEBIAN_FASHION_DIR, default_root
+
+        if not (Path(DEBIAN_FASHION_DIR).is_dir() or (default_root() / "FashionMNIST").is_dir()):
+            pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    if preset == "fewshot_audio":
+        from fwdgrad.data.espeak import EspeakUnavailable, list_voices
+
+        try:
+            list_voices()
+        except EspeakUnavailable as e:
+            pytest.skip(f"eSpeak NG unavailable: {e}")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_runs_end_to_end(tmp_path, preset):
+    need_data(preset)
+    m = run(tmp_path, f"experiment={preset}", *PER_PRESET.get(preset, []))
+    for k in SPEC_FIELDS:
+        assert k in m, k
+    assert 0 <= m["zero_shot_acc"] <= 1 and 0 <= m["test_acc"] <= 1
+    assert m["steps"] == 2 and m["forward_passes"] > 0
+    assert m["peak_mem_bytes"] > 0 and m["train_mem_bytes_model"] > 0
+    assert m["synthetic"] == (preset == "fewshot_audio")
+    out = tmp_path / "run"
+    assert json.loads((out / "metrics.json").read_text())["test_acc"] == m["test_acc"]
+    for f in ("log.csv", "curves.png"):
+        assert (out / f).stat().st_size > 0
+    if "fewshot" not in preset:
+        assert (out / "checkpoint.pt").exists() and (out / "model.pt").exists()
+
+
+def test_metrics_and_source_cache(tmp_path):
+    a = run(tmp_path, "method=bp", out="a")
+    b = run(tmp_path, "method=qzo_ff", "quant=w16a8", out="b")
+    assert not a["source_cached"] and b["source_cached"] and a["source_acc"] == b["source_acc"]
+    assert a["zero_shot_acc"] == b["zero_shot_acc"]  # the same cached source model, same target data
+    assert (a["quant"], b["quant"], b["forward_passes"], a["forward_passes"]) == ("fp32", "w16a8", 12, 6)
+    assert a["memory"]["method"] == "bp" and b["memory"]["method"] == "ff" and b["memory"]["fmt"] == "w16a8"
+    assert len(list((tmp_path / "cache" / "models").glob("*.pt"))) == 1
+    c = run(tmp_path, "method=bp", "pretrain.lr=1e-3", out="c")  # another source config: another model
+    assert not c["source_cached"] and len(list((tmp_path / "cache" / "models").glob("*.pt"))) == 2
+
+
+@pytest.mark.parametrize("enhancement", ["momentum", "sharpness", "sparse", "kernel_norm",
+                                         "sharpness_kernel_norm"])
+def test_enhancements_run(tmp_path, enhancement):
+    m = run(tmp_path, "experiment=ablation_enhancements", f"enhancement={enhancement}")
+    assert m["variant"] == enhancement
+    assert m["mode"] == ("sparse" if enhancement == "sparse" else "ft")
+
+
+def test_device_check_stops_before_training(tmp_path):
+    from fwdgrad.analysis.devices import DeviceDoesNotFit
+
+    with pytest.raises(DeviceDoesNotFit, match="does not fit on mcu_m7"):
+        run(tmp_path, "device=mcu_m7", "model=resnet8", "method=bp_qat", "mode=ft")
+    assert not (tmp_path / "run" / "log.csv").exists() and not (tmp_path / "cache").exists()
+    m = run(tmp_path, "device=mcu_m7", "train.batch_size=8")
+    assert "fits on mcu_m7" in m["device_fit"]
+
+
+def test_main_job_tiny(tmp_path, capsys):
+    from fwdgrad.cli import main
+
+    assert main(["main", "--out", str(tmp_path / "main"), *TINY, f"cache_dir={tmp_path / 'cache'}"]) == 0
+    res = json.loads((tmp_path / "main" / "results.json").read_text())
+    assert [r["label"] for r in res["runs"]] == ["bp_fp32", "zo_fp32", "qzo_ff_w16a8"]
+    assert [r["quant"] for r in res["runs"]] == ["fp32", "fp32", "w16a8"]
+    assert "| qzo_ff_w16a8 | qzo_ff | w16a8 |" in capsys.readouterr().out
+    for f in ("results.md", "curves_step.png", "curves_forward_passes.png"):
+        assert (tmp_path / "main" / f).exists()
+
+
+def test_joblib_multirun_and_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | {"FWDGRAD_CACHE": str(tmp_path)}
+    p = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "-m", "hydra/launcher=local",
+                        "experiment=main", "method=bp", "seed=0,1", "pretrain.seed=0", *TINY,
+                        f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert sorted(p.parent.name for p in sweep.rglob("metrics.json")) == ["0", "1"]
+    from fwdgrad.cli import main
+
+    assert main(["report", str(sweep)]) == 0
+    md = (sweep / "report.md").read_text()
+    assert "| digits | small_cnn | lp | fp32 | bp |  | 2 |" in md
+    assert (sweep / "report.csv").exists() and (sweep / "report.png").exists()
+
+
+def test_cli_memory_and_usage(capsys):
+    from fwdgrad.cli import main
+
+    assert main(["memory", "small_cnn", "--input-shape", "1", "1", "8", "8", "--num-classes", "5"]) == 0
+    assert "| w16a8 |" in capsys.readouterr().out
+    assert main(["bogus"]) == 2 and "fwdgrad run" in capsys.readouterr().err
+    assert main(["--help"]) == 0
