@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config import CONF_DIR, validate
 
-ERRORS = (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException)
+ERRORS = (ValueError, FileNotFoundError, FloatingPointError, HydraException, OmegaConfBaseException)
 
 
 def one_line(e: BaseException) -> str:

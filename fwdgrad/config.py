@@ -196,6 +196,7 @@ class Config:
     train: TrainSettings = field(default_factory=TrainSettings)
     pretrain: PretrainSettings = field(default_factory=PretrainSettings)
     device: dict[str, Any] | None = None  # a conf/device profile: check the memory model fits before training
+    method_lr: dict[str, float] = field(default_factory=dict)  # per-method lr for presets comparing methods
     variant: str = ""  # free label separating ablation arms in reports (e.g. "m1", "momentum")
     seed: int = 0
     data_root: str | None = None  # default $FWDGRAD_DATA or ~/.cache/fwdgrad/data
@@ -209,6 +210,9 @@ class Config:
             part.check()
         _check(self.model.get("name") in MODELS, "model", self.model.get("name"), ", ".join(MODELS))
         _check(self.seed >= 0, "seed", self.seed, "integers >= 0")
+        for name, lr in self.method_lr.items():
+            _check(name in METHODS, "method_lr key", name, ", ".join(METHODS))
+            _check(lr > 0, f"method_lr.{name}", lr, "> 0")
         _check(self.threads >= 1, "threads", self.threads, "integers >= 1")
         if self.data_root is not None and not Path(self.data_root).expanduser().is_dir():
             raise FileNotFoundError(f"data_root={self.data_root!r} does not exist; allowed: an existing "
@@ -226,13 +230,21 @@ class Config:
                              "quantized model; allowed: auto, w16a8, w8a8, w8a16, w16a16")
 
     @property
+    def lr(self) -> float:
+        """The learning rate used: method_lr[method] if the preset sets one, else method.lr."""
+        return self.method_lr.get(self.method.name, self.method.lr)
+
+    @property
     def scheme(self) -> str:
         """The resolved number format: 'fp32' or a fixed-point scheme such as 'w16a8'."""
         return self.method.default_quant if self.quant.name == "auto" else self.quant.name
 
 
 def register() -> None:
+    """The schema, and `${fwdgrad_or:value,default}` (default when value is null; used for output dirs)."""
     ConfigStore.instance().store(name="fwdgrad_config", node=Config)
+    if not OmegaConf.has_resolver("fwdgrad_or"):
+        OmegaConf.register_new_resolver("fwdgrad_or", lambda v, default: default if v is None else v)
 
 
 def validate(cfg: DictConfig) -> Config:

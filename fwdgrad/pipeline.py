@@ -137,7 +137,7 @@ def quantize(model: nn.Module, c: Config, calib: torch.Tensor) -> nn.Module:
 def train_config(c: Config, seed: int | None = None) -> TrainConfig:
     t, m = c.train, c.mode
     return TrainConfig(method=c.method.name, mode=m.name, lp_layers=m.lp_layers, sparse_kind=m.sparse_kind,
-                       sparse_density=m.sparse_density, lr=c.method.lr, lr_schedule=t.lr_schedule,
+                       sparse_density=m.sparse_density, lr=c.lr, lr_schedule=t.lr_schedule,
                        eps=c.method.eps, m=c.method.m,
                        steps=t.steps, forward_budget=t.forward_budget, batch_size=t.batch_size,
                        eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
@@ -309,7 +309,7 @@ def run_experiment(cfg: DictConfig) -> dict:
         "source_acc": source_acc,
         "source_cached": cached,
         "synthetic": bool(src.synthetic or tgt.synthetic),
-        "lr": c.method.lr, "eps": c.method.eps, "m": c.method.m,
+        "lr": c.lr, "eps": c.method.eps, "m": c.method.m,
         "total_wall_s": time.perf_counter() - t_start,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

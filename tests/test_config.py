@@ -68,6 +68,9 @@ def test_ood_severity_and_auto_quant():
     assert fc.validate(composed("method=bp")).scheme == "fp32"
     assert fc.validate(composed("quant=w8a8", "quant.weight_bits=16")).quant.name == "w16a8"
     assert fc.validate(composed("experiment=ablation_m", "method.m=1")).variant == "m1"
+    assert fc.validate(composed("experiment=ood", "method=bp")).lr == 0.1  # method_lr of the preset
+    assert fc.validate(composed("experiment=ood", "method=qzo_ff")).lr == 0.01
+    assert fc.validate(composed("method=qzo_ff", "method.lr=0.3")).lr == 0.3
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -82,6 +85,8 @@ def test_ood_severity_and_auto_quant():
     (["train.lr_schedule=step"], "train.lr_schedule='step' is invalid; allowed: constant, cosine, linear"),
     (["data.fewshot.n_way=0", "data=fewshot_digits"], "data.fewshot.n_way=0 is invalid"),
     (["+method.ff.bogus=1"], "method.ff.bogus=1 is invalid"),
+    (["+method_lr.sgd=0.1"], "method_lr key='sgd' is invalid"),
+    (["experiment=ood", "method_lr.bp=0"], "method_lr.bp=0.0 is invalid"),
 ])
 def test_validate_rejects(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):

@@ -135,3 +135,13 @@ def test_cli_memory_and_usage(capsys):
     assert "| w16a8 |" in capsys.readouterr().out
     assert main(["bogus"]) == 2 and "fwdgrad run" in capsys.readouterr().err
     assert main(["--help"]) == 0
+
+
+@pytest.mark.parametrize("method", ["bp", "bp_fp16", "bp_bf16", "bp_qat", "zo_fp32", "sign_spsa_fp32",
+                                    "qzo_ff", "jvp"])
+@pytest.mark.parametrize("mode", ["ft", "sparse"])
+def test_every_method_and_mode(tmp_path, method, mode):
+    m = run(tmp_path, f"method={method}", f"mode={mode}", "pretrain.seed=0")
+    assert m["method"] == method and m["mode"] == mode and m["steps"] == 2
+    assert m["quant"] == ("w16a8" if method in ("qzo_ff", "bp_qat") else "fp32")
+    assert (tmp_path / "run" / "model.pt").exists()
