@@ -37,13 +37,9 @@ FLOAT_METHODS = ("bp", "bp_fp16", "bp_bf16", "zo_fp32", "sign_spsa_fp32", "jvp")
 HEADS = ("protonet", "simpleshot")
 
 
-def _bad(key: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"{key}={value!r} is invalid; allowed: {allowed}")
-
-
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise _bad(key, value, allowed)
+        raise ValueError(f"{key}={value!r} is invalid; allowed: {allowed}")
 
 
 @dataclass
