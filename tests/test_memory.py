@@ -29,10 +29,13 @@ def stack(relu: bool = False) -> nn.Sequential:
     return nn.Sequential(*layers[: -1 if relu else None])
 
 
-@pytest.mark.parametrize("relu", [False, True])
-def test_bp_scratch_is_inputs_of_trainable_layers(relu):
+# BP scratch = the peak of the forward in which every Linear's input stays live for the backward. Without
+# ReLU: the three inputs + the logits at the end. With ReLU (outputs saved: they are the next Linear's
+# inputs): the second ReLU, where x, a1, its input z2 and its output a2 are live.
+@pytest.mark.parametrize("relu, peak", [(False, 10 + 20 + 30 + 5), (True, 10 + 20 + 30 + 30)])
+def test_bp_scratch_is_forward_peak_with_saved_inputs(relu, peak):
     b = memory_breakdown(stack(relu), (N, 10), "bp", "ft", "fp32")
-    assert b.scratch == N * (10 + 20 + 30) * 4  # each Linear's input; ReLU outputs are the same tensors
+    assert b.scratch == N * peak * 4
     assert b.weights == b.gradients == N_PARAMS * 4
     assert b.perturbation == b.masks == b.optimizer_state == 0
 
@@ -49,7 +52,9 @@ def test_lp_keeps_only_activations_from_first_trainable_layer():
     ft = memory_breakdown(stack(), (N, 10), "bp", "ft", "fp32")
     lp1 = memory_breakdown(stack(), (N, 10), "bp", "lp", "fp32")
     lp2 = memory_breakdown(stack(), (N, 10), "bp", "lp", "fp32", lp_layers=2)
-    assert lp1.scratch == N * 30 * 4 < lp2.scratch == N * (20 + 30) * 4 < ft.scratch
+    # lp1: the frozen forward's largest input+output pair outweighs the saved 30-wide input + logits
+    assert lp1.scratch == N * (20 + 30) * 4 < lp2.scratch == N * (20 + 30 + 5) * 4 < ft.scratch
+    assert lp1.scratch >= memory_breakdown(stack(), (N, 10), "ff", "lp", "fp32").scratch
     assert lp1.gradients == (30 * 5 + 5) * 4
 
 

@@ -15,12 +15,14 @@ materialized, as on edge kernels (fused flash-style kernels would keep less).
 Byte counts (n = element count, b_w/b_a = weight/activation bytes of the format, see :data:`FORMATS`):
 
 - ``weights``       = n_params * b_w (parameters only; BN statistics are folded into convs on device).
-- ``scratch``       BP: the activations autograd keeps for the backward = the distinct non-parameter
+- ``scratch``       BP: the peak of the training forward, where the activations autograd keeps for the
+  backward live to its end. Those are the distinct non-parameter
   storages passed to ``saved_tensors_hooks``: the input of every trainable Conv/Linear (for its weight
   gradient) plus whatever the backward needs through the layers between the loss and the earliest
   trainable layer (inputs or outputs of nonlinearities, normalizations, attention scores, inputs of
   frozen layers whose weights are not needed ...). Ops before the first trainable layer keep nothing, so
-  "lp" keeps only activations from the first trainable layer on; "sparse" keeps what "ft" keeps (each
+  "lp" keeps only activations from the first trainable layer on (the frozen prefix still runs, so BP
+  scratch is never below the FF forward peak); "sparse" keeps what "ft" keeps (each
   layer's weight gradient is computed densely, then masked). Transient activation gradients during the
   backward are not counted.
   FF: the peak of live activations during one inference forward with ideal freeing (a tensor lives
@@ -51,6 +53,7 @@ prefix reuse): the live-buffer peak is unchanged, the cache of prefix outputs is
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -389,7 +392,7 @@ def breakdown_from_trace(
     n_upd = math.ceil(frac * n_train)
     layer_upd = math.ceil(frac * max(trace.layer_sizes(trace.trainable).values(), default=0))
     if method == "bp":
-        scratch, grads, pert = trace.saved_bytes(f.act_bytes), n_upd * f.weight_bytes, 0
+        scratch, grads, pert = trace.peak_live_bytes(f.act_bytes, keep_saved=True), n_upd * f.weight_bytes, 0
     else:
         scratch = trace.peak_live_bytes(f.act_bytes)
         grads = 0 if m == 1 else layer_upd * f.acc_bytes
@@ -493,6 +496,9 @@ def measure_peak_memory(fn: Callable[[], object], device: str | torch.device = "
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
 
+    # kineto logs profiler_start/stop and a "gpuGetDeviceCount failed" ERROR line on CPU-only machines at
+    # its default level; 6 silences them (a KINETO_LOG_LEVEL the user set wins). Read at profiler start.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     allocs = []
