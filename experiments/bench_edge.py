@@ -18,20 +18,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
+
+from timing import timed
 
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
-
-
-def _timed(fn, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def worker_numpy(args) -> dict:
@@ -45,8 +37,8 @@ def worker_numpy(args) -> dict:
     rss_loaded = _rss_mib()
     bundle = load_bundle(args.bundle)
     trainer = Trainer(bundle)
-    fwd = _timed(lambda: trainer.runtime.run(x), args.steps)
-    steps = _timed(lambda: trainer.step(x, y), args.steps)
+    fwd = timed(lambda: trainer.runtime.run(x), args.steps)
+    steps = timed(lambda: trainer.step(x, y), args.steps)
     np.savez(
         args.out, **{t["name"]: bundle.arrays[t["name"] + ".weight"] for t in bundle.training["tensors"]}
     )
@@ -80,8 +72,8 @@ def worker_torch(args) -> dict:
         return F.cross_entropy((q.run(x, mode="integer").double() - zp) * s, y)
 
     with torch.no_grad():
-        fwd = _timed(lambda: q.run(x, mode="integer"), args.steps)
-        steps = _timed(lambda: opt.step(closure), args.steps)
+        fwd = timed(lambda: q.run(x, mode="integer"), args.steps)
+        steps = timed(lambda: opt.step(closure), args.steps)
     nodes = q.weight_nodes()
     np.savez(args.out, **{n: nodes[n].weight_q.numpy() for n in tr["trainable"]})
     return {"forward_s": fwd, "step_s": steps, "rss_before_model_mib": rss_loaded, "torch_loaded": True}

@@ -11,21 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
+from timing import timed
 
 from fwdgrad.engine import convert
 from fwdgrad.models import build_model
-
-
-def _time(fn, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def main(argv=None) -> dict:
@@ -60,7 +51,7 @@ def main(argv=None) -> dict:
             times = {k: [] for k in runs}
             for _ in range(args.reps):  # interleave so drift hits every mode alike
                 for k, fn in runs.items():
-                    times[k] += _time(fn, 1)
+                    times[k] += timed(fn, 1)
             med = {k: statistics.median(v) for k, v in times.items()}
             result["schemes"][scheme] = {
                 "float32_ms": round(med["float32"] * 1e3, 3),

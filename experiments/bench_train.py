@@ -18,26 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import median_time
 
 from fwdgrad.analysis.memory import measure_peak_memory
 from fwdgrad.engine import convert
 from fwdgrad.ff import qzo_ff, zo_sgd
 from fwdgrad.models import build_model
-
-
-def median_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> dict:

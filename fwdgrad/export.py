@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .edge.bundle import FORMAT, VERSION, Bundle, BundleError, save_bundle
-from .engine.convert import _Method
+from .engine.convert import MethodCall
 from .engine.model import QModel
 from .engine.nodes import (
     QAvgPool,
@@ -193,7 +193,7 @@ def _layout(node: QLayout) -> tuple[str, dict]:
     call, args, kw = node.call, list(node.args_t[1:]), dict(node.kwargs_t)
     if any(isinstance(a, Ref) for a in args + list(kw.values())):
         raise ValueError(f"node {node.name!r}: its arguments depend on runtime values; not exportable")
-    method = call.method if isinstance(call, _Method) else None
+    method = call.method if isinstance(call, MethodCall) else None
 
     def arg(i, key, default):
         return args[i] if len(args) > i else kw.get(key, default)
@@ -401,7 +401,7 @@ def export_bundle(
 
 def _describe(node: QFallback) -> str:
     call = node.call
-    return call.method if isinstance(call, _Method) else getattr(call, "__name__", type(call).__name__)
+    return call.method if isinstance(call, MethodCall) else getattr(call, "__name__", type(call).__name__)
 
 
 def export_main(argv: list[str] | None = None) -> int:

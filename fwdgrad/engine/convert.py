@@ -312,7 +312,7 @@ class _Builder:
         )
         if lut is not None and self.qp[inputs[0]].fmt.bits <= 16 and len(inputs) == 1:
             return QLut(n.name, inputs, self.qp[inputs[0]], qp[n.name], lut)
-        call = mod if mod is not None else n.target if n.op == "call_function" else _Method(n.target)
+        call = mod if mod is not None else n.target if n.op == "call_function" else MethodCall(n.target)
         first_qp = self.qp.get(inputs[0]) if inputs else None
         if (
             isinstance(mod, LAYOUT_MODULES)
@@ -353,7 +353,7 @@ class _Builder:
         )
 
 
-class _Method(nn.Module):
+class MethodCall(nn.Module):
     """Calls a tensor method by name (fx call_method)."""
 
     def __init__(self, method: str):
