@@ -9,8 +9,8 @@ import torch.nn as nn
 
 from fwdgrad.engine import QConv2d, QLinear, Scheme, convert
 from fwdgrad.engine.intops import AccumulatorSpec, exact_conv2d
-from fwdgrad.engine.nodes import ExecContext
-from fwdgrad.quant import QFormat, QParams, activation_format, dequantize
+from fwdgrad.engine.nodes import ExecContext, Requantizer
+from fwdgrad.quant import QFormat, QParams, activation_format, dequantize, requantize
 
 torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
 
@@ -99,6 +99,48 @@ def test_w8a8_conv_matches_torch_x86(groups, stride, padding, dilation):
     assert ours.shape == ref.shape
     same, worst = _agreement(ours, ref)
     assert same >= 0.999 and worst <= 1, (same, worst)
+
+
+def _exact_single(rq: Requantizer, acc: torch.Tensor) -> torch.Tensor:
+    """floor((acc·M + 2^(n-1)) / 2^n) in Python integers, M and n per channel (dim 1)."""
+    mult, n = rq.mult.expand(acc.shape[1]).tolist(), (31 + rq.shift).expand(acc.shape[1]).tolist()
+    out = [[(a * mult[c] + (1 << (n[c] - 1))) >> n[c] for a in acc[:, c].reshape(-1).tolist()]
+           for c in range(acc.shape[1])]
+    return torch.tensor(out).reshape(acc.shape[1], acc.shape[0], *acc.shape[2:]).transpose(0, 1)
+
+
+@pytest.mark.parametrize("log2_amax", [10, 22, 31, 35])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_float64_requantization_matches_int64_path(log2_amax, per_channel):
+    """The float64 epilogue (direct, or with the multiplier split 15 + 16 bits) gives the int64 integers."""
+    g = torch.Generator().manual_seed(log2_amax)
+    real = torch.empty(4 if per_channel else 1, dtype=torch.float64).uniform_(1e-6, 0.99, generator=g)
+    rq = Requantizer(real, _qp(0.1, 0, QFormat(bits=8, signed=False)), lo=0, hi=255)
+    amax = 2**log2_amax
+    acc = torch.randint(-amax, amax + 1, (3, 4, 5, 6), generator=g, dtype=torch.int64)
+    acc[0, :, 0, 0], acc[0, :, 0, 1] = amax, -amax
+    fast = rq.single_float64(acc.double(), amax)
+    assert fast is not None and torch.equal(fast.to(torch.int64), _exact_single(rq, acc))
+    if log2_amax <= 31:  # 32-bit accumulators: the int64 path agrees too
+        m, s = (t.reshape(1, -1, 1, 1) if t.numel() > 1 else t.reshape(()) for t in (rq.mult, rq.shift))
+        assert torch.equal(requantize(acc, m, s, "single"), _exact_single(rq, acc))
+
+
+def test_float64_requantization_is_exact_one_below_a_rounding_boundary():
+    """acc·M + 2^(n-1) = k·2^n - 1 with |acc| ~ 2^35: the split path must floor to k - 1 (an inexact
+    float64 sum would round up to k); a bound of 2^37 falls back to int64 (None)."""
+    real = 1503238529 / 2**31  # M = 1503238529 (odd), n = 31
+    u8 = _qp(0.1, 0, QFormat(bits=8, signed=False))
+    rq = Requantizer(torch.tensor([real], dtype=torch.float64), u8, lo=0, hi=255)
+    m, n = int(rq.mult), 31 + int(rq.shift)
+    assert m % 2 == 1 and n == 31
+    base = (-1 - 2 ** (n - 1)) * pow(m, -1, 2**n) % 2**n
+    accs = [base + j * 2**n for j in (2**4, 2**4 + 1, -(2**4))]
+    acc = torch.tensor(accs, dtype=torch.int64).reshape(1, -1, 1, 1)
+    assert all((a * m + 2 ** (n - 1)) % 2**n == 2**n - 1 for a in accs)
+    fast = rq.single_float64(acc.double(), 3 * 2**34)
+    assert torch.equal(fast.to(torch.int64), _exact_single(rq, acc))
+    assert rq.single_float64(acc.double(), 2**37) is None
 
 
 def test_exact_conv_splits_wide_weights_into_certified_planes():

@@ -106,19 +106,45 @@ class Requantizer:
 
     def __call__(self, acc: torch.Tensor, mode: str, amax: int | None = None) -> torch.Tensor:
         """Requantize an exact accumulator (float64 or int64 integers; consumed). `amax` bounds |acc|."""
-        if mode == "single":
-            n = 31 + self.shift
-            if amax is not None and amax * int(self.mult.max()) + (1 << int(n.max() - 1)) < 2**53:
-                # float64 is exact here: floor((acc·M + 2^(n-1)) · 2^-n), the integers of the int64 path
-                m, half, inv = (
-                    self._shaped(t, acc.dim())
-                    for t in (self.mult.double(), torch.exp2((n - 1).double()), torch.exp2(-n.double()))
-                )
-                y = acc.double().mul_(m).add_(half).mul_(inv).floor_()
-                return y.add_(self.zp).clamp_(self.lo, self.hi).to(torch.float32)
+        y = self.single_float64(acc, amax) if mode == "single" and amax is not None else None
+        if y is not None:
+            return y.add_(self.zp).clamp_(self.lo, self.hi).to(torch.float32)
         m, s, r = (self._shaped(t, acc.dim()) for t in (self.mult, self.shift, self.real))
         y = requantize(acc.to(torch.int64), m, s, mode, real=r)
         return y.add_(self.zp).clamp_(self.lo, self.hi).to(torch.float32)
+
+    def single_float64(self, acc: torch.Tensor, amax: int) -> torch.Tensor | None:
+        """"single" rounding floor((acc·M + 2^(n-1)) / 2^n), n = 31 + shift, in float64 (acc consumed), or
+        None where float64 cannot be exact for |acc| <= amax.
+
+        Exact whenever every intermediate is an integer below 2^53; then it gives the int64 path's integers,
+        2-10x faster. Directly while |acc|·M < 2^53 (|acc| < ~2^22), else with M split into 15 + 16 bits,
+        which holds to |acc| < ~2^36 (16-bit weights routinely pass 2^22):
+          acc·M = acc·M_hi·2^16 + acc·M_lo,  q = floor((acc·M_lo + 2^(n-1)) / 2^16),
+          result = floor((acc·M_hi + q) / 2^(n-16))   (n >= 16: the dropped remainder is < 2^16).
+        """
+        n, m_max = 31 + self.shift, int(self.mult.max())
+        n_min, n_max = int(n.min()), int(n.max())
+        if n_min >= 1 and amax * m_max + (1 << (n_max - 1)) < 2**53:
+            m, half, inv = (
+                self._shaped(t, acc.dim())
+                for t in (self.mult.double(), torch.exp2((n - 1).double()), torch.exp2(-n.double()))
+            )
+            return acc.double().mul_(m).add_(half).mul_(inv).floor_()
+        if n_min >= 16 and amax * (1 << 16) + (1 << (n_max - 1)) < 2**52:
+            m_hi, m_lo, half, inv = (
+                self._shaped(t, acc.dim())
+                for t in (
+                    (self.mult >> 16).double(),
+                    (self.mult & 0xFFFF).double(),
+                    torch.exp2((n - 1).double()),
+                    torch.exp2(-(n - 16).double()),
+                )
+            )
+            a = acc.double()
+            q = torch.mul(a, m_lo).add_(half).mul_(2.0**-16).floor_()
+            return a.mul_(m_hi).add_(q).mul_(inv).floor_()
+        return None
 
 
 def act_range(out_qp: QParams, act: str | None) -> tuple[int, int]:
