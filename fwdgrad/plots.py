@@ -30,17 +30,23 @@ def plot_curves(logs: dict[str, list[dict]], path: str | Path, title: str = "", 
 
 
 def plot_bars(groups: list[str], series: dict[str, list[tuple[float, float]]], path: str | Path,
-              ylabel: str = "test accuracy", title: str = "") -> None:
+              ylabel: str = "test accuracy", title: str = "",
+              reference: dict[str, list[float]] | None = None) -> None:
     """Grouped bar chart with error bars: `series[name][i]` = (mean, std) of that series in groups[i]
-    (NaN mean: no bar)."""
+    (NaN mean: no bar). `reference[name][i]`, when given, is drawn as a black tick across that bar (e.g.
+    the zero-shot accuracy the run started from)."""
     n = max(1, len(series))
     width = 0.8 / n
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, n / 2)), 4.5))
     for j, (name, values) in enumerate(series.items()):
         xs = [i + (j - (n - 1) / 2) * width for i in range(len(groups))]
         ax.bar(xs, [v[0] for v in values], width, yerr=[v[1] for v in values], capsize=3, label=name)
+        for x, r in zip(xs, (reference or {}).get(name, [])):
+            ax.hlines(r, x - width / 2, x + width / 2, colors="black", linestyles="--", linewidth=1.5,
+                      label="zero-shot" if j == 0 and x == xs[0] else None)
     ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
-    ax.set(ylabel=ylabel, title=title)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -2,9 +2,11 @@
 
 Runs are grouped by (dataset, model, mode, quant, method, variant) plus any `--by` keys (metrics fields or
 dotted config paths such as lr or train.batch_size); each group shows mean ± std over its
-seeds. "FF − BP" is the group's mean test accuracy minus that of the `bp` runs with the same dataset, model
+seeds; "quantized zero-shot" is the source model after quantization, before adaptation (= zero-shot for
+fp32). "FF − BP" is the group's mean test accuracy minus that of the `bp` runs with the same dataset, model
 and mode (whatever their format: the paper compares quantized FF with float BP), in percentage points.
-Writes report.md, report.csv and report.png (test accuracy bars with std error bars).
+Writes report.md, report.csv and report.png (test accuracy bars with std error bars, the zero-shot accuracy
+each group started from as a dashed tick).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from .analysis.memory import fmt_bytes
 from .plots import plot_bars
 
 KEYS = ("dataset", "model", "mode", "quant", "method", "variant")
-FIELDS = ("zero_shot_acc", "test_acc", "steps", "forward_passes", "wall_s", "peak_mem_bytes",
-          "train_mem_bytes_model")
+FIELDS = ("zero_shot_acc", "zero_shot_acc_quant", "test_acc", "steps", "forward_passes", "wall_s",
+          "peak_mem_bytes", "train_mem_bytes_model")
 
 
 def collect(sweep_dir: str | Path) -> list[dict]:
@@ -75,8 +77,8 @@ def _pm(mean: float, std: float, scale: float = 100, digits: int = 1) -> str:
 
 def markdown(rows: list[dict], by: tuple[str, ...] = ()) -> str:
     head = ("| dataset | model | mode | quant | method | variant | " + "".join(f"{k} | " for k in by)
-            + "n | zero-shot % | test % | FF − BP (pts) | forward passes | wall s | peak mem (measured) "
-            "| train mem (model) |")
+            + "n | zero-shot % | quantized zero-shot % | test % | FF − BP (pts) | forward passes | wall s "
+            "| peak mem (measured) | train mem (model) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         gap = "" if math.isnan(r["gap_vs_bp"]) else f"{r['gap_vs_bp']:+.1f}"
@@ -87,6 +89,7 @@ def markdown(rows: list[dict], by: tuple[str, ...] = ()) -> str:
         lines.append(f"| {dataset} | {r['model']} | {r['mode']} | {r['quant']} | {r['method']} "
                      f"| {r['variant']}{extra} | {r['n']} "
                      f"| {_pm(r['zero_shot_acc_mean'], r['zero_shot_acc_std'])} "
+                     f"| {_pm(r['zero_shot_acc_quant_mean'], r['zero_shot_acc_quant_std'])} "
                      f"| {_pm(r['test_acc_mean'], r['test_acc_std'])} | {gap} "
                      f"| {r['forward_passes_mean']:,.0f} | {_pm(r['wall_s_mean'], r['wall_s_std'], 1)} "
                      f"| {mem[0]} | {mem[1]} |")
@@ -104,11 +107,17 @@ def plot(rows: list[dict], path: str | Path, by: tuple[str, ...] = ()) -> None:
     """Test accuracy (mean ± std) per (dataset, model, mode), one bar series per method/quant/variant."""
     groups = sorted({(r["dataset"], r["model"], r["mode"]) for r in rows})
     series: dict[str, list] = {}
+    start: dict[str, list] = {}
     for r in rows:
         name = " ".join(str(r[k]) for k in ("method", "quant", "variant", *by) if r[k] != "")
         vals = series.setdefault(name, [(math.nan, 0.0)] * len(groups))
-        vals[groups.index((r["dataset"], r["model"], r["mode"]))] = (r["test_acc_mean"], r["test_acc_std"])
-    plot_bars(["/".join(g) for g in groups], series, path, title="test accuracy (mean ± std over seeds)")
+        refs = start.setdefault(name, [math.nan] * len(groups))
+        i = groups.index((r["dataset"], r["model"], r["mode"]))
+        vals[i] = (r["test_acc_mean"], r["test_acc_std"])
+        refs[i] = r["zero_shot_acc_quant_mean"] if not math.isnan(r["zero_shot_acc_quant_mean"]) \
+            else r["zero_shot_acc_mean"]
+    plot_bars(["/".join(g) for g in groups], series, path, reference=start,
+              title="test accuracy, mean ± std over seeds (dashes: zero-shot)")
 
 
 def report(sweep_dir: str | Path, out: str | Path | None = None, by: tuple[str, ...] = ()) -> str:

@@ -21,8 +21,10 @@ def write_run(root, name, **kw):
 def sweep(tmp_path):
     write_run(tmp_path, "0", seed=0, test_acc=0.90)
     write_run(tmp_path, "1", seed=1, test_acc=0.80)
-    write_run(tmp_path, "2", seed=0, method="qzo_ff", quant="w16a8", test_acc=0.80, forward_passes=60)
-    write_run(tmp_path, "3", seed=1, method="qzo_ff", quant="w16a8", test_acc=0.70, forward_passes=60)
+    write_run(tmp_path, "2", seed=0, method="qzo_ff", quant="w16a8", test_acc=0.80, forward_passes=60,
+              zero_shot_acc_quant=0.19)
+    write_run(tmp_path, "3", seed=1, method="qzo_ff", quant="w16a8", test_acc=0.70, forward_passes=60,
+              zero_shot_acc_quant=0.17)
     write_run(tmp_path, "sub/4", seed=0, method="qzo_ff", quant="w16a8", mode="ft", test_acc=0.5)
     return tmp_path
 
@@ -41,8 +43,9 @@ def test_aggregate_mean_std_and_gap(sweep):
 def test_report_writes_table_csv_and_plot(sweep, tmp_path):
     out = tmp_path / "out"
     table = report(sweep, out)
-    row = "| digits | small_cnn | lp | w16a8 | qzo_ff |  | 2 | 20.0 ± 0.0 | 75.0 ± 7.1 | -10.0 | 60 |"
-    assert row in table
+    # zero-shot, quantized zero-shot (mean ± std), test, FF − BP, forward passes
+    row = "| qzo_ff |  | 2 | 20.0 ± 0.0 | 18.0 ± 1.4 | 75.0 ± 7.1 | -10.0 | 60 |"
+    assert "| digits | small_cnn | lp | w16a8 " + row in table
     assert (out / "report.md").read_text().count("\n| digits") == 3
     assert (out / "report.csv").read_text().startswith("dataset,model,mode,quant,method,variant,n,")
     assert (out / "report.png").stat().st_size > 0
