@@ -128,6 +128,7 @@ class QuantConfig:
         if self.name not in ("auto", "fp32"):
             _check(self.weight_bits in BITS, "quant.weight_bits", self.weight_bits, "8, 16")
             _check(self.act_bits in BITS, "quant.act_bits", self.act_bits, "8, 16")
+        _check(16 <= self.acc_bits <= 48, "quant.acc_bits", self.acc_bits, "integers 16..48")
         _check(self.engine_mode in ("integer", "fake"), "quant.engine_mode", self.engine_mode, "integer/fake")
         _check(self.calib in ("source", "target"), "quant.calib", self.calib, "source, target")
         _check(self.calib_size >= 1, "quant.calib_size", self.calib_size, "integers >= 1")

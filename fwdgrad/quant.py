@@ -12,7 +12,8 @@ factor r = s_in * s_w / s_out is represented as an integer multiplier M (31 frac
 * ``"gemmlowp"`` — SaturatingRoundingDoublingHighMul followed by RoundingDivideByPOT (double rounding,
   both half away from zero), bit-exact with gemmlowp, TFLite and CMSIS-NN's default build;
 * ``"single"`` — one rounding, (acc * M + 2^(n-1)) >> n with n = 31 + shift (round half up), as
-  CMSIS-NN's ``CMSIS_NN_USE_SINGLE_ROUNDING``; cheaper and never more than 1/2 LSB from exact.
+  CMSIS-NN's ``CMSIS_NN_USE_SINGLE_ROUNDING``; cheaper and never more than 1/2 LSB from exact. Computed
+  with M split into 15 + 16 bits so that it stays exact in int64 for accumulators up to 48 bits.
 
 and ``"float"``: float32(acc) * float32(r), rounded half to even — the arithmetic of PyTorch's x86
 (fbgemm) quantized kernels.
@@ -373,9 +374,15 @@ def requantize(
         n = 31 + shift
         left = (-n).clamp_min(0)
         n = n.clamp_min(0)
-        prod = (acc << left) * multiplier
+        a = acc << left
         half = torch.where(n > 0, torch.ones_like(n) << (n - 1).clamp_min(0), torch.zeros_like(n))
-        return (prod + half) >> n
+        if bool((n >= 16).all()):
+            # a·M passes int64 for |a| >= 2^32 (accumulators wider than 32 bits); with M = M_hi·2^16 + M_lo,
+            # floor((a·M + half) / 2^n) = floor((a·M_hi + floor((a·M_lo + half) / 2^16)) / 2^(n-16)),
+            # exact for |a| < 2^47
+            lo = (a * (multiplier & 0xFFFF) + half) >> 16
+            return (a * (multiplier >> 16) + lo) >> (n - 16)
+        return (a * multiplier + half) >> n
     if mode == "gemmlowp":
         left = (-shift).clamp_min(0)
         right = shift.clamp_min(0)

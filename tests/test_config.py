@@ -75,6 +75,7 @@ def test_ood_severity_and_auto_quant():
 
 @pytest.mark.parametrize("overrides, message", [
     (["quant=w16a8", "quant.weight_bits=0"], "quant.weight_bits=0 is invalid; allowed: 8, 16"),
+    (["quant=w16a8", "quant.acc_bits=64"], "quant.acc_bits=64 is invalid; allowed: integers 16..48"),
     (["method.m=0"], "method.m=0 is invalid"),
     (["method.eps=0"], "method.eps=0.0 is invalid; allowed: > 0"),
     (["method.eps=-1e-3"], "method.eps=-0.001 is invalid"),

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from fwdgrad.edge.ops import requantize as edge_requantize
 from fwdgrad.quant import (
     OBSERVERS,
     ROUNDING_MODES,
@@ -129,6 +130,24 @@ def test_requantize_within_one_lsb_of_exact(mode):
         assert (got - ref).abs().max() <= tol, (trial, real)
         # saturation edges: clamping to an 8-bit output keeps the 1-LSB bound
         assert ((got.clamp(-128, 127) - ref.clamp(-128, 127)).abs().max()) <= tol
+
+
+def test_single_rounding_is_exact_for_wide_accumulators():
+    """48-bit accumulators (|acc| up to 2^47): acc·M alone would pass int64 beyond |acc| = 2^32."""
+    g = torch.Generator().manual_seed(1)
+    for real in (0.7, 3e-4, 1.5e-9):
+        m, s = quantize_multiplier(real)
+        n = 31 + int(s)
+        acc = torch.cat([torch.randint(-(2**47), 2**47, (400,), generator=g),
+                         torch.tensor([-(2**47), 2**47 - 1, -(2**32) - 1, 2**32 + 1])])
+        got = requantize(acc, m, s, "single")
+        ref = [(a * int(m) + (1 << (n - 1))) >> n for a in acc.tolist()]
+        assert got.tolist() == ref, real
+        # the numpy runtime
+        assert edge_requantize(acc.numpy(), int(m), int(s), "single", acc_bits=48).tolist() == ref
+        small = acc.numpy() >> 17  # 32-bit accumulators: the direct product
+        ref32 = [(a * int(m) + (1 << (n - 1))) >> n for a in small.tolist()]
+        assert edge_requantize(small, int(m), int(s), "single", acc_bits=32).tolist() == ref32
 
 
 def test_gemmlowp_matches_reference_formulas():

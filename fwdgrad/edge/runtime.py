@@ -104,7 +104,7 @@ class Runtime:
             view = [1] * acc.ndim
             view[channel_dim] = -1
             mult, shift = mult.reshape(view), shift.reshape(view)
-        y = K.requantize(acc, mult, shift, self.requant) + a["zp_out"]
+        y = K.requantize(acc, mult, shift, self.requant, self.acc_bits) + a["zp_out"]
         return np.clip(y, a["lo"], a["hi"]).astype(K.storage(a["lo"], a["hi"]))
 
     def _weighted(self, op: dict, x: np.ndarray, weight_fn: WeightFn | None) -> np.ndarray:

@@ -36,12 +36,12 @@ MAX_PLANES = 4
 class AccumulatorSpec:
     """Accumulator width and what happens when a result does not fit."""
 
-    bits: int = 32
+    bits: int = 32  # 16..48: "single" requantization is exact for |acc| < 2^47 (fwdgrad.quant.requantize)
     overflow: str = "saturate"  # or "wrap"
 
     def __post_init__(self):
-        if not 16 <= self.bits <= 64:
-            raise ValueError(f"accumulator bits={self.bits} is invalid; allowed: 16..64")
+        if not 16 <= self.bits <= 48:
+            raise ValueError(f"accumulator bits={self.bits} is invalid; allowed: 16..48")
         if self.overflow not in ("saturate", "wrap"):
             raise ValueError(
                 f"accumulator overflow={self.overflow!r} is invalid; allowed: 'saturate', 'wrap'"
