@@ -188,7 +188,12 @@ def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------------------- observers
 class Observer:
-    """Collects statistics of the tensors it sees and turns them into QParams for a format."""
+    """Collects statistics of the tensors it sees and turns them into QParams for a format.
+
+    `batch_invariant`: observing a batch in pieces gives the same QParams as observing it whole.
+    """
+
+    batch_invariant = False
 
     def __init__(self, fmt: QFormat):
         self.fmt = fmt
@@ -210,6 +215,8 @@ class Observer:
 class MinMaxObserver(Observer):
     """Running min/max over all batches."""
 
+    batch_invariant = True
+
     def __init__(self, fmt: QFormat):
         super().__init__(fmt)
         self.lo = self.hi = None
@@ -228,6 +235,8 @@ class MinMaxObserver(Observer):
 
 class MovingAverageMinMaxObserver(MinMaxObserver):
     """Exponential moving average of per-batch min/max (torch's default for QAT)."""
+
+    batch_invariant = False
 
     def __init__(self, fmt: QFormat, momentum: float = 0.01):
         super().__init__(fmt)

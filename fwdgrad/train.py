@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .engine.model import QModel
+from .engine.model import QModel, chunk_rows
 from .ff.jvp import JVPForwardGradient, closure_for
 from .ff.masks import make_masks
 from .ff.optim import qzo_ff, zo_sgd
@@ -129,19 +129,11 @@ class BatchStream:
         self._perm = self._permutation()
 
 
-#: Input elements per evaluation chunk. Fresh multi-MB activation buffers are served by mmap and page-faulted
-#: in on every call; chunks this small are recycled by the allocator instead. Measured per sample (integer
-#: w16a8 / float32, 1 thread): DS-CNN on 40x101 log-mel 10 / 2 ms at batch 8 vs 42 / 11 ms at 128-512;
-#: ResNet-8 on 28x28 1.6 / 0.5 ms at 64 vs 5.3 / 0.9 ms at 512. 2^15 gives 8 and 41 for those inputs.
-EVAL_CHUNK_ELEMENTS = 2**15
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> float:
-    """Top-1 accuracy (fraction) of `model` on (x, y), in chunks of `batch_size` examples (default: about
-    EVAL_CHUNK_ELEMENTS input elements, at most 512)."""
-    if batch_size is None:
-        batch_size = min(512, max(1, EVAL_CHUNK_ELEMENTS // max(1, x[0].numel()))) if len(x) else 1
+    """Top-1 accuracy (fraction) of `model` on (x, y), in chunks of `batch_size` examples (default:
+    `fwdgrad.engine.model.chunk_rows`, about 2^15 input elements per chunk)."""
+    batch_size = batch_size or chunk_rows(x)
     correct = 0
     for i in range(0, len(x), batch_size):
         correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())

@@ -108,6 +108,23 @@ def test_observers_cover_data(name):
         assert hi - lo < 10
 
 
+@pytest.mark.parametrize("name", sorted(OBSERVERS))
+def test_batch_invariant_observers_give_the_same_qparams_in_chunks(name):
+    """convert() calibrates in chunks only with observers that declare it changes nothing (minmax)."""
+    x = torch.randn(64, 3, 5, generator=torch.Generator().manual_seed(1)) * 3
+    fmt = QFormat(bits=8, signed=False, symmetric=False)
+    whole, chunked = make_observer(name, fmt), make_observer(name, fmt)
+    whole.observe(x)
+    for xc in x.split(5):
+        chunked.observe(xc)
+    a, b = whole.qparams(), chunked.qparams()
+    same = torch.equal(a.scale, b.scale) and torch.equal(a.zero_point, b.zero_point)
+    if whole.batch_invariant:
+        assert same
+    if name == "moving_average":  # per-batch statistics: chunking would change the calibration
+        assert not whole.batch_invariant and not same
+
+
 def test_multiplier_representation():
     for r in [1e-6, 0.0276, 0.25, 0.5, 0.999999, 1.0, 3.7, 1234.5]:
         m, s = quantize_multiplier(r)

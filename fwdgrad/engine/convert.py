@@ -22,7 +22,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ..quant import QParams, activation_format, compute_qparams, make_observer, quantize, weight_format
 from .intops import AccumulatorSpec
-from .model import QModel
+from .model import QModel, chunk_rows
 from .nodes import (
     QAvgPool,
     QClamp,
@@ -194,7 +194,10 @@ def convert(
         for i, xb in enumerate(_batches(calib_data)):
             if i >= max_calib_batches:
                 break
-            cal.run(xb.float())
+            # a batch-invariant observer (minmax) sees the same values in page-fault-friendly chunks
+            step = chunk_rows(xb) if make_observer(observer, act_fmt).batch_invariant else len(xb)
+            for xc in xb.split(max(1, step)):
+                cal.run(xc.float())
             seen += 1
     if not seen:
         raise ValueError("calib_data is empty; give at least one batch to calibrate activation scales")
