@@ -189,14 +189,14 @@ def convert(
 
     observers: dict = {}
     cal = _Calibrator(gm, observers, lambda: make_observer(observer, act_fmt))
+    # a batch-invariant observer (minmax) sees the same values in page-fault-friendly chunks
+    chunked = make_observer(observer, act_fmt).batch_invariant
     with torch.no_grad():
         seen = 0
         for i, xb in enumerate(_batches(calib_data)):
             if i >= max_calib_batches:
                 break
-            # a batch-invariant observer (minmax) sees the same values in page-fault-friendly chunks
-            step = chunk_rows(xb) if make_observer(observer, act_fmt).batch_invariant else len(xb)
-            for xc in xb.split(max(1, step)):
+            for xc in xb.split(max(1, chunk_rows(xb) if chunked else len(xb))):
                 cal.run(xc.float())
             seen += 1
     if not seen:

@@ -96,6 +96,12 @@ class Requantizer:
         self.mult, self.shift = quantize_multiplier(real)
         self.zp, self.lo, self.hi = int(out_qp.zero_point.reshape(-1)[0]), lo, hi
         self.channel_dim = channel_dim
+        # constants of `single_float64`, fixed with M and n (a new weight scale builds a new Requantizer)
+        n = 31 + self.shift
+        self._n_min, self._n_max, self._m_max = int(n.min()), int(n.max()), int(self.mult.max())
+        self._m, self._half = self.mult.double(), torch.exp2((n - 1).double())
+        self._inv, self._inv_split = torch.exp2(-n.double()), torch.exp2(-(n - 16).double())
+        self._m_hi, self._m_lo = (self.mult >> 16).double(), (self.mult & 0xFFFF).double()
 
     def _shaped(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         if t.numel() == 1:
@@ -123,23 +129,13 @@ class Requantizer:
           acc·M = acc·M_hi·2^16 + acc·M_lo,  q = floor((acc·M_lo + 2^(n-1)) / 2^16),
           result = floor((acc·M_hi + q) / 2^(n-16))   (n >= 16: the dropped remainder is < 2^16).
         """
-        n, m_max = 31 + self.shift, int(self.mult.max())
-        n_min, n_max = int(n.min()), int(n.max())
-        if n_min >= 1 and amax * m_max + (1 << (n_max - 1)) < 2**53:
-            m, half, inv = (
-                self._shaped(t, acc.dim())
-                for t in (self.mult.double(), torch.exp2((n - 1).double()), torch.exp2(-n.double()))
-            )
+        n_min, n_max = self._n_min, self._n_max
+        if n_min >= 1 and amax * self._m_max + (1 << (n_max - 1)) < 2**53:
+            m, half, inv = (self._shaped(t, acc.dim()) for t in (self._m, self._half, self._inv))
             return acc.double().mul_(m).add_(half).mul_(inv).floor_()
         if n_min >= 16 and amax * (1 << 16) + (1 << (n_max - 1)) < 2**52:
             m_hi, m_lo, half, inv = (
-                self._shaped(t, acc.dim())
-                for t in (
-                    (self.mult >> 16).double(),
-                    (self.mult & 0xFFFF).double(),
-                    torch.exp2((n - 1).double()),
-                    torch.exp2(-(n - 16).double()),
-                )
+                self._shaped(t, acc.dim()) for t in (self._m_hi, self._m_lo, self._half, self._inv_split)
             )
             a = acc.double()
             q = torch.mul(a, m_lo).add_(half).mul_(2.0**-16).floor_()
