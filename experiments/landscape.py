@@ -1,4 +1,4 @@
-"""BP vs QZO-FF loss landscape with both trajectories: one command, Hydra config conf/landscape.yaml.
+"""BP vs QZO-FF loss landscape with both trajectories: one command, Hydra config fwdgrad/conf/landscape.yaml.
 
     uv run python experiments/landscape.py                      # digits, small_cnn, PCA plane, 21x21 grid
     uv run python experiments/landscape.py landscape.plane=random landscape.center=ff mode=lp
@@ -14,7 +14,7 @@ import hydra
 from fwdgrad.analysis.landscape import hydra_task
 
 
-@hydra.main(config_path="../conf", config_name="landscape", version_base=None)
+@hydra.main(config_path="../fwdgrad/conf", config_name="landscape", version_base=None)
 def app(cfg) -> dict:
     return hydra_task(cfg)
 

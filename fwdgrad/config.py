@@ -1,6 +1,6 @@
 """Structured configs (Hydra ConfigStore) and their start-up validation.
 
-The schema `fwdgrad_config` is the first entry of `conf/config.yaml`'s defaults list, so every group file
+The schema `fwdgrad_config` is the first entry of `fwdgrad/conf/config.yaml`'s defaults list, so every group file
 and every override is type-checked by OmegaConf while Hydra composes (unknown keys, wrong types). Range and
 choice checks live in the dataclasses' `check()` methods and run in :func:`validate`, which turns the composed
 config into these objects before anything else happens; each failure is a one-line `ValueError` that names
@@ -16,6 +16,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
+from .conf import CONF_DIR
+
 # Choices, spelled out so that validating a config imports no torch (a bad value fails in about a second);
 # tests/test_config.py checks them against fwdgrad.data.DATASETS, fwdgrad.models.MODELS, fwdgrad.train and
 # the signatures of fwdgrad.ff.optim.qzo_ff / zo_sgd.
@@ -30,7 +32,6 @@ FF_OPTIONS = {
                "sharpness_rho", "weight_headroom"),
     "zo_sgd": ("momentum", "kernel_norm", "sharpness_rho", "difference", "distribution", "z_max"),
 }
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 QUANTS = ("auto", "fp32", "w16a8", "w8a8", "w8a16", "w16a16")
 BITS = (8, 16)
 FLOAT_METHODS = ("bp", "bp_fp16", "bp_bf16", "zo_fp32", "sign_spsa_fp32", "jvp")
@@ -192,7 +193,7 @@ class Config:
     mode: ModeConfig = field(default_factory=ModeConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
     pretrain: PretrainSettings = field(default_factory=PretrainSettings)
-    device: dict[str, Any] | None = None  # a conf/device profile: check the memory model fits before training
+    device: dict[str, Any] | None = None  # a fwdgrad/conf/device profile: check the memory model fits before training
     method_lr: dict[str, float] = field(default_factory=dict)  # per-method lr for presets comparing methods
     variant: str = ""  # free label separating ablation arms in reports (e.g. "m1", "momentum")
     seed: int = 0

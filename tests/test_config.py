@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from fwdgrad import config as fc
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (fc.CONF_DIR / "experiment").glob("*.yaml"))
 
 
 def composed(*overrides):

@@ -1,4 +1,4 @@
-"""Device profiles (``conf/device/*.yaml``) and whether a training configuration fits one.
+"""Device profiles (``fwdgrad/conf/device/*.yaml``) and whether a training configuration fits one.
 
 Placement (:func:`check_fit`):
 
@@ -21,9 +21,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from torch import nn
 
-from fwdgrad.analysis.memory import FORMATS, MemoryBreakdown, fmt_bytes, trace_model
+from ..conf import CONF_DIR
+from .memory import FORMATS, MemoryBreakdown, fmt_bytes, trace_model
 
-DEVICE_DIR = Path(__file__).resolve().parents[2] / "conf" / "device"
+DEVICE_DIR = CONF_DIR / "device"
 BP_PASSES_PER_STEP = 3
 _FIELDS = ("name", "sram_bytes", "flash_bytes", "formats", "accumulator_bits", "macs_per_s", "notes")
 
@@ -50,12 +51,12 @@ class DeviceProfile:
 
 
 def list_devices() -> list[str]:
-    """Names of the profiles in ``conf/device``."""
+    """Names of the profiles in ``fwdgrad/conf/device``."""
     return sorted(p.stem for p in DEVICE_DIR.glob("*.yaml"))
 
 
 def load_device(source: str | Path | Mapping) -> DeviceProfile:
-    """Load a profile by name (``conf/device/<name>.yaml``), from a yaml path, or from a mapping
+    """Load a profile by name (``fwdgrad/conf/device/<name>.yaml``), from a yaml path, or from a mapping
     (e.g. the ``device`` node of a composed Hydra config)."""
     if isinstance(source, Mapping):
         where, cfg = "mapping", OmegaConf.to_container(OmegaConf.create(dict(source)), resolve=True)

@@ -1242,7 +1242,9 @@ def conf_dir() -> str:
     from pathlib import Path
 
     env = os.environ.get("FWDGRAD_CONF")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    from ..conf import CONF_DIR
+
+    path = Path(env) if env else CONF_DIR
     if not (path / "landscape.yaml").is_file():
         raise FileNotFoundError(
             f"no landscape.yaml in {path}; set FWDGRAD_CONF to the folder holding the fwdgrad Hydra configs"
