@@ -9,7 +9,7 @@ On one model (ResNet-8, 32x32 inputs, full fine-tuning so every weight is pertur
 * BP step peak memory / FF step peak memory
 
 Times are medians over interleaved repetitions; memory is torch's allocator peak (profiler), see
-`fwdgrad.analysis.memory.measure_peak_memory`. Prints JSON.
+`fwdgrad.measure.measure_peak_memory`. Prints JSON.
 
     uv run python experiments/bench_train.py [--batch 32] [--m 3] [--reps 7]
 """
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from timing import median_time
 
-from fwdgrad.analysis.memory import measure_peak_memory
 from fwdgrad.engine import convert
 from fwdgrad.ff import qzo_ff, zo_sgd
+from fwdgrad.measure import measure_peak_memory
 from fwdgrad.models import build_model
 
 

@@ -3,21 +3,16 @@
     uv run python experiments/landscape.py                      # digits, small_cnn, PCA plane, 21x21 grid
     uv run python experiments/landscape.py landscape.plane=random landscape.center=ff mode=lp
 
-Writes landscape_2d.png, landscape_1d.png, landscape.npz and landscape.json to the Hydra output dir
-(outputs/landscape/<date>/<time>). See docs/landscape.md.
+The same app as `uv run fwdgrad landscape` (fwdgrad.pipeline.landscape). Writes landscape_2d.png,
+landscape_1d.png, landscape.npz and landscape.json to the Hydra output dir
+(outputs/landscape/<date>_<time>). See docs/landscape.md.
 """
 
 from __future__ import annotations
 
-import hydra
+import sys
 
-from fwdgrad.analysis.landscape import hydra_task
-
-
-@hydra.main(config_path="../fwdgrad/conf", config_name="landscape", version_base=None)
-def app(cfg) -> dict:
-    return hydra_task(cfg)
-
+from fwdgrad.cli import landscape
 
 if __name__ == "__main__":
-    app()
+    sys.exit(landscape(sys.argv[1:]))

@@ -1,6 +1,6 @@
 """The main job (same as `fwdgrad main`): BP vs ZO vs QZO-FF on the embedded digits, table + plots.
 
-    uv run python experiments/main.py [--out outputs/main]
+uv run python experiments/main.py [--out outputs/main]
 """
 
 import sys

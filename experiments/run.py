@@ -1,7 +1,7 @@
 """The Hydra experiment app (same as `fwdgrad run`); see docs/experiments.md.
 
-    uv run python experiments/run.py experiment=ood method=qzo_ff quant=w16a8 seed=0
-    uv run python experiments/run.py -m experiment=ablation_m hydra/launcher=local
+uv run python experiments/run.py experiment=ood method=qzo_ff quant=w16a8 seed=0
+uv run python experiments/run.py -m experiment=ablation_m hydra/launcher=local
 """
 
 import sys

@@ -5,7 +5,7 @@
     fwdgrad main [--out DIR]               the main job: BP vs ZO vs QZO-FF on the embedded digits
     fwdgrad memory MODEL [options]         training-memory table of a model (BP vs FF, per number format)
     fwdgrad export ...                     export a QModel as an edge bundle (fwdgrad.export)
-    fwdgrad landscape ...                  loss-landscape plots (fwdgrad.analysis.landscape)
+    fwdgrad landscape ...                  loss-landscape plots (fwdgrad.pipeline.landscape)
 
 Bad input (a config value, a missing dataset, a device the run does not fit) ends with one line
 `error: <message>` on stderr and exit status 2; set HYDRA_FULL_ERROR=1 for the full traceback.
@@ -14,18 +14,16 @@ Bad input (a config value, a missing dataset, a device the run does not fit) end
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import hydra
 from hydra.errors import HydraException, InstantiationException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import CONF_DIR, validate
+from .conf import CONF_DIR
+from .config import validate
 
 ERRORS = (ValueError, FileNotFoundError, FloatingPointError, HydraException, OmegaConfBaseException)
 
@@ -57,88 +55,88 @@ def guarded(fn, *args) -> int:
     return rc if isinstance(rc, int) else 0
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def hydra_app(cfg) -> None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+def one_line_job(task):
+    """A Hydra task that, in a single run, turns bad input into one line and exit 2 before Hydra logs its
+    own report; in a sweep the job raises, so Hydra records the failure."""
 
+    def job(cfg):
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        try:
+            return task(cfg)
+        except ERRORS as e:
+            if HydraConfig.get().mode == RunMode.MULTIRUN or not os.environ.get("_FWDGRAD_QUIET"):
+                raise
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return job
+
+
+def experiment_task(cfg) -> None:
+    """One experiment (`fwdgrad run`): validate, run the pipeline, print the result line."""
+    validate(cfg)  # before importing torch: a bad value fails within a second or two
+    from .pipeline import run_experiment
+
+    m = run_experiment(cfg)
+    print(
+        f"{m['dataset']} {m['model']} {m['mode']} {m['method']} {m['quant']} seed={m['seed']}: "
+        f"zero-shot {m['zero_shot_acc']:.4f} -> test {m['test_acc']:.4f} in {m['steps']} steps "
+        f"({m['forward_passes']} forward passes, {m['wall_s']:.1f} s)"
+    )
+
+
+def landscape_task(cfg) -> dict:
+    """The loss-landscape experiment (`fwdgrad landscape`, fwdgrad.pipeline.landscape)."""
+    from .pipeline.landscape import run_landscape
+
+    return run_landscape(cfg)
+
+
+hydra_app = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(
+    one_line_job(experiment_task)
+)
+landscape_app = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="landscape")(
+    one_line_job(landscape_task)
+)
+
+
+def _hydra_command(app, argv: list[str]) -> int:
+    """A Hydra app with argv as its command line. Hydra prints its own (multi-line) reports unless
+    HYDRA_FULL_ERROR is set: it is set here (unless the user did), so the exception reaches `guarded`,
+    which folds it to one line."""
+    if "HYDRA_FULL_ERROR" not in os.environ:
+        os.environ["HYDRA_FULL_ERROR"] = os.environ["_FWDGRAD_QUIET"] = "1"
+    saved, sys.argv = sys.argv, [sys.argv[0], *argv]
     try:
-        validate(cfg)  # before importing torch: a bad value fails within a second or two
-        from .pipeline import run_experiment
-
-        m = run_experiment(cfg)
-    except ERRORS as e:  # a single run: one line and exit 2 here, before Hydra logs its own report
-        if HydraConfig.get().mode == RunMode.MULTIRUN or not os.environ.get("_FWDGRAD_QUIET"):
-            raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"{m['dataset']} {m['model']} {m['mode']} {m['method']} {m['quant']} seed={m['seed']}: "
-          f"zero-shot {m['zero_shot_acc']:.4f} -> test {m['test_acc']:.4f} in {m['steps']} steps "
-          f"({m['forward_passes']} forward passes, {m['wall_s']:.1f} s)")
+        return guarded(app)
+    finally:
+        sys.argv = saved
 
 
 def run(argv: list[str]) -> int:
-    """The Hydra app with argv as its command line. Hydra prints its own (multi-line) reports unless
-    HYDRA_FULL_ERROR is set, so it is set here and the exception is caught and folded by `guarded`."""
-    if "HYDRA_FULL_ERROR" not in os.environ:
-        os.environ["HYDRA_FULL_ERROR"] = os.environ["_FWDGRAD_QUIET"] = "1"
-    sys.argv = [sys.argv[0], *argv]
-    return guarded(hydra_app)
+    """`fwdgrad run [overrides]`: one experiment, or a sweep with -m."""
+    return _hydra_command(hydra_app, argv)
 
 
-# ----------------------------------------------------------------------------------------- main job
-#: The main job's arms: (label, Hydra overrides on top of experiment=main). Learning rates tuned on this task.
-MAIN_ARMS = (
-    ("bp_fp32", ["method=bp", "method.lr=0.5", "train.steps=300"]),
-    ("zo_fp32", ["method=sign_spsa_fp32", "method.lr=0.05", "method.eps=1e-2", "train.steps=1000"]),
-    ("qzo_ff_w16a8", ["method=qzo_ff", "quant=w16a8", "method.lr=0.05", "method.eps=1e-2",
-                      "train.steps=1000"]),
-)
+def landscape(argv: list[str]) -> int:
+    """`fwdgrad landscape [overrides]`: the loss-landscape experiment (fwdgrad/conf/landscape.yaml)."""
+    return _hydra_command(landscape_app, argv)
 
 
 def main_job(argv: list[str] | None = None) -> int:
     """Pretrain small_cnn on digits 0-4 (cached), adapt to digits 5-9 with fp32 BP, fp32 sign-SPSA and
     QZO-FF w16a8 (integer engine); print the comparison and write plots, results.json and results.md."""
-    from hydra import compose, initialize_config_dir
-
-    from .pipeline import run_experiment
-    from .plots import plot_curves
-    from .report import main_table
-
     ap = argparse.ArgumentParser(prog="fwdgrad main", description=main_job.__doc__)
     ap.add_argument("--out", default="outputs/main", help="output directory (default outputs/main)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every arm, e.g. progress=false")
     args = ap.parse_args(argv)
-    out, t0 = Path(args.out), time.perf_counter()
-    results = []
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for label, arm in MAIN_ARMS:
-            shutil.rmtree(out / label, ignore_errors=True)  # a fresh run, never a resume of an old one
-            cfg = compose("config", overrides=["experiment=main", *arm, f"seed={args.seed}",
-                                               f"out_dir={out / label}", *args.overrides])
-            m = run_experiment(cfg)
-            print(f"{label}: zero-shot {m['zero_shot_acc']:.3f} -> test {m['test_acc']:.3f} "
-                  f"({m['steps']} steps, {m['wall_s']:.1f} s)", flush=True)
-            results.append(m | {"label": label})
-    logs = {r["label"]: _read_log(out / r["label"] / "log.csv") for r in results}
-    for x in ("step", "forward_passes"):
-        plot_curves(logs, out / f"curves_{x}.png", "digits 0-4 -> 5-9, small_cnn, linear probing", x=x)
-    table = main_table(results)
-    total = time.perf_counter() - t0
-    print(f"\n{table}\n\ntotal wall time {total:.1f} s; written to {out}/")
-    with open(out / "results.json", "w") as f:
-        json.dump({"total_wall_s": total, "runs": results}, f, indent=2, default=str)
-    title = "# Main job: digits 0-4 -> 5-9 (small_cnn, linear probing)"
-    (out / "results.md").write_text(f"{title}\n\n{table}\n\nTotal wall time {total:.1f} s.\n")
+    from .pipeline.main_job import run_main_job
+
+    run_main_job(Path(args.out), args.seed, args.overrides)
     return 0
-
-
-def _read_log(path: Path) -> list[dict]:
-    import csv
-
-    with open(path) as f:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
 # ---------------------------------------------------------------------------------------- commands
@@ -178,14 +176,14 @@ def _export(argv):
     return export_main(argv)
 
 
-def _landscape(argv):
-    from .analysis.landscape import main as landscape_main
-
-    return landscape_main(argv)
-
-
-COMMANDS = {"run": run, "report": report_main, "main": main_job, "memory": memory_main, "export": _export,
-            "landscape": _landscape}
+COMMANDS = {
+    "run": run,
+    "report": report_main,
+    "main": main_job,
+    "memory": memory_main,
+    "export": _export,
+    "landscape": landscape,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__, file=sys.stdout if help_asked else sys.stderr)
         return 0 if help_asked else 2
     cmd, rest = argv[0], argv[1:]
-    if cmd == "run":
-        return run(rest)
+    if cmd in ("run", "landscape"):
+        return COMMANDS[cmd](rest)
     return guarded(COMMANDS[cmd], rest)
 
 

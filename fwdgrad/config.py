@@ -1,51 +1,63 @@
 """Structured configs (Hydra ConfigStore) and their start-up validation.
 
-The schema `fwdgrad_config` is the first entry of `fwdgrad/conf/config.yaml`'s defaults list, so every group file
-and every override is type-checked by OmegaConf while Hydra composes (unknown keys, wrong types). Range and
-choice checks live in the dataclasses' `check()` methods and run in :func:`validate`, which turns the composed
-config into these objects before anything else happens; each failure is a one-line `ValueError` that names
-the key, the bad value and what is allowed.
+The schema `fwdgrad_config` is the first entry of `fwdgrad/conf/config.yaml`'s defaults list, so every
+group file and every override is type-checked by OmegaConf while Hydra composes (unknown keys, wrong types).
+Range and choice checks live in the dataclasses' `check()` methods and run in :func:`validate`, which turns
+the composed config into these objects before anything else happens; each failure is a one-line
+`ValueError` that names the key, the bad value and what is allowed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from .conf import CONF_DIR
+from .methods import METHOD_NAMES, QZO_FF_OPTIONS, SCOPES, ZO_SGD_OPTIONS, check_hyper, spec
+from .methods import METHODS as REGISTRY
 
 # Choices, spelled out so that validating a config imports no torch (a bad value fails in about a second);
-# tests/test_config.py checks them against fwdgrad.data.DATASETS, fwdgrad.models.MODELS, fwdgrad.train and
-# the signatures of fwdgrad.ff.optim.qzo_ff / zo_sgd.
-DATASETS = ("digits", "fashion_mnist", "fashion_mnist_c", "synth_keywords", "cifar10", "cifar100",
-            "cifar10_c", "svhn", "omniglot", "speechcommands", "esc50")
+# tests/test_config.py checks them against fwdgrad.data.DATASETS, fwdgrad.models.MODELS and
+# fwdgrad.engine.ENGINE_MODES. Methods and
+# training scopes come from the torch-free registry fwdgrad.methods.
+DATASETS = (
+    "digits",
+    "fashion_mnist",
+    "fashion_mnist_c",
+    "synth_keywords",
+    "cifar10",
+    "cifar100",
+    "cifar10_c",
+    "svhn",
+    "omniglot",
+    "speechcommands",
+    "esc50",
+)
 MODELS = ("resnet8", "resnet18", "mobilenet_v2", "vit_tiny", "ds_cnn", "crnn", "small_cnn")
-METHODS = ("bp", "bp_fp16", "bp_bf16", "bp_qat", "zo_fp32", "sign_spsa_fp32", "qzo_ff", "jvp")
-TRAIN_MODES = ("ft", "lp", "sparse")
+METHODS = METHOD_NAMES
 LR_SCHEDULES = ("constant", "cosine", "linear")
-FF_OPTIONS = {
-    "qzo_ff": ("distribution", "z_max", "rounding", "perturb_scale", "eps_min_q", "momentum", "kernel_norm",
-               "sharpness_rho", "weight_headroom"),
-    "zo_sgd": ("momentum", "kernel_norm", "sharpness_rho", "difference", "distribution", "z_max"),
-}
+FF_OPTIONS = {"qzo_ff": QZO_FF_OPTIONS, "zo_sgd": ZO_SGD_OPTIONS}
+ENGINE_MODES = ("integer", "fake")  # how the engine computes (fwdgrad.engine.ENGINE_MODES)
 QUANTS = ("auto", "fp32", "w16a8", "w8a8", "w8a16", "w16a16")
 BITS = (8, 16)
-FLOAT_METHODS = ("bp", "bp_fp16", "bp_bf16", "zo_fp32", "sign_spsa_fp32", "jvp")
 HEADS = ("protonet", "simpleshot")
 
 
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """A one-line ValueError `key=value is invalid; allowed: ...` unless ok."""
     if not ok:
         raise ValueError(f"{key}={value!r} is invalid; allowed: {allowed}")
 
 
 @dataclass
 class FewShotConfig:
-    """N-way K-shot episodes on the novel classes (data.target), SPEC §2.5."""
+    """N-way K-shot episodes on the novel classes (data.target);
+    docs/method.md#benchmarks-and-offline-data."""
 
     n_way: int = 5
     k_shot: int = 5
@@ -55,9 +67,9 @@ class FewShotConfig:
 
     def check(self) -> None:
         for k in ("n_way", "k_shot", "episodes"):
-            _check(getattr(self, k) >= 1, f"data.fewshot.{k}", getattr(self, k), "integers >= 1")
-        _check(self.n_query >= 1, "data.fewshot.n_query", self.n_query, "integers >= 1")
-        _check(self.head in HEADS, "data.fewshot.head", self.head, ", ".join(HEADS))
+            require(getattr(self, k) >= 1, f"data.fewshot.{k}", getattr(self, k), "integers >= 1")
+        require(self.n_query >= 1, "data.fewshot.n_query", self.n_query, "integers >= 1")
+        require(self.head in HEADS, "data.fewshot.head", self.head, ", ".join(HEADS))
 
 
 @dataclass
@@ -75,42 +87,43 @@ class DataConfig:
     def check(self) -> None:
         for part in ("source", "target"):
             spec = getattr(self, part)
-            _check(spec.get("name") in DATASETS, f"data.{part}.name", spec.get("name"), ", ".join(DATASETS))
+            require(spec.get("name") in DATASETS, f"data.{part}.name", spec.get("name"), ", ".join(DATASETS))
         for k in ("max_train", "max_test"):
             v = getattr(self, k)
-            _check(v is None or v >= 1, f"data.{k}", v, "null or integers >= 1")
+            require(v is None or v >= 1, f"data.{k}", v, "null or integers >= 1")
         if self.fewshot is not None:
             self.fewshot.check()
 
 
 @dataclass
 class MethodConfig:
+    """The training method (fwdgrad.methods) and its hyperparameters; a method reads only the ones its spec
+    lists (`hyper`), and metrics.json records only those."""
+
     name: str = "qzo_ff"
     lr: float = 0.02
     eps: float = 1e-3
     m: int = 3
-    default_quant: str = "w16a8"  # the format quant=auto picks for this method
     ff: dict[str, Any] = field(default_factory=dict)  # extra options of qzo_ff / zo_sgd
 
     def check(self) -> None:
-        _check(self.name in METHODS, "method", self.name, ", ".join(METHODS))
-        _check(self.lr > 0, "method.lr", self.lr, "> 0")
-        _check(self.eps > 0, "method.eps", self.eps, "> 0")
-        _check(self.m >= 1, "method.m", self.m, "integers >= 1")
-        allowed = ", ".join(QUANTS[1:])
-        _check(self.default_quant in QUANTS[1:], "method.default_quant", self.default_quant, allowed)
-        if self.ff and self.name in ("qzo_ff", "zo_fp32", "sign_spsa_fp32"):
-            allowed = FF_OPTIONS["qzo_ff" if self.name == "qzo_ff" else "zo_sgd"]
+        require(self.name in METHODS, "method", self.name, ", ".join(METHODS))
+        s = spec(self.name)
+        check_hyper(self.name, self.lr, self.eps, self.m, where="method.")
+        if self.ff and s.ff_options:
             for k in self.ff:
-                _check(k in allowed, f"method.ff.{k}", self.ff[k], f"keys {', '.join(allowed)}")
+                require(k in s.ff_options, f"method.ff.{k}", self.ff[k], f"keys {', '.join(s.ff_options)}")
         elif self.ff:
-            raise ValueError(f"method.ff={dict(self.ff)!r} is invalid for method {self.name!r}; "
-                             "allowed: {} (only qzo_ff, zo_fp32 and sign_spsa_fp32 take ff options)")
+            takes = ", ".join(n for n, x in REGISTRY.items() if x.ff_options)
+            raise ValueError(
+                f"method.ff={dict(self.ff)!r} is invalid for method {self.name!r}; "
+                f"allowed: {{}} (only {takes} take ff options)"
+            )
 
 
 @dataclass
 class QuantConfig:
-    """Fixed-point format (`fwdgrad.engine.convert`); `auto` = the method's own (`method.default_quant`)."""
+    """Fixed-point format (`fwdgrad.engine.convert`); `auto` = the method's own (its spec's default_quant)."""
 
     name: str = "auto"
     weight_bits: int | None = None
@@ -125,27 +138,30 @@ class QuantConfig:
     calib_size: int = 256
 
     def check(self) -> None:
-        _check(self.name in QUANTS or self.name.startswith("w"), "quant", self.name, ", ".join(QUANTS))
+        require(self.name in QUANTS or self.name.startswith("w"), "quant", self.name, ", ".join(QUANTS))
         if self.name not in ("auto", "fp32"):
-            _check(self.weight_bits in BITS, "quant.weight_bits", self.weight_bits, "8, 16")
-            _check(self.act_bits in BITS, "quant.act_bits", self.act_bits, "8, 16")
-        _check(16 <= self.acc_bits <= 48, "quant.acc_bits", self.acc_bits, "integers 16..48")
-        _check(self.engine_mode in ("integer", "fake"), "quant.engine_mode", self.engine_mode, "integer/fake")
-        _check(self.calib in ("source", "target"), "quant.calib", self.calib, "source, target")
-        _check(self.calib_size >= 1, "quant.calib_size", self.calib_size, "integers >= 1")
+            require(self.weight_bits in BITS, "quant.weight_bits", self.weight_bits, "8, 16")
+            require(self.act_bits in BITS, "quant.act_bits", self.act_bits, "8, 16")
+        require(16 <= self.acc_bits <= 48, "quant.acc_bits", self.acc_bits, "integers 16..48")
+        modes = ", ".join(ENGINE_MODES)
+        require(self.engine_mode in ENGINE_MODES, "quant.engine_mode", self.engine_mode, modes)
+        require(self.calib in ("source", "target"), "quant.calib", self.calib, "source, target")
+        require(self.calib_size >= 1, "quant.calib_size", self.calib_size, "integers >= 1")
 
 
 @dataclass
-class ModeConfig:
+class ScopeConfig:
+    """The training scope, the `mode` group: ft (all layers) | lp (the last lp_layers) | sparse (a mask)."""
+
     name: str = "lp"
     lp_layers: int = 1
     sparse_kind: str = "topk"
     sparse_density: float = 0.1
 
     def check(self) -> None:
-        _check(self.name in TRAIN_MODES, "mode", self.name, ", ".join(TRAIN_MODES))
-        _check(self.lp_layers >= 1, "mode.lp_layers", self.lp_layers, "integers >= 1")
-        _check(0 < self.sparse_density <= 1, "mode.sparse_density", self.sparse_density, "(0, 1]")
+        require(self.name in SCOPES, "mode", self.name, ", ".join(SCOPES))
+        require(self.lp_layers >= 1, "mode.lp_layers", self.lp_layers, "integers >= 1")
+        require(0 < self.sparse_density <= 1, "mode.sparse_density", self.sparse_density, "(0, 1]")
 
 
 @dataclass
@@ -159,14 +175,16 @@ class TrainSettings:
 
     def check(self) -> None:
         if (self.steps is None) == (self.forward_budget is None):
-            raise ValueError(f"train.steps={self.steps!r}, train.forward_budget={self.forward_budget!r} are "
-                             "invalid; allowed: exactly one of them set (the other null)")
+            raise ValueError(
+                f"train.steps={self.steps!r}, train.forward_budget={self.forward_budget!r} are "
+                "invalid; allowed: exactly one of them set (the other null)"
+            )
         for k in ("steps", "forward_budget", "batch_size", "eval_every"):
             v = getattr(self, k)
-            _check(v is None or v >= 1, f"train.{k}", v, "integers >= 1")
-        _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, "integers >= 0")
+            require(v is None or v >= 1, f"train.{k}", v, "integers >= 1")
+        require(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, "integers >= 0")
         schedules = ", ".join(LR_SCHEDULES)
-        _check(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", self.lr_schedule, schedules)
+        require(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", self.lr_schedule, schedules)
 
 
 @dataclass
@@ -179,23 +197,22 @@ class PretrainSettings:
     seed: int = II("seed")
 
     def check(self) -> None:
-        _check(self.steps >= 0, "pretrain.steps", self.steps, "integers >= 0")
-        _check(self.lr > 0, "pretrain.lr", self.lr, "> 0")
-        _check(self.batch_size >= 1, "pretrain.batch_size", self.batch_size, "integers >= 1")
+        require(self.steps >= 0, "pretrain.steps", self.steps, "integers >= 0")
+        require(self.lr > 0, "pretrain.lr", self.lr, "> 0")
+        require(self.batch_size >= 1, "pretrain.batch_size", self.batch_size, "integers >= 1")
 
 
 @dataclass
-class Config:
+class TaskConfig:
+    """What every experiment shares: the task, the model, its number format, the training scope, the source
+    model's pretraining, and where and how it runs. `Config` (one training run) and the landscape's config
+    extend it."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: dict[str, Any] = field(default_factory=dict)  # _target_: fwdgrad.models.build_model, name, kwargs
-    method: MethodConfig = field(default_factory=MethodConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
-    mode: ModeConfig = field(default_factory=ModeConfig)
-    train: TrainSettings = field(default_factory=TrainSettings)
+    mode: ScopeConfig = field(default_factory=ScopeConfig)
     pretrain: PretrainSettings = field(default_factory=PretrainSettings)
-    device: dict[str, Any] | None = None  # a fwdgrad/conf/device profile: check the memory model fits before training
-    method_lr: dict[str, float] = field(default_factory=dict)  # per-method lr for presets comparing methods
-    variant: str = ""  # free label separating ablation arms in reports (e.g. "m1", "momentum")
     seed: int = 0
     data_root: str | None = None  # default $FWDGRAD_DATA or ~/.cache/fwdgrad/data
     cache_dir: str | None = None  # default $FWDGRAD_CACHE or ~/.cache/fwdgrad (models/<hash>.pt under it)
@@ -204,28 +221,51 @@ class Config:
     progress: bool = True
 
     def check(self) -> None:
-        for part in (self.data, self.method, self.quant, self.mode, self.train, self.pretrain):
+        for part in (self.data, self.quant, self.mode, self.pretrain):
             part.check()
-        _check(self.model.get("name") in MODELS, "model", self.model.get("name"), ", ".join(MODELS))
-        _check(self.seed >= 0, "seed", self.seed, "integers >= 0")
-        for name, lr in self.method_lr.items():
-            _check(name in METHODS, "method_lr key", name, ", ".join(METHODS))
-            _check(lr > 0, f"method_lr.{name}", lr, "> 0")
-        _check(self.threads >= 1, "threads", self.threads, "integers >= 1")
+        require(self.model.get("name") in MODELS, "model", self.model.get("name"), ", ".join(MODELS))
+        require(self.seed >= 0, "seed", self.seed, "integers >= 0")
+        require(self.threads >= 1, "threads", self.threads, "integers >= 1")
         if self.data_root is not None and not Path(self.data_root).expanduser().is_dir():
-            raise FileNotFoundError(f"data_root={self.data_root!r} does not exist; allowed: an existing "
-                                    "directory, or null for $FWDGRAD_DATA / ~/.cache/fwdgrad/data")
+            raise FileNotFoundError(
+                f"data_root={self.data_root!r} does not exist; allowed: an existing "
+                "directory, or null for $FWDGRAD_DATA / ~/.cache/fwdgrad/data"
+            )
         q = self.quant
         if q.name not in ("auto", "fp32"):
             expect = f"w{q.weight_bits}a{q.act_bits}"
-            _check(q.name == expect, "quant", q.name, f"{expect} (the name must match the bits)")
+            require(q.name == expect, "quant", q.name, f"{expect} (the name must match the bits)")
+
+
+@dataclass
+class Config(TaskConfig):
+    """One training run: the task plus the method, its budget and the labels of its results."""
+
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    device: dict[str, Any] | None = None  # a fwdgrad/conf/device profile: the memory model must fit it
+    method_lr: dict[str, float] = field(default_factory=dict)  # per-method lr for presets comparing methods
+    variant: str = ""  # free label separating ablation arms in reports (e.g. "m1", "momentum")
+
+    def check(self) -> None:
+        super().check()
+        self.method.check()
+        self.train.check()
+        for name, lr in self.method_lr.items():
+            require(name in METHODS, "method_lr key", name, ", ".join(METHODS))
+            require(lr > 0, f"method_lr.{name}", lr, "> 0")
         scheme = self.scheme
-        if self.method.name in FLOAT_METHODS and scheme != "fp32":
-            raise ValueError(f"quant={scheme!r} is invalid for method {self.method.name!r}, which trains a "
-                             "float model; allowed: fp32 or auto (use qzo_ff or bp_qat for fixed point)")
-        if self.method.name in ("qzo_ff", "bp_qat") and scheme == "fp32":
-            raise ValueError(f"quant='fp32' is invalid for method {self.method.name!r}, which trains a "
-                             "quantized model; allowed: auto, w16a8, w8a8, w8a16, w16a16")
+        trains = spec(self.method.name).trains
+        if trains == "float" and scheme != "fp32":
+            raise ValueError(
+                f"quant={scheme!r} is invalid for method {self.method.name!r}, which trains a "
+                "float model; allowed: fp32 or auto (use qzo_ff or bp_qat for fixed point)"
+            )
+        if trains == "qmodel" and scheme == "fp32":
+            raise ValueError(
+                f"quant='fp32' is invalid for method {self.method.name!r}, which trains a "
+                "quantized model; allowed: auto, w16a8, w8a8, w8a16, w16a16"
+            )
 
     @property
     def lr(self) -> float:
@@ -235,12 +275,163 @@ class Config:
     @property
     def scheme(self) -> str:
         """The resolved number format: 'fp32' or a fixed-point scheme such as 'w16a8'."""
-        return self.method.default_quant if self.quant.name == "auto" else self.quant.name
+        return spec(self.method.name).default_quant if self.quant.name == "auto" else self.quant.name
+
+
+# ---------------------------------------------------------------------------------------- landscape
+PLANES = ("pca", "random")
+EVAL_MODES = ("integer", "fake", "float")
+EVAL_SPLITS = ("train", "test")
+PCA_WEIGHTINGS = ("equal", "none")
+NORMS = ("filter", "layer", "none")  # random directions (fwdgrad.analysis.landscape.NORMS)
+#: Methods a trajectory can follow step by step (bp_qat's float master weights are not observable).
+RUN_METHODS = tuple(name for name, s in REGISTRY.items() if s.trajectory)
+
+
+@dataclass
+class RunConfig:
+    """One trajectory: `fwdgrad.train.TrainConfig` fields (the scope, batch size and seed are shared)."""
+
+    method: str = MISSING
+    steps: int = MISSING
+    lr: float = 0.01
+    eps: float = 1e-3
+    m: int | None = None  # None: 3, or the value the method pins (zo_fp32: 1)
+    lr_schedule: str = "constant"
+    ff: dict[str, Any] = field(default_factory=dict)  # qzo_ff / zo_sgd options (headroom: weight_headroom)
+
+    @property
+    def samples(self) -> int:
+        return self.m if self.m is not None else spec(self.method).fixed.get("m", 3)
+
+    def check(self, label: str) -> None:
+        key = f"runs.{label}"
+        require(self.method in RUN_METHODS, f"{key}.method", self.method, ", ".join(RUN_METHODS))
+        require(self.steps >= 1, f"{key}.steps", self.steps, "integers >= 1")
+        check_hyper(self.method, self.lr, self.eps, self.samples, where=f"{key}.")
+        schedules = ", ".join(LR_SCHEDULES)
+        require(self.lr_schedule in LR_SCHEDULES, f"{key}.lr_schedule", self.lr_schedule, schedules)
+        if "weight_headroom" in self.ff:
+            raise ValueError(
+                f"{key}.ff.weight_headroom={self.ff['weight_headroom']!r} is invalid; allowed: unset (set "
+                "weight_headroom: applied once to the common start, for every run and the evaluator)"
+            )
+        opts = spec(self.method).ff_options
+        allowed = f"keys {', '.join(opts)}" if opts else "none for this method"
+        for k, v in self.ff.items():
+            require(k in opts, f"{key}.ff.{k}", v, allowed)
+
+
+@dataclass
+class LandscapeSettings:
+    plane: str = "pca"  # pca: top-2 PCA directions of the trajectories | random: filter-normalized
+    center: str = "start"  # plane origin: start | <run label> (that run's final point)
+    pca_weighting: str = "equal"  # equal: every run's snapshots weigh the same | none: raw displacements
+    grid: int = 21  # grid points per axis
+    margin: float = 0.25  # pca: room around the trajectories, as a fraction of their extent
+    span: float = 1.0  # random: coordinates in [-span, span]
+    norm: str = "filter"  # random directions: filter | layer | none
+    eval_mode: str = "integer"  # integer | fake (the QModel at re-quantized weights) | float (folded model)
+    eval_examples: int = 512
+    eval_split: str = "train"  # train | test (target task)
+    line_points: int = 41
+    seed: int = 0  # random directions
+
+    def check(self, runs: Sequence[str]) -> None:
+        choices = {"plane": PLANES, "eval_mode": EVAL_MODES, "eval_split": EVAL_SPLITS, "norm": NORMS}
+        choices |= {"pca_weighting": PCA_WEIGHTINGS, "center": ("start", *runs)}
+        for key, allowed in choices.items():
+            require(getattr(self, key) in allowed, f"landscape.{key}", getattr(self, key), ", ".join(allowed))
+        require(self.grid >= 2, "landscape.grid", self.grid, "integers >= 2")
+        for key in ("eval_examples", "line_points"):
+            require(getattr(self, key) >= 1, f"landscape.{key}", getattr(self, key), "integers >= 1")
+        require(self.margin >= 0, "landscape.margin", self.margin, ">= 0")
+        require(self.span > 0, "landscape.span", self.span, "> 0")
+
+
+@dataclass
+class SharpnessSettings:
+    enabled: bool = True
+    power_iters: int = 30  # top Hessian eigenvalue (float model, double backward)
+    rho: float = 0.02  # forward-only estimate: step rho * ||w_start|| along unit directions
+    directions: int = 32  # forward-only directions, and Hutchinson samples of the float trace
+    subspace: int = 6  # Ritz estimate of the max curvature over the first k directions
+
+    def check(self) -> None:
+        for key in ("power_iters", "directions", "subspace"):
+            require(getattr(self, key) >= 1, f"sharpness.{key}", getattr(self, key), "integers >= 1")
+        require(self.rho > 0, "sharpness.rho", self.rho, "> 0")
+
+
+@dataclass
+class LandscapeConfig(TaskConfig):
+    """The experiment's config: the task (`fwdgrad.config.TaskConfig`: data, model, quant = the common
+    start's format, mode = the training scope and so the landscape's tensors, pretrain, run settings), plus
+    the runs (label -> RunConfig, null drops one) and the landscape settings."""
+
+    runs: dict[str, Any] = field(default_factory=dict)  # label -> RunConfig fields, or null (no such run)
+    landscape: LandscapeSettings = field(default_factory=LandscapeSettings)
+    sharpness: SharpnessSettings = field(default_factory=SharpnessSettings)
+    snapshots: int = 20  # trajectory points per run: every steps/snapshots steps, plus start and end
+    batch_size: int = 64
+    weight_headroom: float = 4.0  # Δ_w of the landscape layers x this, once, at the start
+
+    def __post_init__(self):
+        self.runs = {label: _run_config(label, r) for label, r in self.runs.items()}
+
+    @property
+    def scheme(self) -> str:
+        return "w16a8" if self.quant.name == "auto" else self.quant.name
+
+    @property
+    def active_runs(self) -> dict[str, RunConfig]:
+        return {label: r for label, r in self.runs.items() if r is not None}
+
+    def check(self) -> None:
+        super().check()
+        self.sharpness.check()
+        transfer = "a source -> target transfer config such as digits (few-shot episodes are not supported)"
+        require(self.data.fewshot is None, "data", self.data.name, transfer)
+        fixed = "a fixed-point scheme such as w16a8 (landscape.eval_mode=float gives a float surface)"
+        require(self.scheme != "fp32", "quant", self.scheme, fixed)
+        require(bool(self.active_runs), "runs", {}, "at least one run, e.g. runs.bp={method:bp,steps:150}")
+        for label, r in self.active_runs.items():
+            r.check(label)
+        self.landscape.check(list(self.active_runs))
+        for key in ("snapshots", "batch_size"):
+            require(getattr(self, key) >= 1, key, getattr(self, key), "integers >= 1")
+        require(self.weight_headroom >= 1, "weight_headroom", self.weight_headroom, ">= 1")
+
+    def scope(self) -> dict:
+        """TrainConfig fields of the training scope (the `mode` group)."""
+        return {"scope": self.mode.name} | {k: v for k, v in vars(self.mode).items() if k != "name"}
+
+
+def _run_config(label: str, r) -> RunConfig | None:
+    """A `runs` entry as a checked-type RunConfig (a dict, not a typed node, so `+runs.x={...}` works)."""
+    if r is None or isinstance(r, RunConfig):
+        return r
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), r))
+    except OmegaConfBaseException as e:
+        keys = ", ".join(f.name for f in fields(RunConfig))
+        raise ValueError(
+            f"runs.{label}={r!r} is invalid; allowed: a mapping of {keys} with method and steps set "
+            f"({str(e).splitlines()[0]})"
+        ) from e
+
+
+def validate_landscape(cfg: DictConfig) -> LandscapeConfig:
+    """The composed config as checked dataclasses (raises a one-line ValueError on a bad value)."""
+    c = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LandscapeConfig), cfg))
+    c.check()
+    return c
 
 
 def register() -> None:
     """The schema, and `${fwdgrad_or:value,default}` (default when value is null; used for output dirs)."""
     ConfigStore.instance().store(name="fwdgrad_config", node=Config)
+    ConfigStore.instance().store(name="fwdgrad_landscape", node=LandscapeConfig)  # landscape.yaml
     if not OmegaConf.has_resolver("fwdgrad_or"):
         OmegaConf.register_new_resolver("fwdgrad_or", lambda v, default: default if v is None else v)
 

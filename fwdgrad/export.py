@@ -3,7 +3,7 @@
 The bundle (format in `fwdgrad.edge.bundle` and ``docs/edge.md``) carries everything the numpy runtime
 needs to run and fine-tune the model bit-for-bit with the PyTorch engine: the op graph, integer weights
 and biases, requantization multipliers/shifts, and the fixed-point training constants, all computed here
-with the engine's own code (`FixedPointSpace`, `quantize_multiplier`):
+with the same pure functions the engine's fixed-point space uses (`fwdgrad.ff.spaces`):
 
     ε_q = max(round(ε/Δ_w), eps_min_q)   (per tensor, or per channel)     1_q = round(127/z_max)
     (M_p, n_p):  r_p = 1/1_q ("one") or Δ_z ("delta_z") ≈ M_p·2^-n_p
@@ -40,8 +40,10 @@ from .engine.nodes import (
     Ref,
 )
 from .ff.estimators import make_distribution
-from .ff.spaces import ROUNDINGS, FixedPointSpace
-from .quant import QParams, quantize_multiplier
+from .ff.spaces import perturb_requant, size_lsb, update_requant
+from .fixed_point import PERTURB_SCALES, QUANT_DISTRIBUTIONS, ROUNDINGS, FixedPointSettings
+from .methods import check_hyper
+from .quant import QParams
 
 EXPORT_REQUANT = ("single", "gemmlowp")
 
@@ -254,43 +256,42 @@ def _preprocessing(pre: dict | None) -> dict | None:
     return out
 
 
-def _training(qmodel: QModel, exporter: _Exporter, names: list[str], s: dict) -> dict:
-    """The header's training section; constants computed by the engine's own `FixedPointSpace`."""
-    eps, lr, m = s["eps"], s["lr"], s["m"]
-    if not lr > 0 or not eps > 0:
-        raise ValueError(f"lr={lr!r} and eps={eps!r} must both be > 0")
-    if not isinstance(m, int) or m < 1:
-        raise ValueError(f"number of perturbations m={m!r} is invalid; allowed: integers >= 1")
-    if s["rounding"] not in ROUNDINGS:
-        raise ValueError(f"rounding {s['rounding']!r} is invalid; allowed: {ROUNDINGS}")
-    dist = make_distribution(s["distribution"], s["z_max"])
-    space = FixedPointSpace(
-        qmodel,
-        names,
-        dist,
-        eps,
-        seed=s["seed"],
-        masks=s["masks"],
-        rounding=s["rounding"],
-        perturb_scale=s["perturb_scale"],
-        eps_min_q=s["eps_min_q"],
-    )
-    p_shift = int(space.p_n) - 31
+def _training(
+    qmodel: QModel,
+    exporter: _Exporter,
+    names: list[str],
+    hp: dict,
+    fp: FixedPointSettings,
+    masks: dict | None,
+) -> dict:
+    """The header's training section: the constants of `fwdgrad.ff.spaces` (the same pure functions the
+    fixed-point space uses)."""
+    eps, lr, m = hp["eps"], hp["lr"], hp["m"]
+    check_hyper("qzo_ff", lr, eps, m)
+    nodes = qmodel.weight_nodes()
+    missing = [n for n in names if n not in nodes]
+    if missing:
+        raise ValueError(
+            f"trainable layers {missing} are not conv/linear layers of the model; allowed: {list(nodes)}"
+        )
+    dist = make_distribution(fp.distribution, fp.z_max)
+    p_mult, p_n = perturb_requant(dist, fp.perturb_scale)
     tensors = []
     for t, name in enumerate(names):
-        node = space.nodes[t]
+        node = nodes[name]
+        delta_w = node.w_qp.scale
         op = {"name": name, "arrays": {}}
-        exporter.add(op, "eps_q", _np(space.size_q(t, eps), np.int64))
-        mult, shift = quantize_multiplier(lr * dist.delta / space.delta_w(t))
+        exporter.add(op, "eps_q", _np(size_lsb(eps, delta_w, fp.eps_min_q), np.int64))
+        mult, shift = update_requant(lr, dist.delta, delta_w)
         if int((31 + shift).min()) < 1 or int((31 + shift).max()) > 62:
             raise ValueError(
-                f"{name}: update factor lr·Δ_z/Δ_w = {lr * dist.delta / space.delta_w(t).max():.3g} "
+                f"{name}: update factor lr·Δ_z/Δ_w = {lr * dist.delta / delta_w.max():.3g} "
                 "is outside the representable range [2^-32, 2^30); change lr"
             )
         exporter.add(op, "update_mult", _np(mult, np.int64))
         exporter.add(op, "update_shift", _np(shift, np.int64))
-        if t in space.masks:
-            exporter.add(op, "mask", _np(space.masks[t], bool))
+        if masks and name in masks:
+            exporter.add(op, "mask", _np(masks[name], bool))
         tensors.append(
             {
                 "name": name,
@@ -307,21 +308,21 @@ def _training(qmodel: QModel, exporter: _Exporter, names: list[str], s: dict) ->
     return {
         "method": "qzo_ff",
         "difference": "sign",
-        "distribution": s["distribution"],
+        "distribution": fp.distribution,
         "loss": "cross_entropy_f64",
         "trainable": names,
         "eps": float(eps),
         "lr": float(lr),
         "m": m,
-        "seed": int(s["seed"]),
+        "seed": int(hp["seed"]),
         "z_max": dist.z_max,
         "delta_z": dist.delta,
         "one_q": dist.one_q,
-        "rounding": s["rounding"],
-        "perturb_scale": s["perturb_scale"],
-        "eps_min_q": int(s["eps_min_q"]),
-        "perturb": {"mult": int(space.p_mult), "shift": p_shift, "n": int(space.p_n)},
-        "step": int(s["step"]),
+        "rounding": fp.rounding,
+        "perturb_scale": fp.perturb_scale,
+        "eps_min_q": int(fp.eps_min_q),
+        "perturb": {"mult": int(p_mult), "shift": int(p_n) - 31, "n": int(p_n)},
+        "step": int(hp["step"]),
         "tensors": tensors,
     }
 
@@ -334,24 +335,23 @@ def export_bundle(
     lr: float,
     m: int,
     seed: int,
-    z_max: float = 3.5,
-    rounding: str = "nearest",
-    perturb_scale: str = "one",
-    eps_min_q: int = 0,
+    settings: FixedPointSettings | None = None,
+    *,
     input_preprocessing: dict | None = None,
     meta: dict | None = None,
     masks: dict | None = None,
-    distribution: str = "qgaussian",
     step: int = 0,
+    **fixed_point,
 ) -> Bundle:
     """Write `qmodel` and its QZO-FF settings to one bundle file at `path`; returns the `Bundle`.
 
+    settings: the fixed-point options (or give its fields as keywords, e.g. rounding=...);
     trainable: conv/linear node names to fine-tune (None: all), in the order that defines tensor ids (as
     `qzo_ff(trainable=...)`); masks: {name: bool tensor} sparse-update masks (e.g. from `make_masks`);
     input_preprocessing: {"mean": [...], "std": [...], "shape": [C, H, W]} applied by the runtime to float
     inputs; step: the optimizer step the run continues from; meta: free JSON-serializable metadata.
     """
-    fallbacks = [f"{n.name} ({_describe(n)})" for n in qmodel.nodes if isinstance(n, QFallback)]
+    fallbacks = [f"{n.name} ({n.describe()})" for n in qmodel.nodes if isinstance(n, QFallback)]
     if fallbacks:
         raise ValueError(
             "cannot export: these nodes have no integer kernel (QFallback): " + ", ".join(fallbacks)
@@ -361,20 +361,9 @@ def export_bundle(
     exporter = _Exporter(qmodel)
     ops = [exporter.op(node) for node in qmodel.nodes]
     names = list(qmodel.weight_nodes()) if trainable is None else list(trainable)
-    settings = dict(
-        eps=eps,
-        lr=lr,
-        m=m,
-        seed=seed,
-        z_max=z_max,
-        rounding=rounding,
-        perturb_scale=perturb_scale,
-        eps_min_q=eps_min_q,
-        masks=masks,
-        distribution=distribution,
-        step=step,
-    )
-    training = _training(qmodel, exporter, names, settings)
+    fp = settings or FixedPointSettings(**fixed_point)
+    hp = {"eps": eps, "lr": lr, "m": m, "seed": seed, "step": step}
+    training = _training(qmodel, exporter, names, hp, fp, masks)
     first = next(op for op in ops if op["kind"] == "input")
     header = {
         "format": FORMAT,
@@ -399,11 +388,6 @@ def export_bundle(
     return bundle
 
 
-def _describe(node: QFallback) -> str:
-    call = node.call
-    return call.method if isinstance(call, MethodCall) else getattr(call, "__name__", type(call).__name__)
-
-
 def export_main(argv: list[str] | None = None) -> int:
     """``fwdgrad export CHECKPOINT OUTPUT [options]``: checkpoint = ``torch.save(qmodel)`` or
     ``{"model": qmodel, ...}``. Returns the exit status (0 ok, 2 bad input, with a one-line error)."""
@@ -417,9 +401,9 @@ def export_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trainable", nargs="+", default=None, help="conv/linear node names (default: all)")
     ap.add_argument("--z-max", type=float, default=3.5)
     ap.add_argument("--rounding", default="nearest", choices=ROUNDINGS)
-    ap.add_argument("--perturb-scale", default="one", choices=("one", "delta_z"))
+    ap.add_argument("--perturb-scale", default="one", choices=PERTURB_SCALES)
     ap.add_argument("--eps-min-q", type=int, default=0)
-    ap.add_argument("--distribution", default="qgaussian", choices=("qgaussian", "qrademacher"))
+    ap.add_argument("--distribution", default="qgaussian", choices=QUANT_DISTRIBUTIONS)
     ap.add_argument("--mean", type=float, nargs="+", help="per-channel input mean (preprocessing)")
     ap.add_argument("--std", type=float, nargs="+", help="per-channel input std (preprocessing)")
     ap.add_argument("--input-shape", type=int, nargs="+", help="per-sample input shape, e.g. 3 32 32")
@@ -434,6 +418,9 @@ def export_main(argv: list[str] | None = None) -> int:
             )
         pre = {"mean": args.mean, "std": args.std, "shape": args.input_shape}
         pre = {k: v for k, v in pre.items() if v is not None} or None
+        fp = FixedPointSettings(
+            args.distribution, args.z_max, args.rounding, args.perturb_scale, args.eps_min_q
+        )
         bundle = export_bundle(
             model,
             args.output,
@@ -442,13 +429,9 @@ def export_main(argv: list[str] | None = None) -> int:
             args.lr,
             args.m,
             args.seed,
-            args.z_max,
-            args.rounding,
-            args.perturb_scale,
-            args.eps_min_q,
-            pre,
-            {"source": args.checkpoint},
-            distribution=args.distribution,
+            fp,
+            input_preprocessing=pre,
+            meta={"source": args.checkpoint},
         )
     except (OSError, ValueError, BundleError, RuntimeError) as err:
         print(f"fwdgrad export: error: {err}", file=sys.stderr)

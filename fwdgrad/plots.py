@@ -29,9 +29,14 @@ def plot_curves(logs: dict[str, list[dict]], path: str | Path, title: str = "", 
     plt.close(fig)
 
 
-def plot_bars(groups: list[str], series: dict[str, list[tuple[float, float]]], path: str | Path,
-              ylabel: str = "test accuracy", title: str = "",
-              reference: dict[str, list[float]] | None = None) -> None:
+def plot_bars(
+    groups: list[str],
+    series: dict[str, list[tuple[float, float]]],
+    path: str | Path,
+    ylabel: str = "test accuracy",
+    title: str = "",
+    reference: dict[str, list[float]] | None = None,
+) -> None:
     """Grouped bar chart with error bars: `series[name][i]` = (mean, std) of that series in groups[i]
     (NaN mean: no bar). `reference[name][i]`, when given, is drawn as a black tick across that bar (e.g.
     the zero-shot accuracy the run started from)."""
@@ -42,8 +47,15 @@ def plot_bars(groups: list[str], series: dict[str, list[tuple[float, float]]], p
         xs = [i + (j - (n - 1) / 2) * width for i in range(len(groups))]
         ax.bar(xs, [v[0] for v in values], width, yerr=[v[1] for v in values], capsize=3, label=name)
         for x, r in zip(xs, (reference or {}).get(name, [])):
-            ax.hlines(r, x - width / 2, x + width / 2, colors="black", linestyles="--", linewidth=1.5,
-                      label="zero-shot" if j == 0 and x == xs[0] else None)
+            ax.hlines(
+                r,
+                x - width / 2,
+                x + width / 2,
+                colors="black",
+                linestyles="--",
+                linewidth=1.5,
+                label="zero-shot" if j == 0 and x == xs[0] else None,
+            )
     ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

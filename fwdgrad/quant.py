@@ -27,7 +27,6 @@ requantized value is within 1 LSB of round(acc * r) (tested over randomized rang
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -154,7 +153,7 @@ def compute_qparams(lo: torch.Tensor, hi: torch.Tensor, fmt: QFormat) -> QParams
     eps = torch.finfo(torch.float32).tiny * 2**20
     if fmt.symmetric:
         amax = torch.maximum(-lo, hi).clamp_min(eps)
-        scale = amax / fmt.qmax if fmt.signed else amax / fmt.qmax
+        scale = amax / fmt.qmax
         zp = torch.zeros_like(scale, dtype=torch.int64)
     else:
         scale = ((hi - lo) / (fmt.qmax - fmt.qmin)).clamp_min(eps)
@@ -403,16 +402,3 @@ def requantize(
         high = torch.where(both_min, torch.full_like(high, 2**31 - 1), high)
         return _rounding_shift_right(high, right)
     raise ValueError(f"requantization mode {mode!r} is invalid; allowed: {REQUANT_MODES}")
-
-
-def exact_round_scale(acc: torch.Tensor, real: float) -> torch.Tensor:
-    """Reference: round(acc * real) with exact rational arithmetic (Python ints), half away from zero."""
-    from fractions import Fraction
-
-    r = Fraction(real)
-    out = []
-    for a in acc.flatten().tolist():
-        v = a * r
-        f = math.floor(abs(v) + Fraction(1, 2))
-        out.append(f if v >= 0 else -f)
-    return torch.tensor(out, dtype=torch.int64).reshape(acc.shape)

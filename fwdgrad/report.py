@@ -20,8 +20,16 @@ from .analysis.memory import fmt_bytes
 from .plots import plot_bars
 
 KEYS = ("dataset", "model", "mode", "quant", "method", "variant")
-FIELDS = ("zero_shot_acc", "zero_shot_acc_quant", "test_acc", "steps", "forward_passes", "wall_s",
-          "peak_mem_bytes", "train_mem_bytes_model")
+FIELDS = (
+    "zero_shot_acc",
+    "zero_shot_acc_quant",
+    "test_acc",
+    "steps",
+    "forward_passes",
+    "wall_s",
+    "peak_mem_bytes",
+    "train_mem_bytes_model",
+)
 
 
 def collect(sweep_dir: str | Path) -> list[dict]:
@@ -57,8 +65,11 @@ def aggregate(runs: list[dict], by: tuple[str, ...] = ()) -> list[dict]:
         groups.setdefault(tuple(str(_value(r, k)) for k in keys), []).append(r)
     rows = []
     for key, members in sorted(groups.items()):
-        row = dict(zip(keys, key)) | {"n": len(members), "seeds": sorted(m.get("seed") for m in members),
-                                      "synthetic": any(m.get("synthetic") for m in members)}
+        row = dict(zip(keys, key)) | {
+            "n": len(members),
+            "seeds": sorted(m.get("seed") for m in members),
+            "synthetic": any(m.get("synthetic") for m in members),
+        }
         for f in FIELDS:
             vals = [float(m[f]) for m in members if m.get(f) is not None]
             row[f"{f}_mean"], row[f"{f}_std"] = _mean_std(vals) if vals else (math.nan, math.nan)
@@ -76,23 +87,30 @@ def _pm(mean: float, std: float, scale: float = 100, digits: int = 1) -> str:
 
 
 def markdown(rows: list[dict], by: tuple[str, ...] = ()) -> str:
-    head = ("| dataset | model | mode | quant | method | variant | " + "".join(f"{k} | " for k in by)
-            + "n | zero-shot % | quantized zero-shot % | test % | FF − BP (pts) | forward passes | wall s "
-            "| peak mem (measured) | train mem (model) |")
+    head = (
+        "| dataset | model | mode | quant | method | variant | "
+        + "".join(f"{k} | " for k in by)
+        + "n | zero-shot % | quantized zero-shot % | test % | FF − BP (pts) | forward passes | wall s "
+        "| peak mem (measured) | train mem (model) |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         gap = "" if math.isnan(r["gap_vs_bp"]) else f"{r['gap_vs_bp']:+.1f}"
-        mem = ["–" if math.isnan(r[f"{k}_mean"]) else fmt_bytes(r[f"{k}_mean"])
-               for k in ("peak_mem_bytes", "train_mem_bytes_model")]
+        mem = [
+            "–" if math.isnan(r[f"{k}_mean"]) else fmt_bytes(r[f"{k}_mean"])
+            for k in ("peak_mem_bytes", "train_mem_bytes_model")
+        ]
         dataset = r["dataset"] + (" (synthetic)" if r["synthetic"] else "")
         extra = "".join(f" | {r[k]}" for k in by)
-        lines.append(f"| {dataset} | {r['model']} | {r['mode']} | {r['quant']} | {r['method']} "
-                     f"| {r['variant']}{extra} | {r['n']} "
-                     f"| {_pm(r['zero_shot_acc_mean'], r['zero_shot_acc_std'])} "
-                     f"| {_pm(r['zero_shot_acc_quant_mean'], r['zero_shot_acc_quant_std'])} "
-                     f"| {_pm(r['test_acc_mean'], r['test_acc_std'])} | {gap} "
-                     f"| {r['forward_passes_mean']:,.0f} | {_pm(r['wall_s_mean'], r['wall_s_std'], 1)} "
-                     f"| {mem[0]} | {mem[1]} |")
+        lines.append(
+            f"| {dataset} | {r['model']} | {r['mode']} | {r['quant']} | {r['method']} "
+            f"| {r['variant']}{extra} | {r['n']} "
+            f"| {_pm(r['zero_shot_acc_mean'], r['zero_shot_acc_std'])} "
+            f"| {_pm(r['zero_shot_acc_quant_mean'], r['zero_shot_acc_quant_std'])} "
+            f"| {_pm(r['test_acc_mean'], r['test_acc_std'])} | {gap} "
+            f"| {r['forward_passes_mean']:,.0f} | {_pm(r['wall_s_mean'], r['wall_s_std'], 1)} "
+            f"| {mem[0]} | {mem[1]} |"
+        )
     return "\n".join(lines)
 
 
@@ -114,10 +132,18 @@ def plot(rows: list[dict], path: str | Path, by: tuple[str, ...] = ()) -> None:
         refs = start.setdefault(name, [math.nan] * len(groups))
         i = groups.index((r["dataset"], r["model"], r["mode"]))
         vals[i] = (r["test_acc_mean"], r["test_acc_std"])
-        refs[i] = r["zero_shot_acc_quant_mean"] if not math.isnan(r["zero_shot_acc_quant_mean"]) \
+        refs[i] = (
+            r["zero_shot_acc_quant_mean"]
+            if not math.isnan(r["zero_shot_acc_quant_mean"])
             else r["zero_shot_acc_mean"]
-    plot_bars(["/".join(g) for g in groups], series, path, reference=start,
-              title="test accuracy, mean ± std over seeds (dashes: zero-shot)")
+        )
+    plot_bars(
+        ["/".join(g) for g in groups],
+        series,
+        path,
+        reference=start,
+        title="test accuracy, mean ± std over seeds (dashes: zero-shot)",
+    )
 
 
 def report(sweep_dir: str | Path, out: str | Path | None = None, by: tuple[str, ...] = ()) -> str:
@@ -138,11 +164,16 @@ def report(sweep_dir: str | Path, out: str | Path | None = None, by: tuple[str, 
 
 def main_table(runs: list[dict]) -> str:
     """The main job's comparison table, one row per run."""
-    lines = ["| run | method | quant | zero-shot % | test % | steps | forward passes | wall s "
-             "| peak mem (measured) | train mem (modelled, on device) |", "|---" * 10 + "|"]
+    lines = [
+        "| run | method | quant | zero-shot % | test % | steps | forward passes | wall s "
+        "| peak mem (measured) | train mem (modelled, on device) |",
+        "|---" * 10 + "|",
+    ]
     for r in runs:
-        lines.append(f"| {r.get('label', r['method'])} | {r['method']} | {r['quant']} "
-                     f"| {100 * r['zero_shot_acc']:.1f} | {100 * r['test_acc']:.1f} | {r['steps']} "
-                     f"| {r['forward_passes']:,} | {r['wall_s']:.1f} | {fmt_bytes(r['peak_mem_bytes'])} "
-                     f"| {fmt_bytes(r['train_mem_bytes_model'])} |")
+        lines.append(
+            f"| {r.get('label', r['method'])} | {r['method']} | {r['quant']} "
+            f"| {100 * r['zero_shot_acc']:.1f} | {100 * r['test_acc']:.1f} | {r['steps']} "
+            f"| {r['forward_passes']:,} | {r['wall_s']:.1f} | {fmt_bytes(r['peak_mem_bytes'])} "
+            f"| {fmt_bytes(r['train_mem_bytes_model'])} |"
+        )
     return "\n".join(lines)

@@ -1,22 +1,21 @@
 """The shared training loop: backprop baselines and forward-gradient methods on the same data order,
 budget and evaluation, with atomic checkpoints and bit-identical resume.
 
-Methods (`METHODS`):
+Methods are specs in `fwdgrad.methods` (what each trains, its hyperparameters, its cost); each spec names a
+builder in `BUILDERS` below that makes its optimizer and its per-batch closure:
 
-| method          | model trained           | update                                                    |
-|-----------------|-------------------------|-----------------------------------------------------------|
-| bp              | float32                 | SGD on autograd gradients                                 |
-| bp_fp16/bp_bf16 | float32 master weights  | same, forward/backward under `torch.autocast` (fp16/bf16) |
-| bp_qat          | QModel, fake mode + STE | SGD on float master weights, re-quantized at the end      |
-| zo_fp32         | float32                 | SPSA central difference (`ForwardGradient`, FloatSpace)   |
-| sign_spsa_fp32  | float32                 | sign-m-SPSA in float (the paper's estimator, fp32)        |
-| qzo_ff          | QModel (integer/fake)   | QZO-FF: sign-m-SPSA in fixed point (FixedPointSpace)      |
-| jvp             | float32                 | forward-mode forward gradient (∇L·z) z                    |
+| builder | methods                  | update                                                           |
+|---------|--------------------------|------------------------------------------------------------------|
+| sgd     | bp, bp_fp16, bp_bf16     | SGD on autograd gradients (fp16/bf16: forward+backward autocast) |
+| qat     | bp_qat                   | SGD on float master weights through STE fake-quantized weights   |
+| zo      | zo_fp32, sign_spsa_fp32  | `ForwardGradient` on a FloatSpace (SPSA / sign-m-SPSA in float)  |
+| qzo     | qzo_ff                   | QZO-FF: sign-m-SPSA in fixed point (FixedPointSpace)             |
+| jvp     | jvp                      | forward-mode forward gradient (∇L·z) z                           |
 
 Every step draws the next batch from a seeded stream (epoch e is a permutation seeded by (seed, e)), so
 all methods see the same data order. Budgets are steps or forward passes (a BP step counts as
-`BP_FORWARD_EQUIVALENTS` = 3 forward passes, SPEC §2.4). All models run in eval mode (BatchNorm statistics
-frozen, as in the folded integer model).
+`BP_FORWARD_EQUIVALENTS` = 3 forward passes, docs/method.md). All models run in eval mode (BatchNorm
+statistics frozen, as in the folded integer model).
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -36,13 +36,14 @@ from .engine.model import QModel, chunk_rows
 from .ff.jvp import JVPForwardGradient, closure_for
 from .ff.masks import make_masks
 from .ff.optim import qzo_ff, zo_sgd
+from .measure import measure_peak_memory
+from .methods import BP_FORWARD_EQUIVALENTS, METHOD_NAMES, SCOPES, MethodSpec, check_hyper, spec
 from .models import head_params
-from .quant import fake_quantize, quantize
+from .quant import dequantize, fake_quantize, quantize
 
-METHODS = ("bp", "bp_fp16", "bp_bf16", "bp_qat", "zo_fp32", "sign_spsa_fp32", "qzo_ff", "jvp")
-TRAIN_MODES = ("ft", "lp", "sparse")
-BP_FORWARD_EQUIVALENTS = 3
+METHODS = METHOD_NAMES
 LR_SCHEDULES = ("constant", "cosine", "linear")
+__all__ = ["BP_FORWARD_EQUIVALENTS", "METHODS", "TrainConfig", "train", "evaluate"]
 
 
 def scheduled_lr(cfg: TrainConfig, step: int, total: int) -> float:
@@ -57,10 +58,12 @@ def scheduled_lr(cfg: TrainConfig, step: int, total: int) -> float:
 
 @dataclass
 class TrainConfig:
-    """What to train and for how long. `steps` or `forward_budget` (forward passes) sets the budget."""
+    """What to train and for how long. `steps` or `forward_budget` (forward passes) sets the budget.
+
+    scope (fwdgrad.methods.SCOPES; the `mode` config group): ft | lp (the last lp_layers layers) | sparse."""
 
     method: str = "qzo_ff"
-    mode: str = "lp"  # ft | lp | sparse
+    scope: str = "lp"
     lp_layers: int = 1
     sparse_kind: str = "topk"
     sparse_density: float = 0.1
@@ -77,15 +80,10 @@ class TrainConfig:
     ff: dict = field(default_factory=dict)  # extra options of qzo_ff / zo_sgd (rounding, momentum, ...)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r} is invalid; allowed: {METHODS}")
-        if self.mode not in TRAIN_MODES:
-            raise ValueError(f"training mode {self.mode!r} is invalid; allowed: {TRAIN_MODES}")
-        for name in ("lr", "eps"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: > 0")
-        if not isinstance(self.m, int) or self.m < 1:
-            raise ValueError(f"m={self.m!r} is invalid; allowed: integers >= 1")
+        spec(self.method)
+        if self.scope not in SCOPES:
+            raise ValueError(f"training scope {self.scope!r} is invalid; allowed: {SCOPES}")
+        check_hyper("qzo_ff", self.lr, self.eps, self.m)  # ranges (the values a method ignores included)
         if (self.steps is None) == (self.forward_budget is None):
             raise ValueError("give exactly one budget: steps or forward_budget")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -93,9 +91,29 @@ class TrainConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size!r} is invalid; allowed: >= 1")
 
+    @classmethod
+    def from_config(cls, c, seed: int | None = None) -> TrainConfig:
+        """From a validated `fwdgrad.config.Config`: method, training scope (`mode` group), train settings."""
+        scope = {k: v for k, v in vars(c.mode).items() if k != "name"}
+        return cls(
+            method=c.method.name,
+            scope=c.mode.name,
+            lr=c.lr,
+            eps=c.method.eps,
+            m=c.method.m,
+            seed=c.seed if seed is None else seed,
+            ff=dict(c.method.ff),
+            **scope,
+            **vars(c.train),
+        )
+
+    @property
+    def spec(self) -> MethodSpec:
+        return spec(self.method)
+
     @property
     def is_forward_only(self) -> bool:
-        return self.method not in ("bp", "bp_fp16", "bp_bf16", "bp_qat")
+        return self.spec.forward_only
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -142,103 +160,149 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 # --------------------------------------------------------------------------------------- methods
 def trainable_names(model: nn.Module, cfg: TrainConfig) -> list[str]:
-    """Float parameter names (or QModel conv/linear node names) that the training mode updates."""
+    """Float parameter names (or QModel conv/linear node names) that the training scope updates."""
     if isinstance(model, QModel):
         nodes = list(model.weight_nodes())
-        return nodes[-cfg.lp_layers :] if cfg.mode == "lp" else nodes
-    if cfg.mode == "lp":
+        return nodes[-cfg.lp_layers :] if cfg.scope == "lp" else nodes
+    if cfg.scope == "lp":
         return head_params(model, cfg.lp_layers)
     return [n for n, _ in model.named_parameters()]
 
 
+@dataclass
+class Built:
+    """What a builder makes: the optimizer, the closure for a batch, float master weights (QAT)."""
+
+    opt: Any
+    closure: Callable[[torch.Tensor, torch.Tensor], Callable]
+    forwards_per_step: int
+    master: dict[str, nn.Parameter] = field(default_factory=dict)
+
+
+def _float_params(model: nn.Module, names: list[str]) -> dict[str, nn.Parameter]:
+    """Marks exactly `names` as requiring grad; returns them in model order."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    return {n: p for n, p in model.named_parameters() if n in names}
+
+
+def _mask_gradients(params: dict[str, nn.Parameter], sparse: dict | None, seed: int) -> None:
+    """Sparse BP: gradient hooks that zero the entries outside each tensor's mask."""
+    if sparse:
+        masks = make_masks({n: p.detach() for n, p in params.items()}, seed=seed, **sparse)
+        for n, p in params.items():
+            p.register_hook(lambda g, mk=masks[n]: g * mk)
+
+
+def _bp_closure(opt, forward: Callable[[], torch.Tensor], y: torch.Tensor) -> Callable:
+    def closure():
+        opt.zero_grad()
+        with torch.enable_grad():
+            loss = F.cross_entropy(forward().float(), y)
+            loss.backward()
+        return loss
+
+    return closure
+
+
+def _build_sgd(model, cfg, names, sparse) -> Built:
+    """bp / bp_fp16 / bp_bf16: SGD on the float parameters, optionally under autocast."""
+    params = _float_params(model, names)
+    opt = torch.optim.SGD(list(params.values()), lr=cfg.lr)
+    _mask_gradients(params, sparse, cfg.seed)
+    dtype = getattr(torch, cfg.spec.autocast) if cfg.spec.autocast else None
+
+    def forward(x):
+        if dtype is None:
+            return model(x)
+        with torch.autocast(x.device.type, dtype=dtype):
+            return model(x)
+
+    return Built(opt, lambda x, y: _bp_closure(opt, lambda: forward(x), y), BP_FORWARD_EQUIVALENTS)
+
+
+def _build_qat(model, cfg, names, sparse) -> Built:
+    """bp_qat: float master weights, STE through their fake-quantized values in the QModel's fake mode."""
+    nodes = model.weight_nodes()
+    master = {n: nn.Parameter(dequantize(nodes[n].weight_q, nodes[n].w_qp)) for n in names}
+    opt = torch.optim.SGD(list(master.values()), lr=cfg.lr)
+    _mask_gradients(master, sparse, cfg.seed)
+
+    def weight_fn(name, node):
+        w = master.get(name)
+        return node.weight_q if w is None else w + (fake_quantize(w.detach(), node.w_qp) - w.detach())
+
+    def closure(x, y):
+        return _bp_closure(opt, lambda: model(x, mode="fake", weight_fn=weight_fn), y)
+
+    return Built(opt, closure, BP_FORWARD_EQUIVALENTS, master)
+
+
+def _forward_only_closure(model, frozen_upto: str | None = None):
+    """closure(x, y) for forward-only optimizers (never calls backward). With `frozen_upto` (a QModel node:
+    the first trainable one), the frozen prefix before it runs once per batch and every pass of the step
+    resumes from it (`QModel.run_prefix`): prefix weights are never perturbed, so this is bit-identical."""
+    if frozen_upto is None:
+        return lambda x, y: lambda: F.cross_entropy(model(x), y)
+
+    def closure(x, y):
+        with torch.no_grad():
+            prefix = model.run_prefix(x, frozen_upto)
+        return lambda: F.cross_entropy(model(x, prefix=prefix), y)
+
+    return closure
+
+
+def _build_zo(model, cfg, names, sparse) -> Built:
+    """zo_fp32 / sign_spsa_fp32: `ForwardGradient` on the float parameters."""
+    named = list(_float_params(model, names).items())
+    overrides = {} if "m" in cfg.spec.fixed else {"m": cfg.m}
+    opt = zo_sgd(named, cfg.lr, cfg.eps, cfg.spec.estimator, cfg.seed, sparse=sparse, **cfg.ff, **overrides)
+    return Built(opt, _forward_only_closure(model), opt.forwards_per_step)
+
+
+def _build_qzo(model, cfg, names, sparse) -> Built:
+    """qzo_ff: QZO-FF on the QModel's integer weights."""
+    opt = qzo_ff(model, cfg.lr, cfg.eps, cfg.m, cfg.seed, trainable=names, sparse=sparse, **cfg.ff)
+    first = next(n for n in model.weight_nodes() if n in names)  # the frozen prefix ends here
+    return Built(opt, _forward_only_closure(model, first), opt.forwards_per_step)
+
+
+def _build_jvp(model, cfg, names, sparse) -> Built:
+    """jvp: forward-mode forward gradient over m tangents."""
+    _float_params(model, names)
+    opt = JVPForwardGradient(model, cfg.lr, cfg.m, cfg.seed)
+    return Built(
+        opt, lambda x, y: closure_for(model, lambda f: F.cross_entropy(f(x), y)), opt.forwards_per_step
+    )
+
+
+BUILDERS: dict[str, Callable[..., Built]] = {
+    "sgd": _build_sgd,
+    "qat": _build_qat,
+    "zo": _build_zo,
+    "qzo": _build_qzo,
+    "jvp": _build_jvp,
+}
+
+
 class Method:
-    """A model, an optimizer with `.step(closure)`, and how a batch becomes a closure."""
+    """A model, the optimizer its method's builder made, and how a batch becomes a closure."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig):
         self.model, self.cfg = model, cfg
-        names = trainable_names(model, cfg)
-        sparse = {"kind": cfg.sparse_kind, "density": cfg.sparse_density} if cfg.mode == "sparse" else None
-        self.master: dict[str, torch.nn.Parameter] = {}
-        m = cfg.method
-        if m == "qzo_ff":
-            self._need(QModel)
-            self.opt = qzo_ff(
-                model, cfg.lr, cfg.eps, cfg.m, cfg.seed, trainable=names, sparse=sparse, **cfg.ff
-            )
-            self.forwards_per_step = self.opt.forwards_per_step
-            return
-        if m == "bp_qat":
-            self._need(QModel)
-            nodes = model.weight_nodes()
-            from .quant import dequantize
-
-            self.master = {n: nn.Parameter(dequantize(nodes[n].weight_q, nodes[n].w_qp)) for n in names}
-            params = list(self.master.values())
-        else:
-            if isinstance(model, QModel):
-                raise ValueError(f"method {m!r} trains a float model; quantize only for qzo_ff / bp_qat")
-            for n, p in model.named_parameters():
-                p.requires_grad_(n in names)
-            params = [p for n, p in model.named_parameters() if n in names]
-        if m in ("zo_fp32", "sign_spsa_fp32"):
-            est = "spsa" if m == "zo_fp32" else "sign_spsa"
-            named = [(n, p) for n, p in model.named_parameters() if n in names]
-            overrides = {"m": cfg.m} if m == "sign_spsa_fp32" else {}
-            self.opt = zo_sgd(named, cfg.lr, cfg.eps, est, cfg.seed, sparse=sparse, **cfg.ff, **overrides)
-            self.forwards_per_step = self.opt.forwards_per_step
-        elif m == "jvp":
-            self.opt = JVPForwardGradient(model, cfg.lr, cfg.m, cfg.seed)
-            self.forwards_per_step = self.opt.forwards_per_step
-        else:
-            self.opt = torch.optim.SGD(params, lr=cfg.lr)
-            self.forwards_per_step = BP_FORWARD_EQUIVALENTS
-            if sparse:
-                named = (
-                    dict(self.master)
-                    if self.master
-                    else {n: p for n, p in model.named_parameters() if n in names}
+        s = cfg.spec
+        if (s.trains == "qmodel") != isinstance(model, QModel):
+            if s.trains == "qmodel":
+                raise ValueError(
+                    f"method {cfg.method!r} needs a quantized model (QModel); set quant to a "
+                    "fixed-point scheme such as w16a8"
                 )
-                masks = make_masks({n: p.detach() for n, p in named.items()}, seed=cfg.seed, **sparse)
-                for n, p in named.items():
-                    p.register_hook(lambda g, mk=masks[n]: g * mk)
-        self.autocast = {"bp_fp16": torch.float16, "bp_bf16": torch.bfloat16}.get(m)
-
-    def _need(self, cls):
-        if not isinstance(self.model, cls):
-            raise ValueError(
-                f"method {self.cfg.method!r} needs a quantized model (QModel); set quant to a "
-                "fixed-point scheme such as w16a8"
-            )
-
-    def _qat_weight_fn(self, name, node):
-        """STE fake-quantized master weights (QAT)."""
-        w = self.master.get(name)
-        return node.weight_q if w is None else w + (fake_quantize(w.detach(), node.w_qp) - w.detach())
-
-    def closure(self, x: torch.Tensor, y: torch.Tensor) -> Callable:
-        model, m = self.model, self.cfg.method
-        if self.cfg.is_forward_only and m != "jvp":
-            return lambda: F.cross_entropy(model(x), y)  # forward only: never calls backward
-        if m == "jvp":
-            return closure_for(model, lambda f: F.cross_entropy(f(x), y))
-
-        def bp_closure():
-            self.opt.zero_grad()
-            with torch.enable_grad():
-                if m == "bp_qat":
-                    out = model(x, mode="fake", weight_fn=self._qat_weight_fn)
-                elif self.autocast is not None:
-                    with torch.autocast(
-                        "cpu" if x.device.type == "cpu" else x.device.type, dtype=self.autocast
-                    ):
-                        out = model(x)
-                else:
-                    out = model(x)
-                loss = F.cross_entropy(out.float(), y)
-                loss.backward()
-            return loss
-
-        return bp_closure
+            raise ValueError(f"method {cfg.method!r} trains a float model; quantize only for qzo_ff / bp_qat")
+        sparse = {"kind": cfg.sparse_kind, "density": cfg.sparse_density} if cfg.scope == "sparse" else None
+        built = BUILDERS[s.builder](model, cfg, trainable_names(model, cfg), sparse)
+        self.opt, self.closure, self.master = built.opt, built.closure, built.master
+        self.forwards_per_step = built.forwards_per_step
 
     def set_lr(self, lr: float) -> None:
         if isinstance(self.opt, torch.optim.Optimizer):
@@ -300,6 +364,42 @@ class TrainResult:
     log: list[dict]
 
 
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint stores besides the model, method and data position."""
+
+    step: int = 0
+    forward_passes: int = 0
+    wall_s: float = 0.0
+    log: list[dict] = field(default_factory=list)
+    peak: int = 0
+
+    def save(self, path: str | None, model: nn.Module, method: Method, stream: BatchStream, cfg) -> None:
+        if path:
+            save_checkpoint(
+                path,
+                {
+                    "model": model.state_dict(),
+                    "method": method.state_dict(),
+                    "stream": stream.state_dict(),
+                    "step": self.step,
+                    "forward_passes": self.forward_passes,
+                    "wall_s": self.wall_s,
+                    "log": self.log,
+                    "peak": self.peak,
+                    "config": vars(cfg),
+                },
+            )
+
+    @classmethod
+    def resume(cls, path: str, model: nn.Module, method: Method, stream: BatchStream) -> Progress:
+        s = load_checkpoint(path)
+        model.load_state_dict(s["model"])
+        method.load_state_dict(s["method"])
+        stream.load_state_dict(s["stream"])
+        return cls(s["step"], s["forward_passes"], s["wall_s"], s["log"], s["peak"])
+
+
 def train(
     model: nn.Module,
     cfg: TrainConfig,
@@ -322,72 +422,51 @@ def train(
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
-    step, forward_passes, wall, log, peak = 0, 0, 0.0, [], 0
-    if ckpt and resume and os.path.exists(ckpt):
-        s = load_checkpoint(ckpt)
-        model.load_state_dict(s["model"])
-        method.load_state_dict(s["method"])
-        stream.load_state_dict(s["stream"])
-        step, forward_passes, wall, log, peak = (
-            s["step"],
-            s["forward_passes"],
-            s["wall_s"],
-            s["log"],
-            s["peak"],
-        )
-
-    def checkpoint():
-        if ckpt:
-            save_checkpoint(
-                ckpt,
-                {
-                    "model": model.state_dict(),
-                    "method": method.state_dict(),
-                    "stream": stream.state_dict(),
-                    "step": step,
-                    "forward_passes": forward_passes,
-                    "wall_s": wall,
-                    "log": log,
-                    "peak": peak,
-                    "config": vars(cfg),
-                },
+    run = (
+        Progress.resume(ckpt, model, method, stream)
+        if ckpt and resume and os.path.exists(ckpt)
+        else Progress()
+    )
+    while run.step < total:
+        if stop_after is not None and run.step >= stop_after:  # simulated crash: no final checkpoint
+            return TrainResult(
+                model, run.step, run.forward_passes, float("nan"), run.wall_s, run.peak, run.log
             )
-
-    while step < total:
-        if stop_after is not None and step >= stop_after:  # simulated crash: no final checkpoint
-            return TrainResult(model, step, forward_passes, float("nan"), wall, peak, log)
         x, y = stream.next()
-        method.set_lr(scheduled_lr(cfg, step, total))
+        method.set_lr(scheduled_lr(cfg, run.step, total))
         t0 = time.perf_counter()
-        if step == 0:  # measure the peak memory of one real training step
-            loss, peak = _measured_step(method, x, y)
+        if run.step == 0:  # measure the peak memory of one real training step
+            loss, run.peak = _measured_step(method, x, y)
         else:
             loss = method.step(x, y)
-        wall += time.perf_counter() - t0
-        step += 1
-        forward_passes += method.forwards_per_step
-        row = {"step": step, "forward_passes": forward_passes, "loss": loss, "wall_s": round(wall, 4)}
+        run.wall_s += time.perf_counter() - t0
+        run.step += 1
+        run.forward_passes += method.forwards_per_step
+        row = {
+            "step": run.step,
+            "forward_passes": run.forward_passes,
+            "loss": loss,
+            "wall_s": round(run.wall_s, 4),
+        }
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {step}; lower lr (now {cfg.lr})")
-        if step % cfg.eval_every == 0 or step == total:
+            raise FloatingPointError(f"loss became {loss} at step {run.step}; lower lr (now {cfg.lr})")
+        if run.step % cfg.eval_every == 0 or run.step == total:
             row["test_acc"] = evaluate(model, *test_xy)
-        log.append(row)
+        run.log.append(row)
         if progress:
             progress(row)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            checkpoint()
+        if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
+            run.save(ckpt, model, method, stream, cfg)
     method.finish()
-    checkpoint()
+    run.save(ckpt, model, method, stream, cfg)
     if out_dir:
-        write_log(os.path.join(out_dir, "log.csv"), log)
+        write_log(os.path.join(out_dir, "log.csv"), run.log)
     acc = evaluate(model, *test_xy)
-    return TrainResult(model, step, forward_passes, acc, wall, peak, log)
+    return TrainResult(model, run.step, run.forward_passes, acc, run.wall_s, run.peak, run.log)
 
 
 def _measured_step(method: Method, x, y) -> tuple[float, int]:
     """One training step under the memory profiler: (loss, measured peak bytes)."""
-    from .analysis.memory import measure_peak_memory
-
     box = {}
     peak = measure_peak_memory(lambda: box.setdefault("loss", method.step(x, y)))
     return box["loss"], peak

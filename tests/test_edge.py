@@ -23,9 +23,9 @@ from fwdgrad.edge.__main__ import main as edge_main
 from fwdgrad.engine import convert
 from fwdgrad.export import export_bundle, export_main
 from fwdgrad.ff import qzo_ff
-from fwdgrad.ff.estimators import SR_STREAM
 from fwdgrad.models import build_model
 from fwdgrad.quant import dequantize
+from fwdgrad.rng.streams import SR_STREAM
 
 SHAPES = {"resnet8": (3, 16, 16), "ds_cnn": (1, 20, 25), "small_cnn": (1, 8, 8)}
 

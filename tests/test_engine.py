@@ -104,8 +104,10 @@ def test_w8a8_conv_matches_torch_x86(groups, stride, padding, dilation):
 def _exact_single(rq: Requantizer, acc: torch.Tensor) -> torch.Tensor:
     """floor((acc·M + 2^(n-1)) / 2^n) in Python integers, M and n per channel (dim 1)."""
     mult, n = rq.mult.expand(acc.shape[1]).tolist(), (31 + rq.shift).expand(acc.shape[1]).tolist()
-    out = [[(a * mult[c] + (1 << (n[c] - 1))) >> n[c] for a in acc[:, c].reshape(-1).tolist()]
-           for c in range(acc.shape[1])]
+    out = [
+        [(a * mult[c] + (1 << (n[c] - 1))) >> n[c] for a in acc[:, c].reshape(-1).tolist()]
+        for c in range(acc.shape[1])
+    ]
     return torch.tensor(out).reshape(acc.shape[1], acc.shape[0], *acc.shape[2:]).transpose(0, 1)
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fwdgrad import rng_np
+from fwdgrad import rng
 from fwdgrad.engine import convert
 from fwdgrad.ff import DIFFERENCES, DISTRIBUTIONS, Key, jvp_gradient, make_estimator, qzo_ff, zo_sgd
 from fwdgrad.ff.estimators import QuantGaussian
@@ -124,7 +124,7 @@ def test_paper_worked_example_constants():
 
 
 def test_hand_computed_qzo_ff_step_matches_exactly():
-    """Every integer of one QZO-FF step (m = 2) worked out with Python ints from SPEC §2.2."""
+    """Every integer of one QZO-FF step (m = 2) worked out with Python ints from docs/method.md."""
     w0 = [1000, -2000, 3000, 15, -7, 32000]
     delta_w, eps, lr, seed, m = 1e-4, 1e-3, 0.01, 7, 2
     q, node = one_layer(torch.tensor([w0], dtype=torch.int16), delta_w)
@@ -146,7 +146,7 @@ def test_hand_computed_qzo_ff_step_matches_exactly():
     mp, n_p = mult(1 / one_q)
     signs, zs = [], []
     for i in range(m):
-        z = rng_np.gaussian_q(seed, 0, i, 0, (1, 6)).reshape(-1).tolist()
+        z = rng.gaussian_q(seed, 0, i, 0, (1, 6)).reshape(-1).tolist()
         w_plus = [
             max(-32767, min(32767, ((w * one_q + eps_q * zi) * mp + (1 << (n_p - 1))) >> n_p))
             for w, zi in zip(w0, z)

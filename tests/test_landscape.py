@@ -16,16 +16,17 @@ from fwdgrad.analysis.landscape import (
     flatten,
     folded_float_model,
     interpolate,
-    main,
     normalize_direction,
     pca_directions,
     project,
     random_direction,
     random_plane,
     surface,
-    validate,
 )
 from fwdgrad.analysis.sharpness import forward_sharpness, hessian_trace, top_hessian_eigenvalue
+from fwdgrad.cli import main
+from fwdgrad.conf import CONF_DIR
+from fwdgrad.config import validate_landscape as validate
 from fwdgrad.engine import convert
 from fwdgrad.models import build_model
 
@@ -211,6 +212,13 @@ def test_prefix_reuse_gives_the_same_losses():
         for a in (0.0, 0.3, -0.7):
             p = combine(c, [d], [a])
             assert fast(p) == slow(p)
+    # the QModel's own prefix API, which QuantEvaluator uses: resuming from the frozen prefix is bit-exact
+    with torch.no_grad():
+        for mode in ("integer", "fake"):
+            prefix = q.run_prefix(x, head[0], mode=mode)
+            assert torch.equal(q(x, mode=mode, prefix=prefix), q(x, mode=mode))
+        with pytest.raises(ValueError, match="prefix computed in 'fake' mode"):
+            q(x, mode="integer", prefix=prefix)
     # the folded float model computes what the original does (eval-mode BatchNorm folded in)
     with torch.no_grad():
         assert torch.allclose(gm(x), model(x), atol=1e-5)
@@ -283,10 +291,13 @@ def test_sharpness_through_float_model_agrees():
 # ---------------------------------------------------------------------------------------- experiment
 def test_experiment_end_to_end_tiny(tmp_path):
     out = tmp_path / "run"
-    main(
+    rc = main(
         [
+            "landscape",
             f"hydra.run.dir={out}",
-            "pretrain.epochs=1",
+            f"cache_dir={tmp_path / 'cache'}",
+            "progress=false",
+            "pretrain.steps=20",
             "runs.bp.steps=4",
             "runs.ff.steps=4",
             "snapshots=2",
@@ -298,6 +309,7 @@ def test_experiment_end_to_end_tiny(tmp_path):
             "sharpness.subspace=2",
         ]
     )
+    assert rc == 0
     for f in ("landscape.npz", "landscape.json", "landscape_2d.png", "landscape_1d.png"):
         assert (out / f).is_file(), f
     summary = json.loads((out / "landscape.json").read_text())
@@ -312,30 +324,21 @@ def test_experiment_end_to_end_tiny(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "key,value,match",
+    "override,match",
     [
-        ("landscape.plane", "hessian", "landscape.plane='hessian' is invalid; allowed"),
-        ("landscape.eval_mode", "int", "landscape.eval_mode='int' is invalid"),
-        ("landscape.center", "nowhere", r"center='nowhere' is invalid; allowed: \('start', 'bp', 'ff'\)"),
-        ("runs.ff.method", "bp_qat", "runs.ff.method='bp_qat' is invalid"),
-        ("landscape.grid", 1, "landscape.grid=1 is invalid"),
-        ("quant.name", "fp32", "quant=fp32 is invalid here"),
+        ("landscape.plane=hessian", "landscape.plane='hessian' is invalid; allowed"),
+        ("landscape.eval_mode=int", "landscape.eval_mode='int' is invalid"),
+        ("landscape.center=nowhere", "landscape.center='nowhere' is invalid; allowed: start, bp, ff$"),
+        ("runs.ff.method=bp_qat", "runs.ff.method='bp_qat' is invalid"),
+        ("landscape.grid=1", "landscape.grid=1 is invalid"),
+        ("quant=fp32", "quant='fp32' is invalid; allowed: a fixed-point scheme"),
     ],
 )
-def test_bad_config_is_a_one_line_error(key, value, match):
+def test_bad_config_is_a_one_line_error(override, match):
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    from fwdgrad.analysis.landscape import conf_dir
-
-    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
-        cfg = OmegaConf.to_container(compose("landscape"), resolve=True)
-    cfg.pop("hydra", None)
-    section, _, leaf = key.rpartition(".")
-    node = cfg
-    for part in section.split("."):
-        node = node[part]
-    node[leaf] = value
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("landscape", overrides=[override])
     with pytest.raises(ValueError, match=match) as err:
         validate(cfg)
     assert "\n" not in str(err.value)

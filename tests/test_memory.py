@@ -8,12 +8,12 @@ from fwdgrad.analysis.memory import (
     FORMATS,
     RNG_STATE_BYTES,
     format_table,
-    measure_peak_memory,
     memory_breakdown,
     trace_model,
     trainable_for,
     vit_paper_comparison,
 )
+from fwdgrad.measure import measure_peak_memory
 from fwdgrad.models import build_model
 
 N = 4  # batch

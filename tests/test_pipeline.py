@@ -10,18 +10,44 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fwdgrad.config import CONF_DIR
+from fwdgrad.conf import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC_FIELDS = ("method", "quant", "dataset", "model", "mode", "seed", "steps", "forward_passes",
-               "zero_shot_acc", "test_acc", "wall_s", "peak_mem_bytes", "train_mem_bytes_model", "config",
-               "synthetic")
-TINY = ["train.steps=2", "train.eval_every=1", "pretrain.steps=2", "progress=false", "data.max_train=48",
-        "data.max_test=24"]
+METRICS_FIELDS = (
+    "method",
+    "quant",
+    "dataset",
+    "model",
+    "mode",
+    "seed",
+    "steps",
+    "forward_passes",
+    "zero_shot_acc",
+    "test_acc",
+    "wall_s",
+    "peak_mem_bytes",
+    "train_mem_bytes_model",
+    "config",
+    "synthetic",
+)
+TINY = [
+    "train.steps=2",
+    "train.eval_every=1",
+    "pretrain.steps=2",
+    "progress=false",
+    "data.max_train=48",
+    "data.max_test=24",
+]
 PER_PRESET = {
     "fewshot_vision": ["data.fewshot.episodes=2", "data.max_train=null", "data.max_test=null"],
-    "fewshot_audio": ["data.fewshot.episodes=2", "data.fewshot.n_query=1", "data.source.clips_per_word=4",
-                      "data.target.clips_per_word=2", "model.channels=8", "model.blocks=1"],
+    "fewshot_audio": [
+        "data.fewshot.episodes=2",
+        "data.fewshot.n_query=1",
+        "data.source.clips_per_word=4",
+        "data.target.clips_per_word=2",
+        "model.channels=8",
+        "model.blocks=1",
+    ],
     "ood": ["data.target.corruption=gaussian_noise", "model.width=0.25"],
     "crossdomain_lp": ["model.width=0.25"],
 }
@@ -32,8 +58,10 @@ def run(tmp_path, *overrides, out="run"):
     from fwdgrad.pipeline import run_experiment
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[*TINY, f"cache_dir={tmp_path / 'cache'}",
-                                           f"out_dir={tmp_path / out}", *overrides])
+        cfg = compose(
+            "config",
+            overrides=[*TINY, f"cache_dir={tmp_path / 'cache'}", f"out_dir={tmp_path / out}", *overrides],
+        )
     return run_experiment(cfg)
 
 
@@ -56,7 +84,7 @@ def need_data(preset):
 def test_preset_runs_end_to_end(tmp_path, preset):
     need_data(preset)
     m = run(tmp_path, f"experiment={preset}", *PER_PRESET.get(preset, []))
-    for k in SPEC_FIELDS:
+    for k in METRICS_FIELDS:
         assert k in m, k
     assert 0 <= m["zero_shot_acc"] <= 1 and 0 <= m["test_acc"] <= 1
     assert m["steps"] == 2 and m["forward_passes"] > 0
@@ -82,8 +110,9 @@ def test_metrics_and_source_cache(tmp_path):
     assert not c["source_cached"] and len(list((tmp_path / "cache" / "models").glob("*.pt"))) == 2
 
 
-@pytest.mark.parametrize("enhancement", ["momentum", "sharpness", "sparse", "kernel_norm",
-                                         "sharpness_kernel_norm"])
+@pytest.mark.parametrize(
+    "enhancement", ["momentum", "sharpness", "sparse", "kernel_norm", "sharpness_kernel_norm"]
+)
 def test_enhancements_run(tmp_path, enhancement):
     m = run(tmp_path, "experiment=ablation_enhancements", f"enhancement={enhancement}")
     assert m["variant"] == enhancement
@@ -115,9 +144,24 @@ def test_main_job_tiny(tmp_path, capsys):
 def test_joblib_multirun_and_report(tmp_path):
     sweep = tmp_path / "sweep"
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | {"FWDGRAD_CACHE": str(tmp_path)}
-    p = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "-m", "hydra/launcher=local",
-                        "experiment=main", "method=bp", "seed=0,1", "pretrain.seed=0", *TINY,
-                        f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, env=env, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "run.py"),
+            "-m",
+            "hydra/launcher=local",
+            "experiment=main",
+            "method=bp",
+            "seed=0,1",
+            "pretrain.seed=0",
+            *TINY,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert sorted(p.parent.name for p in sweep.rglob("metrics.json")) == ["0", "1"]
     from fwdgrad.cli import main
@@ -137,9 +181,11 @@ def test_cli_memory_and_usage(capsys):
     assert main(["--help"]) == 0
 
 
-@pytest.mark.parametrize("method, mode", [(m, "ft") for m in ("bp", "bp_fp16", "bp_bf16", "bp_qat", "zo_fp32",
-                                                           "sign_spsa_fp32", "qzo_ff", "jvp")]
-                         + [("bp", "sparse"), ("qzo_ff", "sparse")])
+@pytest.mark.parametrize(
+    "method, mode",
+    [(m, "ft") for m in ("bp", "bp_fp16", "bp_bf16", "bp_qat", "zo_fp32", "sign_spsa_fp32", "qzo_ff", "jvp")]
+    + [("bp", "sparse"), ("qzo_ff", "sparse")],
+)
 def test_every_method_and_mode(tmp_path, method, mode):
     m = run(tmp_path, f"method={method}", f"mode={mode}", "pretrain.seed=0")
     assert m["method"] == method and m["mode"] == mode and m["steps"] == 2

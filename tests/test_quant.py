@@ -1,5 +1,7 @@
 """Fixed-point primitives: formats, rounding, observers, requantization."""
 
+import math
+
 import pytest
 import torch
 
@@ -11,7 +13,6 @@ from fwdgrad.quant import (
     QParams,
     compute_qparams,
     dequantize,
-    exact_round_scale,
     make_observer,
     quantize,
     quantize_multiplier,
@@ -26,6 +27,19 @@ FORMATS = [
     QFormat(bits=4, signed=True, symmetric=False),
     QFormat(bits=12, signed=True, symmetric=True, pow2_scale=True),
 ]
+
+
+def exact_round_scale(acc: torch.Tensor, real: float) -> torch.Tensor:
+    """Reference: round(acc * real) with exact rational arithmetic (Python ints), half away from zero."""
+    from fractions import Fraction
+
+    r = Fraction(real)
+    out = []
+    for a in acc.flatten().tolist():
+        v = a * r
+        f = math.floor(abs(v) + Fraction(1, 2))
+        out.append(f if v >= 0 else -f)
+    return torch.tensor(out, dtype=torch.int64).reshape(acc.shape)
 
 
 @pytest.mark.parametrize("mode", ROUNDING_MODES)
@@ -155,8 +169,12 @@ def test_single_rounding_is_exact_for_wide_accumulators():
     for real in (0.7, 3e-4, 1.5e-9):
         m, s = quantize_multiplier(real)
         n = 31 + int(s)
-        acc = torch.cat([torch.randint(-(2**47), 2**47, (400,), generator=g),
-                         torch.tensor([-(2**47), 2**47 - 1, -(2**32) - 1, 2**32 + 1])])
+        acc = torch.cat(
+            [
+                torch.randint(-(2**47), 2**47, (400,), generator=g),
+                torch.tensor([-(2**47), 2**47 - 1, -(2**32) - 1, 2**32 + 1]),
+            ]
+        )
         got = requantize(acc, m, s, "single")
         ref = [(a * int(m) + (1 << (n - 1))) >> n for a in acc.tolist()]
         assert got.tolist() == ref, real

@@ -9,10 +9,23 @@ from fwdgrad.report import aggregate, collect, main_table, report
 
 
 def write_run(root, name, **kw):
-    m = {"dataset": "digits", "model": "small_cnn", "mode": "lp", "quant": "fp32", "method": "bp",
-         "variant": "",
-         "seed": 0, "steps": 10, "forward_passes": 30, "zero_shot_acc": 0.2, "test_acc": 0.9, "wall_s": 1.0,
-         "peak_mem_bytes": 1000, "train_mem_bytes_model": 2000, "synthetic": False} | kw
+    m = {
+        "dataset": "digits",
+        "model": "small_cnn",
+        "mode": "lp",
+        "quant": "fp32",
+        "method": "bp",
+        "variant": "",
+        "seed": 0,
+        "steps": 10,
+        "forward_passes": 30,
+        "zero_shot_acc": 0.2,
+        "test_acc": 0.9,
+        "wall_s": 1.0,
+        "peak_mem_bytes": 1000,
+        "train_mem_bytes_model": 2000,
+        "synthetic": False,
+    } | kw
     (root / name).mkdir(parents=True)
     (root / name / "metrics.json").write_text(json.dumps(m))
 
@@ -21,10 +34,26 @@ def write_run(root, name, **kw):
 def sweep(tmp_path):
     write_run(tmp_path, "0", seed=0, test_acc=0.90)
     write_run(tmp_path, "1", seed=1, test_acc=0.80)
-    write_run(tmp_path, "2", seed=0, method="qzo_ff", quant="w16a8", test_acc=0.80, forward_passes=60,
-              zero_shot_acc_quant=0.19)
-    write_run(tmp_path, "3", seed=1, method="qzo_ff", quant="w16a8", test_acc=0.70, forward_passes=60,
-              zero_shot_acc_quant=0.17)
+    write_run(
+        tmp_path,
+        "2",
+        seed=0,
+        method="qzo_ff",
+        quant="w16a8",
+        test_acc=0.80,
+        forward_passes=60,
+        zero_shot_acc_quant=0.19,
+    )
+    write_run(
+        tmp_path,
+        "3",
+        seed=1,
+        method="qzo_ff",
+        quant="w16a8",
+        test_acc=0.70,
+        forward_passes=60,
+        zero_shot_acc_quant=0.17,
+    )
     write_run(tmp_path, "sub/4", seed=0, method="qzo_ff", quant="w16a8", mode="ft", test_acc=0.5)
     return tmp_path
 
@@ -57,8 +86,17 @@ def test_report_empty_dir_is_a_clear_error(tmp_path):
 
 
 def test_main_table():
-    run = {"label": "qzo", "method": "qzo_ff", "quant": "w16a8", "zero_shot_acc": 0.25, "test_acc": 0.8,
-           "steps": 600, "forward_passes": 3600, "wall_s": 12.34, "peak_mem_bytes": 2_000_000,
-           "train_mem_bytes_model": 300_000}
+    run = {
+        "label": "qzo",
+        "method": "qzo_ff",
+        "quant": "w16a8",
+        "zero_shot_acc": 0.25,
+        "test_acc": 0.8,
+        "steps": 600,
+        "forward_passes": 3600,
+        "wall_s": 12.34,
+        "peak_mem_bytes": 2_000_000,
+        "train_mem_bytes_model": 300_000,
+    }
     row = "| qzo | qzo_ff | w16a8 | 25.0 | 80.0 | 600 | 3,600 | 12.3 | 2.00 MB | 300.00 kB |"
     assert row in main_table([run])

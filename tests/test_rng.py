@@ -1,4 +1,4 @@
-"""Tests of the integer counter-based perturbation sampler (fwdgrad.rng_np / fwdgrad.rng)."""
+"""Tests of the integer counter-based perturbation sampler (fwdgrad.rng.reference, fwdgrad.rng.torch_port)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from fwdgrad import rng as rt
-from fwdgrad import rng_np as rn
+from fwdgrad.rng import reference as rn
+from fwdgrad.rng import torch_port as rt
 
 N_STAT = 1 << 20
 KEY = (20240917, 3, 1, 7)
@@ -31,9 +31,10 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.fixture(autouse=True)
 def _torch_kernels(monkeypatch):
-    """fwdgrad.rng hands CPU requests to the (faster) numpy code; the tests here pin the torch integer
-    kernels themselves, on every device, against numpy."""
+    """fwdgrad.rng.torch_port hands CPU requests to the (faster) numpy code; the tests here pin the torch
+    integer kernels themselves, on every device, against numpy."""
     monkeypatch.setattr(rt, "_on_cpu", lambda device: False)
+
 
 def _phi(x: float) -> float:
     return 0.5 * math.erfc(-x / math.sqrt(2.0))
@@ -285,7 +286,7 @@ def test_rademacher_and_uniform():
 
 def test_numpy_module_does_not_import_torch():
     code = (
-        "import sys; import fwdgrad.rng_np as r; r.gaussian_q(1, 2, 3, 4, (5, 5)); "
+        "import sys; import fwdgrad.rng as r; r.gaussian_q(1, 2, 3, 4, (5, 5)); "
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')); "
         "assert not bad, bad"
     )

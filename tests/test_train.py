@@ -40,7 +40,7 @@ def _model_for(method, model, calib, scheme="w16a8"):
 def test_every_method_trains_through_the_same_loop(method, digits_task):
     model, calib, train_xy, test_xy = digits_task
     m = _model_for(method, model, calib)
-    cfg = TrainConfig(method=method, mode="lp", lr=0.05, m=2, steps=3, eval_every=2, batch_size=32)
+    cfg = TrainConfig(method=method, scope="lp", lr=0.05, m=2, steps=3, eval_every=2, batch_size=32)
     r = train(m, cfg, train_xy, test_xy)
     assert r.steps == 3 and len(r.log) == 3 and "test_acc" in r.log[1]
     per_step = {"bp": 3, "bp_fp16": 3, "bp_bf16": 3, "bp_qat": 3, "jvp": 2, "zo_fp32": 2}.get(method, 4)
@@ -73,7 +73,7 @@ def test_resume_after_interrupt_equals_uninterrupted(method, digits_task, tmp_pa
     model, calib, train_xy, test_xy = digits_task
     cfg = TrainConfig(
         method=method,
-        mode="ft",
+        scope="ft",
         lr=0.02,
         m=2,
         steps=9,
@@ -102,7 +102,7 @@ def test_bad_training_values_are_clear_errors():
         ({"eps": 0.0}, "eps=0.0"),
         ({"lr": -1.0}, "lr=-1.0"),
         ({"method": "adam"}, "'adam'"),
-        ({"mode": "full"}, "'full'"),
+        ({"scope": "full"}, "'full'"),
         ({"lr_schedule": "step"}, "'step'"),
     ]:
         with pytest.raises(ValueError, match=msg):
@@ -110,13 +110,13 @@ def test_bad_training_values_are_clear_errors():
 
 
 def test_w8a8_paper_scheme_stalls_because_eps_rounds_to_zero(digits_task):
-    """SPEC §2.2: with 8-bit weights ε_q = round(ε/Δ_w) = 0, the ±ε passes are identical, every sign is 0
-    and nothing trains (the paper's 51-53% 8w8a result)."""
+    """docs/method.md#the-fixed-point-formulation: with 8-bit weights ε_q = round(ε/Δ_w) = 0, the ±ε
+    passes are identical, every sign is 0 and nothing trains (the paper's 51-53% 8w8a result)."""
     model, calib, train_xy, test_xy = digits_task
     q = _model_for("qzo_ff", model, calib, "w8a8")
     before = {n: node.weight_q.clone() for n, node in q.weight_nodes().items()}
     zero_shot = evaluate(q, *test_xy)
-    cfg = TrainConfig(method="qzo_ff", mode="lp", lr=0.05, m=3, steps=20, eval_every=100)
+    cfg = TrainConfig(method="qzo_ff", scope="lp", lr=0.05, m=3, steps=20, eval_every=100)
     r = train(q, cfg, train_xy, test_xy)
     from fwdgrad.ff import qzo_ff
 
@@ -134,14 +134,14 @@ def test_qzo_ff_w16a8_converges_within_5_points_of_fp32_bp(digits_task):
     zero_shot = evaluate(model, *test_xy)
     bp = train(
         copy.deepcopy(model),
-        TrainConfig(method="bp", mode="lp", lr=0.1, steps=1000, lr_schedule="cosine", eval_every=10**9),
+        TrainConfig(method="bp", scope="lp", lr=0.1, steps=1000, lr_schedule="cosine", eval_every=10**9),
         train_xy,
         test_xy,
     )
     q = _model_for("qzo_ff", model, calib)
     cfg = TrainConfig(
         method="qzo_ff",
-        mode="lp",
+        scope="lp",
         lr=0.1,
         eps=3e-2,
         m=3,

@@ -22,10 +22,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ..conf import CONF_DIR
+from ..methods import BP_FORWARD_EQUIVALENTS
 from .memory import FORMATS, MemoryBreakdown, fmt_bytes, trace_model
 
 DEVICE_DIR = CONF_DIR / "device"
-BP_PASSES_PER_STEP = 3
 _FIELDS = ("name", "sram_bytes", "flash_bytes", "formats", "accumulator_bits", "macs_per_s", "notes")
 
 
@@ -138,7 +138,7 @@ def check_fit(device: DeviceProfile | str, breakdown: MemoryBreakdown) -> FitRep
             f"device {d.name} does not support format {b.fmt!r}; supported: {list(d.formats)}"
         )
     sram = b.trainable_weights + b.scratch + b.gradients + b.optimizer_state + b.perturbation + b.masks
-    passes = 2 * b.m if b.method == "ff" else BP_PASSES_PER_STEP
+    passes = 2 * b.m if b.method == "ff" else BP_FORWARD_EQUIVALENTS
     return FitReport(d, b, sram, b.weights, passes, b.forward_macs * passes / d.macs_per_s)
 
 

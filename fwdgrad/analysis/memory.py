@@ -53,7 +53,6 @@ prefix reuse): the live-buffer peak is unchanged, the cache of prefix outputs is
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -63,10 +62,10 @@ from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fwdgrad.models import head_params
+from ..methods import SCOPES, check_count
+from ..models import head_params
 
 METHODS = ("bp", "ff")
-MODES = ("ft", "lp", "sparse")
 OPTIMIZERS = {"sgd": 0, "momentum": 1, "adam": 2}
 Z_STORAGE = ("layer", "full")
 MASK_STORAGE = ("bitmap", "seeded")
@@ -160,10 +159,6 @@ class ModelTrace:
     saved: set[int] = field(default_factory=set)
     inputs: set[int] = field(default_factory=set)
     outputs: set[int] = field(default_factory=set)
-
-    def saved_bytes(self, act_bytes: int) -> int:
-        """Bytes of the activations autograd keeps for the backward."""
-        return sum(self.storages[s].bytes(act_bytes) for s in self.saved)
 
     def peak_live_bytes(self, act_bytes: int, keep_saved: bool = False) -> int:
         """Peak over ops of the live activation bytes (tensor lives from first write/input to last read).
@@ -355,7 +350,7 @@ class MemoryBreakdown:
 
 def trainable_for(model: nn.Module, mode: str, lp_layers: int = 1) -> list[str]:
     """Parameter names trained in ``mode``: all for "ft"/"sparse", the last ``lp_layers`` layers for "lp"."""
-    _check("mode", mode, MODES)
+    _check("mode", mode, SCOPES)
     if mode == "lp":
         return head_params(model, lp_layers)
     return [n for n, _ in model.named_parameters()]
@@ -378,15 +373,14 @@ def breakdown_from_trace(
     _check("method", method, METHODS)
     if trace.backward != (method == "bp"):
         raise ValueError(f"method {method!r} needs a trace with backward={method == 'bp'}")
-    _check("mode", mode, MODES)
+    _check("mode", mode, SCOPES)
     _check("optimizer", optimizer, OPTIMIZERS)
     _check("z_storage", z_storage, Z_STORAGE)
     _check("mask_storage", mask_storage, MASK_STORAGE)
     f = get_format(fmt)
     if mode == "sparse" and not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
-    if m < 1:
-        raise ValueError(f"m (perturbations per step) must be >= 1, got {m}")
+    check_count("m", m)
     frac = density if mode == "sparse" else 1.0
     n_train = sum(trace.params[n] for n in trace.trainable)
     n_upd = math.ceil(frac * n_train)
@@ -477,45 +471,8 @@ def format_table(
     return "\n".join(rows)
 
 
-def measure_peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") -> int:
-    """Measured peak bytes allocated by torch while running ``fn()`` above the level before it.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: ``torch.profiler``
-    with ``profile_memory=True`` records every allocation (+bytes) and free (-bytes) of torch's CPU
-    allocator, kernels' internal workspaces included; the result is the maximum of the running sum of
-    those deltas in time order. Memory not allocated through torch (Python objects, numpy) is not seen;
-    tensors that already exist when ``fn`` starts count only if ``fn`` frees them (as negative deltas).
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-
-    # kineto logs profiler_start/stop and a "gpuGetDeviceCount failed" ERROR line on CPU-only machines at
-    # its default level; 6 silences them (a KINETO_LOG_LEVEL the user set wins). Read at profiler start.
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    allocs = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        stack.extend(event.children)
-        if event.tag.name == "Allocation":
-            allocs.append((event.start_time_ns, event.extra_fields.alloc_size))
-    peak = live = 0
-    for _, delta in sorted(allocs):
-        live += delta
-        peak = max(peak, live)
-    return peak
-
-
-#: The QZO-FF paper's ViT-tiny (DeiT-tiny) full fine-tuning scratch figures, bytes (SPEC section 2.4).
+#: The QZO-FF paper's ViT-tiny (DeiT-tiny) full fine-tuning scratch figures, bytes
+#: (docs/method.md#memory-and-compute-model).
 PAPER_VIT_SCRATCH = {"bp_fp16": 31.64e6, "ff_fp16": 11.43e6, "ff_sparse_fixed": 0.40e6}
 
 

@@ -1,4 +1,5 @@
-"""Seeded N-way K-shot episode sampling over a labelled set (few-shot evaluation, SPEC section 2.5).
+"""Seeded N-way K-shot episode sampling over a labelled set (few-shot evaluation,
+docs/method.md#benchmarks-and-offline-data).
 
 An episode draws ``n_way`` classes from the allowed (held-out) classes, then ``k_shot`` support and
 ``n_query`` query examples per class, without overlap. Indices refer to the labelled set; episode

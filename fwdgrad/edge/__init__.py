@@ -1,6 +1,6 @@
 """numpy-only edge runtime: load a bundle, run integer inference, fine-tune with QZO-FF on the device.
 
-Imports numpy (and `fwdgrad.rng_np`) only, never torch. See ``docs/edge.md``.
+Imports numpy (and `fwdgrad.rng`) only, never torch. See ``docs/edge.md``.
 """
 
 from .bundle import FORMAT, VERSION, Bundle, BundleError, load_bundle, save_bundle

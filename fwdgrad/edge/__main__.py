@@ -20,12 +20,11 @@ import time
 
 import numpy as np
 
-from .. import rng_np
+from .. import rng
+from ..rng.streams import DATA_STREAM
 from .bundle import BundleError, load_bundle, save_bundle
 from .runtime import Runtime
 from .train import Trainer, evaluate
-
-DATA_STREAM = 1 << 23  # sample-index offset of the batch-order permutation stream
 
 
 def peak_rss_mib() -> float:
@@ -52,7 +51,7 @@ def load_data(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def batch_indices(seed: int, step: int, batch: int, n: int) -> np.ndarray:
-    perm = np.argsort(rng_np.hash_words(seed, 0, DATA_STREAM, 0, n), kind="stable")
+    perm = np.argsort(rng.hash_words(seed, 0, DATA_STREAM, 0, n), kind="stable")
     return perm[(step * batch + np.arange(batch)) % n]
 
 

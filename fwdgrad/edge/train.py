@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import rng_np
+from .. import rng
+from ..rng.streams import SR_STREAM
 from .bundle import Bundle
 from .runtime import Prefix, Runtime
 
-SR_STREAM = (
-    1 << 20
-)  # sample-index offset of the stochastic-rounding streams (= fwdgrad.ff.estimators.SR_STREAM)
-SAMPLERS = {"qgaussian": rng_np.gaussian_q, "qrademacher": rng_np.rademacher_q}
+SAMPLERS = {"qgaussian": rng.gaussian_q, "qrademacher": rng.rademacher_q}
 
 
 def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
@@ -92,7 +90,7 @@ class Trainer:
     def _words(self, step: int, stream: int, t: int, w: np.ndarray) -> np.ndarray | None:
         if self.rounding != "stochastic":
             return None
-        words = rng_np.hash_words(self.seed, step, SR_STREAM + stream, t, w.size)
+        words = rng.hash_words(self.seed, step, SR_STREAM + stream, t, w.size)
         return words.astype(np.int64).reshape(w.shape)
 
     def perturbed_weight(self, step: int, t: int, sample: int, sign: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 from .convert import SCHEMES, Scheme, convert, fold_batchnorm
 from .intops import AccumulatorSpec, OverflowStats
-from .model import MODES, QModel
+from .model import ENGINE_MODES, Prefix, QModel
 from .nodes import ExecContext, QConv2d, QLinear, QNode, QWeighted
 
 __all__ = [
@@ -12,7 +12,8 @@ __all__ = [
     "fold_batchnorm",
     "AccumulatorSpec",
     "OverflowStats",
-    "MODES",
+    "ENGINE_MODES",
+    "Prefix",
     "QModel",
     "ExecContext",
     "QConv2d",

@@ -323,10 +323,11 @@ class _Builder:
             or (n.op == "call_method" and n.target in LAYOUT_METHODS)
         ) and first_qp is not None:
             return QLayout(n.name, inputs, first_qp, call, args, kwargs)
+        node = QFallback(n.name, inputs, self.in_qps(inputs), qp.get(n.name), call, args, kwargs)
         computes = mod is not None or (n.name in qp and n.target is not operator.getitem)
         if computes and n.target not in STRUCTURAL:
-            self.fallbacks.append(f"{n.name} ({_describe(n, mod)})")
-        return QFallback(n.name, inputs, self.in_qps(inputs), qp.get(n.name), call, args, kwargs)
+            self.fallbacks.append(f"{n.name} ({node.describe()})")
+        return node
 
     def weighted(self, name, inputs, mod, in_qp, out_qp, act):
         w = mod.weight.detach().double()
@@ -378,9 +379,3 @@ def _plain_avgpool(mod) -> bool:
     if isinstance(mod, nn.AdaptiveAvgPool2d):
         return True
     return mod.count_include_pad and not mod.ceil_mode and mod.divisor_override is None
-
-
-def _describe(n: fx.Node, mod) -> str:
-    if mod is not None:
-        return type(mod).__name__
-    return getattr(n.target, "__name__", str(n.target))

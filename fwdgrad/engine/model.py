@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -13,7 +14,7 @@ from ..quant import dequantize
 from .intops import AccumulatorSpec, OverflowStats
 from .nodes import ExecContext, QNode, QWeighted
 
-MODES = ("integer", "fake")
+ENGINE_MODES = ("integer", "fake")  # how the engine computes: exact integers, or fake-quant float
 
 #: Input elements per chunk when many examples go through a model without autograd (evaluation,
 #: calibration). Fresh multi-MB activation buffers are served by mmap and page-faulted in on every call;
@@ -28,12 +29,23 @@ def chunk_rows(x: torch.Tensor, max_rows: int = 512) -> int:
     return min(max_rows, max(1, CHUNK_ELEMENTS // max(1, x[0].numel()))) if len(x) else 1
 
 
+@dataclass(frozen=True)
+class Prefix:
+    """What `QModel.run_prefix` computed once: the live values (by node name) that the nodes from index
+    `start` on read, and the execution mode they were computed in."""
+
+    values: dict[str, torch.Tensor]
+    start: int
+    mode: str
+
+
 class QModel(nn.Module):
     """A converted model. The integer weights live in each `QWeighted` node's `weight_q` buffer.
 
     forward(x) takes float inputs and returns float (dequantized) logits. `weight_fn(name, node)`, when
     given, returns the integer weights a node should use for this pass — how forward-gradient training
-    perturbs weights on the fly without touching the stored ones.
+    perturbs weights on the fly without touching the stored ones. `run_prefix(x, upto)` runs the frozen
+    nodes before `upto` once; `run`/`forward(x, prefix=...)` resume from that `Prefix` (DeepZero's reuse).
     """
 
     def __init__(
@@ -52,16 +64,6 @@ class QModel(nn.Module):
         self.stats = OverflowStats()
         self._last_use = self._liveness()
         self._weight_fn: Callable | None = None
-        self._prefix_start: int | None = None
-        self._prefix: tuple | None = None
-
-    def set_prefix_cache(self, first_varying: str | None) -> None:
-        """Reuse the frozen prefix (DeepZero): while a `weight_fn` is active, the outputs of the nodes before
-        `first_varying` are computed once per input tensor and reused by every further pass on that same
-        tensor object (e.g. the 2m perturbed passes of one forward-gradient step). None disables it."""
-        names = [n.name for n in self.nodes]
-        self._prefix_start = None if first_varying is None else names.index(first_varying)
-        self._prefix = None
 
     @contextmanager
     def using_weights(self, weight_fn: Callable):
@@ -79,8 +81,8 @@ class QModel(nn.Module):
 
     @mode.setter
     def mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise ValueError(f"execution mode {mode!r} is invalid; allowed: {MODES}")
+        if mode not in ENGINE_MODES:
+            raise ValueError(f"execution mode {mode!r} is invalid; allowed: {ENGINE_MODES}")
         self._mode = mode
 
     def _liveness(self) -> dict[str, int]:
@@ -96,38 +98,69 @@ class QModel(nn.Module):
         return OrderedDict((n.name, n) for n in self.nodes if isinstance(n, QWeighted))
 
     def run(
-        self, x: torch.Tensor, mode: str | None = None, weight_fn: Callable | None = None, keep: bool = False
+        self,
+        x: torch.Tensor,
+        mode: str | None = None,
+        weight_fn: Callable | None = None,
+        keep: bool = False,
+        prefix: Prefix | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Execute the graph. Returns the raw output value (integers in integer mode), or with keep=True a
-        dict of every node's output."""
+        dict of every node's output (from `prefix.start` on, with a prefix). With `prefix` (from
+        `run_prefix` on the same input, in the same mode), execution resumes from its saved values."""
+        ctx = self._context(mode, weight_fn)
+        if prefix is None:
+            env, start = {}, 0
+        else:
+            if prefix.mode != ctx.mode:
+                raise ValueError(f"prefix computed in {prefix.mode!r} mode cannot resume a {ctx.mode!r} pass")
+            env, start = dict(prefix.values), prefix.start
+        env = self._execute(env, x, ctx, start, len(self.nodes), keep)
+        return env if keep else env[self.output]
+
+    def run_prefix(
+        self, x: torch.Tensor, upto: str, mode: str | None = None, weight_fn: Callable | None = None
+    ) -> Prefix:
+        """The frozen prefix (DeepZero): the live values that the nodes from `upto` on read, computed once
+        by running the nodes before it. Every pass on `x` whose weights differ only from `upto` on (e.g. the
+        2m perturbed passes of a forward-gradient step that trains `upto` and later layers) can resume from
+        it with `run(x, prefix=...)` / `forward(x, prefix=...)`, bit-identically."""
+        names = [n.name for n in self.nodes]
+        if upto not in names:
+            raise ValueError(f"node {upto!r} is not in the model; allowed: {names}")
+        ctx = self._context(mode, weight_fn)
+        stop = names.index(upto)
+        return Prefix(self._execute({}, x, ctx, 0, stop, keep=False), stop, ctx.mode)
+
+    def _context(self, mode: str | None, weight_fn: Callable | None) -> ExecContext:
         ctx = ExecContext(mode or self.mode, weight_fn or self._weight_fn, self.acc, self.requant, self.stats)
-        if ctx.mode not in MODES:
-            raise ValueError(f"execution mode {ctx.mode!r} is invalid; allowed: {MODES}")
-        env: dict[str, object] = {}
-        start, b = 0, self._prefix_start
-        cache = b is not None and ctx.weight_fn is not None and not keep
-        key = (x, x._version, ctx.mode) if cache else None
-        if cache and self._prefix is not None and self._prefix[0][0] is x and self._prefix[0][1:] == key[1:]:
-            env, start = dict(self._prefix[1]), b
-        for i in range(start, len(self.nodes)):
+        if ctx.mode not in ENGINE_MODES:
+            raise ValueError(f"execution mode {ctx.mode!r} is invalid; allowed: {ENGINE_MODES}")
+        return ctx
+
+    def _execute(self, env: dict, x: torch.Tensor, ctx: ExecContext, start: int, stop: int, keep: bool):
+        """Run nodes [start, stop) on `env`; without keep, a value is freed after its last reader."""
+        for i in range(start, stop):
             node = self.nodes[i]
-            if cache and i == b and start == 0:
-                self._prefix = (key, dict(env))
             args = [x] if node.kind == "input" else [env[name] for name in node.inputs]
             env[node.name] = node(*args, ctx=ctx)
             if not keep:
                 for name in node.inputs:
                     if self._last_use.get(name) == i and name != self.output:
                         del env[name]
-        return env if keep else env[self.output]
+        return env
 
     def output_qparams(self):
         return next(n.out_qp for n in self.nodes if n.name == self.output)
 
     def forward(
-        self, x: torch.Tensor, mode: str | None = None, weight_fn: Callable | None = None
+        self,
+        x: torch.Tensor,
+        mode: str | None = None,
+        weight_fn: Callable | None = None,
+        prefix: Prefix | None = None,
     ) -> torch.Tensor:
-        out = self.run(x, mode, weight_fn)
+        out = self.run(x, mode, weight_fn, prefix=prefix)
         if (mode or self.mode) == "integer":
             return dequantize(out, self.output_qparams())
         return out

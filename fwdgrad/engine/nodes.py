@@ -79,9 +79,6 @@ class QNode(nn.Module):
     def forward(self, *xs, ctx: ExecContext):
         return self.int_forward(*xs, ctx=ctx) if ctx.mode == "integer" else self.fake_forward(*xs, ctx=ctx)
 
-    def out_range(self) -> tuple[int, int]:
-        return self.out_qp.fmt.qmin, self.out_qp.fmt.qmax
-
 
 class Requantizer:
     """acc (int64, scale s_acc) → output integers at `out_qp`: sat(round(acc · r) + zp_out, lo, hi).
@@ -120,7 +117,7 @@ class Requantizer:
         return y.add_(self.zp).clamp_(self.lo, self.hi).to(torch.float32)
 
     def single_float64(self, acc: torch.Tensor, amax: int) -> torch.Tensor | None:
-        """"single" rounding floor((acc·M + 2^(n-1)) / 2^n), n = 31 + shift, in float64 (acc consumed), or
+        """ "single" rounding floor((acc·M + 2^(n-1)) / 2^n), n = 31 + shift, in float64 (acc consumed), or
         None where float64 cannot be exact for |acc| <= amax.
 
         Exact whenever every intermediate is an integer below 2^53; then it gives the int64 path's integers,
@@ -469,6 +466,11 @@ class QFallback(QLayout):
     def __init__(self, name, inputs, in_qps: list[QParams | None], out_qp, call, args, kwargs):
         super().__init__(name, inputs, out_qp, call, args, kwargs)
         self.in_qps = in_qps
+
+    def describe(self) -> str:
+        """What runs in float: the tensor method's name, the function's name or the module's type."""
+        call = self.call
+        return getattr(call, "method", None) or getattr(call, "__name__", type(call).__name__)
 
     def int_forward(self, *xs, ctx):
         xs = [

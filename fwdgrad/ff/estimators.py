@@ -4,7 +4,7 @@ An estimator is (difference formula, perturbation distribution, number of sample
 
     ĝ = (1/m) Σ_i c_i · z_i,   z_i ~ distribution, regenerated from (seed, step, i, tensor)
 
-with the per-sample coefficient c_i given by the difference formula (SPEC §2.1):
+with the per-sample coefficient c_i given by the difference formula (docs/method.md#estimators):
 
 * ``central``  c = [L(w+εz) − L(w−εz)] / (2ε)          SPSA, two forwards per sample
 * ``one_sided`` c = [L(w+εz) − L(w)] / ε                one forward per sample + one shared L(w)
@@ -22,10 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import rng, rng_np
-
-SR_STREAM = 1 << 20  # sample-index offset of the random streams used for stochastic rounding
-SAM_STREAM = 1 << 21  # sample-index offset of the sharpness-aware ascent directions
+from .. import rng
+from ..methods import check_count
+from ..rng import torch_port
 
 
 @dataclass(frozen=True)
@@ -135,14 +134,14 @@ class Sphere(Distribution):
 
 
 class QuantDistribution(Distribution):
-    """An 8-bit symmetric distribution with static scale Δ_z = z_max/127 (SPEC §2.2)."""
+    """An 8-bit symmetric distribution with static scale Δ_z = z_max/127 (docs/method.md)."""
 
     integer = True
 
     def __init__(self, z_max: float = 3.5):
-        self.z_max = rng_np.check_z_max(z_max)
+        self.z_max = rng.check_z_max(z_max)
         self.delta = self.z_max / 127.0
-        self.one_q = rng_np.one_q(self.z_max)  # the constant 1.0 on z's scale, round(1/Δ_z)
+        self.one_q = rng.one_q(self.z_max)  # the constant 1.0 on z's scale, round(1/Δ_z)
 
     def sample(self, key, shape, device=None, dtype=torch.float32):
         return self.sample_q(key, shape, device).to(dtype) * self.delta
@@ -154,7 +153,7 @@ class QuantGaussian(QuantDistribution):
     name = "qgaussian"
 
     def sample_q(self, key, shape, device=None):
-        return rng.gaussian_q(
+        return torch_port.gaussian_q(
             key.seed, key.step, key.sample, key.tensor, shape, z_max=self.z_max, device=device
         )
 
@@ -165,7 +164,7 @@ class QuantRademacher(QuantDistribution):
     name = "qrademacher"
 
     def sample_q(self, key, shape, device=None):
-        return rng.rademacher_q(
+        return torch_port.rademacher_q(
             key.seed, key.step, key.sample, key.tensor, shape, z_max=self.z_max, device=device
         )
 
@@ -195,8 +194,7 @@ class Estimator:
     m: int = 1
 
     def __post_init__(self):
-        if not isinstance(self.m, int) or self.m < 1:
-            raise ValueError(f"number of perturbations m={self.m!r} is invalid; allowed: integers >= 1")
+        check_count("m", self.m)
 
     @property
     def forwards_per_step(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, jvp
 
+from ..methods import check_count, check_positive
 from .estimators import Distribution, Gaussian, Key
 
 
@@ -46,8 +47,8 @@ class JVPForwardGradient:
     parameter tensors to the loss (use `closure_for(model, loss_fn)`)."""
 
     def __init__(self, model: torch.nn.Module, lr: float, m: int = 1, seed: int = 0):
-        if not lr > 0:
-            raise ValueError(f"learning rate lr={lr!r} is invalid; allowed: > 0")
+        check_positive("lr", lr)
+        check_count("m", m)
         self.model, self.lr, self.m, self.seed = model, lr, m, seed
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.step_count = self.forward_passes = 0

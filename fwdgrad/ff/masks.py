@@ -1,4 +1,5 @@
-"""Sparse-update masks (SPEC §2.3.3): which entries of each trainable tensor are perturbed and updated.
+"""Sparse-update masks (docs/method.md#sparse-update-masks): which entries of each trainable tensor are
+perturbed and updated.
 
 * ``topk``      the `density` fraction of largest-magnitude entries of each tensor
 * ``random``    a uniformly random `density` fraction, from its own seeded generator (never the global RNG)
@@ -14,10 +15,10 @@ import math
 
 import torch
 
+from ..rng.streams import MASK_STREAM
 from .estimators import Key, _generator
 
 MASK_KINDS = ("topk", "random", "threshold")
-MASK_STREAM = 1 << 22
 
 
 def make_masks(

@@ -18,7 +18,10 @@ from __future__ import annotations
 import torch
 
 from ..engine.model import QModel
-from .estimators import SAM_STREAM, Estimator, preset
+from ..fixed_point import FixedPointSettings
+from ..methods import check_positive
+from ..rng.streams import SAM_STREAM
+from .estimators import Estimator, preset
 from .masks import make_masks
 from .spaces import FixedPointSpace, FloatSpace, MomentumGuided, Space, Term
 
@@ -33,10 +36,8 @@ class ForwardGradient:
     def __init__(
         self, space: Space, estimator: Estimator, lr: float, eps: float, sharpness_rho: float | None = None
     ):
-        if not lr > 0:
-            raise ValueError(f"learning rate lr={lr!r} is invalid; allowed: > 0")
-        if not eps > 0:
-            raise ValueError(f"perturbation size eps={eps!r} is invalid; allowed: > 0")
+        check_positive("lr", lr)
+        check_positive("eps", eps)
         if sharpness_rho is not None and not sharpness_rho > 0:
             raise ValueError(f"sharpness_rho={sharpness_rho!r} is invalid; allowed: > 0 or None")
         self.space, self.estimator, self.lr, self.eps = space, estimator, lr, eps
@@ -119,15 +120,15 @@ def qzo_ff(
     sharpness_rho: float | None = None,
     weight_headroom: float = 1.0,
 ) -> ForwardGradient:
-    """QZO-FF on a QModel: sign-m-SPSA with 8-bit z, integer perturbation and update (SPEC §2.2).
+    """QZO-FF on a QModel: sign-m-SPSA with 8-bit z, integer perturbation and update
+    (docs/method.md#the-fixed-point-formulation).
 
     trainable: names of the conv/linear nodes to train (default: all); everything else is never perturbed.
     sparse: e.g. {"kind": "topk", "density": 0.1} (see `fwdgrad.ff.masks`).
     weight_headroom: the trainable layers' Δ_w is multiplied by this once before training, so weights can
     grow by that factor before saturating (costs log2(headroom) bits of precision; 1 = the paper).
     """
-    if not weight_headroom >= 1.0:
-        raise ValueError(f"weight_headroom={weight_headroom!r} is invalid; allowed: >= 1")
+    settings = FixedPointSettings(distribution, z_max, rounding, perturb_scale, eps_min_q, weight_headroom)
     est = preset("qzo_ff", m=m, distribution=distribution, z_max=z_max)
     names = list(model.weight_nodes()) if trainable is None else list(trainable)
     if weight_headroom != 1.0:
@@ -137,19 +138,7 @@ def qzo_ff(
                 node.set_weight_scale(node.w_qp.scale * weight_headroom)
     weights = {n: model.weight_nodes()[n].weight_q for n in names if n in model.weight_nodes()}
     masks = make_masks(weights, seed=seed, **sparse) if sparse else None
-    space = FixedPointSpace(
-        model,
-        names,
-        est.distribution,
-        eps,
-        seed,
-        masks,
-        _momentum(momentum),
-        kernel_norm,
-        rounding,
-        perturb_scale,
-        eps_min_q,
-    )
+    space = FixedPointSpace(model, names, settings, seed, masks, _momentum(momentum), kernel_norm)
     return ForwardGradient(space, est, lr, eps, sharpness_rho)
 
 

@@ -8,7 +8,7 @@ A *space* owns the trainable tensors (ids 0..T-1, in forward order) and knows ho
 
 `FloatSpace` perturbs nn.Parameters in place (MeZO); `FixedPointSpace` perturbs the integer weights of a
 `QModel` on the fly inside its forward pass (the stored integers change only at the update), in the exact
-fixed-point arithmetic of SPEC §2.2 / QZO-FF:
+fixed-point arithmetic of QZO-FF (docs/method.md#the-fixed-point-formulation):
 
     1_q = round(1/Δ_z),  ε_q = round(ε/Δ_w)
     w_q± = sat_b( round( (w_q·1_q ± ε_q·z_q) · r_p ) )         r_p = 1/1_q (default) or Δ_z (paper literal)
@@ -27,12 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import rng
 from ..engine.model import QModel
+from ..fixed_point import ROUNDINGS, FixedPointSettings
 from ..quant import quantize_multiplier
-from .estimators import SR_STREAM, Distribution, Key, QuantDistribution
-
-ROUNDINGS = ("nearest", "floor", "stochastic")
+from ..rng import torch_port
+from ..rng.streams import SR_STREAM
+from .estimators import Distribution, Key, QuantDistribution, make_distribution
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,9 @@ class Term:
 
 @dataclass
 class MomentumGuided:
-    """Momentum-guided sampling (SPEC §2.3.1): z = β·z₁ + (1−β)·z₂, z₁ ~ N(0, α), z₂ ~ N(h, 1−α), with h the
-    previous step's gradient estimate rescaled to unit RMS. β = 1 for the first `warmup` steps."""
+    """Momentum-guided sampling (docs/method.md#momentum-guided-sampling): z = β·z₁ + (1−β)·z₂,
+    z₁ ~ N(0, α), z₂ ~ N(h, 1−α), with h the previous step's gradient estimate rescaled to unit RMS.
+    β = 1 for the first `warmup` steps."""
 
     alpha: float = 0.5
     beta: float = 0.5
@@ -161,7 +162,7 @@ class FloatSpace(Space):
 
 
 def _kernel_normalized(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """z^i/‖z^i‖·‖w^i‖ per kernel i (output channel), SPEC §2.3.4."""
+    """z^i/‖z^i‖·‖w^i‖ per kernel i (output channel); docs/method.md#kernel-wise-normalisation."""
     zn = z.reshape(z.shape[0], -1).norm(dim=1).clamp_min(1e-12)
     wn = w.reshape(w.shape[0], -1).norm(dim=1)
     return z * (wn / zn).reshape([-1] + [1] * (z.dim() - 1))
@@ -189,32 +190,43 @@ def shift_round(
     raise ValueError(f"rounding {rounding!r} is invalid; allowed: {ROUNDINGS}")
 
 
+def perturb_requant(dist: QuantDistribution, perturb_scale: str) -> tuple[int, int]:
+    """(M_p, n_p) with r_p ≈ M_p·2^-n_p: r_p = 1/1_q ("one") or Δ_z ("delta_z") brings w_q·1_q ± ε_q·z_q back
+    to the weight scale."""
+    r_p = 1.0 / dist.one_q if perturb_scale == "one" else dist.delta
+    mult, shift = quantize_multiplier(r_p)
+    return mult, 31 + shift
+
+
+def size_lsb(size: float, delta_w: torch.Tensor, eps_min_q: int = 0) -> torch.Tensor:
+    """A real perturbation size (ε or ρ) in weight LSBs: round(size/Δ_w), at least eps_min_q."""
+    q = torch.round(size / delta_w).to(torch.int64)
+    return q.clamp_min(eps_min_q) if eps_min_q else q
+
+
+def update_requant(lr: float, delta_z: float, delta_w: torch.Tensor):
+    """(M_u, s_u) with η·Δ_z/Δ_w ≈ M_u·2^-(31+s_u) (per channel when Δ_w is)."""
+    return quantize_multiplier(lr * delta_z / delta_w)
+
+
 class FixedPointSpace(Space):
-    """The integer weights of a QModel, perturbed on the fly and updated in fixed point (module docstring)."""
+    """The integer weights of a QModel, perturbed on the fly and updated in fixed point (module docstring).
+
+    settings: the fixed-point options (`fwdgrad.fixed_point.FixedPointSettings`); the weight headroom in it
+    is applied by `qzo_ff` before the space is built."""
 
     def __init__(
         self,
         model: QModel,
         names: list[str],
-        distribution: Distribution,
-        eps: float,
+        settings: FixedPointSettings | None = None,
         seed: int = 0,
         masks=None,
         momentum=None,
         kernel_norm=False,
-        rounding: str = "nearest",
-        perturb_scale: str = "one",
-        eps_min_q: int = 0,
     ):
-        if not isinstance(distribution, QuantDistribution):
-            raise ValueError(
-                f"distribution {distribution.name!r} is float; fixed-point training needs an 8-bit "
-                "one: 'qgaussian' or 'qrademacher'"
-            )
-        if rounding not in ROUNDINGS:
-            raise ValueError(f"rounding {rounding!r} is invalid; allowed: {ROUNDINGS}")
-        if perturb_scale not in ("one", "delta_z"):
-            raise ValueError(f"perturb_scale {perturb_scale!r} is invalid; allowed: 'one', 'delta_z'")
+        settings = settings or FixedPointSettings()
+        distribution = make_distribution(settings.distribution, settings.z_max)
         super().__init__(names, distribution, seed, masks, momentum, kernel_norm)
         nodes = model.weight_nodes()
         missing = [n for n in names if n not in nodes]
@@ -223,14 +235,9 @@ class FixedPointSpace(Space):
                 f"trainable layers {missing} are not conv/linear layers of the model; allowed: {list(nodes)}"
             )
         self.model, self.nodes = model, [nodes[n] for n in names]
-        model.set_prefix_cache(next(n for n in nodes if n in names))  # frozen prefix computed once per batch
         self.index = {n: t for t, n in enumerate(names)}
-        self.rounding, self.perturb_scale, self.eps_min_q = rounding, perturb_scale, eps_min_q
-        self.eps = eps
-        one = distribution.one_q
-        r_p = 1.0 / one if perturb_scale == "one" else distribution.delta
-        self.p_mult, p_shift = quantize_multiplier(r_p)
-        self.p_n = 31 + p_shift
+        self.settings, self.rounding = settings, settings.rounding
+        self.p_mult, self.p_n = perturb_requant(distribution, settings.perturb_scale)
         self.saturations = {"perturb": 0, "update": 0}
 
     # -- per-tensor constants ---------------------------------------------------------------------
@@ -241,9 +248,8 @@ class FixedPointSpace(Space):
         return self.nodes[t].w_qp.scale
 
     def size_q(self, t: int, size: float) -> torch.Tensor:
-        """A real perturbation size (ε or ρ) in weight LSBs: round(size/Δ_w), at least eps_min_q."""
-        q = torch.round(size / self.delta_w(t)).to(torch.int64)
-        return q.clamp_min(self.eps_min_q) if self.eps_min_q else q
+        """A real perturbation size (ε or ρ) in tensor t's weight LSBs (`size_lsb`)."""
+        return size_lsb(size, self.delta_w(t), self.settings.eps_min_q)
 
     def _noise(self, step, sample, t, shape, device):
         return self.dist.sample_q(self.key(step, sample, t), shape, device).to(torch.int64)
@@ -253,7 +259,7 @@ class FixedPointSpace(Space):
         return ((a * n1 + b * h + c * n2 + (1 << 14)) >> 15).clamp(-127, 127)
 
     def _words(self, step, stream, t, n, device):
-        return rng.hash_words(self.seed, step, SR_STREAM + stream, t, n, device=device)
+        return torch_port.hash_words(self.seed, step, SR_STREAM + stream, t, n, device=device)
 
     # -- perturbation -----------------------------------------------------------------------------
     def perturbed_weight(self, step: int, t: int, terms: list[Term]) -> torch.Tensor:
@@ -309,7 +315,7 @@ class FixedPointSpace(Space):
                 upd, g = self._kernel_norm_update(step, t, coeffs, lr, w, words)
             else:
                 g = self.gradient_q(step, t, coeffs, w.shape, w.device)
-                mult, shift = quantize_multiplier(lr * self.dist.delta / self.delta_w(t))
+                mult, shift = update_requant(lr, self.dist.delta, self.delta_w(t))
                 upd = shift_round(
                     g,
                     self._channel_view(mult, w.dim()),

@@ -1,9 +1,10 @@
 """Integer-only, counter-based perturbation sampler (numpy reference; never imports torch).
 
-This module is the bit-exact specification of the perturbation z_q used by QZO-FF (SPEC.md §2.2).
-The PyTorch trainer (:mod:`fwdgrad.rng`), this numpy runtime and a C implementation on a device without
-an FPU must all produce the *same* int8 values for the same key. Everything below is integer
-arithmetic on unsigned 32-bit words; the only floating point is in building the threshold table,
+This module is the bit-exact specification of the perturbation z_q used by QZO-FF
+(docs/method.md#the-fixed-point-formulation).
+The PyTorch trainer (:mod:`fwdgrad.rng.torch_port`), this numpy runtime and a C implementation on a
+device without an FPU must all produce the *same* int8 values for the same key. Everything below is
+integer arithmetic on unsigned 32-bit words; the only floating point is in building the threshold table,
 which is done once, deterministically, with exact decimal arithmetic (or copied from ``docs/rng.md``).
 
 Algorithm (re-implementable in C from this docstring)
@@ -98,6 +99,9 @@ __all__ = [
     "stream_key",
     "hash_words",
     "iter_word_chunks",
+    "walk_chunks",
+    "map_words",
+    "check_z_max",
     "bucket_index",
     "gaussian_q",
     "rademacher_q",
@@ -116,7 +120,6 @@ Z_MAX_DEFAULT = 3.5
 Z_MAX_MIN = 1.0
 Z_MAX_MAX = 6.0
 N_LEVELS = 255
-N_THRESHOLDS = 254
 MAX_ELEMENTS = 1 << 34  # element indices are < 2**34 (block index i >> 2 must fit 32 bits)
 CHUNK_BLOCKS = 1 << 16  # Philox blocks generated per vectorized chunk (bounds temporary memory)
 
@@ -183,7 +186,8 @@ def shape_size(shape) -> tuple[tuple[int, ...], int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Philox4x32-10, written once over a pluggable mulhilo so numpy, torch and Python ints share it
+# Philox4x32-10 and the chunk walk, written once (pluggable mulhilo / block-word function) so numpy,
+# torch and Python ints share them
 # ----------------------------------------------------------------------------------------------
 def philox4x32(ctr: Sequence, key: tuple[int, int], mulhilo: Callable, rounds: int = ROUNDS) -> tuple:
     """Philox4x32-``rounds`` on counter words ``ctr`` (ints or integer arrays, values < 2**32).
@@ -217,7 +221,37 @@ def philox4x32_int(ctr: Sequence[int], key: Sequence[int], rounds: int = ROUNDS)
     return tuple(int(x) for x in philox4x32(ctr, key, _mulhilo_np, rounds))
 
 
-def _block_words(c0_start: int, n_blocks: int, ctr_rest: tuple[int, int, int], key) -> np.ndarray:
+def walk_chunks(block_words: Callable, n: int, offset: int, chunk_blocks: int):
+    """Yield ``(start, words)``: consecutive pieces of the words of elements ``offset .. offset+n-1``.
+
+    The chunk walk shared by every backend. ``block_words(b_first, n_blocks)`` returns the ``4 n_blocks``
+    words of Philox blocks ``b_first ..`` in element order (a 1-D numpy array or torch tensor); at most
+    ``chunk_blocks`` blocks are generated at a time. ``start`` is the position of the piece within the
+    requested range. ``n`` and ``offset`` must already be validated (:func:`element_range`).
+    """
+    end = offset + n
+    pos = offset
+    while pos < end:
+        b_first = pos >> 2
+        b_end = min((end + 3) >> 2, b_first + chunk_blocks)
+        words = block_words(b_first, b_end - b_first)
+        lo = pos - 4 * b_first
+        hi = min(end, 4 * b_end) - 4 * b_first
+        yield pos - offset, words[lo:hi]
+        pos = 4 * b_first + hi
+
+
+def map_words(block_words: Callable, out, offset: int, fn: Callable, chunk_blocks: int):
+    """Fill the 1-D array ``out`` with ``fn(words)`` of elements ``offset .. offset+len(out)-1``; return it.
+
+    Backend-neutral (``out`` is a numpy array or a torch tensor, ``block_words`` as in :func:`walk_chunks`).
+    """
+    for start, words in walk_chunks(block_words, len(out), offset, chunk_blocks):
+        out[start : start + len(words)] = fn(words)
+    return out
+
+
+def _block_words(ctr_rest: tuple[int, int, int], key, c0_start: int, n_blocks: int) -> np.ndarray:
     """Words of blocks ``c0_start .. c0_start+n_blocks-1`` in element order (``uint32[4 n_blocks]``)."""
     c0 = np.arange(c0_start, c0_start + n_blocks, dtype=np.uint64)
     out = philox4x32((c0, *ctr_rest), key, _mulhilo_np)
@@ -235,16 +269,7 @@ def iter_word_chunks(seed, step, sample, tensor_id, n, offset=0, chunk_blocks=CH
     """
     ctr_rest, key = stream_key(seed, step, sample, tensor_id)
     n, offset = element_range(n, offset)
-    end = offset + n
-    pos = offset
-    while pos < end:
-        b_first = pos >> 2
-        b_end = min((end + 3) >> 2, b_first + chunk_blocks)
-        words = _block_words(b_first, b_end - b_first, ctr_rest, key)
-        lo = pos - 4 * b_first
-        hi = min(end, 4 * b_end) - 4 * b_first
-        yield pos - offset, words[lo:hi]
-        pos = 4 * b_first + hi
+    yield from walk_chunks(functools.partial(_block_words, ctr_rest, key), n, offset, chunk_blocks)
 
 
 def hash_words(seed, step, sample, tensor_id, n, offset=0) -> np.ndarray:
@@ -259,10 +284,9 @@ def hash_words(seed, step, sample, tensor_id, n, offset=0) -> np.ndarray:
 def _map_words(seed, step, sample, tensor_id, n, offset, dtype, fn) -> np.ndarray:
     """``fn`` applied chunk by chunk to the words of a range, gathered into one ``dtype[n]`` array."""
     n, offset = element_range(n, offset)
-    out = np.empty(n, dtype=dtype)
-    for start, words in iter_word_chunks(seed, step, sample, tensor_id, n, offset):
-        out[start : start + words.size] = fn(words)
-    return out
+    ctr_rest, key = stream_key(seed, step, sample, tensor_id)
+    blocks = functools.partial(_block_words, ctr_rest, key)
+    return map_words(blocks, np.empty(n, dtype=dtype), offset, fn, CHUNK_BLOCKS)
 
 
 # ----------------------------------------------------------------------------------------------

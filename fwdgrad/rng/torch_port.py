@@ -1,8 +1,9 @@
-"""Counter-based perturbation sampler in PyTorch, bit-identical to :mod:`fwdgrad.rng_np`.
+"""Counter-based perturbation sampler in PyTorch, bit-identical to :mod:`fwdgrad.rng.reference`.
 
 The algorithm (Philox4x32-10 keyed by (seed, step, sample, tensor_id), counter = element index,
-then an integer threshold table for the 8-bit Gaussian) is specified in :mod:`fwdgrad.rng_np` and
-``docs/rng.md``. This module computes the same words with torch integer ops, on any device:
+then an integer threshold table for the 8-bit Gaussian) is specified in :mod:`fwdgrad.rng.reference` and
+``docs/rng.md``. This module computes the same words with torch integer ops, on any device, through the
+reference's own round code (``philox4x32``) and chunk walk (``map_words``):
 
 * torch has no unsigned 32/64-bit arithmetic, so 32-bit words are held in ``int64`` tensors with
   values in ``[0, 2**32)``;
@@ -21,8 +22,19 @@ import functools
 
 import torch
 
-from fwdgrad import rng_np
-from fwdgrad.rng_np import MASK32, Z_MAX_DEFAULT, gaussian_lut, one_q, philox4x32, shape_size, stream_key
+from . import reference
+from .reference import (
+    MASK32,
+    Z_MAX_DEFAULT,
+    check_z_max,
+    element_range,
+    gaussian_lut,
+    map_words,
+    one_q,
+    philox4x32,
+    shape_size,
+    stream_key,
+)
 
 __all__ = [
     "hash_words",
@@ -52,7 +64,7 @@ def _mulhilo_torch(m: int, a):
     return hi, lo
 
 
-def _block_words(c0_start: int, n_blocks: int, ctr_rest, key, device) -> torch.Tensor:
+def _block_words(ctr_rest, key, device, c0_start: int, n_blocks: int) -> torch.Tensor:
     """Words of Philox blocks ``c0_start ..`` in element order (``int64[4 n_blocks]``)."""
     c0 = torch.arange(c0_start, c0_start + n_blocks, dtype=torch.int64, device=device)
     out = philox4x32((c0, *ctr_rest), key, _mulhilo_torch)
@@ -66,21 +78,11 @@ def _resolve_device(device) -> torch.device:
 def _map_words(seed, step, sample, tensor_id, n, offset, device, dtype, fn) -> torch.Tensor:
     """``fn`` applied chunk by chunk to the words of elements ``offset .. offset+n-1``."""
     ctr_rest, key = stream_key(seed, step, sample, tensor_id)
-    n, offset = rng_np.element_range(n, offset)
+    n, offset = element_range(n, offset)
     device = _resolve_device(device)
     chunk = CHUNK_BLOCKS_CUDA if device.type == "cuda" else CHUNK_BLOCKS_CPU
-    out = torch.empty(n, dtype=dtype, device=device)
-    end = offset + n
-    pos = offset
-    while pos < end:
-        b_first = pos >> 2
-        b_end = min((end + 3) >> 2, b_first + chunk)
-        words = _block_words(b_first, b_end - b_first, ctr_rest, key, device)
-        lo = pos - 4 * b_first
-        hi = min(end, 4 * b_end) - 4 * b_first
-        out[pos - offset : pos - offset + hi - lo] = fn(words[lo:hi])
-        pos = 4 * b_first + hi
-    return out
+    blocks = functools.partial(_block_words, ctr_rest, key, device)
+    return map_words(blocks, torch.empty(n, dtype=dtype, device=device), offset, fn, chunk)
 
 
 def _on_cpu(device) -> bool:
@@ -91,10 +93,11 @@ def _on_cpu(device) -> bool:
 def hash_words(seed, step, sample, tensor_id, n, offset=0, device=None) -> torch.Tensor:
     """Uniform 32-bit words of elements ``offset .. offset+n-1`` as ``int64`` values in [0, 2**32).
 
-    Equal to ``fwdgrad.rng_np.hash_words`` (same arguments) element for element.
+    Equal to ``fwdgrad.rng.reference.hash_words`` (same arguments) element for element.
     """
     if _on_cpu(device):
-        return torch.from_numpy(rng_np.hash_words(seed, step, sample, tensor_id, n, offset).astype("int64"))
+        words = reference.hash_words(seed, step, sample, tensor_id, n, offset)
+        return torch.from_numpy(words.astype("int64"))
     return _map_words(seed, step, sample, tensor_id, n, offset, device, torch.int64, lambda w: w)
 
 
@@ -111,7 +114,7 @@ def gaussian_from_words(words: torch.Tensor, z_max=Z_MAX_DEFAULT) -> torch.Tenso
     """Map int64 words in [0, 2**32) to int8 z_q = (number of thresholds <= word) - 127."""
     if words.dtype != torch.int64:
         raise TypeError(f"words must be an int64 tensor of values in [0, 2**32), got dtype {words.dtype}")
-    base, padded, span = _lut_tensors(rng_np.check_z_max(z_max), words.device)
+    base, padded, span = _lut_tensors(check_z_max(z_max), words.device)
     flat = words.reshape(-1)
     b = torch.index_select(base, 0, flat >> 16)
     idx = b.to(torch.int16)
@@ -138,11 +141,11 @@ def gaussian_q(
     """Gaussian perturbation z_q (``int8``, scale ``z_max / 127``) of ``shape`` on ``device``.
 
     Elements are taken in C order from the stream starting at element ``offset``; equal to
-    ``fwdgrad.rng_np.gaussian_q`` with the same arguments.
+    ``fwdgrad.rng.reference.gaussian_q`` with the same arguments.
     """
-    z_max = rng_np.check_z_max(z_max)
+    z_max = check_z_max(z_max)
     if _on_cpu(device):
-        return torch.from_numpy(rng_np.gaussian_q(seed, step, sample, tensor_id, shape, z_max, offset))
+        return torch.from_numpy(reference.gaussian_q(seed, step, sample, tensor_id, shape, z_max, offset))
     dims, size = shape_size(shape)
     fn = functools.partial(gaussian_from_words, z_max=z_max)
     return _map_words(seed, step, sample, tensor_id, size, offset, device, torch.int8, fn).reshape(dims)
@@ -153,7 +156,7 @@ def rademacher_q(
 ) -> torch.Tensor:
     """Rademacher perturbation ``±1_q`` (``int8``, scale ``z_max / 127``) of ``shape`` on ``device``."""
     if _on_cpu(device):
-        return torch.from_numpy(rng_np.rademacher_q(seed, step, sample, tensor_id, shape, z_max, offset))
+        return torch.from_numpy(reference.rademacher_q(seed, step, sample, tensor_id, shape, z_max, offset))
     fn = functools.partial(rademacher_from_words, one=one_q(z_max))
     dims, size = shape_size(shape)
     return _map_words(seed, step, sample, tensor_id, size, offset, device, torch.int8, fn).reshape(dims)

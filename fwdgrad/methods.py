@@ -1,0 +1,182 @@
+"""The training methods: one `MethodSpec` per method, the only place a method name is decoded.
+
+Everything else derives from this table: the config's allowed values and `method.ff` keys
+(fwdgrad.config), the trainer's optimizer and closure (a builder in `fwdgrad.train.BUILDERS`), the memory
+model's format and sample count (fwdgrad.pipeline.steps), the landscape's runnable methods. Adding a method
+is one entry here plus its builder. Torch-free, so validating a config imports no torch.
+
+Forward passes per step (docs/method.md, estimators): a BP step counts as `BP_FORWARD_EQUIVALENTS` = 3
+forward passes (forward + backward ≈ 2 forwards); sign-m-SPSA and SPSA cost 2 per sample (2m), plus 2 for
+a sharpness-aware probe and 1 for the shared centre of a one-sided difference; a JVP costs one dual-number
+forward per tangent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from .fixed_point import FixedPointSettings
+
+BP_FORWARD_EQUIVALENTS = 3
+SCOPES = ("ft", "lp", "sparse")  # what trains: full fine-tuning, the last layers (linear probing), a mask
+
+#: `method.ff` keys of the fixed-point optimizer (fwdgrad.ff.optim.qzo_ff) and of the float one (zo_sgd).
+QZO_FF_OPTIONS = (*(f.name for f in fields(FixedPointSettings)), "momentum", "kernel_norm", "sharpness_rho")
+ZO_SGD_OPTIONS = ("momentum", "kernel_norm", "sharpness_rho", "difference", "distribution", "z_max")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method trains and how.
+
+    trains: "float" (an nn.Module) or "qmodel" (a converted `QModel`); forward_only: never calls backward;
+    default_quant: the format `quant=auto` resolves to; memory_format: the memory model's number format
+    (None: the run's format); hyper: which of lr/eps/m the method reads (metrics.json records only these);
+    fixed: hyperparameters pinned to one value (a different one is rejected); ff_options: the accepted
+    `method.ff` keys; builder: its entry in `fwdgrad.train.BUILDERS`; estimator: the `fwdgrad.ff` estimator
+    preset of the float zeroth-order methods; autocast: the BP autocast dtype name; trajectory: whether the
+    landscape can follow it step by step.
+    """
+
+    name: str
+    summary: str
+    trains: str
+    forward_only: bool
+    default_quant: str
+    builder: str
+    hyper: tuple[str, ...] = ("lr",)
+    fixed: dict = field(default_factory=dict)
+    ff_options: tuple[str, ...] = ()
+    memory_format: str | None = None
+    estimator: str | None = None
+    autocast: str | None = None
+    trajectory: bool = True
+
+    def forwards_per_step(self, m: int = 1, ff: dict | None = None) -> int:
+        """Forward passes one step costs (the compute budget unit)."""
+        if not self.forward_only:
+            return BP_FORWARD_EQUIVALENTS
+        m = self.fixed.get("m", m)
+        if self.builder == "jvp":
+            return m
+        ff = ff or {}
+        one_sided = ff.get("difference") == "one_sided"
+        per_sample = 1 if one_sided else 2
+        return per_sample * m + (1 if one_sided else 0) + (2 if ff.get("sharpness_rho") else 0)
+
+    def memory_samples(self, m: int) -> int:
+        """The m the memory model sees (a gradient-sum buffer exists only for m > 1)."""
+        return self.fixed.get("m", m) if "m" in self.hyper else 1
+
+
+METHODS: dict[str, MethodSpec] = {
+    s.name: s
+    for s in (
+        MethodSpec("bp", "SGD on autograd gradients, fp32", "float", False, "fp32", "sgd"),
+        MethodSpec(
+            "bp_fp16",
+            "SGD, forward/backward under fp16 autocast, fp32 master weights",
+            "float",
+            False,
+            "fp32",
+            "sgd",
+            memory_format="fp16",
+            autocast="float16",
+        ),
+        MethodSpec(
+            "bp_bf16",
+            "SGD, forward/backward under bf16 autocast, fp32 master weights",
+            "float",
+            False,
+            "fp32",
+            "sgd",
+            memory_format="bf16",
+            autocast="bfloat16",
+        ),
+        MethodSpec(
+            "bp_qat",
+            "SGD on float master weights through STE fake-quantized QModel weights",
+            "qmodel",
+            False,
+            "w16a8",
+            "qat",
+            trajectory=False,
+        ),
+        MethodSpec(
+            "zo_fp32",
+            "SPSA central difference in float, one sample per step (MeZO-style)",
+            "float",
+            True,
+            "fp32",
+            "zo",
+            hyper=("lr", "eps", "m"),
+            fixed={"m": 1},
+            ff_options=ZO_SGD_OPTIONS,
+            estimator="spsa",
+        ),
+        MethodSpec(
+            "sign_spsa_fp32",
+            "sign-m-SPSA in float (the paper's estimator, fp32)",
+            "float",
+            True,
+            "fp32",
+            "zo",
+            hyper=("lr", "eps", "m"),
+            ff_options=ZO_SGD_OPTIONS,
+            estimator="sign_spsa",
+        ),
+        MethodSpec(
+            "qzo_ff",
+            "QZO-FF: sign-m-SPSA in fixed point, integer perturbation and update",
+            "qmodel",
+            True,
+            "w16a8",
+            "qzo",
+            hyper=("lr", "eps", "m"),
+            ff_options=QZO_FF_OPTIONS,
+        ),
+        MethodSpec(
+            "jvp",
+            "forward-mode forward gradient (∇L·z) z over m tangents",
+            "float",
+            True,
+            "fp32",
+            "jvp",
+            hyper=("lr", "m"),
+        ),
+    )
+}
+METHOD_NAMES = tuple(METHODS)
+
+
+def spec(name: str) -> MethodSpec:
+    """The spec of method `name` (one-line ValueError naming the allowed ones)."""
+    if name not in METHODS:
+        raise ValueError(f"method {name!r} is invalid; allowed: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def check_positive(key: str, value) -> None:
+    """One-line ValueError unless value > 0 (a learning rate, a perturbation size)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{key}={value!r} is invalid; allowed: > 0")
+
+
+def check_count(key: str, value) -> None:
+    """One-line ValueError unless value is an integer >= 1 (a number of samples)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}={value!r} is invalid; allowed: integers >= 1")
+
+
+def check_hyper(name: str, lr: float, eps: float | None, m: int | None, where: str = "") -> None:
+    """One-line ValueErrors for the hyperparameters method `name` reads out of range, or for one differing
+    from a value the method pins."""
+    s = spec(name)
+    values = {"lr": lr, "eps": eps, "m": m}
+    for k in s.hyper:
+        (check_count if k == "m" else check_positive)(where + k, values[k])
+    for k, v in s.fixed.items():
+        if values[k] is not None and values[k] != v:
+            raise ValueError(
+                f"{where}{k}={values[k]!r} is invalid for method {name!r}; allowed: {v} ({s.summary})"
+            )

@@ -1,0 +1,7 @@
+"""The experiment pipeline (docs/experiments.md): shared steps (`steps`), the transfer path
+(`transfer`), few-shot episodes (`fewshot`), one Hydra job end to end (`experiment.run_experiment`), the
+main job (`main_job`) and the loss-landscape experiment (`landscape`)."""
+
+from .experiment import run_experiment
+
+__all__ = ["run_experiment"]

@@ -1,0 +1,82 @@
+"""`run_experiment(cfg) -> metrics`: one Hydra job, from the composed config to metrics.json.
+
+    source model (BP pretraining on the source task, cached by a hash of its config)
+    -> zero-shot accuracy on the target task
+    -> convert + calibrate (cfg.quant; fp32 = no conversion)
+    -> adapt with cfg.method in the training scope cfg.mode (fwdgrad.train.train) -> evaluate
+    -> metrics.json, log.csv, checkpoint.pt, model.pt and curves.png in the output directory.
+
+Few-shot data configs (`data.fewshot`) run N-way K-shot episodes instead (fwdgrad.pipeline.fewshot).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ..analysis.devices import assert_fits, load_device
+from ..config import validate
+from ..methods import spec
+from ..plots import plot_curves
+from .fewshot import run_fewshot
+from .steps import load_task, memory_model, output_dir, source_model
+from .transfer import run_transfer
+
+
+def run_experiment(cfg: DictConfig) -> dict:
+    """Run one experiment (module docstring) and return the metrics written to metrics.json."""
+    t_start = time.perf_counter()
+    c = validate(cfg)
+    torch.set_num_threads(c.threads)
+    out = output_dir(c)
+    out.mkdir(parents=True, exist_ok=True)
+    d = c.data
+    src, src_train, src_test = load_task(d.source, c.seed)
+    tgt, tgt_train, tgt_test = load_task(d.target, c.seed, d.max_train, d.max_test)
+    in_channels, sample_shape = tgt_train[0].shape[1], tuple(tgt_train[0].shape[1:])
+    n_target = d.fewshot.n_way if d.fewshot else tgt.num_classes
+
+    # the memory model and device check come first: a configuration that does not fit stops here
+    arch = instantiate(c.model, num_classes=n_target, in_channels=in_channels)
+    batch = min(c.train.batch_size, d.fewshot.n_way * d.fewshot.k_shot if d.fewshot else len(tgt_train[0]))
+    mem = memory_model(arch, c, (batch, *sample_shape))
+    fit = assert_fits(load_device(c.device), mem).summary() if c.device else None
+
+    model, source_acc, cached = source_model(c, src_train, src_test, src.num_classes, in_channels)
+    scope = f"lp{c.mode.lp_layers}" if c.mode.name == "lp" and c.mode.lp_layers > 1 else c.mode.name
+    metrics = {
+        "method": c.method.name,
+        "quant": c.scheme,
+        "dataset": d.name,
+        "model": c.model["name"],
+        "mode": scope,
+        "variant": c.variant,
+        "seed": c.seed,
+    }
+    if d.fewshot:
+        res = run_fewshot(c, model, src_train, (tgt_train, tgt_test), out)
+    else:
+        res = run_transfer(cfg, c, model, src_train, (tgt_train, tgt_test), n_target, out)
+    log = res.pop("log")
+    used = spec(c.method.name).hyper
+    metrics |= res | {
+        "train_mem_bytes_model": mem.total,
+        "memory": mem.as_dict(),
+        "device_fit": fit,
+        "source_acc": source_acc,
+        "source_cached": cached,
+        "synthetic": bool(src.synthetic or tgt.synthetic),
+        "lr": c.lr,
+        "eps": c.method.eps if "eps" in used else None,
+        "m": c.method.m if "m" in used else None,
+        "total_wall_s": time.perf_counter() - t_start,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    with open(out / "metrics.json", "w") as f:
+        json.dump(metrics, f, indent=2, default=str)
+    plot_curves({f"{c.method.name} {c.scheme}": log}, out / "curves.png", f"{d.name} / {c.model['name']}")
+    return metrics

@@ -1,0 +1,186 @@
+"""The steps every experiment shares: task data, the cached source model, the head, conversion to the
+integer engine, the memory model, the output directory and the progress bar. Each is a plain function of
+the validated `Config` (fwdgrad.config)."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from tqdm import tqdm
+
+from ..analysis.memory import memory_breakdown
+from ..config import Config, PretrainSettings
+from ..engine import convert
+from ..methods import spec
+from ..models import head_layers
+from ..train import BatchStream, evaluate, save_checkpoint
+
+SOURCE_VERSION = 1  # bump when pretraining changes, so stale cached source models are never reused
+
+
+# ------------------------------------------------------------------------------------------- data
+def load_task(spec_: dict, seed: int, max_train: int | None = None, max_test: int | None = None):
+    """Instantiate a `build_dataset` spec -> (DataSplits, (x_train, y_train), (x_test, y_test))."""
+    splits = instantiate(spec_, seed=seed)
+    parts = []
+    for ds, cap in ((splits.train, max_train), (splits.test, max_test)):
+        if not hasattr(ds, "tensors"):
+            raise ValueError(
+                f"dataset {spec_['name']!r} yields raw clips; the pipeline needs tensors "
+                "(image sets, or synth_keywords features)"
+            )
+        x, y = ds.tensors
+        if cap is not None and cap < len(x):  # a seeded subset (quick runs, tests)
+            keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:cap]
+            x, y = x[keep], y[keep]
+        parts.append((x, y))
+    return splits, parts[0], parts[1]
+
+
+# ------------------------------------------------------------------------------------ source model
+def cache_dir(c: Config) -> Path:
+    root = c.cache_dir or os.environ.get("FWDGRAD_CACHE") or Path.home() / ".cache" / "fwdgrad"
+    return Path(root).expanduser() / "models"
+
+
+def source_key(c: Config, num_classes: int, in_channels: int) -> str:
+    """Hash of everything that determines the source model (the data root is not part of it)."""
+    spec_ = {k: v for k, v in c.data.source.items() if k != "root"}
+    key = {
+        "data": spec_,
+        "model": c.model,
+        "pretrain": vars(c.pretrain),
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "version": SOURCE_VERSION,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def pretrain(model: nn.Module, xy, p: PretrainSettings, progress: bool = True) -> nn.Module:
+    """Supervised source training: Adam, BatchNorm in train mode, seeded batches (`BatchStream`)."""
+    opt = torch.optim.Adam(model.parameters(), lr=p.lr)
+    stream = BatchStream(*xy, p.batch_size, p.seed)
+    model.train()
+    for _ in tqdm(range(p.steps), desc="pretrain", disable=None if progress else True, leave=False):
+        x, y = stream.next()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def source_model(c: Config, src_train, src_test, num_classes: int, in_channels: int):
+    """The pretrained source model, from `<cache>/models/<hash>.pt` or trained now (and cached).
+
+    Returns (model, source test accuracy, whether it came from the cache)."""
+    path = cache_dir(c) / f"{source_key(c, num_classes, in_channels)}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(c.pretrain.seed)
+    model = instantiate(c.model, num_classes=num_classes, in_channels=in_channels)
+    with open(f"{path}.lock", "w") as lock:  # parallel sweep jobs pretrain a shared source model once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cached = path.exists()
+        if cached:
+            state = torch.load(path, weights_only=False)
+            model.load_state_dict(state["model"])
+            return model.eval(), state["source_acc"], True
+        pretrain(model, src_train, c.pretrain, c.progress)
+        acc = evaluate(model, *src_test)
+        save_checkpoint(
+            str(path),
+            {
+                "model": model.state_dict(),
+                "source_acc": acc,
+                "config": {"data": c.data.source, "model": c.model, "pretrain": vars(c.pretrain)},
+            },
+        )
+    return model, acc, False
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def fit_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
+    """Replace the last linear layer by a fresh one when the target has another number of classes."""
+    name = head_layers(model, 1)[0]
+    head = model.get_submodule(name)
+    if head.out_features != num_classes:
+        torch.manual_seed(seed)
+        set_module(model, name, nn.Linear(head.in_features, num_classes))
+    return model
+
+
+# ------------------------------------------------------------------------------------------ adapt
+def convert_model(model: nn.Module, c: Config, calib: torch.Tensor) -> nn.Module:
+    """The whole model converted to a QModel in c.scheme, calibrated on `calib`; the float model itself
+    for fp32."""
+    if c.scheme == "fp32":
+        return model
+    q = c.quant
+    return convert(
+        model,
+        c.scheme,
+        calib[: q.calib_size],
+        observer=q.observer,
+        per_channel=q.per_channel,
+        acc_bits=q.acc_bits,
+        overflow=q.overflow,
+        requant=q.requant,
+        mode=q.engine_mode,
+    )
+
+
+def memory_model(model: nn.Module, c: Config, input_shape: tuple[int, ...]):
+    """Modelled on-device training memory (fwdgrad.analysis.memory) of this method, scope and format."""
+    s = spec(c.method.name)
+    return memory_breakdown(
+        model,
+        input_shape,
+        "ff" if s.forward_only else "bp",
+        c.mode.name,
+        s.memory_format or c.scheme,
+        density=c.mode.sparse_density,
+        lp_layers=c.mode.lp_layers,
+        m=s.memory_samples(c.method.m),
+        model_name=c.model["name"],
+    )
+
+
+def output_dir(c: Config) -> Path:
+    if c.out_dir:
+        return Path(c.out_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+
+
+def progress_bar(c: Config, desc: str):
+    """A tqdm bar and the `progress` callback for train(): steps, loss, latest test accuracy."""
+    t = c.train
+    bar = tqdm(
+        total=t.steps or t.forward_budget,
+        unit="step" if t.steps else "fwd",
+        desc=desc,
+        disable=None if c.progress else True,
+        leave=False,
+    )
+    acc = {}
+
+    def update(row: dict) -> None:
+        acc.update({"acc": f"{row['test_acc']:.3f}"} if "test_acc" in row else {})
+        bar.update(1 if t.steps else row["forward_passes"] - bar.n)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", **acc)
+
+    return bar, update

@@ -1,0 +1,39 @@
+"""The transfer path: the source model with a head for the target classes -> zero-shot accuracy ->
+conversion -> adaptation with the configured method (fwdgrad.train.train) -> model.pt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from ..config import Config
+from ..train import TrainConfig, evaluate, train
+from .steps import convert_model, fit_head, progress_bar
+
+
+def run_transfer(
+    cfg: DictConfig, c: Config, model: nn.Module, src_train, target, n_target: int, out: Path
+) -> dict:
+    """Adapt `model` to the target task; returns the results with the training log under "log"."""
+    tgt_train, tgt_test = target
+    model = fit_head(model, n_target, c.seed)
+    zero_shot = evaluate(model, *tgt_test)
+    qmodel = convert_model(model, c, (src_train if c.quant.calib == "source" else tgt_train)[0])
+    zero_shot_quant = evaluate(qmodel, *tgt_test) if qmodel is not model else zero_shot
+    bar, update = progress_bar(c, f"{c.method.name} {c.scheme}")
+    r = train(qmodel, TrainConfig.from_config(c), tgt_train, tgt_test, out_dir=str(out), progress=update)
+    bar.close()
+    torch.save({"model": r.model, "config": OmegaConf.to_container(cfg, resolve=True)}, out / "model.pt")
+    return {
+        "steps": r.steps,
+        "forward_passes": r.forward_passes,
+        "zero_shot_acc": zero_shot,
+        "zero_shot_acc_quant": zero_shot_quant,
+        "test_acc": r.test_acc,
+        "wall_s": r.wall_s,
+        "peak_mem_bytes": r.peak_mem_bytes,
+        "log": r.log,
+    }
