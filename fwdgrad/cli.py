@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -135,7 +136,8 @@ def main_job(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from .pipeline.main_job import run_main_job
 
-    run_main_job(Path(args.out), args.seed, args.overrides)
+    command = " ".join(["fwdgrad", "main", *(shlex.quote(x) for x in (argv or []))])
+    run_main_job(Path(args.out), args.seed, args.overrides, command)
     return 0
 
 
@@ -165,8 +167,10 @@ def report_main(argv: list[str]) -> int:
     ap.add_argument("sweep_dir")
     ap.add_argument("--out", default=None, help="where report.md/.csv/.png go (default: SWEEP_DIR)")
     ap.add_argument("--by", nargs="+", default=[], help="extra grouping keys: metrics fields or config paths")
+    ap.add_argument("--title", default=None, help="the report's heading (default: SWEEP_DIR)")
     a = ap.parse_args(argv)
-    print(report(a.sweep_dir, a.out, tuple(a.by)))
+    command = " ".join(["fwdgrad", "report", *(shlex.quote(x) for x in argv)])
+    print(report(a.sweep_dir, a.out, tuple(a.by), a.title, command))
     return 0
 
 

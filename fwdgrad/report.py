@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .analysis.memory import fmt_bytes
 from .plots import plot_bars
+from .provenance import provenance, provenance_line
 
 KEYS = ("dataset", "model", "mode", "quant", "method", "variant")
 FIELDS = (
@@ -146,9 +147,40 @@ def plot(rows: list[dict], path: str | Path, by: tuple[str, ...] = ()) -> None:
     )
 
 
-def report(sweep_dir: str | Path, out: str | Path | None = None, by: tuple[str, ...] = ()) -> str:
+def per_seed(runs: list[dict], by: tuple[str, ...] = ()) -> str:
+    """Test accuracy (%) of every run: one row per seed, one column per group (its keys joined by /)."""
+    keys = KEYS + tuple(by)
+    cells: dict[str, dict] = {}
+    for r in runs:
+        group = "/".join(str(v) for v in (_value(r, k) for k in keys) if v != "")
+        cells.setdefault(group, {})[r.get("seed")] = r.get("test_acc")
+    groups = sorted(cells)
+    seeds = sorted({r.get("seed") for r in runs}, key=str)
+    lines = ["| seed | " + " | ".join(groups) + " |", "|" + "---|" * (len(groups) + 1)]
+    for s in seeds:
+        vals = ["–" if cells[g].get(s) is None else f"{100 * cells[g][s]:.1f}" for g in groups]
+        lines.append(f"| {s} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def sources(runs: list[dict]) -> str:
+    """Which code and CPU measured the runs (their metrics.json provenance)."""
+    prov = [r.get("provenance") or {} for r in runs]
+    commits = sorted({p.get("commit") or "unknown" for p in prov})
+    cpus = sorted({p.get("cpu") or "unknown" for p in prov})
+    return f"Runs measured at commit {', '.join(commits)} on {', '.join(cpus)}."
+
+
+def report(
+    sweep_dir: str | Path,
+    out: str | Path | None = None,
+    by: tuple[str, ...] = (),
+    title: str | None = None,
+    command: str | None = None,
+) -> str:
     """Aggregate a sweep; write report.md, report.csv and report.png to out (default: sweep_dir).
-    `by`: extra grouping keys, metrics fields or dotted config paths (e.g. ("lr", "train.batch_size"))."""
+    `by`: extra grouping keys, metrics fields or dotted config paths (e.g. ("lr", "train.batch_size"));
+    `title`: the report's heading; `command`: the command line recorded with the commit and CPU."""
     runs = collect(sweep_dir)
     if not runs:
         raise FileNotFoundError(f"no metrics.json below {str(sweep_dir)!r}; allowed: a run or sweep folder")
@@ -156,7 +188,11 @@ def report(sweep_dir: str | Path, out: str | Path | None = None, by: tuple[str, 
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(runs, tuple(by))
     table = markdown(rows, tuple(by))
-    (out / "report.md").write_text(f"# Report: {sweep_dir}\n\n{len(runs)} runs.\n\n{table}\n")
+    text = (
+        f"# Report: {title or sweep_dir}\n\n{provenance_line(provenance(command))}\n{sources(runs)}\n\n"
+        f"{len(runs)} runs.\n\n{table}\n\n## Per seed (test %)\n\n{per_seed(runs, tuple(by))}\n"
+    )
+    (out / "report.md").write_text(text)
     write_csv(rows, out / "report.csv")
     plot(rows, out / "report.png", tuple(by))
     return table

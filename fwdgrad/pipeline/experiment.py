@@ -22,6 +22,7 @@ from ..analysis.devices import assert_fits, load_device
 from ..config import validate
 from ..methods import spec
 from ..plots import plot_curves
+from ..provenance import provenance
 from .fewshot import run_fewshot
 from .steps import load_task, memory_model, output_dir, source_model
 from .transfer import run_transfer
@@ -75,6 +76,7 @@ def run_experiment(cfg: DictConfig) -> dict:
         "m": c.method.m if "m" in used else None,
         "total_wall_s": time.perf_counter() - t_start,
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "provenance": provenance(),
     }
     with open(out / "metrics.json", "w") as f:
         json.dump(metrics, f, indent=2, default=str)

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from ..conf import CONF_DIR
 from ..plots import plot_curves
+from ..provenance import provenance, provenance_line
 from ..report import main_table
 from .experiment import run_experiment
 
@@ -28,9 +29,11 @@ MAIN_ARMS = (
 )
 
 
-def run_main_job(out: Path, seed: int = 0, overrides: list[str] | None = None) -> str:
-    """Run every arm into out/<label> (fresh, never a resume), write the plots and results; returns the
-    printed table."""
+def run_main_job(
+    out: Path, seed: int = 0, overrides: list[str] | None = None, command: str | None = None
+) -> str:
+    """Run every arm into out/<label> (fresh, never a resume), write the plots and results (with `command`,
+    the commit and the CPU); returns the printed table."""
     t0 = time.perf_counter()
     results = []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -59,10 +62,12 @@ def run_main_job(out: Path, seed: int = 0, overrides: list[str] | None = None) -
     table = main_table(results)
     total = time.perf_counter() - t0
     print(f"\n{table}\n\ntotal wall time {total:.1f} s; written to {out}/")
+    prov = provenance(command)
     with open(out / "results.json", "w") as f:
-        json.dump({"total_wall_s": total, "runs": results}, f, indent=2, default=str)
+        json.dump({"total_wall_s": total, "provenance": prov, "runs": results}, f, indent=2, default=str)
     title = "# Main job: digits 0-4 -> 5-9 (small_cnn, linear probing)"
-    (out / "results.md").write_text(f"{title}\n\n{table}\n\nTotal wall time {total:.1f} s.\n")
+    source = provenance_line(prov)
+    (out / "results.md").write_text(f"{title}\n\n{source}\n\n{table}\n\nTotal wall time {total:.1f} s.\n")
     return table
 
 
