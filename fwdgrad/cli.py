@@ -9,28 +9,38 @@
 
 Bad input (a config value, a missing dataset, a device the run does not fit) ends with one line
 `error: <message>` on stderr and exit status 2; set HYDRA_FULL_ERROR=1 for the full traceback.
+Tab completion of `fwdgrad run` overrides (bash): eval "$(fwdgrad run -sc install=bash)"
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.errors import HydraException, InstantiationException, MissingConfigException
-from omegaconf.errors import OmegaConfBaseException
-
 from .conf import CONF_DIR
-from .config import validate
 
-ERRORS = (ValueError, FileNotFoundError, FloatingPointError, HydraException, OmegaConfBaseException)
+# Hydra, OmegaConf, torch and the rest of fwdgrad are imported by the commands that need them, so that
+# `fwdgrad --help` and `fwdgrad main --help` answer at once (tests/test_cli.py checks it).
+
+
+def errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that are bad input: one line on stderr and exit status 2."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return (ValueError, FileNotFoundError, FloatingPointError, HydraException, OmegaConfBaseException)
 
 
 def one_line(e: BaseException) -> str:
     """The message of e on one line (the cause of an instantiation error; Hydra's group listings folded)."""
+    from hydra.errors import HydraException, InstantiationException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
     while isinstance(e, InstantiationException) and e.__cause__ is not None:
         e = e.__cause__
     if isinstance(e, MissingConfigException) and e.options is not None and e.missing_cfg_file:
@@ -48,7 +58,9 @@ def guarded(fn, *args) -> int:
     """Run fn(*args); bad input becomes one line on stderr and exit status 2 (HYDRA_FULL_ERROR: re-raise)."""
     try:
         rc = fn(*args)
-    except ERRORS as e:
+    except Exception as e:  # not `except errors()`: that would import Hydra on `--help`'s SystemExit
+        if not isinstance(e, errors()):
+            raise
         if os.environ.get("HYDRA_FULL_ERROR") == "1" and not os.environ.get("_FWDGRAD_QUIET"):
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
@@ -66,7 +78,7 @@ def one_line_job(task):
 
         try:
             return task(cfg)
-        except ERRORS as e:
+        except errors() as e:
             if HydraConfig.get().mode == RunMode.MULTIRUN or not os.environ.get("_FWDGRAD_QUIET"):
                 raise
             print(f"error: {one_line(e)}", file=sys.stderr)
@@ -75,9 +87,24 @@ def one_line_job(task):
     return job
 
 
+def shown_path(path) -> str:
+    """path relative to the working directory when it lies below it, else as it is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def experiment_task(cfg) -> None:
-    """One experiment (`fwdgrad run`): validate, run the pipeline, print the result line."""
-    validate(cfg)  # before importing torch: a bad value fails within a second or two
+    """One experiment (`fwdgrad run`): validate, run the pipeline, print the result line and where it went."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from .config import validate
+
+    c = validate(cfg)  # before importing torch: a bad value fails within a second or two
+    out = shown_path(c.out_dir or HydraConfig.get().runtime.output_dir)  # = pipeline.steps.output_dir
+    what = f"{c.data.name} {c.model['name']} {c.mode.name} {c.method.name} {c.scheme} seed={c.seed}"
+    logging.getLogger("fwdgrad.run").info("%s -> %s", what, out)  # before torch is imported
     from .pipeline import run_experiment
 
     m = run_experiment(cfg)
@@ -86,6 +113,20 @@ def experiment_task(cfg) -> None:
         f"zero-shot {m['zero_shot_acc']:.4f} -> test {m['test_acc']:.4f} in {m['steps']} steps "
         f"({m['forward_passes']} forward passes, {m['wall_s']:.1f} s)"
     )
+    print(f"written to {out}", flush=True)
+
+
+class WrittenTo:
+    """Hydra callback (fwdgrad/conf/hydra/callbacks/written_to.yaml): a sweep ends by printing its
+    directory (each job prints its own when it ends). Hydra's other hooks do nothing."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        print(f"written to {shown_path(config.hydra.sweep.dir)}", flush=True)
+
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
 
 
 def landscape_task(cfg) -> dict:
@@ -95,12 +136,21 @@ def landscape_task(cfg) -> dict:
     return run_landscape(cfg)
 
 
-hydra_app = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(
-    one_line_job(experiment_task)
-)
-landscape_app = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="landscape")(
-    one_line_job(landscape_task)
-)
+#: The Hydra commands: name -> (config name, task)
+HYDRA_APPS = {"run": ("config", experiment_task), "landscape": ("landscape", landscape_task)}
+COMPLETION = ("-sc", "--shell-completion")
+
+
+def hydra_app(command: str = "run"):
+    """The Hydra app of a command (`hydra.main` around its task)."""
+    import hydra
+
+    from . import config  # noqa: F401  (registers the structured schemas in Hydra's ConfigStore)
+
+    config_name, task = HYDRA_APPS[command]
+    return hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(
+        one_line_job(task)
+    )
 
 
 def _hydra_command(app, argv: list[str]) -> int:
@@ -118,12 +168,38 @@ def _hydra_command(app, argv: list[str]) -> int:
 
 def run(argv: list[str]) -> int:
     """`fwdgrad run [overrides]`: one experiment, or a sweep with -m."""
-    return _hydra_command(hydra_app, argv)
+    if any(a in COMPLETION for a in argv):
+        return shell_completion(argv, "run")
+    return _hydra_command(hydra_app("run"), argv)
 
 
 def landscape(argv: list[str]) -> int:
     """`fwdgrad landscape [overrides]`: the loss-landscape experiment (fwdgrad/conf/landscape.yaml)."""
-    return _hydra_command(landscape_app, argv)
+    if any(a in COMPLETION for a in argv):
+        return shell_completion(argv, "landscape")
+    return _hydra_command(hydra_app("landscape"), argv)
+
+
+def shell_completion(argv: list[str], command: str) -> int:
+    """Hydra's shell completion (`-sc install=bash|zsh|fish`, `-sc uninstall=...`, `-sc query=...`).
+
+    The script that `install` prints completes the word `fwdgrad`: on TAB it runs `fwdgrad -sc query=SHELL`
+    with the command line in $COMP_LINE. Hydra reads that line as `<app> <overrides>`, so the command word
+    (`run`, `landscape`) is taken out of it here and picks the app; on the command word itself the
+    commands are the candidates, other commands have none (the shell completes file names)."""
+    query = next((a.partition("=")[2] for a in argv if a.startswith("query=")), None)
+    line = os.environ.get("COMP_LINE")
+    if query is not None and line is not None:
+        words = line.split()
+        if words and Path(words[0]).name == "fwdgrad":
+            if len(words) == 1 or (len(words) == 2 and not line[-1].isspace()):
+                print(("\n" if query == "fish" else " ").join(COMMANDS))
+                return 0
+            if words[1] not in HYDRA_APPS:
+                return 0
+            command = words[1]
+            os.environ["COMP_LINE"] = re.sub(rf"^(\s*\S+\s+){command}(?=\s|$)", r"\1", line, count=1)
+    return _hydra_command(hydra_app(command), argv)
 
 
 def main_job(argv: list[str] | None = None) -> int:
@@ -143,9 +219,6 @@ def main_job(argv: list[str] | None = None) -> int:
 
 # ---------------------------------------------------------------------------------------- commands
 def memory_main(argv: list[str]) -> int:
-    from .analysis.memory import format_table
-    from .models import build_model
-
     ap = argparse.ArgumentParser(prog="fwdgrad memory", description="Training memory, BP vs FF, per format.")
     ap.add_argument("model", help="model name (fwdgrad.models.MODELS)")
     ap.add_argument("--input-shape", type=int, nargs="+", default=[1, 3, 32, 32], help="N C H W")
@@ -155,20 +228,23 @@ def memory_main(argv: list[str]) -> int:
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--formats", nargs="+", default=["fp32", "fp16", "w16a16", "w16a8", "w8a8"])
     a = ap.parse_args(argv)
+    from .analysis.memory import format_table
+    from .models import build_model
+
     model = build_model(a.model, a.num_classes, a.input_shape[1])
     print(format_table(model, tuple(a.input_shape), a.formats, a.mode, a.density, a.lp_layers))
     return 0
 
 
 def report_main(argv: list[str]) -> int:
-    from .report import report
-
     ap = argparse.ArgumentParser(prog="fwdgrad report", description="Aggregate the metrics.json of a sweep.")
     ap.add_argument("sweep_dir")
     ap.add_argument("--out", default=None, help="where report.md/.csv/.png go (default: SWEEP_DIR)")
     ap.add_argument("--by", nargs="+", default=[], help="extra grouping keys: metrics fields or config paths")
     ap.add_argument("--title", default=None, help="the report's heading (default: SWEEP_DIR)")
     a = ap.parse_args(argv)
+    from .report import report
+
     command = " ".join(["fwdgrad", "report", *(shlex.quote(x) for x in argv)])
     print(report(a.sweep_dir, a.out, tuple(a.by), a.title, command))
     return 0
@@ -192,6 +268,8 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMPLETION:  # the installed completion script asks `fwdgrad -sc query=...`
+        return shell_completion(argv, "run")
     if not argv or argv[0] not in COMMANDS:
         help_asked = bool(argv) and argv[0] in ("-h", "--help")
         print(__doc__, file=sys.stdout if help_asked else sys.stderr)

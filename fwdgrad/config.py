@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import II, MISSING, DictConfig, OmegaConf
+from omegaconf import II, MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .methods import METHOD_NAMES, QZO_FF_OPTIONS, SCOPES, ZO_SGD_OPTIONS, check_hyper, spec
@@ -23,8 +23,7 @@ from .methods import METHODS as REGISTRY
 
 # Choices, spelled out so that validating a config imports no torch (a bad value fails in about a second);
 # tests/test_config.py checks them against fwdgrad.data.DATASETS, fwdgrad.models.MODELS and
-# fwdgrad.engine.ENGINE_MODES. Methods and
-# training scopes come from the torch-free registry fwdgrad.methods.
+# fwdgrad.engine.ENGINE_MODES. Methods and training scopes come from the torch-free registry fwdgrad.methods.
 DATASETS = (
     "digits",
     "fashion_mnist",
@@ -39,6 +38,7 @@ DATASETS = (
     "esc50",
 )
 MODELS = ("resnet8", "resnet18", "mobilenet_v2", "vit_tiny", "ds_cnn", "crnn", "small_cnn")
+BUILD_MODEL = "fwdgrad.models.build_model"  # the zoo's builder: model.name picks one of MODELS
 METHODS = METHOD_NAMES
 LR_SCHEDULES = ("constant", "cosine", "linear")
 FF_OPTIONS = {"qzo_ff": QZO_FF_OPTIONS, "zo_sgd": ZO_SGD_OPTIONS}
@@ -46,12 +46,81 @@ ENGINE_MODES = ("integer", "fake")  # how the engine computes (fwdgrad.engine.EN
 QUANTS = ("auto", "fp32", "w16a8", "w8a8", "w8a16", "w16a16")
 BITS = (8, 16)
 HEADS = ("protonet", "simpleshot")
+LOGGERS = ("csv", "tensorboard", "mlflow")  # experiment trackers (fwdgrad.tracking.BACKENDS)
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     """A one-line ValueError `key=value is invalid; allowed: ...` unless ok."""
     if not ok:
         raise ValueError(f"{key}={value!r} is invalid; allowed: {allowed}")
+
+
+# ------------------------------------------------------------------------------------------ model
+def locate(path: str) -> Any:
+    """The object at dotted `path` (module path, then attributes), or None where there is none."""
+    import importlib
+
+    parts = str(path).split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return None
+        return obj
+    return None
+
+
+def check_model(model: dict) -> None:
+    """`model`: the zoo (`_target_: fwdgrad.models.build_model` with `name` one of MODELS) or a callable of
+    your own (`_target_` any importable callable returning an nn.Module; importing it may import torch)."""
+    target = model.get("_target_", BUILD_MODEL)
+    if target == BUILD_MODEL:
+        own = "or model._target_=<an importable callable returning an nn.Module>"
+        require(model.get("name") in MODELS, "model", model.get("name"), f"{', '.join(MODELS)} ({own})")
+        return
+    allowed = "an importable callable returning an nn.Module, e.g. torchvision.models.resnet18"
+    require(isinstance(target, str) and callable(locate(target)), "model._target_", target, allowed)
+
+
+def model_label(model: dict) -> str:
+    """The `model` label of the results: `model.name`, or the callable's name for a `_target_` of your own
+    (a zoo name there is a leftover of the model group's default, not a label)."""
+    target, name = model.get("_target_", BUILD_MODEL), model.get("name")
+    if target == BUILD_MODEL or (name and name not in MODELS):
+        return name
+    return str(target).rpartition(".")[2]
+
+
+def zoo_options() -> dict[str, set]:
+    """Option -> the values the zoo's model files (fwdgrad/conf/model/*.yaml) give it."""
+    from .conf import CONF_DIR
+
+    options: dict[str, set] = {}
+    for path in sorted((CONF_DIR / "model").glob("*.yaml")):
+        for k, v in OmegaConf.to_container(OmegaConf.load(path)).items():
+            options.setdefault(k, set()).add(repr(v))
+    return options
+
+
+def model_options(model: dict) -> dict[str, Any]:
+    """The keyword options of a `model._target_` of your own: the model node without `_target_` and `name`
+    (the label), and without options a zoo model file gives the same value (left there by the model group's
+    default when `model._target_` replaced it on the command line, e.g. small_cnn's width: 32)."""
+    zoo = zoo_options()
+    return {
+        k: v
+        for k, v in model.items()
+        if k not in ("_target_", "name") and repr(_plain(v)) not in zoo.get(k, ())
+    }
+
+
+def _plain(v: Any) -> Any:
+    return OmegaConf.to_container(v) if isinstance(v, DictConfig | ListConfig) else v
 
 
 @dataclass
@@ -203,6 +272,23 @@ class PretrainSettings:
 
 
 @dataclass
+class LoggerConfig:
+    """The experiment tracker, the `logger` group (fwdgrad.tracking): csv = the run's own log.csv and
+    metrics.json only; tensorboard / mlflow also record the run under the output directory."""
+
+    name: str = "csv"
+    tracking_uri: str | None = None  # mlflow: default sqlite:///<out>/mlflow.db (artifacts in <out>/mlruns)
+    experiment_name: str = "fwdgrad"  # mlflow experiment the run goes into
+
+    def check(self) -> None:
+        require(self.name in LOGGERS, "logger", self.name, ", ".join(LOGGERS))
+        if self.name != "mlflow":
+            require(self.tracking_uri is None, "logger.tracking_uri", self.tracking_uri, "null (mlflow only)")
+        name = self.experiment_name
+        require(bool(name), "logger.experiment_name", name, "a non-empty name")
+
+
+@dataclass
 class TaskConfig:
     """What every experiment shares: the task, the model, its number format, the training scope, the source
     model's pretraining, and where and how it runs. `Config` (one training run) and the landscape's config
@@ -218,14 +304,19 @@ class TaskConfig:
     cache_dir: str | None = None  # default $FWDGRAD_CACHE or ~/.cache/fwdgrad (models/<hash>.pt under it)
     out_dir: str | None = None  # default: the Hydra output directory
     threads: int = 1  # torch.set_num_threads (1 is fastest for these small models on 2 cores)
-    progress: bool = True
+    progress: bool = True  # tqdm bars on a terminal
+    # when stdout is not a terminal: a progress line (logging, fwdgrad.pipeline.progress) every N steps / T s
+    log_every_steps: int = 0  # 0: not by steps
+    log_every_s: float = 30.0  # 0: not by time
 
     def check(self) -> None:
         for part in (self.data, self.quant, self.mode, self.pretrain):
             part.check()
-        require(self.model.get("name") in MODELS, "model", self.model.get("name"), ", ".join(MODELS))
+        check_model(self.model)
         require(self.seed >= 0, "seed", self.seed, "integers >= 0")
         require(self.threads >= 1, "threads", self.threads, "integers >= 1")
+        require(self.log_every_steps >= 0, "log_every_steps", self.log_every_steps, "integers >= 0 (0: off)")
+        require(self.log_every_s >= 0, "log_every_s", self.log_every_s, ">= 0 (0: off)")
         if self.data_root is not None and not Path(self.data_root).expanduser().is_dir():
             raise FileNotFoundError(
                 f"data_root={self.data_root!r} does not exist; allowed: an existing "
@@ -246,11 +337,13 @@ class Config(TaskConfig):
     device: dict[str, Any] | None = None  # a fwdgrad/conf/device profile: the memory model must fit it
     method_lr: dict[str, float] = field(default_factory=dict)  # per-method lr for presets comparing methods
     variant: str = ""  # free label separating ablation arms in reports (e.g. "m1", "momentum")
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # experiment tracker (fwdgrad.tracking)
 
     def check(self) -> None:
         super().check()
         self.method.check()
         self.train.check()
+        self.logger.check()
         for name, lr in self.method_lr.items():
             require(name in METHODS, "method_lr key", name, ", ".join(METHODS))
             require(lr > 0, f"method_lr.{name}", lr, "> 0")

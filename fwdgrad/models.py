@@ -11,13 +11,19 @@ torchvision's cache (``$TORCH_HOME/hub/checkpoints``) or a download. Where neith
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.fx
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from torch import nn
 from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock
+
+from .config import BUILD_MODEL, check_model, locate, model_options
 
 #: Layers that count as "parametrized layers" for :func:`head_layers` (linear probing of the last k).
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.MultiheadAttention, nn.RNNBase)
@@ -266,6 +272,71 @@ def build_model(name: str, num_classes: int, in_channels: int, **kw) -> nn.Modul
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {sorted(MODELS)}")
     return MODELS[name](num_classes=num_classes, in_channels=in_channels, **kw)
+
+
+def _accepts(fn: Callable, name: str, through_kwargs: bool) -> bool:
+    """Whether ``fn`` names parameter ``name`` (or, with ``through_kwargs``, takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature (some builtins)
+        return False
+    kinds = {p.kind for p in params.values()}
+    return name in params or (through_kwargs and inspect.Parameter.VAR_KEYWORD in kinds)
+
+
+def build_from_config(spec: Mapping[str, Any], num_classes: int, in_channels: int) -> nn.Module:
+    """The model of a `model` config node: the zoo (``_target_: fwdgrad.models.build_model``, ``name``,
+    options) or any importable callable returning an ``nn.Module`` (``model._target_=...``).
+
+    A callable of your own gets its options (`fwdgrad.config.model_options`: the node without ``_target_``,
+    the ``name`` label and the zoo's leftovers), ``num_classes`` when it names it or takes ``**kwargs``
+    (torchvision's builders), ``in_channels`` only when it names it. Then the model is made to fit the data:
+    a first ``Conv2d`` with another input channel count is replaced by a fresh one taking ``in_channels``
+    (torchvision models expect RGB), and a last ``nn.Linear`` with another output count by a fresh one with
+    ``num_classes`` outputs (the same head rule as :func:`head_layers`)."""
+    spec = dict(spec)
+    target = spec.get("_target_", BUILD_MODEL)
+    if target == BUILD_MODEL:
+        return instantiate(spec, num_classes=num_classes, in_channels=in_channels)
+    fn = locate(target)
+    if not callable(fn):
+        check_model(spec)  # the one-line error
+    extra = {"num_classes": num_classes} if _accepts(fn, "num_classes", True) else {}
+    extra |= {"in_channels": in_channels} if _accepts(fn, "in_channels", False) else {}
+    node = {"_target_": target, "_convert_": "all", **model_options(spec)} | extra
+    try:
+        model = instantiate(node)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        args = ", ".join(f"{k}={v!r}" for k, v in node.items() if not k.startswith("_"))
+        raise ValueError(f"model._target_={target!r} failed with ({args}): {cause}".splitlines()[0]) from e
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model._target_={target!r} returned a {type(model).__name__}; allowed: nn.Module")
+    _fit_input(model, in_channels)
+    _fit_output(model, num_classes)
+    return model
+
+
+def _fit_input(model: nn.Module, in_channels: int) -> None:
+    """Replace a first Conv2d that takes another number of channels (fresh initialisation)."""
+    modules = dict(model.named_modules())
+    first = next((n for n in _forward_order(model) if isinstance(modules.get(n), LAYER_TYPES)), None)
+    conv = modules.get(first)
+    if isinstance(conv, nn.Conv2d) and conv.in_channels != in_channels:
+        _set_module(model, first, _new_conv(conv, in_channels))
+
+
+def _fit_output(model: nn.Module, num_classes: int) -> None:
+    """Replace a last nn.Linear with another number of outputs (fresh initialisation)."""
+    name = head_layers(model, 1)[0]
+    head = model.get_submodule(name)
+    if isinstance(head, nn.Linear) and head.out_features != num_classes:
+        _set_module(model, name, nn.Linear(head.in_features, num_classes))
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def _forward_order(model: nn.Module) -> list[str]:

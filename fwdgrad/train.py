@@ -24,7 +24,9 @@ import csv
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +45,7 @@ from .quant import dequantize, fake_quantize, quantize
 
 METHODS = METHOD_NAMES
 LR_SCHEDULES = ("constant", "cosine", "linear")
-__all__ = ["BP_FORWARD_EQUIVALENTS", "METHODS", "TrainConfig", "train", "evaluate"]
+__all__ = ["BP_FORWARD_EQUIVALENTS", "METHODS", "TrainConfig", "train", "evaluate", "tie_fraction"]
 
 
 def scheduled_lr(cfg: TrainConfig, step: int, total: int) -> float:
@@ -111,10 +113,6 @@ class TrainConfig:
     def spec(self) -> MethodSpec:
         return spec(self.method)
 
-    @property
-    def is_forward_only(self) -> bool:
-        return self.spec.forward_only
-
 
 # ------------------------------------------------------------------------------------------- data
 class BatchStream:
@@ -147,14 +145,42 @@ class BatchStream:
         self._perm = self._permutation()
 
 
+#: Where `evaluate` reports its progress when it is given no callback: (examples done, total) before the
+#: first chunk and after each. Set it with `evaluation_progress`, e.g. around `train`, whose evaluations
+#: every `eval_every` steps take no callback of their own (fwdgrad.pipeline.progress sets it).
+EVAL_PROGRESS: ContextVar[Callable[[int, int], None] | None] = ContextVar("eval_progress", default=None)
+
+
+@contextmanager
+def evaluation_progress(callback: Callable[[int, int], None] | None) -> Iterator[None]:
+    """Within the block, every `evaluate` without a callback of its own reports to `callback`."""
+    token = EVAL_PROGRESS.set(callback)
+    try:
+        yield
+    finally:
+        EVAL_PROGRESS.reset(token)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> float:
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> float:
     """Top-1 accuracy (fraction) of `model` on (x, y), in chunks of `batch_size` examples (default:
-    `fwdgrad.engine.model.chunk_rows`, about 2^15 input elements per chunk)."""
+    `fwdgrad.engine.model.chunk_rows`, about 2^15 input elements per chunk). `progress(done, total)` (default:
+    the one `evaluation_progress` set) hears of the examples done, before the first chunk and after each."""
     batch_size = batch_size or chunk_rows(x)
+    progress = progress or EVAL_PROGRESS.get()
     correct = 0
+    if progress:
+        progress(0, len(x))
     for i in range(0, len(x), batch_size):
         correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+        if progress:
+            progress(min(i + batch_size, len(x)), len(x))
     return correct / max(1, len(x))
 
 
@@ -305,11 +331,14 @@ class Method:
         self.forwards_per_step = built.forwards_per_step
 
     def set_lr(self, lr: float) -> None:
-        if isinstance(self.opt, torch.optim.Optimizer):
-            for group in self.opt.param_groups:
-                group["lr"] = lr
-        else:
-            self.opt.lr = lr
+        for group in self.opt.param_groups:  # every builder's optimizer is a torch.optim.Optimizer
+            group["lr"] = lr
+
+    def ties(self) -> dict:
+        """The tie count of the latest step, {"tie_fraction": ...}, for the forward-only optimizers that
+        compare perturbation pairs (fwdgrad.ff.ForwardGradient); {} for the others."""
+        pairs = getattr(self.opt, "last_pairs", 0)
+        return {"tie_fraction": self.opt.last_ties / pairs} if pairs else {}
 
     def step(self, x, y) -> float:
         loss = self.opt.step(self.closure(x, y))
@@ -362,6 +391,7 @@ class TrainResult:
     wall_s: float
     peak_mem_bytes: int
     log: list[dict]
+    tie_fraction: float | None = None  # forward-only: the fraction of perturbation pairs with L+ == L−
 
 
 @dataclass
@@ -447,6 +477,7 @@ def train(
             "forward_passes": run.forward_passes,
             "loss": loss,
             "wall_s": round(run.wall_s, 4),
+            **method.ties(),
         }
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {run.step}; lower lr (now {cfg.lr})")
@@ -461,8 +492,19 @@ def train(
     run.save(ckpt, model, method, stream, cfg)
     if out_dir:
         write_log(os.path.join(out_dir, "log.csv"), run.log)
-    acc = evaluate(model, *test_xy)
-    return TrainResult(model, run.step, run.forward_passes, acc, run.wall_s, run.peak, run.log)
+    last = run.log[-1] if run.log else {}
+    # the last step's evaluation is the final one unless finish() changed the weights (QAT's write-back)
+    acc = last["test_acc"] if "test_acc" in last and not method.master else evaluate(model, *test_xy)
+    return TrainResult(
+        model, run.step, run.forward_passes, acc, run.wall_s, run.peak, run.log, tie_fraction(run.log)
+    )
+
+
+def tie_fraction(log: list[dict]) -> float | None:
+    """The fraction of perturbation pairs whose losses tied over a training log (every step compares the
+    same number of pairs), or None when no step recorded one (backprop, jvp)."""
+    fractions = [r["tie_fraction"] for r in log if "tie_fraction" in r]
+    return sum(fractions) / len(fractions) if fractions else None
 
 
 def _measured_step(method: Method, x, y) -> tuple[float, int]:
@@ -473,7 +515,7 @@ def _measured_step(method: Method, x, y) -> tuple[float, int]:
 
 
 def write_log(path: str, rows: list[dict]) -> None:
-    keys = ["step", "forward_passes", "loss", "test_acc", "wall_s"]
+    keys = ["step", "forward_passes", "loss", "test_acc", "wall_s", "tie_fraction"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()

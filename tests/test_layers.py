@@ -16,7 +16,7 @@ LAYERS = (
     {"ff"},
     {"models", "analysis"},
     {"train"},
-    {"export", "plots", "report"},
+    {"export", "plots", "report", "tracking"},
     {"pipeline"},
     {"cli"},
 )

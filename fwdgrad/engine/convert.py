@@ -182,7 +182,7 @@ def convert(
     """
     scheme = scheme if isinstance(scheme, Scheme) else Scheme.parse(scheme)
     model = model.eval()
-    gm = fold_batchnorm(fx.symbolic_trace(_copy(model)))
+    gm = fold_batchnorm(trace(_copy(model)))
     modules = dict(gm.named_modules())
     act_fmt = activation_format(scheme.act_bits)
     w_fmt = weight_format(scheme.weight_bits, per_channel=per_channel)
@@ -213,6 +213,44 @@ def convert(
             stacklevel=2,
         )
     return QModel(nodes, output, scheme.name, AccumulatorSpec(acc_bits, overflow), requant, mode)
+
+
+class _WhereTracer(fx.Tracer):
+    """torch.fx's tracer, remembering the innermost module whose forward failed to trace."""
+
+    failed_at: tuple[str, nn.Module] | None = None
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:
+                try:
+                    self.failed_at = (self.path_of_module(m), m)
+                except NameError:  # a module that is not a registered submodule
+                    self.failed_at = (type(m).__name__, m)
+            raise
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """`torch.fx.symbolic_trace(model)`; a model it cannot trace is a one-line ValueError naming the module
+    whose forward failed (data-dependent Python control flow, calls on tensor values, ...)."""
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - whatever the trace trips over, the same one-line message
+        tracer = _WhereTracer()
+        try:
+            tracer.trace(model)
+        except Exception:  # noqa: BLE001 - the same failure, now with the module it happened in
+            pass
+        name, module = tracer.failed_at or ("", model)
+        where = f"module {name!r} ({type(module).__name__})" if name else f"{type(module).__name__}.forward"
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"the integer engine cannot trace {type(model).__name__}: torch.fx fails in {where}: {why}; "
+            "allowed: models torch.fx.symbolic_trace can trace (no Python control flow on tensor values), "
+            "or a float method (quant=fp32, e.g. method=bp), which needs no conversion"
+        ) from e
 
 
 def _copy(model: nn.Module) -> nn.Module:

@@ -42,20 +42,44 @@ def jvp_gradient(
     return grads, float(loss)
 
 
-class JVPForwardGradient:
-    """SGD with the forward-mode forward gradient, `opt.step(closure)` style; the closure maps a dict of
-    parameter tensors to the loss (use `closure_for(model, loss_fn)`)."""
+class JVPForwardGradient(torch.optim.Optimizer):
+    """SGD with the forward-mode forward gradient, a `torch.optim.Optimizer` (`opt.step(closure)`; one
+    parameter group, the model's trainable parameters, with `lr`, so `torch.optim.lr_scheduler`s drive it).
+    The closure maps a dict of parameter tensors to the loss (use `closure_for(model, loss_fn)`)."""
 
     def __init__(self, model: torch.nn.Module, lr: float, m: int = 1, seed: int = 0):
         check_positive("lr", lr)
         check_count("m", m)
-        self.model, self.lr, self.m, self.seed = model, lr, m, seed
+        self.model, self.m, self.seed = model, m, seed
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        super().__init__(list(self.params.items()), {"lr": lr})
+        self._fixed_groups = True
         self.step_count = self.forward_passes = 0
         self.forwards_per_step = m  # one (dual-number) forward per direction
 
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_fixed_groups", False):
+            raise ValueError(
+                "JVPForwardGradient trains one parameter group, the model's trainable parameters; "
+                "allowed: build a new optimizer for another set"
+            )
+        super().add_param_group(param_group)
+
+    @property
+    def lr(self) -> float:
+        return self.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = value
+
     @torch.no_grad()
-    def step(self, closure) -> float:
+    def step(self, closure=None) -> float:
+        if closure is None:
+            raise ValueError(
+                "closure=None is invalid; allowed: a function mapping a parameter dict to the loss"
+            )
         grads, loss = jvp_gradient(closure, self.params, Key(self.seed, self.step_count, 0, 0), self.m)
         for n, p in self.params.items():
             p.sub_(grads[n], alpha=self.lr)
@@ -63,18 +87,19 @@ class JVPForwardGradient:
         self.forward_passes += self.m
         return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """No gradients to clear."""
-
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "forward_passes": self.forward_passes, "lr": self.lr}
+        """torch.optim's state (the param group with lr) plus the step counters."""
+        state = super().state_dict()
+        state["jvp"] = {"step_count": self.step_count, "forward_passes": self.forward_passes}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.step_count, self.forward_passes, self.lr = (
-            state["step_count"],
-            state["forward_passes"],
-            state["lr"],
-        )
+        if "param_groups" not in state:  # a checkpoint written before this was a torch Optimizer
+            self.lr, own = state["lr"], state
+        else:
+            super().load_state_dict({k: v for k, v in state.items() if k != "jvp"})
+            own = state["jvp"]
+        self.step_count, self.forward_passes = own["step_count"], own["forward_passes"]
 
 
 def closure_for(model: torch.nn.Module, loss_fn):

@@ -15,6 +15,8 @@ Feng et al., "Stepping Forward on the Last Mile", NeurIPS 2024 (QZO-FF); Malladi
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..engine.model import QModel
@@ -26,11 +28,33 @@ from .masks import make_masks
 from .spaces import FixedPointSpace, FloatSpace, MomentumGuided, Space, Term
 
 
-class ForwardGradient:
-    """Zeroth-order SGD on a `Space` (float parameters or fixed-point integers).
+class TieWarning(UserWarning):
+    """Most perturbation pairs of the first steps had equal losses (L+ == L−): the steps are lost."""
 
-    lr: η; eps: ε (real units; the fixed-point space converts it to ε_q = round(ε/Δ_w));
-    sharpness_rho: ρ of the sharpness-aware ascent probe (None: off).
+
+#: The tie diagnosis: over the first TIE_WARN_STEPS steps, more than TIE_WARN_FRACTION of the pairs tied.
+TIE_WARN_STEPS = 10
+TIE_WARN_FRACTION = 0.5
+
+
+def _space_tensors(space: Space) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of what the space updates: float parameters, or a QModel's integer weight buffers."""
+    if isinstance(space, FixedPointSpace):
+        return [(n, node.weight_q) for n, node in zip(space.names, space.nodes)]
+    return list(zip(space.names, space.params))
+
+
+class ForwardGradient(torch.optim.Optimizer):
+    """Zeroth-order SGD on a `Space` (float parameters or fixed-point integers), a `torch.optim.Optimizer`.
+
+    One parameter group holds the space's tensors (named) with `lr` (η) and `eps` (ε, real units; the
+    fixed-point space converts it to ε_q = round(ε/Δ_w)); the step reads both from the group, so every
+    `torch.optim.lr_scheduler` drives η (in fixed point, η enters the integer update through the multiplier
+    computed from it). sharpness_rho: ρ of the sharpness-aware ascent probe (None: off).
+
+    Ties: a perturbation pair whose two losses are equal (L+ == L−, or L+ == L0 one-sided) gives no
+    gradient. `last_ties`/`last_pairs` count them in the latest step, `ties`/`pairs` over all steps
+    (`tie_fraction`); when more than half of the pairs tie over the first 10 steps, one `TieWarning`.
     """
 
     def __init__(
@@ -40,15 +64,51 @@ class ForwardGradient:
         check_positive("eps", eps)
         if sharpness_rho is not None and not sharpness_rho > 0:
             raise ValueError(f"sharpness_rho={sharpness_rho!r} is invalid; allowed: > 0 or None")
-        self.space, self.estimator, self.lr, self.eps = space, estimator, lr, eps
-        self.sharpness_rho = sharpness_rho
+        self._fixed_groups = False
+        super().__init__(_space_tensors(space), {"lr": lr, "eps": eps})
+        self._fixed_groups = True
+        self.space, self.estimator, self.sharpness_rho = space, estimator, sharpness_rho
         self.step_count = 0
         self.forward_passes = 0
         self.last_coeffs: list[float] = []
+        self.ties = self.pairs = self.last_ties = self.last_pairs = 0
+        self.early_ties = self.early_pairs = 0  # over the first TIE_WARN_STEPS steps
+        self.tie_warned = False
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self._fixed_groups:
+            raise ValueError(
+                "ForwardGradient trains one parameter group, the tensors of its space; allowed: build a "
+                "new optimizer (qzo_ff / zo_sgd) for another set of tensors"
+            )
+        super().add_param_group(param_group)
+
+    @property
+    def lr(self) -> float:
+        return self.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = value
+
+    @property
+    def eps(self) -> float:
+        return self.param_groups[0]["eps"]
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        for group in self.param_groups:
+            group["eps"] = value
 
     @property
     def forwards_per_step(self) -> int:
         return self.estimator.forwards_per_step + (2 if self.sharpness_rho else 0)
+
+    @property
+    def tie_fraction(self) -> float | None:
+        """The fraction of perturbation pairs with equal losses over all steps (None before the first)."""
+        return self.ties / self.pairs if self.pairs else None
 
     def _loss(self, closure, terms: list[Term]) -> float:
         with self.space.perturbed(self.step_count, terms):
@@ -57,9 +117,14 @@ class ForwardGradient:
         return float(loss)
 
     @torch.no_grad()
-    def step(self, closure) -> float:
+    def step(self, closure=None) -> float:
         """One forward-gradient step; returns the mean loss of the perturbed evaluations."""
-        diff, eps = self.estimator.difference, self.eps
+        if closure is None:
+            raise ValueError(
+                "closure=None is invalid; allowed: a function running a forward pass that returns the loss"
+            )
+        group = self.param_groups[0]
+        diff, eps = self.estimator.difference, group["eps"]
         base: list[Term] = []
         if self.sharpness_rho:
             rho = self.sharpness_rho
@@ -67,33 +132,64 @@ class ForwardGradient:
             down = self._loss(closure, [Term(SAM_STREAM, rho, -1)])
             base = [Term(SAM_STREAM, rho, +1 if up >= down else -1)]
         center = self._loss(closure, base) if diff.needs_center else None
-        coeffs, losses = [], []
+        coeffs, losses, ties = [], [], 0
         for i in range(self.estimator.m):
             plus = self._loss(closure, base + [Term(i, eps, +1)])
             minus = self._loss(closure, base + [Term(i, eps, -1)]) if diff.two_sided else None
             coeffs.append(diff.coefficient(plus, minus, center, eps))
+            ties += plus == (center if minus is None else minus)
             losses += [plus] if minus is None else [plus, minus]
-        self.space.update(self.step_count, coeffs, self.lr)
+        self.space.update(self.step_count, coeffs, group["lr"])
         self.last_coeffs = coeffs
+        self._count_ties(ties, len(coeffs))
         self.step_count += 1
         return sum(losses) / len(losses)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """No gradients to clear (kept for drop-in use in torch training loops)."""
+    def _count_ties(self, ties: int, pairs: int) -> None:
+        self.last_ties, self.last_pairs = ties, pairs
+        self.ties, self.pairs = self.ties + ties, self.pairs + pairs
+        if self.step_count < TIE_WARN_STEPS:
+            self.early_ties, self.early_pairs = self.early_ties + ties, self.early_pairs + pairs
+            if self.step_count == TIE_WARN_STEPS - 1 and not self.tie_warned:
+                self.tie_warned = self.early_ties > TIE_WARN_FRACTION * self.early_pairs
+                if self.tie_warned:
+                    warnings.warn(self._tie_message(), TieWarning, stacklevel=2)
+
+    def _tie_message(self) -> str:
+        why = (
+            "the perturbation moves the quantized logits by less than one LSB"
+            if isinstance(self.space, FixedPointSpace)
+            else "the perturbation does not change the float loss"
+        )
+        return (
+            f"fwdgrad: more than {TIE_WARN_FRACTION:.0%} of the perturbation pairs tied (L+ == L-) over "
+            f"the first {TIE_WARN_STEPS} steps at eps={self.eps:g}: {why}, so those pairs give no gradient; "
+            "use a larger eps, e.g. method.eps=1e-2 (tie_fraction in log.csv and metrics.json)"
+        )
 
     def state_dict(self) -> dict:
-        return {
+        """torch.optim's state (the param group with lr and eps) plus the step counters and the space."""
+        state = super().state_dict()
+        state["forward_gradient"] = {
             "step_count": self.step_count,
             "forward_passes": self.forward_passes,
-            "lr": self.lr,
-            "eps": self.eps,
+            "ties": [self.ties, self.pairs, self.last_ties, self.last_pairs],
+            "early_ties": [self.early_ties, self.early_pairs, self.tie_warned],
             "space": self.space.state_dict(),
         }
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.step_count, self.forward_passes = state["step_count"], state["forward_passes"]
-        self.lr, self.eps = state["lr"], state["eps"]
-        self.space.load_state_dict(state["space"])
+        if "param_groups" not in state:  # a checkpoint written before ForwardGradient was a torch Optimizer
+            self.lr, self.eps = state["lr"], state["eps"]
+            own = state
+        else:
+            super().load_state_dict({k: v for k, v in state.items() if k != "forward_gradient"})
+            own = state["forward_gradient"]
+        self.step_count, self.forward_passes = own["step_count"], own["forward_passes"]
+        self.ties, self.pairs, self.last_ties, self.last_pairs = own.get("ties", [0, 0, 0, 0])
+        self.early_ties, self.early_pairs, self.tie_warned = own.get("early_ties", [0, 0, False])
+        self.space.load_state_dict(own["space"])
 
 
 def _momentum(momentum: dict | bool | None) -> MomentumGuided | None:
@@ -128,6 +224,11 @@ def qzo_ff(
     weight_headroom: the trainable layers' Δ_w is multiplied by this once before training, so weights can
     grow by that factor before saturating (costs log2(headroom) bits of precision; 1 = the paper).
     """
+    if not isinstance(model, QModel):
+        raise ValueError(
+            f"qzo_ff needs a converted model (fwdgrad.engine.QModel), got a float {type(model).__name__}; "
+            'convert it first: q = fwdgrad.engine.convert(model, "w16a8", calib) (calib: a batch of inputs)'
+        )
     settings = FixedPointSettings(distribution, z_max, rounding, perturb_scale, eps_min_q, weight_headroom)
     est = preset("qzo_ff", m=m, distribution=distribution, z_max=z_max)
     names = list(model.weight_nodes()) if trainable is None else list(trainable)

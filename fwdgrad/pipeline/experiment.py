@@ -4,7 +4,8 @@
     -> zero-shot accuracy on the target task
     -> convert + calibrate (cfg.quant; fp32 = no conversion)
     -> adapt with cfg.method in the training scope cfg.mode (fwdgrad.train.train) -> evaluate
-    -> metrics.json, log.csv, checkpoint.pt, model.pt and curves.png in the output directory.
+    -> metrics.json, log.csv, checkpoint.pt, model.pt and curves.png in the output directory,
+       and the run in the experiment tracker cfg.logger (fwdgrad.tracking).
 
 Few-shot data configs (`data.fewshot`) run N-way K-shot episodes instead (fwdgrad.pipeline.fewshot).
 """
@@ -15,14 +16,16 @@ import json
 import time
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..analysis.devices import assert_fits, load_device
-from ..config import validate
+from ..config import model_label, validate
 from ..methods import spec
+from ..models import build_from_config
 from ..plots import plot_curves
 from ..provenance import provenance
+from ..tracking import Tracker, make_tracker
+from ..train import tie_fraction
 from .fewshot import run_fewshot
 from .steps import load_task, memory_model, output_dir, source_model
 from .transfer import run_transfer
@@ -35,6 +38,20 @@ def run_experiment(cfg: DictConfig) -> dict:
     torch.set_num_threads(c.threads)
     out = output_dir(c)
     out.mkdir(parents=True, exist_ok=True)
+    tracker = make_tracker(c.logger, out)  # a missing tracker package stops the run here
+    name = f"{c.data.name} {c.method.name} {c.scheme} {c.variant} seed={c.seed}".replace("  ", " ")
+    tracker.start(OmegaConf.to_container(cfg, resolve=True), name)
+    try:
+        metrics = _run(cfg, c, out, tracker, t_start)
+    except BaseException:
+        tracker.fail()
+        raise
+    tracker.finish(metrics, [out / f for f in ("metrics.json", "log.csv", "episodes.json", "curves.png")])
+    return metrics
+
+
+def _run(cfg: DictConfig, c, out, tracker: Tracker, t_start: float) -> dict:
+    """The experiment after validation: data, memory model, source model, adaptation, metrics and plot."""
     d = c.data
     src, src_train, src_test = load_task(d.source, c.seed)
     tgt, tgt_train, tgt_test = load_task(d.target, c.seed, d.max_train, d.max_test)
@@ -42,7 +59,7 @@ def run_experiment(cfg: DictConfig) -> dict:
     n_target = d.fewshot.n_way if d.fewshot else tgt.num_classes
 
     # the memory model and device check come first: a configuration that does not fit stops here
-    arch = instantiate(c.model, num_classes=n_target, in_channels=in_channels)
+    arch = build_from_config(c.model, n_target, in_channels)
     batch = min(c.train.batch_size, d.fewshot.n_way * d.fewshot.k_shot if d.fewshot else len(tgt_train[0]))
     mem = memory_model(arch, c, (batch, *sample_shape))
     fit = assert_fits(load_device(c.device), mem).summary() if c.device else None
@@ -53,16 +70,18 @@ def run_experiment(cfg: DictConfig) -> dict:
         "method": c.method.name,
         "quant": c.scheme,
         "dataset": d.name,
-        "model": c.model["name"],
+        "model": model_label(c.model),
         "mode": scope,
         "variant": c.variant,
         "seed": c.seed,
     }
     if d.fewshot:
-        res = run_fewshot(c, model, src_train, (tgt_train, tgt_test), out)
+        res = run_fewshot(c, model, src_train, (tgt_train, tgt_test), out, on_episode=tracker.log_episode)
     else:
-        res = run_transfer(cfg, c, model, src_train, (tgt_train, tgt_test), n_target, out)
+        res = run_transfer(cfg, c, model, src_train, (tgt_train, tgt_test), n_target, out, tracker.log_step)
     log = res.pop("log")
+    for row in log if d.fewshot else ():  # few-shot: the per-step log averaged over episodes, at the end
+        tracker.log_step(row)
     used = spec(c.method.name).hyper
     metrics |= res | {
         "train_mem_bytes_model": mem.total,
@@ -74,11 +93,12 @@ def run_experiment(cfg: DictConfig) -> dict:
         "lr": c.lr,
         "eps": c.method.eps if "eps" in used else None,
         "m": c.method.m if "m" in used else None,
+        "tie_fraction": tie_fraction(log),  # forward-only: perturbation pairs with L+ == L- (else None)
         "total_wall_s": time.perf_counter() - t_start,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "provenance": provenance(),
     }
     with open(out / "metrics.json", "w") as f:
         json.dump(metrics, f, indent=2, default=str)
-    plot_curves({f"{c.method.name} {c.scheme}": log}, out / "curves.png", f"{d.name} / {c.model['name']}")
+    plot_curves({f"{c.method.name} {c.scheme}": log}, out / "curves.png", f"{d.name} / {metrics['model']}")
     return metrics

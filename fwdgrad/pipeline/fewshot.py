@@ -7,17 +7,18 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from ..config import Config
 from ..data import episodes, prototypes
 from ..data.heads import simpleshot_transform
 from ..models import head_layers
 from ..train import TrainConfig, evaluate, train, write_log
+from .progress import Progress
 from .steps import convert_model, set_module
 
 
@@ -66,23 +67,32 @@ def mean_log(logs: list[list[dict]]) -> list[dict]:
     out = []
     for step_rows in zip(*logs):
         row = {k: step_rows[0][k] for k in ("step", "forward_passes")}
-        for k in ("loss", "test_acc", "wall_s"):
+        for k in ("loss", "test_acc", "wall_s", "tie_fraction"):
             if k in step_rows[0]:
                 row[k] = sum(r[k] for r in step_rows) / len(step_rows)
         out.append(row)
     return out
 
 
-def run_fewshot(c: Config, model: nn.Module, src_train, target, out: Path) -> dict:
-    """N-way K-shot episodes on the target (novel) classes; returns the averaged results."""
+def run_fewshot(
+    c: Config,
+    model: nn.Module,
+    src_train,
+    target,
+    out: Path,
+    on_episode: Callable[[dict], None] | None = None,
+) -> dict:
+    """N-way K-shot episodes on the target (novel) classes; returns the averaged results.
+    `on_episode(row)` gets each episode's results (the row of episodes.json) when it ends."""
     fs = c.data.fewshot
     x = torch.cat([target[0][0], target[1][0]])
     y = torch.cat([target[0][1], target[1][1]])
     base_mean = embed(model, src_train[0][:2048]).mean(0) if fs.head == "simpleshot" else None
     rows, logs = [], []
     eps_iter = episodes(y, fs.episodes, fs.n_way, fs.k_shot, fs.n_query, seed=c.seed)
-    bar = tqdm(eps_iter, total=fs.episodes, desc="episodes", disable=None if c.progress else True)
-    for i, ep in enumerate(bar):
+    start = f"{fs.n_way}-way {fs.k_shot}-shot, {fs.n_query} queries per class, adapted with {c.method.name}"
+    shown = Progress.of(c, "episodes", fs.episodes, "episode", start=f"{fs.episodes} episodes, {start}")
+    for i, ep in enumerate(eps_iter):
         sx, sy, qx, qy = x[ep.support], ep.support_labels, x[ep.query], ep.query_labels
         em = episode_model(model, sx, sy, fs.n_way, base_mean)
         zero_shot = evaluate(em, qx, qy)
@@ -103,6 +113,10 @@ def run_fewshot(c: Config, model: nn.Module, src_train, target, out: Path) -> di
             }
         )
         logs.append(r.log)
+        shown.update(i + 1, acc=sum(row["test_acc"] for row in rows) / len(rows))  # mean so far
+        if on_episode:
+            on_episode(rows[-1])
+    shown.close()
     log = mean_log(logs)
     write_log(str(out / "log.csv"), log)
     with open(out / "episodes.json", "w") as f:

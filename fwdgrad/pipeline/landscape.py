@@ -32,9 +32,10 @@ from tqdm import tqdm
 
 from ..analysis import landscape as ls
 from ..analysis.sharpness import forward_sharpness, hessian_trace, top_hessian_eigenvalue
-from ..config import LandscapeConfig, RunConfig, validate_landscape
+from ..config import LandscapeConfig, RunConfig, model_label, validate_landscape
 from ..engine.model import QModel
 from ..methods import spec
+from ..provenance import provenance, provenance_line
 from ..train import TrainConfig, evaluate, train, trainable_names
 from .steps import convert_model, load_task, output_dir, source_model
 
@@ -117,7 +118,7 @@ def common_start(c: LandscapeConfig, log: Callable[[str], None]) -> Start:
     point = ls.quant_weights(q0, names)
     zero_shot = {"float": evaluate(model, *tgt_test), "quant": evaluate(q0, *tgt_test)}
     log(
-        f"landscape: source {c.model['name']} ({'cached' if cached else 'pretrained'}, source acc "
+        f"landscape: source {model_label(c.model)} ({'cached' if cached else 'pretrained'}, source acc "
         f"{source_acc:.3f}); zero-shot target acc float {zero_shot['float']:.3f}, {c.scheme} "
         f"{zero_shot['quant']:.3f}; landscape over {len(names)} layers "
         f"({sum(v.numel() for v in point.values())} weights)"
@@ -285,6 +286,7 @@ FILES = {
     "json": "landscape.json",
     "surface_png": "landscape_2d.png",
     "lines_png": "landscape_1d.png",
+    "summary_md": "summary.md",
 }
 
 
@@ -354,6 +356,53 @@ def summary(c: LandscapeConfig, r: Results) -> dict:
     }
 
 
+def _command() -> str:
+    """`fwdgrad landscape` with this job's Hydra overrides (what reproduces it)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return " ".join(["fwdgrad landscape", *overrides])
+
+
+def summary_markdown(result: dict) -> str:
+    """summary.md: where the figure came from and the numbers the docs quote, as tables."""
+    runs, sharp = result["runs"], result["sharpness"]
+    head = "| | " + " | ".join(runs) + " |\n|---|" + "---|" * len(runs)
+    rows = {
+        "method": [r["method"] for r in runs.values()],
+        "steps / forward passes": [f"{r['steps']} / {r['forward_passes']:,}" for r in runs.values()],
+        "target test accuracy %": [f"{100 * r['test_acc']:.1f}" for r in runs.values()],
+        "final loss / accuracy % on the evaluation batch": [
+            f"{r['final_eval_loss']:.3f} / {100 * r['final_eval_acc']:.1f}" for r in runs.values()
+        ],
+        "distance from the start": [f"{r['distance_from_start']:.1f}" for r in runs.values()],
+        "mean share of the displacement in the plane": [f"{r['mean_in_plane']:.2f}" for r in runs.values()],
+    }
+    if sharp:
+        rows["top Hessian eigenvalue at the end"] = [
+            f"{sharp[f'{lab}_final']['top_eigenvalue_float']['eigenvalue']:.1f}" for lab in runs
+        ]
+    table = "\n".join([head, *(f"| {k} | " + " | ".join(v) + " |" for k, v in rows.items())])
+    lines = "| line | min loss | max loss in α ∈ [0, 1] | loss at 0 | loss at 1 |\n|---|---|---|---|---|\n"
+    lines += "\n".join(
+        f"| {name} | "
+        + " | ".join(f"{v[k]:.3f}" for k in ("min_loss", "max_loss_in_0_1", "loss_at_0", "loss_at_1"))
+        + " |"
+        for name, v in result["lines"].items()
+    )
+    g, zs = result["grid"], result["zero_shot_acc"]
+    start = (
+        f"zero-shot target accuracy {100 * zs['float']:.1f} % (float), {100 * zs['quant']:.1f} % (quantized)"
+    )
+    grid = f"grid {g['n']}×{g['n']}: loss {g['min_loss']:.3f} to {g['max_loss']:.3f}, minimum at " + (
+        f"({g['argmin'][0]:.1f}, {g['argmin'][1]:.1f}); {g['ms_per_point']:.1f} ms/point"
+    )
+    return (
+        f"# Landscape summary\n\n{provenance_line(result['provenance'])}\n\n{start}; {grid}.\n\n"
+        f"{table}\n\n{lines}\n"
+    )
+
+
 def write_outputs(c: LandscapeConfig, r: Results, out: Path) -> dict:
     """landscape.npz, landscape_2d.png, landscape_1d.png and landscape.json (returned) in `out`."""
     np.savez_compressed(out / FILES["npz"], **_arrays(r))
@@ -365,16 +414,18 @@ def write_outputs(c: LandscapeConfig, r: Results, out: Path) -> dict:
     L = c.landscape
     where = f"{c.scheme} {L.eval_mode} mode" if L.eval_mode != "float" else "float32"
     title = (
-        f"{c.model['name']}, {r.start.task}, mode={c.mode.name}; {L.plane} plane through {L.center}; loss in "
+        f"{model_label(c.model)}, {r.start.task}, mode={c.mode.name}; {L.plane} plane through {L.center}; "
+        "loss in "
         f"{where} on {r.eval_examples} {L.eval_split} examples"
     )
     ls.plot_surface(
         str(out / FILES["surface_png"]), r.surf, r.plane.coords, r.plane.axis_labels, title, run_names
     )
     ls.plot_lines(str(out / FILES["lines_png"]), r.lines, title)
-    result = summary(c, r)
+    result = summary(c, r) | {"provenance": provenance(_command())}
     with open(out / FILES["json"], "w") as f:
         json.dump(result, f, indent=2, default=float)
+    (out / FILES["summary_md"]).write_text(summary_markdown(result))
     return result
 
 

@@ -8,20 +8,21 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from tqdm import tqdm
 
 from ..analysis.memory import memory_breakdown
-from ..config import Config, PretrainSettings
+from ..config import Config, PretrainSettings, model_label
 from ..engine import convert
 from ..methods import spec
-from ..models import head_layers
-from ..train import BatchStream, evaluate, save_checkpoint
+from ..models import build_from_config, head_layers
+from ..train import BatchStream, save_checkpoint
+from .progress import Progress, duration, evaluate_shown, log, stdout_is_terminal
 
 SOURCE_VERSION = 1  # bump when pretraining changes, so stale cached source models are never reused
 
@@ -29,6 +30,9 @@ SOURCE_VERSION = 1  # bump when pretraining changes, so stale cached source mode
 # ------------------------------------------------------------------------------------------- data
 def load_task(spec_: dict, seed: int, max_train: int | None = None, max_test: int | None = None):
     """Instantiate a `build_dataset` spec -> (DataSplits, (x_train, y_train), (x_test, y_test))."""
+    lines, t0 = not stdout_is_terminal(), time.perf_counter()
+    if lines:
+        log.info("data: loading %s", spec_["name"])
     splits = instantiate(spec_, seed=seed)
     parts = []
     for ds, cap in ((splits.train, max_train), (splits.test, max_test)):
@@ -42,6 +46,9 @@ def load_task(spec_: dict, seed: int, max_train: int | None = None, max_test: in
             keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:cap]
             x, y = x[keep], y[keep]
         parts.append((x, y))
+    if lines:
+        sizes = f"{len(parts[0][0]):,} train / {len(parts[1][0]):,} test examples"
+        log.info("data: %s, %s (%s)", spec_["name"], sizes, duration(time.perf_counter() - t0))
     return splits, parts[0], parts[1]
 
 
@@ -65,17 +72,19 @@ def source_key(c: Config, num_classes: int, in_channels: int) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def pretrain(model: nn.Module, xy, p: PretrainSettings, progress: bool = True) -> nn.Module:
+def pretrain(model: nn.Module, xy, p: PretrainSettings, progress: Progress | None = None) -> nn.Module:
     """Supervised source training: Adam, BatchNorm in train mode, seeded batches (`BatchStream`)."""
     opt = torch.optim.Adam(model.parameters(), lr=p.lr)
     stream = BatchStream(*xy, p.batch_size, p.seed)
     model.train()
-    for _ in tqdm(range(p.steps), desc="pretrain", disable=None if progress else True, leave=False):
+    for step in range(p.steps):
         x, y = stream.next()
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if progress:
+            progress.update(step + 1, loss=loss.item())
     return model.eval()
 
 
@@ -86,16 +95,20 @@ def source_model(c: Config, src_train, src_test, num_classes: int, in_channels: 
     path = cache_dir(c) / f"{source_key(c, num_classes, in_channels)}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(c.pretrain.seed)
-    model = instantiate(c.model, num_classes=num_classes, in_channels=in_channels)
+    model = build_from_config(c.model, num_classes, in_channels)
     with open(f"{path}.lock", "w") as lock:  # parallel sweep jobs pretrain a shared source model once
         fcntl.flock(lock, fcntl.LOCK_EX)
         cached = path.exists()
         if cached:
             state = torch.load(path, weights_only=False)
             model.load_state_dict(state["model"])
+            if not stdout_is_terminal():
+                log.info("source model: %s (cached, source test accuracy %.4f)", path, state["source_acc"])
             return model.eval(), state["source_acc"], True
-        pretrain(model, src_train, c.pretrain, c.progress)
-        acc = evaluate(model, *src_test)
+        start = f"{c.pretrain.steps:,} Adam steps on the source task (cached afterwards in {path})"
+        with Progress.of(c, "pretrain", c.pretrain.steps, start=start) as shown:
+            pretrain(model, src_train, c.pretrain, shown)
+        acc = evaluate_shown(c, "source test accuracy", model, *src_test)
         save_checkpoint(
             str(path),
             {
@@ -113,10 +126,17 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def fit_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
-    """Replace the last linear layer by a fresh one when the target has another number of classes."""
+    """Replace the last linear layer by a fresh one when the target has another number of classes (the head
+    is the last parametrized layer in forward order, `fwdgrad.models.head_layers`)."""
     name = head_layers(model, 1)[0]
     head = model.get_submodule(name)
-    if head.out_features != num_classes:
+    outputs = getattr(head, "out_features", getattr(head, "out_channels", None))
+    if outputs != num_classes and not isinstance(head, nn.Linear):
+        raise ValueError(
+            f"the head {name!r} ({type(head).__name__}) has {outputs} outputs, not {num_classes}, and is no "
+            "nn.Linear to replace; allowed: models whose last parametrized layer is an nn.Linear"
+        )
+    if outputs != num_classes:
         torch.manual_seed(seed)
         set_module(model, name, nn.Linear(head.in_features, num_classes))
     return model
@@ -145,17 +165,24 @@ def convert_model(model: nn.Module, c: Config, calib: torch.Tensor) -> nn.Module
 def memory_model(model: nn.Module, c: Config, input_shape: tuple[int, ...]):
     """Modelled on-device training memory (fwdgrad.analysis.memory) of this method, scope and format."""
     s = spec(c.method.name)
-    return memory_breakdown(
-        model,
-        input_shape,
-        "ff" if s.forward_only else "bp",
-        c.mode.name,
-        s.memory_format or c.scheme,
-        density=c.mode.sparse_density,
-        lp_layers=c.mode.lp_layers,
-        m=s.memory_samples(c.method.m),
-        model_name=c.model["name"],
-    )
+    try:
+        return memory_breakdown(
+            model,
+            input_shape,
+            "ff" if s.forward_only else "bp",
+            c.mode.name,
+            s.memory_format or c.scheme,
+            density=c.mode.sparse_density,
+            lp_layers=c.mode.lp_layers,
+            m=s.memory_samples(c.method.m),
+            model_name=model_label(c.model),
+        )
+    except RuntimeError as e:  # the memory model runs the model on meta tensors (shapes, no values)
+        raise ValueError(
+            f"model {model_label(c.model)!r} cannot run on meta tensors for the memory model "
+            f"({str(e).strip().splitlines()[0]}); allowed: models whose forward does not depend on tensor "
+            "values (which the integer engine cannot trace either)"
+        ) from e
 
 
 def output_dir(c: Config) -> Path:
@@ -167,20 +194,19 @@ def output_dir(c: Config) -> Path:
 
 
 def progress_bar(c: Config, desc: str):
-    """A tqdm bar and the `progress` callback for train(): steps, loss, latest test accuracy."""
+    """What a person sees of train() (fwdgrad.pipeline.progress): a `Progress` over the steps (or forward
+    passes) that also shows train()'s evaluations until it is closed, and the `progress` callback for
+    train(): step, loss, latest test accuracy."""
     t = c.train
-    bar = tqdm(
-        total=t.steps or t.forward_budget,
-        unit="step" if t.steps else "fwd",
-        desc=desc,
-        disable=None if c.progress else True,
-        leave=False,
-    )
-    acc = {}
+    budget = f"{t.steps:,} steps" if t.steps else f"{t.forward_budget:,} forward passes"
+    start = f"training, {budget}, batch {t.batch_size}, test accuracy every {t.eval_every} steps"
+    unit = "step" if t.steps else "fwd"
+    shown = Progress.of(c, desc, t.steps or t.forward_budget, unit, evaluations=True, start=start)
 
     def update(row: dict) -> None:
-        acc.update({"acc": f"{row['test_acc']:.3f}"} if "test_acc" in row else {})
-        bar.update(1 if t.steps else row["forward_passes"] - bar.n)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", **acc)
+        fields = {"loss": row["loss"]} | ({"acc": row["test_acc"]} if "test_acc" in row else {})
+        if not t.steps:
+            fields["step"] = row["step"]
+        shown.update(row["step"] if t.steps else row["forward_passes"], **fields)
 
-    return bar, update
+    return shown, update

@@ -3,6 +3,7 @@ conversion -> adaptation with the configured method (fwdgrad.train.train) -> mod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -10,23 +11,43 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import Config
-from ..train import TrainConfig, evaluate, train
+from ..export import run_settings
+from ..tracking import tee
+from ..train import TrainConfig, train
+from .progress import evaluate_shown
 from .steps import convert_model, fit_head, progress_bar
 
 
 def run_transfer(
-    cfg: DictConfig, c: Config, model: nn.Module, src_train, target, n_target: int, out: Path
+    cfg: DictConfig,
+    c: Config,
+    model: nn.Module,
+    src_train,
+    target,
+    n_target: int,
+    out: Path,
+    on_step: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Adapt `model` to the target task; returns the results with the training log under "log"."""
+    """Adapt `model` to the target task; returns the results with the training log under "log".
+    `on_step(row)` gets every step's log row next to the progress bar (the experiment tracker)."""
     tgt_train, tgt_test = target
     model = fit_head(model, n_target, c.seed)
-    zero_shot = evaluate(model, *tgt_test)
+    zero_shot = evaluate_shown(c, "zero-shot accuracy", model, *tgt_test)
     qmodel = convert_model(model, c, (src_train if c.quant.calib == "source" else tgt_train)[0])
-    zero_shot_quant = evaluate(qmodel, *tgt_test) if qmodel is not model else zero_shot
+    quantized = f"zero-shot accuracy {c.scheme}"
+    zero_shot_quant = evaluate_shown(c, quantized, qmodel, *tgt_test) if qmodel is not model else zero_shot
     bar, update = progress_bar(c, f"{c.method.name} {c.scheme}")
-    r = train(qmodel, TrainConfig.from_config(c), tgt_train, tgt_test, out_dir=str(out), progress=update)
-    bar.close()
-    torch.save({"model": r.model, "config": OmegaConf.to_container(cfg, resolve=True)}, out / "model.pt")
+    update = tee(update, on_step)  # the progress bar, then the experiment tracker
+    with bar:  # closed also when train raises
+        r = train(qmodel, TrainConfig.from_config(c), tgt_train, tgt_test, out_dir=str(out), progress=update)
+    torch.save(  # "training": what `fwdgrad export` defaults to (fwdgrad.export.run_settings)
+        {
+            "model": r.model,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "training": run_settings(TrainConfig.from_config(c), r.model, r.steps),
+        },
+        out / "model.pt",
+    )
     return {
         "steps": r.steps,
         "forward_passes": r.forward_passes,

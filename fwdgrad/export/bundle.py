@@ -10,23 +10,24 @@ with the same pure functions the engine's fixed-point space uses (`fwdgrad.ff.sp
     (M_u, s_u):  η·Δ_z/Δ_w ≈ M_u·2^-(31+s_u)   (per trainable tensor, per channel if Δ_w is)
 
 Call `export_bundle` after anything that rescales weights (e.g. `qzo_ff(..., weight_headroom=...)`).
+
+The command `fwdgrad export` (defaults from a run's settings) is `fwdgrad.export.command`.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+from dataclasses import fields
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import __version__
-from .edge.bundle import FORMAT, VERSION, Bundle, BundleError, save_bundle
-from .engine.convert import MethodCall
-from .engine.model import QModel
-from .engine.nodes import (
+from .. import __version__
+from ..edge.bundle import FORMAT, VERSION, Bundle, save_bundle
+from ..engine.convert import MethodCall
+from ..engine.model import QModel
+from ..engine.nodes import (
     QAvgPool,
     QClamp,
     QConst,
@@ -39,13 +40,19 @@ from .engine.nodes import (
     QRescaleSum,
     Ref,
 )
-from .ff.estimators import make_distribution
-from .ff.spaces import perturb_requant, size_lsb, update_requant
-from .fixed_point import PERTURB_SCALES, QUANT_DISTRIBUTIONS, ROUNDINGS, FixedPointSettings
-from .methods import check_hyper
-from .quant import QParams
+from ..ff.estimators import make_distribution
+from ..ff.spaces import perturb_requant, size_lsb, update_requant
+from ..fixed_point import FixedPointSettings
+from ..methods import check_hyper
+from ..quant import QParams
 
 EXPORT_REQUANT = ("single", "gemmlowp")
+#: qzo_ff options the edge runtime cannot reproduce (it runs plain sign-m-SPSA): export refuses a run that
+#: used one unless told --ignore-unsupported
+UNSUPPORTED_FF = ("momentum", "kernel_norm", "sharpness_rho")
+FIXED_POINT_FIELDS = tuple(f.name for f in fields(FixedPointSettings))
+#: the fixed-point options a bundle carries (not weight_headroom: a run applied it to the weight scales)
+BUNDLE_FIXED_POINT = tuple(f for f in FIXED_POINT_FIELDS if f != "weight_headroom")
 
 
 def _np(t: torch.Tensor, dtype=None) -> np.ndarray:
@@ -386,59 +393,3 @@ def export_bundle(
     bundle = Bundle(header, exporter.arrays)
     save_bundle(bundle, path)
     return bundle
-
-
-def export_main(argv: list[str] | None = None) -> int:
-    """``fwdgrad export CHECKPOINT OUTPUT [options]``: checkpoint = ``torch.save(qmodel)`` or
-    ``{"model": qmodel, ...}``. Returns the exit status (0 ok, 2 bad input, with a one-line error)."""
-    ap = argparse.ArgumentParser(prog="fwdgrad export", description="Export a QModel as an edge bundle.")
-    ap.add_argument("checkpoint", help="torch.save(qmodel) file, or a dict with key 'model'")
-    ap.add_argument("output", help="bundle file to write (.npz)")
-    ap.add_argument("--lr", type=float, required=True, help="learning rate η")
-    ap.add_argument("--eps", type=float, default=1e-3, help="perturbation size ε (real units)")
-    ap.add_argument("--m", type=int, default=3, help="perturbations per step")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--trainable", nargs="+", default=None, help="conv/linear node names (default: all)")
-    ap.add_argument("--z-max", type=float, default=3.5)
-    ap.add_argument("--rounding", default="nearest", choices=ROUNDINGS)
-    ap.add_argument("--perturb-scale", default="one", choices=PERTURB_SCALES)
-    ap.add_argument("--eps-min-q", type=int, default=0)
-    ap.add_argument("--distribution", default="qgaussian", choices=QUANT_DISTRIBUTIONS)
-    ap.add_argument("--mean", type=float, nargs="+", help="per-channel input mean (preprocessing)")
-    ap.add_argument("--std", type=float, nargs="+", help="per-channel input std (preprocessing)")
-    ap.add_argument("--input-shape", type=int, nargs="+", help="per-sample input shape, e.g. 3 32 32")
-    args = ap.parse_args(argv)
-    try:
-        obj = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-        model = obj.get("model") if isinstance(obj, dict) else obj
-        if not isinstance(model, QModel):
-            raise ValueError(
-                f"{args.checkpoint!r} holds {type(model).__name__}, expected a QModel "
-                "(torch.save(qmodel, path) or {'model': qmodel})"
-            )
-        pre = {"mean": args.mean, "std": args.std, "shape": args.input_shape}
-        pre = {k: v for k, v in pre.items() if v is not None} or None
-        fp = FixedPointSettings(
-            args.distribution, args.z_max, args.rounding, args.perturb_scale, args.eps_min_q
-        )
-        bundle = export_bundle(
-            model,
-            args.output,
-            args.trainable,
-            args.eps,
-            args.lr,
-            args.m,
-            args.seed,
-            fp,
-            input_preprocessing=pre,
-            meta={"source": args.checkpoint},
-        )
-    except (OSError, ValueError, BundleError, RuntimeError) as err:
-        print(f"fwdgrad export: error: {err}", file=sys.stderr)
-        return 2
-    n_w = sum(bundle.arrays[t["name"] + ".weight"].size for t in bundle.training["tensors"])
-    print(
-        f"wrote {args.output}: {len(bundle.ops)} ops, {bundle.nbytes() / 1024:.1f} KiB of arrays, "
-        f"{len(bundle.training['trainable'])} trainable tensors ({n_w} weights)"
-    )
-    return 0
