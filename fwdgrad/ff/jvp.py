@@ -12,6 +12,7 @@ from torch.func import functional_call, jvp
 
 from ..methods import check_count, check_positive
 from .estimators import Distribution, Gaussian, Key
+from .group import OneGroupOptimizer
 
 
 def jvp_gradient(
@@ -42,7 +43,7 @@ def jvp_gradient(
     return grads, float(loss)
 
 
-class JVPForwardGradient(torch.optim.Optimizer):
+class JVPForwardGradient(OneGroupOptimizer):
     """SGD with the forward-mode forward gradient, a `torch.optim.Optimizer` (`opt.step(closure)`; one
     parameter group, the model's trainable parameters, with `lr`, so `torch.optim.lr_scheduler`s drive it).
     The closure maps a dict of parameter tensors to the loss (use `closure_for(model, loss_fn)`)."""
@@ -53,26 +54,8 @@ class JVPForwardGradient(torch.optim.Optimizer):
         self.model, self.m, self.seed = model, m, seed
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         super().__init__(list(self.params.items()), {"lr": lr})
-        self._fixed_groups = True
         self.step_count = self.forward_passes = 0
         self.forwards_per_step = m  # one (dual-number) forward per direction
-
-    def add_param_group(self, param_group: dict) -> None:
-        if getattr(self, "_fixed_groups", False):
-            raise ValueError(
-                "JVPForwardGradient trains one parameter group, the model's trainable parameters; "
-                "allowed: build a new optimizer for another set"
-            )
-        super().add_param_group(param_group)
-
-    @property
-    def lr(self) -> float:
-        return self.param_groups[0]["lr"]
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        for group in self.param_groups:
-            group["lr"] = value
 
     @torch.no_grad()
     def step(self, closure=None) -> float:

@@ -24,6 +24,7 @@ from ..fixed_point import FixedPointSettings
 from ..methods import check_positive
 from ..rng.streams import SAM_STREAM
 from .estimators import Estimator, preset
+from .group import OneGroupOptimizer
 from .masks import make_masks
 from .spaces import FixedPointSpace, FloatSpace, MomentumGuided, Space, Term
 
@@ -44,7 +45,7 @@ def _space_tensors(space: Space) -> list[tuple[str, torch.Tensor]]:
     return list(zip(space.names, space.params))
 
 
-class ForwardGradient(torch.optim.Optimizer):
+class ForwardGradient(OneGroupOptimizer):
     """Zeroth-order SGD on a `Space` (float parameters or fixed-point integers), a `torch.optim.Optimizer`.
 
     One parameter group holds the space's tensors (named) with `lr` (η) and `eps` (ε, real units; the
@@ -64,9 +65,7 @@ class ForwardGradient(torch.optim.Optimizer):
         check_positive("eps", eps)
         if sharpness_rho is not None and not sharpness_rho > 0:
             raise ValueError(f"sharpness_rho={sharpness_rho!r} is invalid; allowed: > 0 or None")
-        self._fixed_groups = False
         super().__init__(_space_tensors(space), {"lr": lr, "eps": eps})
-        self._fixed_groups = True
         self.space, self.estimator, self.sharpness_rho = space, estimator, sharpness_rho
         self.step_count = 0
         self.forward_passes = 0
@@ -75,31 +74,7 @@ class ForwardGradient(torch.optim.Optimizer):
         self.early_ties = self.early_pairs = 0  # over the first TIE_WARN_STEPS steps
         self.tie_warned = False
 
-    def add_param_group(self, param_group: dict) -> None:
-        if self._fixed_groups:
-            raise ValueError(
-                "ForwardGradient trains one parameter group, the tensors of its space; allowed: build a "
-                "new optimizer (qzo_ff / zo_sgd) for another set of tensors"
-            )
-        super().add_param_group(param_group)
-
-    @property
-    def lr(self) -> float:
-        return self.param_groups[0]["lr"]
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        for group in self.param_groups:
-            group["lr"] = value
-
-    @property
-    def eps(self) -> float:
-        return self.param_groups[0]["eps"]
-
-    @eps.setter
-    def eps(self, value: float) -> None:
-        for group in self.param_groups:
-            group["eps"] = value
+    eps = property(lambda self: self._hyper("eps"), lambda self, v: self._set_hyper("eps", v))
 
     @property
     def forwards_per_step(self) -> int:
