@@ -7,19 +7,11 @@ import textwrap
 
 import pytest
 import torch
+from pipeline_runs import TINY
 from torch import nn
 
 from fwdgrad import config as fc
 from fwdgrad.cli import main
-
-TINY = [
-    "train.steps=2",
-    "train.eval_every=1",
-    "pretrain.steps=2",
-    "progress=false",
-    "data.max_train=48",
-    "data.max_test=24",
-]
 
 MODULE = '''
 """Test-only callables: a 3-channel variant of the digits, models of one's own, untraceable models."""

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from pipeline_runs import TINY, run
 
 from fwdgrad.conf import CONF_DIR
 
@@ -30,14 +30,6 @@ METRICS_FIELDS = (
     "config",
     "synthetic",
 )
-TINY = [
-    "train.steps=2",
-    "train.eval_every=1",
-    "pretrain.steps=2",
-    "progress=false",
-    "data.max_train=48",
-    "data.max_test=24",
-]
 PER_PRESET = {
     "fewshot_vision": ["data.fewshot.episodes=2", "data.max_train=null", "data.max_test=null"],
     "fewshot_audio": [
@@ -52,17 +44,6 @@ PER_PRESET = {
     "crossdomain_lp": ["model.width=0.25"],
 }
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-
-
-def run(tmp_path, *overrides, out="run"):
-    from fwdgrad.pipeline import run_experiment
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[*TINY, f"cache_dir={tmp_path / 'cache'}", f"out_dir={tmp_path / out}", *overrides],
-        )
-    return run_experiment(cfg)
 
 
 def need_data(preset):

@@ -8,26 +8,14 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
+from pipeline_runs import run
 
-from fwdgrad.conf import CONF_DIR
 from fwdgrad.engine import convert
 from fwdgrad.ff import qzo_ff
 from fwdgrad.ff.optim import TIE_WARN_STEPS, TieWarning
 from fwdgrad.models import build_model
 
-TINY = ["progress=false", "train.steps=12", "train.eval_every=12", "train.batch_size=4", "method.m=3"]
-
-
-def run(tmp_path, *overrides, out="run"):
-    from fwdgrad.pipeline import run_experiment
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[*TINY, f"cache_dir={tmp_path / 'cache'}", f"out_dir={tmp_path / out}", *overrides],
-        )
-    return run_experiment(cfg)
+TIES = ["progress=false", "train.steps=12", "train.eval_every=12", "train.batch_size=4", "method.m=3"]
 
 
 def log_column(path, key):
@@ -41,7 +29,7 @@ def test_random_init_model_at_eps_1e3_ties_and_warns_once(tmp_path):
     eps=1e-2 ties far less."""
     random_init = ["pretrain.steps=0", "model.width=2", "method=qzo_ff", "quant=w16a8", "method.eps=1e-3"]
     with pytest.warns(TieWarning) as caught:
-        tied = run(tmp_path, *random_init, out="tied")
+        tied = run(tmp_path, *random_init, out="tied", base=TIES)
     ours = [w for w in caught if issubclass(w.category, TieWarning)]
     assert len(ours) == 1  # once per run
     msg = str(ours[0].message)
@@ -53,12 +41,14 @@ def test_random_init_model_at_eps_1e3_ties_and_warns_once(tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", TieWarning)  # no warning here
-        pretrained = run(tmp_path, "method=qzo_ff", "quant=w16a8", "method.eps=1e-2", out="pretrained")
+        pretrained = run(
+            tmp_path, "method=qzo_ff", "quant=w16a8", "method.eps=1e-2", out="pretrained", base=TIES
+        )
     assert pretrained["tie_fraction"] < tied["tie_fraction"]
 
 
 def test_runs_without_perturbation_pairs_record_none(tmp_path):
-    m = run(tmp_path, "method=bp", "pretrain.steps=2", "train.steps=2")
+    m = run(tmp_path, "method=bp", "pretrain.steps=2", "train.steps=2", base=TIES)
     assert m["tie_fraction"] is None
     assert log_column(tmp_path / "run" / "log.csv", "tie_fraction") == ["", ""]
 
