@@ -24,8 +24,7 @@ import csv
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,19 +145,9 @@ class BatchStream:
 
 
 #: Where `evaluate` reports its progress when it is given no callback: (examples done, total) before the
-#: first chunk and after each. Set it with `evaluation_progress`, e.g. around `train`, whose evaluations
-#: every `eval_every` steps take no callback of their own (fwdgrad.pipeline.progress sets it).
+#: first chunk and after each: `train`'s evaluations every `eval_every` steps take no callback of their own,
+#: so fwdgrad.pipeline.progress sets it (`EVAL_PROGRESS.set` / `.reset`) while a run shows progress.
 EVAL_PROGRESS: ContextVar[Callable[[int, int], None] | None] = ContextVar("eval_progress", default=None)
-
-
-@contextmanager
-def evaluation_progress(callback: Callable[[int, int], None] | None) -> Iterator[None]:
-    """Within the block, every `evaluate` without a callback of its own reports to `callback`."""
-    token = EVAL_PROGRESS.set(callback)
-    try:
-        yield
-    finally:
-        EVAL_PROGRESS.reset(token)
 
 
 @torch.no_grad()
@@ -171,7 +160,7 @@ def evaluate(
 ) -> float:
     """Top-1 accuracy (fraction) of `model` on (x, y), in chunks of `batch_size` examples (default:
     `fwdgrad.engine.model.chunk_rows`, about 2^15 input elements per chunk). `progress(done, total)` (default:
-    the one `evaluation_progress` set) hears of the examples done, before the first chunk and after each."""
+    the one in `EVAL_PROGRESS`) hears of the examples done, before the first chunk and after each."""
     batch_size = batch_size or chunk_rows(x)
     progress = progress or EVAL_PROGRESS.get()
     correct = 0
