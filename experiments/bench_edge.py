@@ -57,12 +57,13 @@ def worker_torch(args) -> dict:
     import torch.nn.functional as F
 
     from fwdgrad.edge import load_bundle
+    from fwdgrad.export import load_model
     from fwdgrad.ff import qzo_ff
 
     d = np.load(args.data)
     x, y = torch.from_numpy(d["x"]), torch.from_numpy(d["y"])
     rss_loaded = _rss_mib()
-    q = torch.load(args.qmodel, weights_only=False)
+    q, _ = load_model(args.qmodel)
     tr = load_bundle(args.bundle).training
     opt = qzo_ff(q, tr["lr"], tr["eps"], tr["m"], tr["seed"], trainable=tr["trainable"])
     oq = q.output_qparams()
@@ -80,12 +81,13 @@ def worker_torch(args) -> dict:
 
 
 def worker_prepare(args) -> dict:
-    """Convert the model, export the bundle, save the batch and the pickled QModel."""
+    """Convert the model, export the bundle, save the batch and the QModel (a model file of plain data)."""
     import numpy as np
     import torch
 
+    from fwdgrad.config import BUILD_MODEL
     from fwdgrad.engine import convert
-    from fwdgrad.export import export_bundle
+    from fwdgrad.export import export_bundle, save_model
     from fwdgrad.models import build_model
 
     g = torch.Generator().manual_seed(0)
@@ -96,7 +98,7 @@ def worker_prepare(args) -> dict:
     q = convert(model, "w16a8", x)
     export_bundle(q, args.bundle, None, eps=1e-3, lr=1e-4, m=args.m, seed=0)
     np.savez(args.data, x=x.numpy(), y=y.numpy())
-    torch.save(q, args.qmodel)
+    save_model(args.qmodel, q, {"_target_": BUILD_MODEL, "name": "resnet8"}, 10, x.shape[1:])
     return {}
 
 

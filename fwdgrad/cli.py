@@ -7,8 +7,10 @@
     fwdgrad export ...                     export a QModel as an edge bundle (fwdgrad.export)
     fwdgrad landscape ...                  loss-landscape plots (fwdgrad.pipeline.landscape)
 
-Bad input (a config value, a missing dataset, a device the run does not fit) ends with one line
-`error: <message>` on stderr and exit status 2; set HYDRA_FULL_ERROR=1 for the full traceback.
+Bad input (a config value, a missing dataset, a device the run does not fit, a file or folder that cannot
+be read or written) ends with one line `error: <message>` on stderr and exit status 2; set
+HYDRA_FULL_ERROR=1 for the full traceback. Ctrl-C or SIGTERM during training writes a checkpoint at the
+end of the current step and exits 130 / 143 with one line saying how to resume.
 Tab completion of `fwdgrad run` overrides (bash): eval "$(fwdgrad run -sc install=bash)"
 """
 
@@ -20,9 +22,11 @@ import os
 import re
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from .conf import CONF_DIR
+from .signals import terminate_raises
 
 # Hydra, OmegaConf, torch and the rest of fwdgrad are imported by the commands that need them, so that
 # `fwdgrad --help` and `fwdgrad main --help` answer at once (tests/test_cli.py checks it).
@@ -33,7 +37,7 @@ def errors() -> tuple[type[BaseException], ...]:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    return (ValueError, FileNotFoundError, FloatingPointError, HydraException, OmegaConfBaseException)
+    return (ValueError, OSError, FloatingPointError, HydraException, OmegaConfBaseException)
 
 
 def one_line(e: BaseException) -> str:
@@ -266,8 +270,28 @@ COMMANDS = {
 }
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """fwdgrad's own warnings as `warning: <message>`; others in Python's usual form."""
+    if category.__module__.startswith("fwdgrad"):
+        return f"warning: {message}\n"
+    return _python_warning(message, category, filename, lineno, line)
+
+
+_python_warning = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """The `fwdgrad` command: exit status 0, 2 for bad input (one line), 128 + signal when interrupted."""
+    warnings.formatwarning = one_line_warning
+    try:
+        with terminate_raises():
+            return dispatch(sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (fwdgrad.signals.Interrupted)
+        print(f"fwdgrad: {e or 'interrupted'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
+
+
+def dispatch(argv: list[str]) -> int:
     if argv and argv[0] in COMPLETION:  # the installed completion script asks `fwdgrad -sc query=...`
         return shell_completion(argv, "run")
     if not argv or argv[0] not in COMMANDS:

@@ -41,6 +41,8 @@ MODELS = ("resnet8", "resnet18", "mobilenet_v2", "vit_tiny", "ds_cnn", "crnn", "
 BUILD_MODEL = "fwdgrad.models.build_model"  # the zoo's builder: model.name picks one of MODELS
 METHODS = METHOD_NAMES
 LR_SCHEDULES = ("constant", "cosine", "linear")
+#: auto: resume from out_dir's checkpoint when there is one; must: fail without one; never: start fresh
+RESUME_MODES = ("auto", "must", "never")
 FF_OPTIONS = {"qzo_ff": QZO_FF_OPTIONS, "zo_sgd": ZO_SGD_OPTIONS}
 ENGINE_MODES = ("integer", "fake")  # how the engine computes (fwdgrad.engine.ENGINE_MODES)
 QUANTS = ("auto", "fp32", "w16a8", "w8a8", "w8a16", "w16a16")
@@ -241,6 +243,8 @@ class TrainSettings:
     batch_size: int = 64
     eval_every: int = 50
     checkpoint_every: int = 0
+    resume: str = "auto"  # auto | must | never (fwdgrad.train.RESUME_MODES)
+    strict: bool = False  # faults (accumulator overflows, saturated weights) stop the run
 
     def check(self) -> None:
         if (self.steps is None) == (self.forward_budget is None):
@@ -254,6 +258,7 @@ class TrainSettings:
         require(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, "integers >= 0")
         schedules = ", ".join(LR_SCHEDULES)
         require(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", self.lr_schedule, schedules)
+        require(self.resume in RESUME_MODES, "train.resume", self.resume, ", ".join(RESUME_MODES))
 
 
 @dataclass

@@ -156,25 +156,36 @@ def spec(name: str) -> MethodSpec:
     return METHODS[name]
 
 
-def check_positive(key: str, value) -> None:
-    """One-line ValueError unless value > 0 (a learning rate, a perturbation size)."""
+#: Upper bounds of the hyperparameters (beyond them a run only saturates its weights or wastes its budget):
+#: a learning rate; a perturbation size in real weight units (the integer ε is also checked against each
+#: trained layer's weight range when the optimizer is built); perturbations per step (2 forward passes each).
+UPPER = {"lr": 100.0, "eps": 1.0, "m": 1024}
+
+
+def check_positive(key: str, value, upper: float | None = None) -> None:
+    """One-line ValueError unless 0 < value (<= upper when given): a learning rate, a perturbation size."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"{key}={value!r} is invalid; allowed: > 0")
+        raise ValueError(
+            f"{key}={value!r} is invalid; allowed: > 0" + (f" and <= {upper:g}" if upper else "")
+        )
+    if upper is not None and not value <= upper:
+        raise ValueError(f"{key}={value!r} is out of range; allowed: > 0 and <= {upper:g}")
 
 
-def check_count(key: str, value) -> None:
-    """One-line ValueError unless value is an integer >= 1 (a number of samples)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key}={value!r} is invalid; allowed: integers >= 1")
+def check_count(key: str, value, upper: int | None = None) -> None:
+    """One-line ValueError unless value is an integer >= 1 (<= upper when given): a number of samples."""
+    allowed = f"integers 1..{upper}" if upper else "integers >= 1"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (upper and value > upper):
+        raise ValueError(f"{key}={value!r} is invalid; allowed: {allowed}")
 
 
 def check_hyper(name: str, lr: float, eps: float | None, m: int | None, where: str = "") -> None:
-    """One-line ValueErrors for the hyperparameters method `name` reads out of range, or for one differing
-    from a value the method pins."""
+    """One-line ValueErrors for the hyperparameters method `name` reads out of range (`UPPER`), or for one
+    differing from a value the method pins."""
     s = spec(name)
     values = {"lr": lr, "eps": eps, "m": m}
     for k in s.hyper:
-        (check_count if k == "m" else check_positive)(where + k, values[k])
+        (check_count if k == "m" else check_positive)(where + k, values[k], UPPER[k])
     for k, v in s.fixed.items():
         if values[k] is not None and values[k] != v:
             raise ValueError(

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .files import save_figure  # noqa: E402
+
 
 def plot_curves(logs: dict[str, list[dict]], path: str | Path, title: str = "", x: str = "step") -> None:
     """Loss and test accuracy against `x` ("step" or "forward_passes"), one line per named log."""
@@ -25,7 +27,7 @@ def plot_curves(logs: dict[str, list[dict]], path: str | Path, title: str = "", 
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -62,5 +64,5 @@ def plot_bars(
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

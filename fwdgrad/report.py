@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 from .analysis.memory import fmt_bytes
+from .files import atomic_open, write_text
 from .plots import plot_bars
 from .provenance import provenance, provenance_line
 
@@ -31,15 +32,32 @@ FIELDS = (
     "peak_mem_bytes",
     "train_mem_bytes_model",
 )
+#: What a metrics.json must hold to be reported (the other FIELDS show as "–" when missing).
+REQUIRED = (*KEYS, "seed", "test_acc")
 
 
 def collect(sweep_dir: str | Path) -> list[dict]:
     """Every metrics.json below sweep_dir (sorted by path)."""
     runs = []
     for path in sorted(Path(sweep_dir).rglob("metrics.json")):
-        with open(path) as f:
-            runs.append(json.load(f) | {"path": str(path.parent)})
+        runs.append(read_metrics(path) | {"path": str(path.parent)})
     return runs
+
+
+def read_metrics(path: Path) -> dict:
+    """One run's metrics.json, checked for the fields a report needs (one-line ValueError naming the file)."""
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{str(path)!r} cannot be read as metrics.json ({type(e).__name__}: {e})") from None
+    missing = [k for k in REQUIRED if not isinstance(m, dict) or k not in m]
+    if missing:
+        raise ValueError(
+            f"{str(path)!r} lacks {', '.join(missing)}; allowed: a metrics.json that `fwdgrad run` wrote "
+            "(delete or move the file to report the others)"
+        )
+    return m
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -116,7 +134,7 @@ def markdown(rows: list[dict], by: tuple[str, ...] = ()) -> str:
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
-    with open(path, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -192,7 +210,7 @@ def report(
         f"# Report: {title or sweep_dir}\n\n{provenance_line(provenance(command))}\n{sources(runs)}\n\n"
         f"{len(runs)} runs.\n\n{table}\n\n## Per seed (test %)\n\n{per_seed(runs, tuple(by))}\n"
     )
-    (out / "report.md").write_text(text)
+    write_text(out / "report.md", text)
     write_csv(rows, out / "report.csv")
     plot(rows, out / "report.png", tuple(by))
     return table

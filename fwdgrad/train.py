@@ -21,9 +21,12 @@ statistics frozen, as in the folded integer model).
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
+import signal
 import time
+import warnings
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -33,17 +36,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import LR_SCHEDULES, RESUME_MODES
 from .engine.model import QModel, chunk_rows
 from .ff.jvp import JVPForwardGradient, closure_for
 from .ff.masks import make_masks
 from .ff.optim import qzo_ff, zo_sgd
+from .files import atomic_open
 from .measure import measure_peak_memory
 from .methods import BP_FORWARD_EQUIVALENTS, METHOD_NAMES, SCOPES, MethodSpec, check_hyper, spec
 from .models import head_params
 from .quant import dequantize, fake_quantize, quantize
+from .signals import Interrupted, deferred_signals
+from .statefile import StateFileError, digest, load_state, save_state
 
 METHODS = METHOD_NAMES
-LR_SCHEDULES = ("constant", "cosine", "linear")
+CHECKPOINT_VERSION = 2  # the checkpoint's layout; part of the run fingerprint
 __all__ = ["BP_FORWARD_EQUIVALENTS", "METHODS", "TrainConfig", "train", "evaluate", "tie_fraction"]
 
 
@@ -76,7 +83,9 @@ class TrainConfig:
     forward_budget: int | None = None
     batch_size: int = 64
     eval_every: int = 50
-    checkpoint_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0  # 0: only at the end (and on SIGINT/SIGTERM)
+    resume: str = "auto"  # auto | must | never: what to do with a checkpoint in out_dir (RESUME_MODES)
+    strict: bool = False  # faults (overflows, saturations) stop the run instead of a warning at its end
     seed: int = 0
     ff: dict = field(default_factory=dict)  # extra options of qzo_ff / zo_sgd (rounding, momentum, ...)
 
@@ -91,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"lr_schedule {self.lr_schedule!r} is invalid; allowed: {LR_SCHEDULES}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size!r} is invalid; allowed: >= 1")
+        if self.resume not in RESUME_MODES:
+            raise ValueError(f"resume={self.resume!r} is invalid; allowed: {', '.join(RESUME_MODES)}")
 
     @classmethod
     def from_config(cls, c, seed: int | None = None) -> TrainConfig:
@@ -339,10 +350,29 @@ class Method:
         for n, w in self.master.items():
             nodes[n].weight_q.copy_(quantize(w.detach(), nodes[n].w_qp).to(nodes[n].weight_q.dtype))
 
+    def faults(self) -> dict[str, dict[str, int]]:
+        """Fault counts so far, per kind and layer: accumulator overflows of the integer engine (every forward
+        pass of the model, evaluations included) and weights clamped at their format's limits by a
+        perturbation or an update (fixed-point forward gradients). Empty dicts where none can occur."""
+        stats = getattr(self.model, "stats", None)
+        sat = getattr(getattr(self.opt, "space", None), "saturations", {})
+        return {
+            "accumulator_overflow": dict(stats.overflow) if stats is not None else {},
+            "perturb_saturation": dict(sat.get("perturb", {})),
+            "update_saturation": dict(sat.get("update", {})),
+        }
+
+    def weights_seen(self) -> dict[str, int]:
+        """How many weights were perturbed / updated so far (the base of the saturation rates)."""
+        seen = getattr(getattr(self.opt, "space", None), "weights_seen", {})
+        return {f"{k}_saturation": n for k, n in seen.items()}
+
     def state_dict(self) -> dict:
         return {
             "opt": self.opt.state_dict(),
             "master": {n: p.detach().clone() for n, p in self.master.items()},
+            "faults": self.faults(),
+            "weights_seen": self.weights_seen(),
         }
 
     def load_state_dict(self, s: dict) -> None:
@@ -350,24 +380,118 @@ class Method:
         with torch.no_grad():
             for n, p in self.master.items():
                 p.copy_(s["master"][n])
+        f = s["faults"]  # counted across the resume as in one uninterrupted run
+        if isinstance(self.model, QModel):
+            self.model.stats.overflow = dict(f["accumulator_overflow"])
+        space = getattr(self.opt, "space", None)
+        if hasattr(space, "saturations"):
+            space.saturations["perturb"] = dict(f["perturb_saturation"])
+            space.saturations["update"] = dict(f["update_saturation"])
+            space.weights_seen = {k: s["weights_seen"][f"{k}_saturation"] for k in space.weights_seen}
 
 
 # ------------------------------------------------------------------------------------ checkpoints
+class FaultWarning(UserWarning):
+    """A run had accumulator overflows or saturated weights (see `Method.faults`)."""
+
+
+class FaultError(ValueError):
+    """A fault in a run with train.strict=true."""
+
+
+def fingerprint(cfg: TrainConfig, model: nn.Module, train_xy, identity: dict | None = None) -> dict[str, str]:
+    """Everything that determines a run's trajectory, as flat {"key": "value"}: the method and the settings
+    it reads, scope, seed, batch size, schedule (and budget when the schedule depends on it), fixed-point
+    options, the model's structure (parameter and buffer names, shapes, dtypes), a digest of the training
+    data, the checkpoint layout version, and what the caller adds in `identity` (the pipeline: model
+    config, number format, quantization options, source model). The budget (train.steps) is not part of
+    it under a constant schedule: a finished run can be extended."""
+    f: dict[str, Any] = {
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "method": cfg.method,
+        "scope": cfg.scope,
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+        "lr_schedule": cfg.lr_schedule,
+        **{k: getattr(cfg, k) for k in cfg.spec.hyper},  # lr / eps / m as the method reads them
+        "ff": cfg.ff,
+        "model_structure": digest([(k, str(v.dtype), tuple(v.shape)) for k, v in model.state_dict().items()]),
+        "train_data": digest(list(train_xy)),
+    }
+    if cfg.scope == "lp":
+        f["lp_layers"] = cfg.lp_layers
+    if cfg.scope == "sparse":
+        f["sparse"] = {"kind": cfg.sparse_kind, "density": cfg.sparse_density}
+    if cfg.lr_schedule != "constant":
+        f["budget"] = {"steps": cfg.steps, "forward_budget": cfg.forward_budget}
+    return _flat(f | (identity or {}))
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True, default=str)
+    return out
+
+
+def check_fingerprint(path: str, stored: dict[str, str], current: dict[str, str]) -> None:
+    """One-line ValueError naming every key whose value differs between a checkpoint and this run."""
+    keys = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
+    if not keys:
+        return
+
+    def short(v: str | None) -> str:
+        return "unset" if v is None else (v if len(v) <= 24 else v[:21] + "...")
+
+    diffs = ", ".join(f"{k} {short(stored.get(k))} -> {short(current.get(k))}" for k in keys[:6])
+    more = f" and {len(keys) - 6} more" if len(keys) > 6 else ""
+    raise ValueError(
+        f"checkpoint {path!r} belongs to another run ({diffs}{more}; checkpoint -> this run); allowed: the "
+        "settings of the run that wrote it, train.resume=never to start this run fresh there (replacing "
+        "it), or another out_dir"
+    )
+
+
+def previous_path(path: str) -> str:
+    """Where the checkpoint before the latest is kept (checkpoint.pt -> checkpoint.prev.pt)."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"
+
+
 def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic write: a temporary file in the same folder, fsync, then rename over the old checkpoint."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a checkpoint atomically with its checksum (fwdgrad.statefile), keeping the one before it at
+    `previous_path(path)`: a checkpoint corrupted on disk later still leaves an intact one to resume from."""
+    if os.path.exists(path):
+        os.replace(path, previous_path(path))
+    save_state(path, "checkpoint", state)
 
 
-def load_checkpoint(path: str) -> dict:
-    try:
-        return torch.load(path, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"checkpoint {path!r} cannot be read ({type(e).__name__}: {e})") from e
+def load_checkpoint(path: str, current: dict[str, str] | None = None) -> dict:
+    """The checkpoint at `path`, or the previous one when it is unreadable or corrupted (a one-line warning
+    names the file); checked against this run's fingerprint `current`. No intact checkpoint, or one from
+    another run, is a one-line ValueError."""
+    candidates = [p for p in (path, previous_path(path)) if os.path.exists(p)]
+    first = None
+    for p in candidates:
+        try:
+            state = load_state(p, "checkpoint")
+        except StateFileError as e:
+            first = first or e
+            continue
+        if current is not None:
+            check_fingerprint(p, state["fingerprint"], current)
+        if first is not None:
+            resumed = f"resumed from the previous checkpoint {p!r} (step {state['step']})"
+            warnings.warn(f"{first}; {resumed}", FaultWarning, stacklevel=2)
+        return state
+    if first is None:
+        raise StateFileError(f"checkpoint {path!r} does not exist")
+    raise StateFileError(
+        f"{first}, and there is no intact previous checkpoint; allowed: train.resume=never to start fresh"
+    )
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -381,6 +505,7 @@ class TrainResult:
     peak_mem_bytes: int
     log: list[dict]
     tie_fraction: float | None = None  # forward-only: the fraction of perturbation pairs with L+ == L−
+    faults: dict[str, dict[str, int]] = field(default_factory=dict)  # `Method.faults` at the end
 
 
 @dataclass
@@ -393,11 +518,12 @@ class Progress:
     log: list[dict] = field(default_factory=list)
     peak: int = 0
 
-    def save(self, path: str | None, model: nn.Module, method: Method, stream: BatchStream, cfg) -> None:
+    def save(self, path: str | None, model: nn.Module, method: Method, stream: BatchStream, cfg, fp) -> None:
         if path:
             save_checkpoint(
                 path,
                 {
+                    "fingerprint": fp,
                     "model": model.state_dict(),
                     "method": method.state_dict(),
                     "stream": stream.state_dict(),
@@ -411,12 +537,46 @@ class Progress:
             )
 
     @classmethod
-    def resume(cls, path: str, model: nn.Module, method: Method, stream: BatchStream) -> Progress:
-        s = load_checkpoint(path)
-        model.load_state_dict(s["model"])
+    def resume(cls, s: dict, model: nn.Module, method: Method, stream: BatchStream) -> Progress:
+        try:
+            model.load_state_dict(s["model"])
+        except RuntimeError as e:  # the fingerprint's model structure matched, so this is a damaged file
+            first = str(e).strip().splitlines()[0]
+            raise StateFileError(f"the checkpoint's model state does not fit the model: {first}") from None
         method.load_state_dict(s["method"])
         stream.load_state_dict(s["stream"])
         return cls(s["step"], s["forward_passes"], s["wall_s"], s["log"], s["peak"])
+
+
+def _start(ckpt: str | None, cfg: TrainConfig, fp: dict, model, method, stream) -> Progress:
+    """Progress() for a fresh run, or the checkpoint's (train.resume: auto | must | never)."""
+    found = ckpt is not None and any(os.path.exists(p) for p in (ckpt, previous_path(ckpt)))
+    if cfg.resume == "must" and not found:
+        raise ValueError(
+            f"train.resume=must but there is no checkpoint {ckpt!r} to resume; allowed: the out_dir of an "
+            "interrupted run, or train.resume=auto"
+        )
+    if not found or cfg.resume == "never":
+        return Progress()
+    return Progress.resume(load_checkpoint(ckpt, fp), model, method, stream)
+
+
+def _fault_totals(faults: dict[str, dict[str, int]]) -> dict[str, int]:
+    return {kind: sum(per_layer.values()) for kind, per_layer in faults.items()}
+
+
+def fault_summary(faults: dict[str, dict[str, int]], seen: dict[str, int] | None = None) -> str | None:
+    """'105,536 accumulator overflows (conv2 105,000, fc 536); 12 perturb saturations (0.004% of 307,200
+    weights; fc 12)' and the like (`seen`: the rates' base per kind), or None without faults."""
+    parts = []
+    for kind, per_layer in faults.items():
+        total = sum(per_layer.values())
+        if total:
+            layers = ", ".join(f"{n} {c:,}" for n, c in sorted(per_layer.items(), key=lambda x: -x[1])[:3])
+            base = (seen or {}).get(kind)
+            rate = f"{100 * total / base:.2g}% of {base:,} weights; " if base else ""
+            parts.append(f"{total:,} {kind.replace('_', ' ')}s ({rate}{layers})")
+    return "; ".join(parts) or None
 
 
 def train(
@@ -426,13 +586,17 @@ def train(
     test_xy,
     out_dir: str | None = None,
     progress: Callable[[dict], None] | None = None,
-    resume: bool = True,
+    identity: dict | None = None,
     stop_after: int | None = None,
 ) -> TrainResult:
     """Run `cfg` on `model` (float module, or QModel for qzo_ff / bp_qat).
 
-    Writes `log.csv` and `checkpoint.pt` to out_dir (when given) and resumes from the checkpoint there.
-    `stop_after` abandons the run after that many steps, as a crash would (nothing written) — to test resume.
+    Writes `log.csv` and `checkpoint.pt` (and the one before it, checkpoint.prev.pt) to out_dir when given,
+    and resumes from the checkpoint there (cfg.resume) if its fingerprint (`fingerprint`, with the caller's
+    `identity` added) matches this run. SIGINT/SIGTERM checkpoint at the end of the current step and raise
+    `Interrupted`. Faults (`Method.faults`) are counted in the log rows, warned about at the end
+    (`FaultWarning`), or raise `FaultError` with cfg.strict. `stop_after` abandons the run after that many
+    steps, as a crash would (nothing written) — to test resume.
     """
     model.eval()
     method = Method(model, cfg)
@@ -441,51 +605,77 @@ def train(
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
-    run = (
-        Progress.resume(ckpt, model, method, stream)
-        if ckpt and resume and os.path.exists(ckpt)
-        else Progress()
-    )
-    while run.step < total:
-        if stop_after is not None and run.step >= stop_after:  # simulated crash: no final checkpoint
-            return TrainResult(
-                model, run.step, run.forward_passes, float("nan"), run.wall_s, run.peak, run.log
-            )
-        x, y = stream.next()
-        method.set_lr(scheduled_lr(cfg, run.step, total))
-        t0 = time.perf_counter()
-        if run.step == 0:  # measure the peak memory of one real training step
-            loss, run.peak = _measured_step(method, x, y)
-        else:
-            loss = method.step(x, y)
-        run.wall_s += time.perf_counter() - t0
-        run.step += 1
-        run.forward_passes += method.forwards_per_step
-        row = {
-            "step": run.step,
-            "forward_passes": run.forward_passes,
-            "loss": loss,
-            "wall_s": round(run.wall_s, 4),
-            **method.ties(),
-        }
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {run.step}; lower lr (now {cfg.lr})")
-        if run.step % cfg.eval_every == 0 or run.step == total:
-            row["test_acc"] = evaluate(model, *test_xy)
-        run.log.append(row)
-        if progress:
-            progress(row)
-        if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
-            run.save(ckpt, model, method, stream, cfg)
-    method.finish()
-    run.save(ckpt, model, method, stream, cfg)
+    fp = fingerprint(cfg, model, train_xy, identity)
+    run = _start(ckpt, cfg, fp, model, method, stream)
+    counted = _fault_totals(method.faults())
+    with deferred_signals() as signals:
+        while run.step < total:
+            if stop_after is not None and run.step >= stop_after:  # simulated crash: no final checkpoint
+                return TrainResult(
+                    model, run.step, run.forward_passes, float("nan"), run.wall_s, run.peak, run.log
+                )
+            x, y = stream.next()
+            method.set_lr(scheduled_lr(cfg, run.step, total))
+            t0 = time.perf_counter()
+            if run.step == 0:  # measure the peak memory of one real training step
+                loss, run.peak = _measured_step(method, x, y)
+            else:
+                loss = method.step(x, y)
+            run.wall_s += time.perf_counter() - t0
+            run.step += 1
+            run.forward_passes += method.forwards_per_step
+            row = {
+                "step": run.step,
+                "forward_passes": run.forward_passes,
+                "loss": loss,
+                "wall_s": round(run.wall_s, 4),
+                **method.ties(),
+            }
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {run.step}; lower lr (now {cfg.lr})")
+            if run.step % cfg.eval_every == 0 or run.step == total:
+                row["test_acc"] = evaluate(model, *test_xy)
+            now = _fault_totals(method.faults())
+            if isinstance(model, QModel):
+                row |= now
+            if cfg.strict and now != counted:
+                news = {k: v - counted[k] for k, v in now.items() if v != counted[k]}
+                found = ", ".join(f"{v:,} new {k.replace('_', ' ')}s" for k, v in news.items())
+                raise FaultError(
+                    f"train.strict: {found} at step {run.step}; "
+                    "allowed: none with train.strict=true (widen quant.acc_bits, lower method.lr or "
+                    "method.eps, or set train.strict=false to count them and go on)"
+                )
+            counted = now
+            run.log.append(row)
+            if progress:
+                progress(row)
+            if signals:
+                run.save(ckpt, model, method, stream, cfg, fp)
+                name = signal.Signals(signals[0]).name
+                where = (
+                    f"checkpoint written to {ckpt}; resume with the same command and out_dir={out_dir}"
+                    if ckpt
+                    else "no out_dir, nothing saved"
+                )
+                raise Interrupted(signals[0], f"stopped by {name} at step {run.step} of {total}; {where}")
+            if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
+                run.save(ckpt, model, method, stream, cfg, fp)
+        method.finish()
+        run.save(ckpt, model, method, stream, cfg, fp)
     if out_dir:
         write_log(os.path.join(out_dir, "log.csv"), run.log)
     last = run.log[-1] if run.log else {}
     # the last step's evaluation is the final one unless finish() changed the weights (QAT's write-back)
     acc = last["test_acc"] if "test_acc" in last and not method.master else evaluate(model, *test_xy)
+    faults = method.faults()
+    summary = fault_summary(faults, method.weights_seen())
+    if summary:
+        warnings.warn(
+            f"faults in this run: {summary}; train.strict=true makes them errors", FaultWarning, stacklevel=2
+        )
     return TrainResult(
-        model, run.step, run.forward_passes, acc, run.wall_s, run.peak, run.log, tie_fraction(run.log)
+        model, run.step, run.forward_passes, acc, run.wall_s, run.peak, run.log, tie_fraction(run.log), faults
     )
 
 
@@ -503,9 +693,14 @@ def _measured_step(method: Method, x, y) -> tuple[float, int]:
     return box["loss"], peak
 
 
+LOG_KEYS = ("step", "forward_passes", "loss", "test_acc", "wall_s", "tie_fraction")
+FAULT_KEYS = ("accumulator_overflow", "perturb_saturation", "update_saturation")
+
+
 def write_log(path: str, rows: list[dict]) -> None:
-    keys = ["step", "forward_passes", "loss", "test_acc", "wall_s", "tie_fraction"]
-    with open(path, "w", newline="") as f:
+    """The training log as CSV (atomically): LOG_KEYS, and the cumulative fault counts when rows have them."""
+    keys = list(LOG_KEYS) + [k for k in FAULT_KEYS if any(k in r for r in rows)]
+    with atomic_open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for r in rows:

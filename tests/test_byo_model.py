@@ -12,6 +12,8 @@ from torch import nn
 
 from fwdgrad import config as fc
 from fwdgrad.cli import main
+from fwdgrad.export import load_model
+from fwdgrad.statefile import load_state
 
 MODULE = '''
 """Test-only callables: a 3-channel variant of the digits, models of one's own, untraceable models."""
@@ -115,10 +117,10 @@ def test_torchvision_resnet18_from_a_preset_on_rgb_data(byo, capsys):
     m = json.loads((byo / "run" / "metrics.json").read_text())
     assert m["model"] == "resnet18" and m["synthetic"] and 0 <= m["test_acc"] <= 1
     assert m["config"]["model"]["_target_"] == "torchvision.models.resnet18"
-    model = torch.load(byo / "run" / "model.pt", weights_only=False)["model"]
+    model, _ = load_model(byo / "run" / "model.pt")
     assert type(model).__name__ == "ResNet" and model.conv1.in_channels == 3 and model.fc.out_features == 5
     (source,) = (byo / "cache" / "models").glob("*.pt")
-    before = torch.load(source, weights_only=False)["model"]
+    before = load_state(source, "source-model")["model"]
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and changed <= {"fc.weight", "fc.bias"}
     assert "digits resnet18 lp sign_spsa_fp32 fp32 seed=0: zero-shot" in capsys.readouterr().out

@@ -234,12 +234,16 @@ def shrink_sweep(args: list[str]) -> dict[str, str]:
 NO_JOB = {"-c", "--cfg", "-sc", "--shell-completion", "-i", "--info", "-h", "--help", "--hydra-help"}
 
 
-def smoke_run_args(args: list[str], errors: bool) -> list[str]:
-    """The smoke form of `fwdgrad run` overrides (SMOKE_ERROR for a command documented to fail)."""
+def smoke_run_args(args: list[str], errors: bool, root: Path | None = None) -> list[str]:
+    """The smoke form of `fwdgrad run` overrides (SMOKE_ERROR for a command documented to fail; with the
+    smoke run's data when it resumes into an out_dir a smoke run left a checkpoint in, below `root`)."""
     if NO_JOB & set(args):
         return args
     if errors:
-        return with_overrides(args, SMOKE_ERROR)
+        out = next((t.split("=", 1)[1] for t in args if _key(t) == "out_dir"), None)
+        resumes = root is not None and out is not None and (root / out / "checkpoint.pt").exists()
+        data = {k: v for k, v in SMOKE_RUN.items() if k.startswith("data.")} if resumes else {}
+        return with_overrides(args, SMOKE_ERROR | data)
     over = SMOKE_RUN | SMOKE_PRESET.get(preset_of(args) or "", {})
     if "-m" in args or "--multirun" in args:
         over |= shrink_sweep(args)
@@ -348,7 +352,7 @@ class Runner:
         if how == "fwdgrad":
             sub, args = argv[1], self.fill(argv[2:])
             if sub == "run":
-                args = smoke_run_args(args, errors)
+                args = smoke_run_args(args, errors, self.root)
             elif sub == "main":
                 args = args + [f"{k}={v}" for k, v in SMOKE_RUN.items()]
             elif sub == "landscape":
@@ -376,6 +380,9 @@ class Runner:
             args = self.fill(argv[3:])
             scaled = [i for i in range(1, len(args)) if args[i - 1] in EDGE_SCALED]
             args = [str(max(1, int(a) // 100)) if i in scaled else a for i, a in enumerate(args)]
+            # the batch fits the smoke data (data.max_train samples; the runtime refuses a larger one)
+            cap = int(SMOKE_RUN["data.max_train"])
+            args = [str(min(cap, int(a))) if args[i - 1] == "--batch" else a for i, a in enumerate(args)]
             p = subprocess.run(
                 [sys.executable, "-m", "fwdgrad.edge", *args],
                 cwd=self.root,

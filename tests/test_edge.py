@@ -21,7 +21,7 @@ from fwdgrad.edge import BundleError, Runtime, Trainer, load_bundle, save_bundle
 from fwdgrad.edge import bundle as B
 from fwdgrad.edge.__main__ import main as edge_main
 from fwdgrad.engine import convert
-from fwdgrad.export import export_bundle, export_main
+from fwdgrad.export import export_bundle, export_main, save_model
 from fwdgrad.ff import qzo_ff
 from fwdgrad.models import build_model
 from fwdgrad.quant import dequantize
@@ -261,7 +261,7 @@ def test_bundle_round_trip(bundle_file, tmp_path):
     c = load_bundle(tmp_path / "copy.npz")
     assert c.header == b.header and c.arrays.keys() == b.arrays.keys()
     assert all(np.array_equal(c.arrays[k], v) and c.arrays[k].dtype == v.dtype for k, v in b.arrays.items())
-    assert b.header["format"] == "fwdgrad-bundle" and b.header["version"] == "1.0"
+    assert b.header["format"] == "fwdgrad-bundle" and b.header["version"] == "1.1"
     assert b.arrays["_0.weight"].dtype == np.int16 and b.arrays["_0.bias"].dtype == np.int32
 
 
@@ -399,44 +399,30 @@ def test_export_rejects_fallback_and_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="not conv/linear layers"):
         _export(q, tmp_path / "b.npz", ["nope"])
     with pytest.raises(ValueError, match="outside the representable range"):
-        _export(q, tmp_path / "b.npz", lr=1e6)
+        _export(q, tmp_path / "b.npz", lr=1e-15)
     assert not (tmp_path / "b.npz").exists()
 
 
 def test_export_main(tmp_path, capsys):
-    q, _, _ = _model("small_cnn")
-    torch.save(q, tmp_path / "q.pt")
-    torch.save({"model": q, "epoch": 3}, tmp_path / "qd.pt")
-    assert (
-        export_main(
-            [
-                str(tmp_path / "q.pt"),
-                str(tmp_path / "a.npz"),
-                "--lr",
-                "1e-4",
-                "--m",
-                "1",
-                "--trainable",
-                "_8",
-                "--mean",
-                "0.5",
-                "--std",
-                "0.25",
-            ]
-        )
-        == 0
+    q, x, _ = _model("small_cnn")
+    save_model(
+        tmp_path / "q.pt", q, {"_target_": "fwdgrad.models.build_model", "name": "small_cnn"}, 10, x.shape[1:]
     )
+    argv = ["--lr", "1e-4", "--m", "1", "--trainable", "_8", "--mean", "0.5", "--std", "0.25"]
+    assert export_main([str(tmp_path / "q.pt"), str(tmp_path / "a.npz"), *argv]) == 0
     a = load_bundle(tmp_path / "a.npz")
     assert (
         a.training["trainable"] == ["_8"]
         and a.training["m"] == 1
         and a.header["preprocessing"]["std"] == [0.25]
     )
-    assert export_main([str(tmp_path / "qd.pt"), str(tmp_path / "b.npz"), "--lr", "1e-4"]) == 0
     torch.save({"weights": 1}, tmp_path / "bad.pt")
     assert export_main([str(tmp_path / "bad.pt"), str(tmp_path / "c.npz"), "--lr", "1e-4"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("fwdgrad export: error:") and "expected a QModel" in err and "\n" not in err
+    assert (
+        err.startswith("fwdgrad export: error:") and "is not a fwdgrad state file" in err and "\n" not in err
+    )
+    assert not (tmp_path / "c.npz").exists()
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -7,14 +7,15 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from fwdgrad.cli import main as fwdgrad
 from fwdgrad.conf import CONF_DIR
 from fwdgrad.edge import Runtime, evaluate, load_bundle
 from fwdgrad.edge.__main__ import main as edge
+from fwdgrad.export import load_model
 from fwdgrad.pipeline.main_job import MAIN_ARMS
+from fwdgrad.statefile import load_state, save_state
 
 STEPS = 200  # the main job's qzo_ff arm trains 1000; the edge then fine-tunes 300 more
 RUN_OPTIONS = ("trainable", "lr", "eps", "m", "seed", "step", "distribution", "z_max", "rounding")
@@ -53,7 +54,7 @@ def run_dir(root):
 
 
 def test_model_pt_stores_the_run_settings(run_dir):
-    s = torch.load(run_dir / "model.pt", weights_only=False)["training"]
+    s = load_state(run_dir / "model.pt", "model")["training"]
     assert s["method"] == "qzo_ff" and s["trainable"] == ["_8"]
     assert (s["lr"], s["eps"], s["m"], s["seed"], s["step"], s["batch_size"]) == (
         0.05,
@@ -83,7 +84,7 @@ def test_documented_flow_keeps_the_accuracy(run_dir, root, capsys):
     assert "weight_headroom  4  (from the run; already in the weight scales, not re-applied)" in out
 
     b = load_bundle(bundle)
-    q = torch.load(run_dir / "model.pt", weights_only=False)["model"]
+    q, _ = load_model(run_dir / "model.pt")
     tr = b.training
     assert (tr["trainable"], tr["lr"], tr["eps"], tr["step"]) == (["_8"], 0.05, 0.01, STEPS)
     # the run already multiplied the head's scale by weight_headroom: export must not do it again
@@ -125,8 +126,9 @@ def test_command_line_overrides_the_run(run_dir, root, capsys):
 
 
 def test_bare_qmodel_keeps_the_defaults_and_needs_lr(run_dir, root, capsys):
+    """A model file without a run (no config, no training settings, as fwdgrad.export.save_model writes)."""
     bare = root / "bare.pt"
-    torch.save(torch.load(run_dir / "model.pt", weights_only=False)["model"], bare)
+    save_state(bare, "model", load_state(run_dir / "model.pt", "model") | {"config": None, "training": None})
     assert fwdgrad(["export", str(bare), str(root / "bare.npz")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fwdgrad export: error: --lr is required") and "\n" not in err
@@ -148,7 +150,7 @@ def test_bare_qmodel_keeps_the_defaults_and_needs_lr(run_dir, root, capsys):
     ],
 )
 def test_export_refuses_what_the_runtime_cannot_reproduce(run_dir, root, capsys, option, value, named):
-    obj = torch.load(run_dir / "model.pt", weights_only=False)
+    obj = load_state(run_dir / "model.pt", "model")
     s = obj["training"]
     if option in s["unsupported"]:
         s["unsupported"][option] = value
@@ -156,7 +158,7 @@ def test_export_refuses_what_the_runtime_cannot_reproduce(run_dir, root, capsys,
         s[option] = value
         s["sparse"] = {"kind": "topk", "density": 0.1} if value == "sparse" else None
     ckpt, out = root / f"{option}.pt", root / f"{option}.npz"
-    torch.save(obj, ckpt)
+    save_state(ckpt, "model", obj)
     assert fwdgrad(["export", str(ckpt), str(out), "--data", str(root / f"{option}_data")]) == 2
     std = capsys.readouterr()
     err = std.err.strip()

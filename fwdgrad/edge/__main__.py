@@ -9,22 +9,32 @@ DATA.npz holds ``x`` (float NCHW, or integer codes already quantized) and ``y`` 
 the same command after an interruption resumes from the last checkpoint and ends in the same state.
 Batch of step k: ``perm[(k·B + j) mod len(x)]``, j < B, with ``perm`` a fixed permutation derived from the
 bundle's seed — it depends on k only, so resumed runs see the same batches.
+
+Exit status: 0 done; 2 bad input or an OS error (one line on stderr, checked before anything is written, and a
+failed save leaves the previous file intact); 130 / 143 after SIGINT / SIGTERM during ``finetune``, which
+finishes the current step and saves a checkpoint first (a second signal aborts at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
+import signal
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
 from .. import rng
+from ..files import remove_stale_temps, temp_path
 from ..rng.streams import DATA_STREAM
-from .bundle import BundleError, load_bundle, save_bundle
+from .bundle import load_bundle, save_bundle
 from .runtime import Runtime
 from .train import Trainer, evaluate
+
+PROG = "python -m fwdgrad.edge"
 
 
 def peak_rss_mib() -> float:
@@ -33,20 +43,51 @@ def peak_rss_mib() -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def load_data(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) from an .npz with arrays 'x' and 'y' of equal length; y integer labels >= 0."""
+def _read_npz(path: str) -> dict[str, np.ndarray] | None:
+    """Arrays 'x' and 'y' (those present) of an .npz file; None if the file is no zip archive."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return None
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in ("x", "y") if k in npz.files}
+
+
+def load_data(path: str, runtime: Runtime) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) from an .npz with arrays 'x' and 'y', checked against the bundle before any use: the same
+    number N > 0 of samples, x as `Runtime.check_input` requires, y integer labels of the model's classes."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in ("x", "y") if k not in npz.files]
-            if missing:
-                raise ValueError(f"data file {path!r} lacks array(s) {missing}; expected 'x' and 'y'")
-            x, y = npz["x"], npz["y"]
-    except (OSError, EOFError) as err:
-        raise ValueError(f"cannot read data file {path!r}: {err}") from None
-    if len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"data file {path!r}: x has {len(x)} samples, y has {len(y)}; need equal and > 0")
-    if y.dtype.kind not in "iu" or y.min() < 0:
-        raise ValueError(f"data file {path!r}: y must be integer class labels >= 0, got dtype {y.dtype}")
+        arrays = _read_npz(path)
+    except OSError as err:
+        raise ValueError(f"cannot read data file {path!r}: {err.strerror or err}") from None
+    except Exception as err:  # damaged archive (BadZipFile, bad CRC) or a pickled (object) array
+        raise ValueError(
+            f"cannot read data file {path!r}: not an intact .npz of numeric arrays "
+            f"({type(err).__name__}: {err})"
+        ) from None
+    if arrays is None:
+        raise ValueError(
+            f"data file {path!r} is not an .npz (zip) archive; allowed: an .npz with arrays 'x', 'y'"
+        )
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise ValueError(f"data file {path!r} lacks array(s) {missing}; expected 'x' and 'y'")
+    x, y = arrays["x"], arrays["y"]
+    if x.ndim == 0 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
+        raise ValueError(
+            f"data file {path!r}: x has shape {list(x.shape)}, y {list(y.shape)}; allowed: x (N, ...) and "
+            "y (N,) with N > 0"
+        )
+    if y.dtype.kind not in "iu":
+        raise ValueError(f"data file {path!r}: y has dtype {y.dtype}; allowed: integer class labels")
+    try:
+        classes = runtime.check_input(x)
+    except ValueError as err:
+        raise ValueError(f"data file {path!r}: {err}") from None
+    if y.min() < 0 or y.max() >= classes:
+        raise ValueError(
+            f"data file {path!r}: labels y span {y.min()}..{y.max()}; allowed: 0..{classes - 1} "
+            f"(the model's {classes} classes)"
+        )
     return x, y.astype(np.int64)
 
 
@@ -55,55 +96,151 @@ def batch_indices(seed: int, step: int, batch: int, n: int) -> np.ndarray:
     return perm[(step * batch + np.arange(batch)) % n]
 
 
-def finetune(args) -> None:
+def check_writable(path: str) -> None:
+    """Fail in one line, before training, if a bundle cannot be written at `path`: a folder there, a missing
+    folder or a file in its place, no write permission (probed by creating and removing the temp file a save
+    uses, which also works where permission bits do not tell, e.g. read-only mounts)."""
+    if os.path.isdir(path):
+        raise ValueError(f"cannot write bundle {path!r}: it is a folder; allowed: a file path")
+    tmp = temp_path(path)
+    try:
+        open(tmp, "wb").close()
+    except OSError as err:
+        raise ValueError(
+            f"cannot write bundle {path!r}: {err.strerror or err}; allowed: a file in an existing, "
+            "writable folder"
+        ) from None
+    tmp.unlink()
+
+
+def save(bundle, path: str) -> None:
+    """`save_bundle`, with an OS error (e.g. a full disk) as one line naming `path`, not the temp file."""
+    try:
+        save_bundle(bundle, path)
+    except OSError as err:
+        raise ValueError(
+            f"cannot write bundle {path!r}: {err.strerror or err}; the previous file is unchanged"
+        ) from None
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM during training: abort at once (exit 128 + signum)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Stop:
+    """Signal handler for training: the first SIGINT/SIGTERM is recorded (the loop then finishes the step,
+    saves and exits 128 + signum); a second one raises `Interrupted` (a save it cuts short leaves the
+    previous file intact), unless the checkpoint is already saved (`final`): then it changes nothing."""
+
+    def __init__(self):
+        self.signum, self.final = 0, False
+
+    def __call__(self, signum, frame):
+        if self.final:
+            return
+        if self.signum:
+            raise Interrupted(signum)
+        self.signum = signum
+
+
+@contextmanager
+def stop_on_signals():
+    """Install `_Stop` for SIGINT and SIGTERM (not where SIGINT is ignored, as in a background job) and
+    restore the previous handlers afterwards."""
+    stop = _Stop()
+    sigs = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, stop) for s in sigs}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def finetune(args) -> int:
     bundle = load_bundle(args.bundle)
-    x, y = load_data(args.data)
-    out = args.output or args.bundle
     trainer = Trainer(bundle)
+    x, y = load_data(args.data, trainer.runtime)
+    xe, ye = load_data(args.eval, trainer.runtime) if args.eval else (None, None)
+    if args.batch > len(x):
+        raise ValueError(
+            f"--batch {args.batch} is larger than the {len(x)} samples of {args.data!r}; allowed: 1..{len(x)}"
+        )
+    out = args.output or args.bundle
+    check_writable(out)
+    remove_stale_temps(os.path.dirname(os.path.abspath(out)))  # temp files of killed writers
     seed, start = bundle.training["seed"], trainer.step_count
     if start >= args.steps:
         print(f"bundle is already at step {start} >= --steps {args.steps}; nothing to do")
     elif start:
         print(f"resuming at step {start}")
     t0 = time.perf_counter()
-    for k in range(start, args.steps):
-        idx = batch_indices(seed, k, args.batch, len(x))
-        loss = trainer.step(x[idx], y[idx])
-        done = k + 1
-        if done % args.log_every == 0 or done == args.steps:
+    with stop_on_signals() as stop:
+        for k in range(start, args.steps):
+            idx = batch_indices(seed, k, args.batch, len(x))
+            loss = trainer.step(x[idx], y[idx])
+            done = k + 1
+            if done % args.log_every == 0 or done == args.steps:
+                print(
+                    f"step {done}/{args.steps}  loss {loss:.4f}  elapsed {time.perf_counter() - t0:.1f}s",
+                    flush=True,
+                )
+            if stop.signum:
+                break
+            if args.checkpoint_every and done % args.checkpoint_every == 0 and done < args.steps:
+                save(bundle, out)
+                print(f"checkpoint step {done} -> {out}", flush=True)
+        if trainer.step_count > start:
+            save(bundle, out)
+            print(f"saved step {trainer.step_count} -> {out}", flush=True)
+        if stop.signum:
+            stop.final = True
+            resume = "run the same command again" if out == args.bundle else f"run it with {out!r} as BUNDLE"
             print(
-                f"step {done}/{args.steps}  loss {loss:.4f}  elapsed {time.perf_counter() - t0:.1f}s",
-                flush=True,
+                f"{PROG}: stopped by {signal.Signals(stop.signum).name} at step {trainer.step_count} "
+                f"(saved to {out!r}); to resume, {resume}",
+                file=sys.stderr,
             )
-        if args.checkpoint_every and done % args.checkpoint_every == 0 and done < args.steps:
-            save_bundle(bundle, out)
-            print(f"checkpoint step {done} -> {out}", flush=True)
-    if start < args.steps:
-        save_bundle(bundle, out)
-        print(f"saved step {trainer.step_count} -> {out}")
+            return 128 + stop.signum
     if args.eval:
-        xe, ye = load_data(args.eval)
         acc, loss = evaluate(trainer.runtime, xe, ye, args.batch)
         print(f"eval accuracy {acc:.4f} ({round(acc * len(xe))}/{len(xe)})  loss {loss:.4f}")
     print(f"peak RSS {peak_rss_mib():.1f} MiB")
+    return 0
 
 
-def evaluate_cmd(args) -> None:
-    x, y = load_data(args.data)
-    acc, loss = evaluate(Runtime(load_bundle(args.bundle)), x, y, args.batch)
+def evaluate_cmd(args) -> int:
+    runtime = Runtime(load_bundle(args.bundle))
+    x, y = load_data(args.data, runtime)
+    acc, loss = evaluate(runtime, x, y, args.batch)
     print(f"accuracy {acc:.4f} ({round(acc * len(x))}/{len(x)})  loss {loss:.4f}")
     print(f"peak RSS {peak_rss_mib():.1f} MiB")
+    return 0
 
 
 def _positive(v: str) -> int:
-    n = int(v)
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
     if n < 1:
         raise argparse.ArgumentTypeError(f"{v!r} is invalid; allowed: integers >= 1")
     return n
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error on one line (`PROG: error: ...`, exit 2), like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fwdgrad.edge", description="numpy-only edge runtime")
+    ap = _Parser(prog=PROG, description="numpy-only edge runtime")
     sub = ap.add_subparsers(dest="command", required=True)
     ft = sub.add_parser("finetune", help="QZO-FF fine-tuning of a bundle on local data")
     ft.add_argument("bundle")
@@ -122,12 +259,23 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--batch", type=_positive, default=64)
     args = ap.parse_args(argv)
     try:
-        (finetune if args.command == "finetune" else evaluate_cmd)(args)
-    except (BundleError, ValueError, OSError) as err:
-        print(f"{ap.prog}: error: {err}", file=sys.stderr)
+        return (finetune if args.command == "finetune" else evaluate_cmd)(args)
+    except (ValueError, OSError) as err:
+        line = str(err).replace("\n", " ")  # one line, whatever the message
+        print(f"{PROG}: error: {line}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(
+            f"{PROG}: aborted by {signal.Signals(signum).name}; the bundle keeps its last save",
+            file=sys.stderr,
+        )
+        return 128 + signum
 
 
 if __name__ == "__main__":
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        # outside the training loop (loading, evaluation, exiting) Ctrl-C ends the process at once, without
+        # a traceback; nothing is being written there but the probe's empty temp file, which goes next start
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     sys.exit(main())

@@ -60,6 +60,50 @@ class Runtime:
         q = np.rint(x.astype(np.float64) / spec["scale"]) + spec["zero_point"]
         return np.clip(q, spec["qmin"], spec["qmax"]).astype(K.storage(spec["qmin"], spec["qmax"]))
 
+    def check_input(self, x: np.ndarray) -> int:
+        """Check a data set's inputs before any use and return the model's class count (its output width).
+
+        x must be float or integer samples (N, ...), finite, integer codes inside the input format, of the
+        bundle's declared per-sample shape (``preprocessing.shape``) if it has one, and one sample must run
+        through the graph (this catches a wrong shape when none is declared). Failures: one-line ValueError.
+        """
+        if x.dtype.kind not in "iuf" or x.ndim < 2:
+            raise ValueError(
+                f"x has dtype {x.dtype} and shape {list(x.shape)}; allowed: float or integer samples (N, ...)"
+            )
+        if x.dtype.kind == "f":
+            bad = ~np.isfinite(x).reshape(len(x), -1).all(axis=1)
+            if bad.any():
+                raise ValueError(
+                    f"x has non-finite values (NaN/Inf) in {int(bad.sum())} sample(s), the first at index "
+                    f"{int(np.argmax(bad))}; allowed: finite numbers"
+                )
+        shape = (self.bundle.header.get("preprocessing") or {}).get("shape")
+        if shape is not None and list(x.shape[1:]) != list(shape):
+            raise ValueError(
+                f"x has per-sample shape {list(x.shape[1:])}; the bundle's input shape is {list(shape)}"
+            )
+        spec = self.bundle.header["input"]
+        if x.dtype.kind in "iu" and (x.min() < spec["qmin"] or x.max() > spec["qmax"]):
+            raise ValueError(
+                f"x holds integer codes {x.min()}..{x.max()}; allowed: the input format "
+                f"[{spec['qmin']}, {spec['qmax']}] (or float inputs)"
+            )
+        try:
+            _, logits = self.logits(x[:1])
+        except (ValueError, IndexError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"x of per-sample shape {list(x.shape[1:])} does not run through the bundle's graph "
+                f"({type(err).__name__}: {err}); allowed: the input shape the model was exported for"
+                + (" (the bundle declares none)" if shape is None else "")
+            ) from None
+        if logits.ndim != 2:
+            raise ValueError(
+                f"the bundle's output has shape {list(logits.shape)} for one sample; training and evaluation "
+                "need logits (N, classes)"
+            )
+        return logits.shape[1]
+
     # -- graph ---------------------------------------------------------------------------------------
     def run(
         self, x: np.ndarray, weight_fn: WeightFn | None = None, prefix: Prefix | None = None

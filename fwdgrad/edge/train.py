@@ -23,6 +23,7 @@ from ..rng.streams import SR_STREAM
 from .bundle import Bundle
 from .runtime import Prefix, Runtime
 
+#: z samplers by name: the distributions `bundle.DISTRIBUTIONS` allows
 SAMPLERS = {"qgaussian": rng.gaussian_q, "qrademacher": rng.rademacher_q}
 
 
@@ -63,10 +64,6 @@ class Trainer:
     def __init__(self, bundle: Bundle, runtime: Runtime | None = None):
         tr = bundle.training
         self.bundle, self.runtime, self.arrays = bundle, runtime or Runtime(bundle), bundle.arrays
-        if tr["distribution"] not in SAMPLERS:
-            raise ValueError(
-                f"distribution {tr['distribution']!r} is not supported; allowed: {sorted(SAMPLERS)}"
-            )
         self.sample_q = SAMPLERS[tr["distribution"]]
         self.seed, self.m, self.z_max, self.one_q = tr["seed"], tr["m"], tr["z_max"], tr["one_q"]
         self.rounding = tr["rounding"]

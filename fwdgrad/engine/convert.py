@@ -11,7 +11,7 @@ from __future__ import annotations
 import operator
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -173,37 +173,27 @@ def convert(
     requant: str = "single",
     mode: str = "integer",
     max_calib_batches: int = 16,
+    act_qparams: Mapping[str, QParams | None] | None = None,
 ) -> QModel:
     """Convert a float model to a `QModel` under `scheme` (e.g. 'w16a8').
 
     calib_data: a tensor batch or an iterable of batches / (x, y) pairs used to set the static activation
     scales. per_channel: per-output-channel weight scales. acc_bits/overflow: accumulator semantics;
-    requant: 'single' | 'gemmlowp' | 'float' (see `fwdgrad.quant`).
+    requant: 'single' | 'gemmlowp' | 'float' (see `fwdgrad.quant`). act_qparams: every node's output format
+    by node name, as a converted model had them (`fwdgrad.engine.state`), taken instead of calibrating
+    (calib_data and observer are then unused): how a saved model is rebuilt without its data.
     """
     scheme = scheme if isinstance(scheme, Scheme) else Scheme.parse(scheme)
     model = model.eval()
     gm = fold_batchnorm(trace(_copy(model)))
     modules = dict(gm.named_modules())
-    act_fmt = activation_format(scheme.act_bits)
     w_fmt = weight_format(scheme.weight_bits, per_channel=per_channel)
-
-    observers: dict = {}
-    cal = _Calibrator(gm, observers, lambda: make_observer(observer, act_fmt))
-    # a batch-invariant observer (minmax) sees the same values in page-fault-friendly chunks
-    chunked = make_observer(observer, act_fmt).batch_invariant
-    with torch.no_grad():
-        seen = 0
-        for i, xb in enumerate(_batches(calib_data)):
-            if i >= max_calib_batches:
-                break
-            for xc in xb.split(max(1, chunk_rows(xb) if chunked else len(xb))):
-                cal.run(xc.float())
-            seen += 1
-    if not seen:
-        raise ValueError("calib_data is empty; give at least one batch to calibrate activation scales")
-    act_qp = {name: obs.qparams() for name, obs in observers.items()}
-
-    builder = _Builder(gm, modules, act_qp, w_fmt)
+    if act_qparams is None:
+        builder = _Builder(
+            gm, modules, _calibrate(gm, scheme, calib_data, observer, max_calib_batches), w_fmt
+        )
+    else:
+        builder = _Builder(gm, modules, act_qparams, w_fmt, by_node=True)
     nodes, output = builder.build()
     if builder.fallbacks:
         warnings.warn(
@@ -213,6 +203,27 @@ def convert(
             stacklevel=2,
         )
     return QModel(nodes, output, scheme.name, AccumulatorSpec(acc_bits, overflow), requant, mode)
+
+
+def _calibrate(gm: fx.GraphModule, scheme: Scheme, calib_data, observer: str, max_batches: int) -> dict:
+    """The static activation format of every floating tensor the graph computes on `calib_data`, by fx
+    node name."""
+    act_fmt = activation_format(scheme.act_bits)
+    observers: dict = {}
+    cal = _Calibrator(gm, observers, lambda: make_observer(observer, act_fmt))
+    # a batch-invariant observer (minmax) sees the same values in page-fault-friendly chunks
+    chunked = make_observer(observer, act_fmt).batch_invariant
+    with torch.no_grad():
+        seen = 0
+        for i, xb in enumerate(_batches(calib_data)):
+            if i >= max_batches:
+                break
+            for xc in xb.split(max(1, chunk_rows(xb) if chunked else len(xb))):
+                cal.run(xc.float())
+            seen += 1
+    if not seen:
+        raise ValueError("calib_data is empty; give at least one batch to calibrate activation scales")
+    return {name: obs.qparams() for name, obs in observers.items()}
 
 
 class _WhereTracer(fx.Tracer):
@@ -260,16 +271,32 @@ def _copy(model: nn.Module) -> nn.Module:
 
 
 class _Builder:
-    """Maps fx nodes to QNodes; tracks name aliases created by fusion."""
+    """Maps fx nodes to QNodes; tracks name aliases created by fusion.
 
-    def __init__(self, gm, modules, act_qp, w_fmt):
-        self.gm, self.modules, self.act_qp, self.w_fmt = gm, modules, act_qp, w_fmt
+    act_qp: the calibrated formats by fx node name (a conv/add fused with the ReLU after it takes the
+    ReLU's), or, with by_node, the output formats of a converted model's QNodes by name (`convert`'s
+    act_qparams).
+    """
+
+    def __init__(self, gm, modules, act_qp, w_fmt, by_node: bool = False):
+        self.gm, self.modules, self.act_qp, self.w_fmt, self.by_node = gm, modules, act_qp, w_fmt, by_node
         self.alias: dict[str, str] = {}
         self.qp: dict[str, QParams | None] = {}
         self.fallbacks: list[str] = []
 
     def name(self, n: fx.Node) -> str:
         return self.alias.get(n.name, n.name)
+
+    def out_qp(self, n: fx.Node, last: fx.Node | None = None) -> QParams:
+        """The output format of the QNode made of fx node `n` through `last` (a fused activation)."""
+        key = n.name if self.by_node else (last or n).name
+        if self.by_node and key not in self.act_qp:
+            raise ValueError(f"node {key!r} has no stored activation format: the model is not the one saved")
+        return self.act_qp[key]
+
+    def maybe_qp(self, n: fx.Node) -> QParams | None:
+        """The output format of fx node `n`, None where it computes no floating tensor."""
+        return self.act_qp.get(n.name)
 
     def fused_act(self, n: fx.Node) -> tuple[str | None, fx.Node]:
         """If n's only user is a ReLU/ReLU6, return (kind, that user) so it can be fused."""
@@ -314,18 +341,17 @@ class _Builder:
         return [self.qp.get(i) for i in inputs]
 
     def node(self, n: fx.Node):
-        mods, qp = self.modules, self.act_qp
+        mods, qp = self.modules, self.out_qp
         mod = mods.get(n.target) if n.op == "call_module" else None
         if n.op == "placeholder":
-            return QInput(n.name, [], qp[n.name])
+            return QInput(n.name, [], qp(n))
         if n.op == "get_attr":
-            return QConst(n.name, _attr(self.gm, n.target), qp[n.name])
+            return QConst(n.name, _attr(self.gm, n.target), qp(n))
         inputs, args, kwargs = self.template(n)
         if isinstance(mod, nn.Conv2d | nn.Linear):
             act, last = self.fused_act(n)
             self.alias[last.name] = n.name
-            in_qp, out_qp = self.qp[inputs[0]], qp[last.name]
-            return self.weighted(n.name, inputs, mod, in_qp, out_qp, act)
+            return self.weighted(n.name, inputs, mod, self.qp[inputs[0]], qp(n, last), act)
         if (
             n.op == "call_function"
             and n.target in ADD_FUNCTIONS
@@ -333,17 +359,17 @@ class _Builder:
         ):
             act, last = self.fused_act(n)
             self.alias[last.name] = n.name
-            return QRescaleSum(n.name, inputs, self.in_qps(inputs), qp[last.name], act)
+            return QRescaleSum(n.name, inputs, self.in_qps(inputs), qp(n, last), act)
         if n.op == "call_function" and n.target is torch.cat and len(n.args[0]) > 1:
             dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
-            return QRescaleSum(n.name, inputs, self.in_qps(inputs), qp[n.name], cat_dim=dim)
+            return QRescaleSum(n.name, inputs, self.in_qps(inputs), qp(n), cat_dim=dim)
         relu = _relu_kind(n, mods)
         if relu is not None:
             return QClamp(n.name, inputs, self.qp[inputs[0]], 0.0, 6.0 if relu == "relu6" else None)
         if isinstance(mod, nn.AvgPool2d | nn.AdaptiveAvgPool2d) and _plain_avgpool(mod):
-            return QAvgPool(n.name, inputs, self.qp[inputs[0]], qp[n.name], mod)
+            return QAvgPool(n.name, inputs, self.qp[inputs[0]], qp(n), mod)
         if n.op == "call_function" and n.target is F.adaptive_avg_pool2d:
-            return QAvgPool(n.name, inputs, self.qp[inputs[0]], qp[n.name], nn.AdaptiveAvgPool2d(n.args[1]))
+            return QAvgPool(n.name, inputs, self.qp[inputs[0]], qp(n), nn.AdaptiveAvgPool2d(n.args[1]))
         lut = (
             mod
             if isinstance(mod, LUT_MODULES)
@@ -352,7 +378,7 @@ class _Builder:
             else None
         )
         if lut is not None and self.qp[inputs[0]].fmt.bits <= 16 and len(inputs) == 1:
-            return QLut(n.name, inputs, self.qp[inputs[0]], qp[n.name], lut)
+            return QLut(n.name, inputs, self.qp[inputs[0]], qp(n), lut)
         call = mod if mod is not None else n.target if n.op == "call_function" else MethodCall(n.target)
         first_qp = self.qp.get(inputs[0]) if inputs else None
         if (
@@ -361,8 +387,9 @@ class _Builder:
             or (n.op == "call_method" and n.target in LAYOUT_METHODS)
         ) and first_qp is not None:
             return QLayout(n.name, inputs, first_qp, call, args, kwargs)
-        node = QFallback(n.name, inputs, self.in_qps(inputs), qp.get(n.name), call, args, kwargs)
-        computes = mod is not None or (n.name in qp and n.target is not operator.getitem)
+        out_qp = self.maybe_qp(n)
+        node = QFallback(n.name, inputs, self.in_qps(inputs), out_qp, call, args, kwargs)
+        computes = mod is not None or (out_qp is not None and n.target is not operator.getitem)
         if computes and n.target not in STRUCTURAL:
             self.fallbacks.append(f"{n.name} ({node.describe()})")
         return node

@@ -223,6 +223,12 @@ class QWeighted(QNode):
         self.w_qp = QParams(fmt, new, self.w_qp.zero_point)
         self._derive_scales()
 
+    def use_weight_qparams(self, w_qp: QParams) -> None:
+        """Take `w_qp` as the weight format and scale, leaving the stored integers as they are: how a model
+        rebuilt from its saved state (`fwdgrad.engine.state`) gets back the scale training left."""
+        self.w_qp = w_qp
+        self._derive_scales()
+
     channel_dim = 1
 
     def weight(self, ctx: ExecContext) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""`fwdgrad export CHECKPOINT OUTPUT [options]`: a QModel (a pipeline run's model.pt, whose options default
-to the run's settings) as an edge bundle, optionally with the run's target data (--data)."""
+"""`fwdgrad export CHECKPOINT OUTPUT [options]`: the QModel of a model file (a pipeline run's model.pt, whose
+options default to the run's settings, or `save_model`'s) as an edge bundle, optionally with the run's target
+data (--data)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ import torch
 
 from ..edge.bundle import BundleError
 from ..engine.model import QModel
+from ..files import atomic_open
 from ..fixed_point import PERTURB_SCALES, QUANT_DISTRIBUTIONS, ROUNDINGS, FixedPointSettings
-from .bundle import BUNDLE_FIXED_POINT, _np, export_bundle
-from .settings import choose, unsupported
+from .bundle import BUNDLE_FIXED_POINT, export_bundle
+from .settings import choose, load_model, unsupported
 
 
-def _data_config(obj, where: str) -> dict:
+def _data_config(payload: dict, where: str) -> dict:
     """The run's config, once checked that its target data can be written (--data; before any writing)."""
-    config = obj.get("config") if isinstance(obj, dict) else None
+    config = payload.get("config")
     if not isinstance(config, dict):
         raise ValueError(f"--data needs a run's model.pt; {where!r} holds no run config")
     data = config.get("data") or {}
@@ -47,14 +49,15 @@ def _write_data(config: dict, out_dir: str) -> list[str]:
             keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(config["seed"]))[:cap]
             x, y = x[keep], y[keep]
         path = Path(out_dir) / f"{part}.npz"
-        np.savez(path, x=_np(x, np.float32), y=_np(y, np.int64))
+        with atomic_open(path, "wb") as f:  # a file object: np.savez would append .npz to a temp name
+            np.savez(f, x=x.numpy().astype(np.float32), y=y.numpy().astype(np.int64))
         lines.append(f"wrote {path}: the run's target {part} data ({len(x)} samples)")
     return lines
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fwdgrad export", description="Export a QModel as an edge bundle.")
-    ap.add_argument("checkpoint", help="a run's model.pt, torch.save(qmodel), or a dict with key 'model'")
+    ap.add_argument("checkpoint", help="a run's model.pt (or a model file of fwdgrad.export.save_model)")
     ap.add_argument("output", help="bundle file to write (.npz)")
     run_default = "default: the run's"
     ap.add_argument("--lr", type=float, help=f"learning rate η ({run_default}; required without a run)")
@@ -77,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--data", metavar="DIR", help="also write the run's target data as DIR/train.npz, test.npz"
     )
+    ap.add_argument(
+        "--trust-model-target",
+        action="store_true",
+        help="build a model whose model._target_ is a callable of your own (import and call it: only for "
+        "files you trust); without, only fwdgrad's zoo and torchvision builders",
+    )
     ap.add_argument("--mean", type=float, nargs="+", help="per-channel input mean (preprocessing)")
     ap.add_argument("--std", type=float, nargs="+", help="per-channel input std (preprocessing)")
     ap.add_argument("--input-shape", type=int, nargs="+", help="per-sample input shape, e.g. 3 32 32")
@@ -84,15 +93,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args) -> tuple:
-    """(checkpoint object, QModel, the run's settings or None, notes), after checking what export refuses."""
-    obj = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    model = obj.get("model") if isinstance(obj, dict) else obj
+    """(model file payload, QModel, the run's settings or None, notes), after checking what export refuses."""
+    model, payload = load_model(args.checkpoint, args.trust_model_target)
     if not isinstance(model, QModel):
         raise ValueError(
-            f"{args.checkpoint!r} holds {type(model).__name__}, expected a QModel "
-            "(torch.save(qmodel, path) or {'model': qmodel})"
+            f"{args.checkpoint!r} holds a float {type(model).__name__} (an fp32 run); export needs a "
+            "converted QModel, e.g. of a run with quant=w16a8"
         )
-    run = obj.get("training") if isinstance(obj, dict) else None
+    run = payload.get("training")
     notes = []
     if run is not None and run.get("method") != "qzo_ff":
         notes.append(f"run settings not used: the run trained with {run.get('method')}, not qzo_ff")
@@ -105,17 +113,17 @@ def _load(args) -> tuple:
                 "pass --ignore-unsupported to export it for plain sign-m-SPSA anyway"
             )
         notes += [f"ignored (--ignore-unsupported): {b}" for b in bad]
-    return obj, model, run, notes
+    return payload, model, run, notes
 
 
 def export_main(argv: list[str] | None = None) -> int:
     """``fwdgrad export CHECKPOINT OUTPUT [options]``: checkpoint = a pipeline run's model.pt (its options
-    default to the run's settings), ``torch.save(qmodel)`` or ``{"model": qmodel, ...}``. Returns the exit
-    status (0 ok, 2 bad input, with a one-line error)."""
+    default to the run's settings) or a model file of `save_model`, read as plain data only
+    (fwdgrad.statefile). Returns the exit status (0 ok, 2 bad input, with a one-line error)."""
     args = _parser().parse_args(argv)
     try:
-        obj, model, run, notes = _load(args)
-        config = _data_config(obj, args.checkpoint) if args.data else None
+        payload, model, run, notes = _load(args)
+        config = _data_config(payload, args.checkpoint) if args.data else None
         hp, lines = choose(args, run, args.checkpoint)
         pre = {"mean": args.mean, "std": args.std, "shape": args.input_shape}
         pre = {k: v for k, v in pre.items() if v is not None} or None

@@ -1,11 +1,20 @@
-"""What a finished run trained with (`run_settings`, stored in the pipeline's model.pt under "training"), and
-how `fwdgrad export` chooses each bundle option from the command line, the run or the default."""
+"""model.pt: a trained model as plain data (`save_model`, `load_model`, fwdgrad.statefile) with what the run
+trained with (`run_settings`, under "training"), and how `fwdgrad export` chooses each bundle option from the
+command line, the run or the default."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
+import torch.nn as nn
+from torchvision.models import list_models
+
+from ..config import BUILD_MODEL
+from ..engine import QModel, qmodel_state, rebuild_qmodel
 from ..fixed_point import FixedPointSettings
+from ..models import build_from_config
+from ..statefile import StateFileError, load_state, save_state
 from ..train import TrainConfig, trainable_names
 from .bundle import BUNDLE_FIXED_POINT, FIXED_POINT_FIELDS, UNSUPPORTED_FF
 
@@ -103,3 +112,92 @@ def choose(args, run: dict | None, where: str) -> tuple[dict, list[str]]:
             f"{'batch':<16} {b}  (from the run; pass --batch {b} to python -m fwdgrad.edge finetune)"
         )
     return chosen, lines
+
+
+# ------------------------------------------------------------------------------------------- model.pt
+def save_model(
+    path: str | os.PathLike,
+    model: nn.Module,
+    model_config: Mapping,
+    num_classes: int,
+    input_shape: Sequence[int],
+    config: dict | None = None,
+    training: dict | None = None,
+) -> None:
+    """Write `model` (a QModel, or the float model of an fp32 run) as a model file of plain data, which
+    `load_model` rebuilds with `fwdgrad.models.build_from_config(model_config, num_classes, in_channels)`:
+
+        {"model": {"config": model_config, "num_classes": int, "in_channels": int, "input_shape": [C, ...],
+                   "qmodel": fwdgrad.engine.qmodel_state(model) or None (a float model),
+                   "float": the float model's state dict or None (a QModel)},
+         "config": the run's resolved config or None, "training": run_settings(...) or None}
+
+    input_shape is the per-sample input shape (in_channels is its first entry)."""
+    quantized = isinstance(model, QModel)
+    payload = {
+        "model": {
+            "config": _plain(model_config),
+            "num_classes": int(num_classes),
+            "in_channels": int(input_shape[0]),
+            "input_shape": [int(n) for n in input_shape],
+            "qmodel": qmodel_state(model) if quantized else None,
+            "float": None if quantized else dict(model.state_dict()),
+        },
+        "config": config,
+        "training": training,
+    }
+    save_state(path, "model", payload)
+
+
+def load_model(path: str | os.PathLike, trust_model_target: bool = False) -> tuple[nn.Module, dict]:
+    """(the model, the payload) of a model file written by `save_model`; anything else, or a model that
+    does not fit its stored tensors, is a one-line `StateFileError` naming the file.
+
+    The model is built from its stored config, so only fwdgrad's zoo and torchvision's builders with plain
+    options are called, never their pretrained weights (the stored tensors replace them); a callable of
+    one's own (`model._target_`) only with `trust_model_target`: what a file names can run any code."""
+    payload = load_state(path, "model")
+    where = str(path)
+    try:
+        m = payload["model"]
+        arch = build_from_config(
+            _buildable(m["config"], trust_model_target), m["num_classes"], m["in_channels"]
+        )
+        if m["qmodel"] is not None:
+            return rebuild_qmodel(arch, m["qmodel"]), payload
+        arch.load_state_dict(m["float"])
+        return arch.eval(), payload
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise StateFileError(f"{where!r} holds no usable model: {why}") from None
+
+
+def _buildable(spec: Mapping, trust: bool) -> dict:
+    """The stored model config to build, once checked that building it calls only known code."""
+    spec = dict(spec)
+    target = spec.get("_target_", BUILD_MODEL)
+    known = target == BUILD_MODEL or (
+        str(target).startswith("torchvision.models.") and str(target).rpartition(".")[2] in list_models()
+    )
+    if not known:
+        if trust:
+            return spec
+        raise ValueError(
+            f"its model is built by model._target_={target!r}, a callable of your own, which is imported "
+            "and called only when trusted (fwdgrad export --trust-model-target): what a file names can run "
+            "any code"
+        )
+    odd = [k for k, v in spec.items() if k != "_target_" and (str(k).startswith("_") or not _plain_value(v))]
+    if odd:
+        raise ValueError(
+            f"model options {odd} are not plain values; allowed: numbers, strings without ${{...}} and lists"
+        )
+    return spec | {k: None for k in ("pretrained", "weights") if k in spec}
+
+
+def _plain_value(v) -> bool:
+    """Whether `v` is a number, bool, None or string, or a list of such: no node hydra would instantiate or
+    interpolation it would resolve."""
+    if isinstance(v, list | tuple):
+        return all(_plain_value(x) for x in v)
+    return v is None or isinstance(v, bool | int | float) or (isinstance(v, str) and "${" not in v)

@@ -215,6 +215,9 @@ def qzo_ff(
     weights = {n: model.weight_nodes()[n].weight_q for n in names if n in model.weight_nodes()}
     masks = make_masks(weights, seed=seed, **sparse) if sparse else None
     space = FixedPointSpace(model, names, settings, seed, masks, _momentum(momentum), kernel_norm)
+    space.check_size("eps", eps)
+    if sharpness_rho:
+        space.check_size("sharpness_rho", sharpness_rho)
     return ForwardGradient(space, est, lr, eps, sharpness_rho)
 
 

@@ -238,7 +238,9 @@ class FixedPointSpace(Space):
         self.index = {n: t for t, n in enumerate(names)}
         self.settings, self.rounding = settings, settings.rounding
         self.p_mult, self.p_n = perturb_requant(distribution, settings.perturb_scale)
-        self.saturations = {"perturb": 0, "update": 0}
+        # weights clamped at the format's limits, per layer: by a perturbation, by an update
+        self.saturations: dict[str, dict[str, int]] = {"perturb": {}, "update": {}}
+        self.weights_seen = {"perturb": 0, "update": 0}  # weights perturbed / updated (the rates' base)
 
     # -- per-tensor constants ---------------------------------------------------------------------
     def _channel_view(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -250,6 +252,26 @@ class FixedPointSpace(Space):
     def size_q(self, t: int, size: float) -> torch.Tensor:
         """A real perturbation size (ε or ρ) in tensor t's weight LSBs (`size_lsb`)."""
         return size_lsb(size, self.delta_w(t), self.settings.eps_min_q)
+
+    def check_size(self, key: str, size: float) -> None:
+        """One-line ValueError unless `size` in weight LSBs fits every trained tensor's weight range (a larger
+        integer ε saturates every perturbed weight, or overflows the int64 it is computed in)."""
+        for node in self.nodes:
+            lsb = float((size / node.w_qp.scale.double()).max())
+            if not lsb <= node.w_qp.fmt.qmax:
+                fmt = node.w_qp.fmt
+                limit = float(node.w_qp.scale.double().min()) * fmt.qmax
+                raise ValueError(
+                    f"{key}={size!r} is {lsb:.3g} weight LSBs of layer {node.name!r}, beyond its "
+                    f"{fmt.bits}-bit range; allowed: {key} <= {limit:.3g}"
+                )
+
+    def _saturated(self, kind: str, t: int, n: int) -> None:
+        self.weights_seen[kind] += self.nodes[t].weight_q.numel()
+        if n:
+            counts = self.saturations[kind]
+            name = self.nodes[t].name
+            counts[name] = counts.get(name, 0) + n
 
     def _noise(self, step, sample, t, shape, device):
         return self.dist.sample_q(self.key(step, sample, t), shape, device).to(torch.int64)
@@ -278,8 +300,7 @@ class FixedPointSpace(Space):
         n = torch.as_tensor(self.p_n)
         out = shift_round(acc, self.p_mult, n, self.rounding, words)
         fmt = node.w_qp.fmt
-        bad = int(((out < fmt.qmin) | (out > fmt.qmax)).sum())
-        self.saturations["perturb"] += bad
+        self._saturated("perturb", t, int(((out < fmt.qmin) | (out > fmt.qmax)).sum()))
         return out.clamp(fmt.qmin, fmt.qmax).to(node.weight_q.dtype)
 
     @contextmanager
@@ -325,7 +346,7 @@ class FixedPointSpace(Space):
                 )
             fmt = node.w_qp.fmt
             new = w - upd
-            self.saturations["update"] += int(((new < fmt.qmin) | (new > fmt.qmax)).sum())
+            self._saturated("update", t, int(((new < fmt.qmin) | (new > fmt.qmax)).sum()))
             node.weight_q.copy_(new.clamp(fmt.qmin, fmt.qmax).to(node.weight_q.dtype))
             if self.momentum is not None:
                 self.history[t] = self._rescale_history(g)

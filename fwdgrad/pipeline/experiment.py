@@ -12,7 +12,6 @@ Few-shot data configs (`data.fewshot`) run N-way K-shot episodes instead (fwdgra
 
 from __future__ import annotations
 
-import json
 import time
 
 import torch
@@ -20,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..analysis.devices import assert_fits, load_device
 from ..config import model_label, validate
+from ..files import FolderLock, write_json
 from ..methods import spec
 from ..models import build_from_config
 from ..plots import plot_curves
@@ -27,7 +27,7 @@ from ..provenance import provenance
 from ..tracking import Tracker, make_tracker
 from ..train import tie_fraction
 from .fewshot import run_fewshot
-from .steps import load_task, memory_model, output_dir, source_model
+from .steps import load_task, memory_model, output_dir, source_key, source_model
 from .transfer import run_transfer
 
 
@@ -38,15 +38,17 @@ def run_experiment(cfg: DictConfig) -> dict:
     torch.set_num_threads(c.threads)
     out = output_dir(c)
     out.mkdir(parents=True, exist_ok=True)
-    tracker = make_tracker(c.logger, out)  # a missing tracker package stops the run here
-    name = f"{c.data.name} {c.method.name} {c.scheme} {c.variant} seed={c.seed}".replace("  ", " ")
-    tracker.start(OmegaConf.to_container(cfg, resolve=True), name)
-    try:
-        metrics = _run(cfg, c, out, tracker, t_start)
-    except BaseException:
-        tracker.fail()
-        raise
-    tracker.finish(metrics, [out / f for f in ("metrics.json", "log.csv", "episodes.json", "curves.png")])
+    with FolderLock(out):  # one run per folder: a second one stops here
+        tracker = make_tracker(c.logger, out)  # a missing tracker package stops the run here
+        name = f"{c.data.name} {c.method.name} {c.scheme} {c.variant} seed={c.seed}".replace("  ", " ")
+        tracker.start(OmegaConf.to_container(cfg, resolve=True), name)
+        try:
+            metrics = _run(cfg, c, out, tracker, t_start)
+        except BaseException:
+            tracker.fail()
+            raise
+        files = [out / f for f in ("metrics.json", "log.csv", "episodes.json", "curves.png")]
+        tracker.finish(metrics, files)
     return metrics
 
 
@@ -78,7 +80,15 @@ def _run(cfg: DictConfig, c, out, tracker: Tracker, t_start: float) -> dict:
     if d.fewshot:
         res = run_fewshot(c, model, src_train, (tgt_train, tgt_test), out, on_episode=tracker.log_episode)
     else:
-        res = run_transfer(cfg, c, model, src_train, (tgt_train, tgt_test), n_target, out, tracker.log_step)
+        identity = {  # what else determines the trajectory (the checkpoint's fingerprint, fwdgrad.train)
+            "model": c.model,
+            "format": c.scheme,
+            "quant": vars(c.quant),
+            "data": d.name,
+            "source_model": source_key(c, src.num_classes, in_channels),
+        }
+        target = (tgt_train, tgt_test)
+        res = run_transfer(cfg, c, model, src_train, target, n_target, out, tracker.log_step, identity)
     log = res.pop("log")
     for row in log if d.fewshot else ():  # few-shot: the per-step log averaged over episodes, at the end
         tracker.log_step(row)
@@ -98,7 +108,6 @@ def _run(cfg: DictConfig, c, out, tracker: Tracker, t_start: float) -> dict:
         "config": OmegaConf.to_container(cfg, resolve=True),
         "provenance": provenance(),
     }
-    with open(out / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=2, default=str)
+    write_json(out / "metrics.json", metrics)
     plot_curves({f"{c.method.name} {c.scheme}": log}, out / "curves.png", f"{d.name} / {metrics['model']}")
     return metrics

@@ -5,7 +5,6 @@ over episodes."""
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +15,9 @@ import torch.nn as nn
 from ..config import Config
 from ..data import episodes, prototypes
 from ..data.heads import simpleshot_transform
+from ..files import write_json
 from ..models import head_layers
-from ..train import TrainConfig, evaluate, train, write_log
+from ..train import FaultWarning, TrainConfig, evaluate, fault_summary, train, write_log
 from .progress import Progress
 from .steps import convert_model, set_module
 
@@ -88,7 +88,7 @@ def run_fewshot(
     x = torch.cat([target[0][0], target[1][0]])
     y = torch.cat([target[0][1], target[1][1]])
     base_mean = embed(model, src_train[0][:2048]).mean(0) if fs.head == "simpleshot" else None
-    rows, logs = [], []
+    rows, logs, faults = [], [], {}
     eps_iter = episodes(y, fs.episodes, fs.n_way, fs.k_shot, fs.n_query, seed=c.seed)
     start = f"{fs.n_way}-way {fs.k_shot}-shot, {fs.n_query} queries per class, adapted with {c.method.name}"
     shown = Progress.of(c, "episodes", fs.episodes, "episode", start=f"{fs.episodes} episodes, {start}")
@@ -99,7 +99,12 @@ def run_fewshot(
         with warnings.catch_warnings(record=i > 0):  # converter notes (e.g. CL2N runs in float) once
             qm = convert_model(em, c, src_train[0] if c.quant.calib == "source" else sx)
         zero_shot_quant = evaluate(qm, qx, qy) if qm is not em else zero_shot
-        r = train(qm, TrainConfig.from_config(c, seed=c.seed * 1_000_003 + i), (sx, sy), (qx, qy))
+        with warnings.catch_warnings():  # one fault warning for all episodes, below
+            warnings.simplefilter("ignore", FaultWarning)
+            r = train(qm, TrainConfig.from_config(c, seed=c.seed * 1_000_003 + i), (sx, sy), (qx, qy))
+        for kind, per_layer in r.faults.items():
+            for layer, n in per_layer.items():
+                faults.setdefault(kind, {})[layer] = faults.get(kind, {}).get(layer, 0) + n
         rows.append(
             {
                 "episode": i,
@@ -117,10 +122,12 @@ def run_fewshot(
         if on_episode:
             on_episode(rows[-1])
     shown.close()
+    summary = fault_summary(faults)
+    if summary:
+        warnings.warn(f"faults over {len(rows)} episodes: {summary}", FaultWarning, stacklevel=2)
     log = mean_log(logs)
     write_log(str(out / "log.csv"), log)
-    with open(out / "episodes.json", "w") as f:
-        json.dump(rows, f, indent=1)
+    write_json(out / "episodes.json", rows, indent=1)
     accs = torch.tensor([r["test_acc"] for r in rows])
 
     def mean(k):
@@ -141,4 +148,5 @@ def run_fewshot(
         "n_query": fs.n_query,
         "head": fs.head,
         "log": log,
+        "faults": faults,
     }

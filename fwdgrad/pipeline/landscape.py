@@ -16,7 +16,6 @@ Config: `fwdgrad.config.LandscapeConfig` (schema `fwdgrad_landscape`, fwdgrad/co
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from ..analysis import landscape as ls
 from ..analysis.sharpness import forward_sharpness, hessian_trace, top_hessian_eigenvalue
 from ..config import LandscapeConfig, RunConfig, model_label, validate_landscape
 from ..engine.model import QModel
+from ..files import FolderLock, atomic_open, write_json, write_text
 from ..methods import spec
 from ..provenance import provenance, provenance_line
 from ..train import TrainConfig, evaluate, train, trainable_names
@@ -405,7 +405,8 @@ def summary_markdown(result: dict) -> str:
 
 def write_outputs(c: LandscapeConfig, r: Results, out: Path) -> dict:
     """landscape.npz, landscape_2d.png, landscape_1d.png and landscape.json (returned) in `out`."""
-    np.savez_compressed(out / FILES["npz"], **_arrays(r))
+    with atomic_open(out / FILES["npz"], "wb") as f:
+        np.savez_compressed(f, **_arrays(r))
     pretty = {"bp": "BP (float SGD)", "ff": f"QZO-FF ({c.scheme}, integer)"}
     run_names = {
         lab: f"{pretty.get(lab, lab)}: {tr.steps[-1]} steps, test acc {100 * tr.test_acc:.1f}%"
@@ -423,9 +424,8 @@ def write_outputs(c: LandscapeConfig, r: Results, out: Path) -> dict:
     )
     ls.plot_lines(str(out / FILES["lines_png"]), r.lines, title)
     result = summary(c, r) | {"provenance": provenance(_command())}
-    with open(out / FILES["json"], "w") as f:
-        json.dump(result, f, indent=2, default=float)
-    (out / FILES["summary_md"]).write_text(summary_markdown(result))
+    write_json(out / FILES["json"], result, default=float)
+    write_text(out / FILES["summary_md"], summary_markdown(result))
     return result
 
 
@@ -438,22 +438,23 @@ def run_landscape(cfg: DictConfig | LandscapeConfig, log: Callable[[str], None] 
     torch.manual_seed(c.seed)
     out = output_dir(c)
     out.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
-    start = common_start(c, log)
-    timings = {"start_s": time.perf_counter() - t_all}
-    trajs = trajectories(c, start, timings, log)
-    ev, float_ev = evaluators(c, start)
-    plane = fit_plane(c, start, trajs)
-    surf, traj_eval = surface_stage(c, ev, plane, trajs, timings, log)
-    lines = lines_stage(c, ev, trajs, timings)
-    sharp = {}
-    if c.sharpness.enabled:
-        t = time.perf_counter()
-        sharp = sharpness_stage(c, start, trajs, ev, float_ev)
-        timings["sharpness_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t_all
-    result = write_outputs(
-        c, Results(start, trajs, plane, surf, traj_eval, lines, sharp, timings, len(ev.y)), out
-    )
-    log(f"landscape: wrote {', '.join(FILES.values())} to {out} (total {timings['total_s']:.1f}s)")
-    return result
+    with FolderLock(out):  # one landscape per folder
+        t_all = time.perf_counter()
+        start = common_start(c, log)
+        timings = {"start_s": time.perf_counter() - t_all}
+        trajs = trajectories(c, start, timings, log)
+        ev, float_ev = evaluators(c, start)
+        plane = fit_plane(c, start, trajs)
+        surf, traj_eval = surface_stage(c, ev, plane, trajs, timings, log)
+        lines = lines_stage(c, ev, trajs, timings)
+        sharp = {}
+        if c.sharpness.enabled:
+            t = time.perf_counter()
+            sharp = sharpness_stage(c, start, trajs, ev, float_ev)
+            timings["sharpness_s"] = time.perf_counter() - t
+        timings["total_s"] = time.perf_counter() - t_all
+        result = write_outputs(
+            c, Results(start, trajs, plane, surf, traj_eval, lines, sharp, timings, len(ev.y)), out
+        )
+        log(f"landscape: wrote {', '.join(FILES.values())} to {out} (total {timings['total_s']:.1f}s)")
+        return result

@@ -5,7 +5,6 @@ results.json and results.md."""
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from ..conf import CONF_DIR
+from ..files import write_json, write_text
 from ..plots import plot_curves
 from ..provenance import provenance, provenance_line
 from ..report import main_table
@@ -63,11 +63,10 @@ def run_main_job(
     total = time.perf_counter() - t0
     print(f"\n{table}\n\ntotal wall time {total:.1f} s; written to {out}/")
     prov = provenance(command)
-    with open(out / "results.json", "w") as f:
-        json.dump({"total_wall_s": total, "provenance": prov, "runs": results}, f, indent=2, default=str)
+    write_json(out / "results.json", {"total_wall_s": total, "provenance": prov, "runs": results})
     title = "# Main job: digits 0-4 -> 5-9 (small_cnn, linear probing)"
     source = provenance_line(prov)
-    (out / "results.md").write_text(f"{title}\n\n{source}\n\n{table}\n\nTotal wall time {total:.1f} s.\n")
+    write_text(out / "results.md", f"{title}\n\n{source}\n\n{table}\n\nTotal wall time {total:.1f} s.\n")
     return table
 
 

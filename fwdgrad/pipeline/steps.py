@@ -19,12 +19,14 @@ from hydra.utils import instantiate
 from ..analysis.memory import memory_breakdown
 from ..config import Config, PretrainSettings, model_label
 from ..engine import convert
+from ..files import remove_stale_temps
 from ..methods import spec
 from ..models import build_from_config, head_layers
-from ..train import BatchStream, save_checkpoint
+from ..statefile import StateFileError, load_state, save_state
+from ..train import BatchStream
 from .progress import Progress, duration, evaluate_shown, log, stdout_is_terminal
 
-SOURCE_VERSION = 1  # bump when pretraining changes, so stale cached source models are never reused
+SOURCE_VERSION = 2  # bump when pretraining or the cache file changes, so stale cached models are never read
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -42,6 +44,12 @@ def load_task(spec_: dict, seed: int, max_train: int | None = None, max_test: in
                 "(image sets, or synth_keywords features)"
             )
         x, y = ds.tensors
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(
+                f"dataset {spec_['name']!r} has {bad:,} non-finite input values (NaN or Inf); allowed: "
+                "finite inputs only"
+            )
         if cap is not None and cap < len(x):  # a seeded subset (quick runs, tests)
             keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:cap]
             x, y = x[keep], y[keep]
@@ -98,9 +106,13 @@ def source_model(c: Config, src_train, src_test, num_classes: int, in_channels: 
     model = build_from_config(c.model, num_classes, in_channels)
     with open(f"{path}.lock", "w") as lock:  # parallel sweep jobs pretrain a shared source model once
         fcntl.flock(lock, fcntl.LOCK_EX)
+        remove_stale_temps(path.parent)  # of writers killed mid-write
         cached = path.exists()
         if cached:
-            state = torch.load(path, weights_only=False)
+            try:
+                state = load_state(path, "source-model")
+            except StateFileError as e:
+                raise StateFileError(f"cached source model: {e}; delete it to pretrain it again") from None
             model.load_state_dict(state["model"])
             if not stdout_is_terminal():
                 log.info("source model: %s (cached, source test accuracy %.4f)", path, state["source_acc"])
@@ -109,8 +121,9 @@ def source_model(c: Config, src_train, src_test, num_classes: int, in_channels: 
         with Progress.of(c, "pretrain", c.pretrain.steps, start=start) as shown:
             pretrain(model, src_train, c.pretrain, shown)
         acc = evaluate_shown(c, "source test accuracy", model, *src_test)
-        save_checkpoint(
-            str(path),
+        save_state(
+            path,
+            "source-model",
             {
                 "model": model.state_dict(),
                 "source_acc": acc,

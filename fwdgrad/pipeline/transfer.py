@@ -6,12 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import Config
-from ..export import run_settings
+from ..export import run_settings, save_model
 from ..tracking import tee
 from ..train import TrainConfig, train
 from .progress import evaluate_shown
@@ -27,9 +26,11 @@ def run_transfer(
     n_target: int,
     out: Path,
     on_step: Callable[[dict], None] | None = None,
+    identity: dict | None = None,
 ) -> dict:
     """Adapt `model` to the target task; returns the results with the training log under "log".
-    `on_step(row)` gets every step's log row next to the progress bar (the experiment tracker)."""
+    `on_step(row)` gets every step's log row next to the progress bar (the experiment tracker); `identity`
+    joins the checkpoint's run fingerprint (fwdgrad.train.fingerprint)."""
     tgt_train, tgt_test = target
     model = fit_head(model, n_target, c.seed)
     zero_shot = evaluate_shown(c, "zero-shot accuracy", model, *tgt_test)
@@ -39,14 +40,16 @@ def run_transfer(
     bar, update = progress_bar(c, f"{c.method.name} {c.scheme}")
     update = tee(update, on_step)  # the progress bar, then the experiment tracker
     with bar:  # closed also when train raises
-        r = train(qmodel, TrainConfig.from_config(c), tgt_train, tgt_test, out_dir=str(out), progress=update)
-    torch.save(  # "training": what `fwdgrad export` defaults to (fwdgrad.export.run_settings)
-        {
-            "model": r.model,
-            "config": OmegaConf.to_container(cfg, resolve=True),
-            "training": run_settings(TrainConfig.from_config(c), r.model, r.steps),
-        },
+        tc = TrainConfig.from_config(c)
+        r = train(qmodel, tc, tgt_train, tgt_test, out_dir=str(out), progress=update, identity=identity)
+    save_model(  # plain data; "training": what `fwdgrad export` defaults to (fwdgrad.export.run_settings)
         out / "model.pt",
+        r.model,
+        c.model,
+        n_target,
+        tuple(tgt_train[0].shape[1:]),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        training=run_settings(tc, r.model, r.steps),
     )
     return {
         "steps": r.steps,
@@ -57,4 +60,5 @@ def run_transfer(
         "wall_s": r.wall_s,
         "peak_mem_bytes": r.peak_mem_bytes,
         "log": r.log,
+        "faults": r.faults,
     }

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ...files import save_figure
 from .surfaces import Line, Surface
 
 RUN_COLORS = {"bp": "tab:red", "ff": "tab:blue"}
@@ -67,7 +68,7 @@ def plot_surface(
         ax.legend(loc="best", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -102,5 +103,5 @@ def plot_lines(path: str, lines: Sequence[Line], title: str) -> None:
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
