@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (fwdgrad.signals.Interrupted)
         print(f"fwdgrad: {e or 'interrupted'}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
+    finally:
+        warnings.formatwarning = _python_warning  # in-process callers (tests) keep Python's format
 
 
 def dispatch(argv: list[str]) -> int:

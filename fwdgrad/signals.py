@@ -31,7 +31,8 @@ def _main_thread() -> bool:
 def deferred_signals() -> Iterator[list[int]]:
     """Within the block, SIGINT/SIGTERM are recorded in the yielded list instead of stopping the process
     mid-step (the loop checks it between steps); a second one raises `Interrupted` at once. Outside the main
-    thread (where handlers cannot be set) signals keep their usual effect."""
+    thread (where handlers cannot be set) signals keep their usual effect; an ignored signal (SIG_IGN, as
+    SIGINT in a background job) stays ignored."""
     got: list[int] = []
     if not _main_thread():
         yield got
@@ -45,7 +46,8 @@ def deferred_signals() -> Iterator[list[int]]:
         if sys.stderr.isatty():
             print(f"\n{name}: stopping after this step (again: at once)", file=sys.stderr)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    sigs = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    old = {s: signal.signal(s, handler) for s in sigs}
     try:
         yield got
     finally:

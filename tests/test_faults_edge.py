@@ -19,6 +19,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -29,12 +30,12 @@ import torch
 import torch.nn as nn
 
 from fwdgrad.edge import BundleError, load_bundle
-from fwdgrad.edge.__main__ import Interrupted, _Stop
 from fwdgrad.edge.__main__ import main as edge_main
 from fwdgrad.edge.bundle import HEADER_KEY
 from fwdgrad.engine import convert
 from fwdgrad.export import export_bundle
 from fwdgrad.files import TEMP_SUFFIX
+from fwdgrad.signals import Interrupted, deferred_signals
 
 N, CLASSES, STEPS = 40, 3, 60  # samples, model classes, the step count the resume tests reach
 TRAIN = ["--batch", "8", "--log-every", "1"]
@@ -413,11 +414,17 @@ def test_second_signal_aborts_at_once(work):
     # 130; or -2 (killed by the second SIGINT after the handlers were restored, which a shell reports as 130)
     assert p.returncode in (130, -signal.SIGINT) and len(err.splitlines()) == 1 and "by SIGINT" in err, err
     assert 1 <= load_bundle(work / "b.npz").training["step"] < STEPS and not temps(work)  # the last save
-    stop = _Stop()
-    stop(signal.SIGTERM, None)  # the first one is recorded, the second raises
-    with pytest.raises(Interrupted) as info:
-        stop(signal.SIGTERM, None)
-    assert stop.signum == info.value.signum == signal.SIGTERM
+
+
+def test_deferred_signals_record_the_first_and_raise_on_the_second():
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can be set only in the main thread")
+    with deferred_signals() as got:
+        os.kill(os.getpid(), signal.SIGTERM)  # recorded: the loop stops after its step
+        assert got == [signal.SIGTERM]
+        with pytest.raises(Interrupted) as info:
+            os.kill(os.getpid(), signal.SIGTERM)  # the second one stops at once
+    assert info.value.signum == signal.SIGTERM and info.value.exit_code == 143
 
 
 def test_kill_9_during_checkpoint_writes(work, reference):

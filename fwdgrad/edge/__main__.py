@@ -23,13 +23,13 @@ import resource
 import signal
 import sys
 import time
-from contextlib import contextmanager
 
 import numpy as np
 
 from .. import rng
 from ..files import remove_stale_temps, temp_path
 from ..rng.streams import DATA_STREAM
+from ..signals import deferred_signals
 from .bundle import load_bundle, save_bundle
 from .runtime import Runtime
 from .train import Trainer, evaluate
@@ -123,44 +123,6 @@ def save(bundle, path: str) -> None:
         ) from None
 
 
-class Interrupted(KeyboardInterrupt):
-    """A second SIGINT/SIGTERM during training: abort at once (exit 128 + signum)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-class _Stop:
-    """Signal handler for training: the first SIGINT/SIGTERM is recorded (the loop then finishes the step,
-    saves and exits 128 + signum); a second one raises `Interrupted` (a save it cuts short leaves the
-    previous file intact), unless the checkpoint is already saved (`final`): then it changes nothing."""
-
-    def __init__(self):
-        self.signum, self.final = 0, False
-
-    def __call__(self, signum, frame):
-        if self.final:
-            return
-        if self.signum:
-            raise Interrupted(signum)
-        self.signum = signum
-
-
-@contextmanager
-def stop_on_signals():
-    """Install `_Stop` for SIGINT and SIGTERM (not where SIGINT is ignored, as in a background job) and
-    restore the previous handlers afterwards."""
-    stop = _Stop()
-    sigs = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
-    previous = {s: signal.signal(s, stop) for s in sigs}
-    try:
-        yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def finetune(args) -> int:
     bundle = load_bundle(args.bundle)
     trainer = Trainer(bundle)
@@ -179,7 +141,7 @@ def finetune(args) -> int:
     elif start:
         print(f"resuming at step {start}")
     t0 = time.perf_counter()
-    with stop_on_signals() as stop:
+    with deferred_signals() as stop:
         for k in range(start, args.steps):
             idx = batch_indices(seed, k, args.batch, len(x))
             loss = trainer.step(x[idx], y[idx])
@@ -189,7 +151,7 @@ def finetune(args) -> int:
                     f"step {done}/{args.steps}  loss {loss:.4f}  elapsed {time.perf_counter() - t0:.1f}s",
                     flush=True,
                 )
-            if stop.signum:
+            if stop:
                 break
             if args.checkpoint_every and done % args.checkpoint_every == 0 and done < args.steps:
                 save(bundle, out)
@@ -197,15 +159,14 @@ def finetune(args) -> int:
         if trainer.step_count > start:
             save(bundle, out)
             print(f"saved step {trainer.step_count} -> {out}", flush=True)
-        if stop.signum:
-            stop.final = True
-            resume = "run the same command again" if out == args.bundle else f"run it with {out!r} as BUNDLE"
-            print(
-                f"{PROG}: stopped by {signal.Signals(stop.signum).name} at step {trainer.step_count} "
-                f"(saved to {out!r}); to resume, {resume}",
-                file=sys.stderr,
-            )
-            return 128 + stop.signum
+    if stop:
+        resume = "run the same command again" if out == args.bundle else f"run it with {out!r} as BUNDLE"
+        print(
+            f"{PROG}: stopped by {signal.Signals(stop[0]).name} at step {trainer.step_count} "
+            f"(saved to {out!r}); to resume, {resume}",
+            file=sys.stderr,
+        )
+        return 128 + stop[0]
     if args.eval:
         acc, loss = evaluate(trainer.runtime, xe, ye, args.batch)
         print(f"eval accuracy {acc:.4f} ({round(acc * len(xe))}/{len(xe)})  loss {loss:.4f}")

@@ -12,7 +12,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from ..conf import CONF_DIR
-from ..files import write_json, write_text
+from ..files import FolderLock, write_json, write_text
 from ..plots import plot_curves
 from ..provenance import provenance, provenance_line
 from ..report import main_table
@@ -33,7 +33,14 @@ def run_main_job(
     out: Path, seed: int = 0, overrides: list[str] | None = None, command: str | None = None
 ) -> str:
     """Run every arm into out/<label> (fresh, never a resume), write the plots and results (with `command`,
-    the commit and the CPU); returns the printed table."""
+    the commit and the CPU); returns the printed table. Holds out/'s lock throughout: a second main job into
+    the same folder stops before it deletes anything."""
+    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out):
+        return _main_job(out, seed, overrides, command)
+
+
+def _main_job(out: Path, seed: int, overrides: list[str] | None, command: str | None) -> str:
     t0 = time.perf_counter()
     results = []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
