@@ -170,10 +170,17 @@ def _hydra_command(app, argv: list[str]) -> int:
         sys.argv = saved
 
 
+#: The signal SLURM jobs launched through submitit (hydra/launcher=slurm) take as "checkpoint and requeue":
+#: SIGTERM, which SLURM sends on preemption and (submitit's sbatch --signal) before the time limit. The
+#: training loop checkpoints at the end of its step, then submitit requeues the job, which resumes.
+PREEMPT_SIGNAL = ("SUBMITIT_PREEMPT_SIGNAL", "TERM")
+
+
 def run(argv: list[str]) -> int:
     """`fwdgrad run [overrides]`: one experiment, or a sweep with -m."""
     if any(a in COMPLETION for a in argv):
         return shell_completion(argv, "run")
+    os.environ.setdefault(*PREEMPT_SIGNAL)  # read by submitit here (sbatch) and in the job (inherited)
     return _hydra_command(hydra_app("run"), argv)
 
 

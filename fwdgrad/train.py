@@ -652,6 +652,7 @@ def train(
                 progress(row)
             if signals:
                 run.save(ckpt, model, method, stream, cfg, fp)
+                signals.hand_over()  # under SLURM: submitit requeues the job (and exits)
                 name = signal.Signals(signals[0]).name
                 where = (
                     f"checkpoint written to {ckpt}; resume with the same command and out_dir={out_dir}"

@@ -45,6 +45,19 @@ NOT_RUN = {
     "uv run fwdgrad run -m experiment=ood hydra/launcher=slurm hydra.launcher.partition=cpu "
     "hydra.launcher.timeout_min=30 cache_dir=/shared/fwdgrad data_root=/shared/fwdgrad-data": "needs a SLURM "
     "cluster; test_slurm_command_composes composes it with --cfg",
+    "uv run python experiments/slurm_cluster.py start /tmp/slurm": "starts SLURM's daemons as root; "
+    "tests/test_slurm.py starts the same cluster (slurm_cluster.Cluster) and runs the sweep below on it",
+    "export SLURM_CONF=/tmp/slurm/slurm.conf": "a shell setting for the commands after it "
+    "(tests/test_slurm.py)",
+    "uv run fwdgrad run -m hydra/launcher=slurm hydra.launcher.partition=debug "
+    "hydra.launcher.cpus_per_task=1 method=bp,qzo_ff seed=0,1": "needs the cluster above; "
+    "tests/test_slurm.py runs this sweep (tiny) on it",
+    "sacct -X -o JobID,JobName%12,State,Elapsed -j 1": "SLURM's accounting of the sweep above "
+    "(tests/test_slurm.py checks its states)",
+    "uv run fwdgrad report multirun/sweep/2026-12-02_03-03-20-470617": "the report of the SLURM sweep above "
+    "(tests/test_slurm.py reports its sweep)",
+    "uv run python experiments/slurm_cluster.py stop /tmp/slurm": "stops the cluster above "
+    "(tests/test_slurm.py's fixture stops it and checks that no daemon is left)",
 }
 
 #: docs/edge.md's runtime example: its inputs come from no documented command.
