@@ -309,7 +309,9 @@ def _spawn(ws: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "sig", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGTERM], ids=["SIGINT", "SIGTERM"]
+)  # the same path; SIGTERM (SLURM's) by default
 def test_signal_checkpoints_exits_128_plus_signal_and_resumes_to_the_same_result(ws, sig):
     long = [*TINY, "train.steps=60", "log_every_steps=1", "log_every_s=0", f"cache_dir={ws / 'cache'}"]
     assert cli(ws, *long[len(TINY) :], "out_dir=" + str(ws / "whole"), out=None) == 0

@@ -126,6 +126,7 @@ def test_w8a8_paper_scheme_stalls_because_eps_rounds_to_zero(digits_task):
     assert r.test_acc == zero_shot
 
 
+@pytest.mark.slow  # ~80 s alone; tests/test_published.py re-runs the main job (QZO-FF w16a8 vs BP) by default
 def test_qzo_ff_w16a8_converges_within_5_points_of_fp32_bp(digits_task):
     """Digits 0-4 → 5-9, linear probing of the last layer. Budget: BP fp32 1000 steps (3000 forward
     equivalents); QZO-FF w16a8 in integer mode 4000 steps (m = 3, 24000 forwards). In fixed point ε must
