@@ -8,7 +8,7 @@ import torch.ao.nn.quantized as nnq
 import torch.nn as nn
 
 from fwdgrad.engine import QConv2d, QLinear, Scheme, convert
-from fwdgrad.engine.intops import AccumulatorSpec, exact_conv2d
+from fwdgrad.engine.intops import AccumulatorSpec, combine, exact_conv2d, prepare
 from fwdgrad.engine.nodes import ExecContext, Requantizer
 from fwdgrad.quant import QFormat, QParams, activation_format, dequantize, requantize
 
@@ -150,7 +150,9 @@ def test_exact_conv_splits_wide_weights_into_certified_planes():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(-255, 256, (2, 64, 6, 6), generator=g)
     w = torch.randint(-32767, 32768, (8, 64, 3, 3), generator=g)
-    ours = exact_conv2d(x.float(), w.to(torch.int16), 255, 1, 1, 1, 1).to(torch.int64)
+    ew = prepare(w.to(torch.int16), 255)
+    assert ew.planes >= 2
+    ours = combine(exact_conv2d(x.float(), ew, 1, 1, 1), ew, 1).to(torch.int64)
     ref = torch.nn.functional.conv2d(x.double(), w.double(), padding=1).to(torch.int64)  # exact: < 2^53
     assert torch.equal(ours, ref)
     naive = torch.nn.functional.conv2d(x.float(), w.float(), padding=1).to(torch.int64)

@@ -20,7 +20,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..quant import QParams, dequantize, fake_quantize, quantize, quantize_multiplier, requantize
-from .intops import AccumulatorSpec, OverflowStats, accumulate, exact_conv2d, exact_linear
+from . import kernels
+from .intops import (
+    AccumulatorSpec,
+    ExactWeights,
+    OverflowStats,
+    accumulate,
+    combine,
+    exact_conv2d,
+    exact_linear,
+    prepare,
+)
 
 ADD_SHIFT = 30  # fixed-point fraction bits of the add/concat rescaling multipliers
 
@@ -84,10 +94,21 @@ class Requantizer:
     """acc (int64, scale s_acc) → output integers at `out_qp`: sat(round(acc · r) + zp_out, lo, hi).
 
     r = s_acc / s_out is applied as integer multiplier + shift (see `fwdgrad.quant.requantize`); lo/hi carry
-    a fused ReLU/ReLU6.
+    a fused ReLU/ReLU6. The `c_*` attributes are the same constants per channel for the C epilogue
+    (`kernels.epilogue`); `float_stage` = (s_acc, s_out) is the "float" mode's float32(acc)·s_acc / s_out
+    (default (r, 1)).
     """
 
-    def __init__(self, real: torch.Tensor, out_qp: QParams, lo: int, hi: int, channel_dim: int = 1):
+    def __init__(
+        self,
+        real: torch.Tensor,
+        out_qp: QParams,
+        lo: int,
+        hi: int,
+        channel_dim: int = 1,
+        channels: int | None = None,
+        float_stage: tuple[torch.Tensor, float] | None = None,
+    ):
         real = torch.as_tensor(real, dtype=torch.float64).reshape(-1)
         self.real = real
         self.mult, self.shift = quantize_multiplier(real)
@@ -99,6 +120,24 @@ class Requantizer:
         self._m, self._half = self.mult.double(), torch.exp2((n - 1).double())
         self._inv, self._inv_split = torch.exp2(-n.double()), torch.exp2(-(n - 16).double())
         self._m_hi, self._m_lo = (self.mult >> 16).double(), (self.mult & 0xFFFF).double()
+        s_acc, s_out = float_stage if float_stage is not None else (real, 1.0)
+        per_channel = (channels or real.numel(),)
+        self.c_mult = self.mult.expand(per_channel).contiguous()
+        self.c_n = (31 + self.shift).to(torch.int32).expand(per_channel).contiguous()
+        self.c_fscale = torch.as_tensor(s_acc).reshape(-1).float().expand(per_channel).contiguous()
+        self.c_fout = float(torch.tensor(float(s_out), dtype=torch.float32))
+        self.c_fbias: torch.Tensor | None = None
+        n64 = (31 + self.shift).expand(per_channel)
+        self.c_mhi = (self.mult >> 16).double().expand(per_channel).contiguous()
+        self.c_mlo = (self.mult & 0xFFFF).double().expand(per_channel).contiguous()
+        self.c_half = torch.exp2((n64 - 1).double()).contiguous()
+        self.c_inv = torch.exp2(-(n64 - 16).double()).contiguous()
+
+    def f64_exact(self, acc_bits: int) -> bool:
+        """The split float64 "single" rounding (see `single_float64`) is exact for every channel and any
+        accumulator that fits `acc_bits`: n in 16..52 and 2^(acc_bits-1)·2^16 + 2^(n-1) < 2^52."""
+        wide = 2 ** (acc_bits - 1 + 16) + 2 ** (self._n_max - 1)
+        return self._n_min >= 16 and acc_bits <= 36 and wide < 2**52
 
     def _shaped(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         if t.numel() == 1:
@@ -159,6 +198,8 @@ def ste(y: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
 def fake_out(y: torch.Tensor, qp: QParams, lo: int, hi: int) -> torch.Tensor:
     """Quantize-dequantize a float output with clamp [lo, hi] (fused activation); STE under autograd."""
     s, z = float(qp.scale.reshape(-1)[0]), float(qp.zero_point.reshape(-1)[0])
+    if not y.requires_grad and y.dtype == torch.float32 and kernels.library() is not None:
+        return kernels.fake_quant(y, s, z, lo, hi)
     return ste(y, (torch.round(y.detach() / s) + z).clamp_(lo, hi).sub_(z).mul_(s))
 
 
@@ -200,13 +241,17 @@ class QWeighted(QNode):
     def _derive_scales(self) -> None:
         s_in = float(self.in_qp.scale.reshape(-1)[0])
         self.acc_scale = s_in * self.w_qp.scale.reshape(-1)  # per output channel (or scalar)
+        s_out = self.out_qp.scale.reshape(-1)
         self.requant = Requantizer(
-            self.acc_scale / self.out_qp.scale.reshape(-1),
+            self.acc_scale / s_out,
             self.out_qp,
             self.lo,
             self.hi,
             channel_dim=self.channel_dim,
+            channels=self.weight_q.shape[0],
+            float_stage=(self.acc_scale, float(s_out[0])),
         )
+        self._prepared: tuple[torch.Tensor, int, ExactWeights] | None = None
 
     @torch.no_grad()
     def set_weight_scale(self, scale: torch.Tensor | float) -> None:
@@ -246,13 +291,36 @@ class QWeighted(QNode):
             return self.bias_float
         return (self.bias_q.double() * self.acc_scale.expand(self.bias_q.shape)).float()
 
+    def exact_weights(self, w: torch.Tensor) -> ExactWeights:
+        """`w` prepared for the exact kernel (`intops.prepare`). The stored weights are prepared once per
+        version (an in-place update bumps it); perturbed weights (`weight_fn`) are prepared per call."""
+        if w is self.weight_q:
+            cached = self._prepared
+            if cached is not None and cached[0] is w and cached[1] == w._version:
+                return cached[2]
+            ew = prepare(w, self.xb, getattr(self, "groups", 1))
+            self._prepared = (w, w._version, ew)
+            return ew
+        return prepare(w, self.xb, getattr(self, "groups", 1))
+
+    def describe(self) -> str:
+        """The exact kernel the stored weights run on and the epilogue that finishes it."""
+        epilogue = "C epilogue" if kernels.library() is not None else "torch epilogue"
+        return f"{self.exact_weights(self.weight_q).kernel} + {epilogue}"
+
     def int_forward(self, x, ctx):
-        acc = self.exact_op(x - self.zp_in, self.weight(ctx))
+        ew = self.exact_weights(self.weight(ctx))
+        raw = self.exact_op(x if self.zp_in == 0 else x - self.zp_in, ew)
+        if kernels.library() is not None:
+            return self._fused_epilogue(raw, ew, ctx)
+        acc = combine(raw, ew, self.channel_dim)
         if ctx.requant == "float":
             return self._float_requant(acc, ctx)
+        bound = ew.bound
         if self.bias_q is not None:
             acc += self.bias_q.to(acc.dtype).reshape(self._bias_shape(acc.dim()))
-        acc, n, amax = accumulate(acc, ctx.acc)
+            bound += int(self.bias_q.abs().max())
+        acc, n, amax = accumulate(acc, ctx.acc, bound)
         ctx.stats.add(self.name, n)
         return self.requant(acc, ctx.requant, amax)
 
@@ -269,6 +337,19 @@ class QWeighted(QNode):
             y = y + self.float_bias().reshape(shape)
         y = torch.round(y / torch.tensor(float(self.out_qp.scale.reshape(-1)[0]), dtype=torch.float32))
         return (y + self.requant.zp).clamp_(self.lo, self.hi)
+
+    def _fused_epilogue(self, raw, ew: ExactWeights, ctx):
+        """The C epilogue's one pass (see `kernels.epilogue`): same integers as the torch path."""
+        rq = self.requant
+        if ctx.requant == "float":
+            rq.c_fbias = None if self.bias_q is None else self.float_bias().float().contiguous()
+        bias = None if self.bias_q is None else self.bias_q.to(torch.int64).contiguous()
+        stack = (ew.groups, ew.planes, ew.channels, ew.digit_bits)
+        out, n = kernels.epilogue(
+            raw, self.channel_dim, stack, rq, bias, ctx.acc.bits, ctx.acc.overflow == "wrap", ctx.requant
+        )
+        ctx.stats.add(self.name, n)
+        return out
 
     def fake_forward(self, x, ctx):
         w = self.weight(ctx)  # integer codes, or float (already fake-quantized) weights for QAT
@@ -288,8 +369,8 @@ class QConv2d(QWeighted):
             raise NotImplementedError(f"{name}: padding_mode={conv.padding_mode!r} is not supported")
         super().__init__(name, inputs, **kw)
 
-    def exact_op(self, x, w):
-        return exact_conv2d(x, w, self.xb, self.stride, self.padding, self.dilation, self.groups)
+    def exact_op(self, x, ew):
+        return exact_conv2d(x, ew, self.stride, self.padding, self.dilation)
 
     def float_op(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
@@ -298,8 +379,8 @@ class QConv2d(QWeighted):
 class QLinear(QWeighted):
     channel_dim = -1
 
-    def exact_op(self, x, w):
-        return exact_linear(x, w, self.xb)
+    def exact_op(self, x, ew):
+        return exact_linear(x, ew)
 
     def float_op(self, x, w, b):
         return F.linear(x, w, b)
@@ -355,6 +436,7 @@ class QRescaleSum(QNode):
         self.mults = [round(r * 2**self.shift) for r in ratios]
         self.zps = [float(q.zero_point.reshape(-1)[0]) for q in in_qps]
         self.zp_out = int(out_qp.zero_point.reshape(-1)[0])
+        self.xb = max(x_bound(q) for q in in_qps)
 
     def _rescale(self, x, i):
         return (x - self.zps[i]).to(torch.int64) * self.mults[i]
@@ -364,6 +446,16 @@ class QRescaleSum(QNode):
         return y.clamp_(self.lo, self.hi).to(torch.float32)
 
     def int_forward(self, *xs, ctx):
+        if kernels.library() is not None and all(x.dtype == torch.float32 for x in xs):
+            zps = [int(z) for z in self.zps]
+            if self.cat_dim is None and all(x.shape == xs[0].shape for x in xs):
+                return kernels.rescale_sum(xs, zps, self.mults, self.xb, self.shift, self.zp_out, self.lo, self.hi)
+            if self.cat_dim is not None:
+                parts = [
+                    kernels.rescale_sum([x], [z], [m], self.xb, self.shift, self.zp_out, self.lo, self.hi)
+                    for x, z, m in zip(xs, zps, self.mults)
+                ]
+                return torch.cat(parts, self.cat_dim)
         if self.cat_dim is None:
             acc = self._rescale(xs[0], 0)
             for i, x in enumerate(xs[1:], 1):
@@ -385,7 +477,7 @@ class QAvgPool(QNode):
         self.zp_in = float(in_qp.zero_point.reshape(-1)[0])
         self.xb = x_bound(in_qp)
         self.lo, self.hi = act_range(out_qp, None)
-        self._requant: dict[int, Requantizer] = {}
+        self._requant: dict[tuple[int, int], Requantizer] = {}
 
     def _window(self, x):
         if isinstance(self.pool, nn.AdaptiveAvgPool2d):
@@ -407,11 +499,15 @@ class QAvgPool(QNode):
         xz = x - self.zp_in
         if n * self.xb >= 2**24:
             xz = xz.double()
-        acc = F.avg_pool2d(xz, k, s, p, divisor_override=1).double()
-        if n not in self._requant:  # one requantizer per window size: r = s_in / (n · s_out)
+        acc = F.avg_pool2d(xz, k, s, p, divisor_override=1)
+        channels = acc.shape[1]
+        if (n, channels) not in self._requant:  # one requantizer per window size: r = s_in / (n · s_out)
             real = self.in_qp.scale.reshape(-1) / (n * self.out_qp.scale.reshape(-1))
-            self._requant[n] = Requantizer(real, self.out_qp, self.lo, self.hi)
-        return self._requant[n](acc, ctx.requant, n * self.xb)
+            self._requant[n, channels] = Requantizer(real, self.out_qp, self.lo, self.hi, channels=channels)
+        rq = self._requant[n, channels]
+        if kernels.library() is not None and acc.dim() == 4:
+            return kernels.epilogue(acc, 1, (1, 1, channels, 0), rq, None, 48, False, ctx.requant)[0]
+        return rq(acc.double(), ctx.requant, n * self.xb)
 
     def fake_forward(self, x, ctx):
         return fake_out(self.pool(x), self.out_qp, self.lo, self.hi)

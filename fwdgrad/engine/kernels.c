@@ -1,0 +1,230 @@
+/* fwdgrad's fused integer epilogues: one pass over the data where the eager torch path makes five to ten.
+ *
+ * Built at first use by fwdgrad/engine/kernels.py (cc -O3 -fno-trapping-math, no FP contraction) and called
+ * through ctypes on contiguous buffers. Every function computes exactly the integers of the int64
+ * reference in fwdgrad/quant.py and fwdgrad/engine/nodes.py; tests/test_kernels.py compares them bit for
+ * bit. Values arrive as float32 (or float64) tensors holding exact integers: the accumulators of a
+ * certified float kernel (fwdgrad/engine/intops.py) or stored activations.
+ */
+#include <math.h>
+#include <stdint.h>
+
+typedef int64_t i64;
+typedef __int128 i128;
+
+enum { REQ_SINGLE = 0, REQ_GEMMLOWP = 1, REQ_FLOAT = 2 };
+
+/* Fit an exact accumulator into `bits` (saturate or two's-complement wrap), counting misfits. */
+static inline i64 fit(i64 a, i64 lo, i64 hi, int bits, int wrap, i64 *bad) {
+    if (a >= lo && a <= hi) return a;
+    (*bad)++;
+    if (!wrap) return a < lo ? lo : hi;
+    i64 span = (i64)1 << bits, r = (a - lo) % span;
+    return (r < 0 ? r + span : r) + lo;
+}
+
+/* "single": floor((a·M + 2^(n-1)) / 2^n), n = 31 + shift; a left shift first when n < 0. */
+static inline i64 req_single(i64 a, i64 m, int n) {
+    if (n <= 0) return (i64)(((i128)a << -n) * m);
+    return (i64)((((i128)a * m) + ((i128)1 << (n - 1))) >> n);
+}
+
+/* "gemmlowp": SaturatingRoundingDoublingHighMul then RoundingDivideByPOT (shift = n - 31). */
+static inline i64 req_gemmlowp(i64 a, i64 m, int n) {
+    int shift = n - 31, left = shift < 0 ? -shift : 0, right = shift > 0 ? shift : 0;
+    i128 b = (i128)a << left;
+    if (b > INT32_MAX) b = INT32_MAX;
+    if (b < INT32_MIN) b = INT32_MIN;
+    i64 prod = (i64)b * m;
+    i64 nudge = prod >= 0 ? ((i64)1 << 30) : (1 - ((i64)1 << 30));
+    i64 high = (prod + nudge) / ((i64)1 << 31); /* C division truncates toward zero */
+    i64 mask = ((i64)1 << right) - 1, rem = high & mask, thr = (mask >> 1) + (high < 0);
+    return (high >> right) + (rem > thr);
+}
+
+static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+/* Accumulators of one output row (one channel), planes recombined (Horner, top plane first). They are
+ * exact integers in double: the kernel's certificate bounds them below 2^53. */
+#define GATHER(T)                                                                                           \
+    static inline void gather_##T(const T *src, i64 pstride, int planes, int bits, i64 inner, double *a) { \
+        double base = (double)((i64)1 << bits);                                                            \
+        for (i64 i = 0; i < inner; i++) a[i] = (double)src[(i64)(planes - 1) * pstride + i];                \
+        for (int p = planes - 2; p >= 0; p--)                                                               \
+            for (i64 i = 0; i < inner; i++) a[i] = a[i] * base + (double)src[p * pstride + i];             \
+    }
+GATHER(float)
+GATHER(double)
+
+/* Bias, accumulator fit, requantization, zero point and clamp of one row of exact accumulators `a`. */
+static i64 finish_row(double *a, float *dst, i64 inner, i64 b, i64 m, int n, float fscale, const float *fbias,
+                      float fout, i64 zp, i64 lo, i64 hi, int acc_bits, int wrap, int mode) {
+    i64 alo = -((i64)1 << (acc_bits - 1)), ahi = ((i64)1 << (acc_bits - 1)) - 1, bad = 0;
+    double dlo = (double)alo, dhi = (double)ahi, db = mode == REQ_FLOAT ? 0.0 : (double)b;
+    for (i64 i = 0; i < inner; i++) {
+        double v = a[i] + db;
+        bad += (v < dlo) | (v > dhi);
+        a[i] = v;
+    }
+    if (bad) { /* rare: refit the misfits exactly in int64 */
+        i64 unused = 0;
+        for (i64 i = 0; i < inner; i++)
+            if (a[i] < dlo || a[i] > dhi) a[i] = (double)fit((i64)a[i], alo, ahi, acc_bits, wrap, &unused);
+    }
+    float flo = (float)lo, fhi = (float)hi, fzp = (float)zp;
+    if (mode == REQ_FLOAT) { /* PyTorch x86: float32(acc)·s_acc + float bias, / s_out, half to even */
+        for (i64 i = 0; i < inner; i++) {
+            float v = (float)a[i] * fscale;
+            if (fbias) v = v + *fbias;
+            dst[i] = clampf(rintf(v / fout) + fzp, flo, fhi);
+        }
+        return bad;
+    }
+    /* "single" in float64 with M = M_hi·2^16 + M_lo: q = floor((a·M_lo + 2^(n-1)) / 2^16),
+     * y = floor((a·M_hi + q) / 2^(n-16)); every intermediate is an integer below 2^52, hence exact. */
+    if (mode == REQ_SINGLE && n >= 16 && n <= 52 && acc_bits <= 36 &&
+        ldexp(1.0, acc_bits - 1 + 16) + ldexp(1.0, n - 1) < ldexp(1.0, 52)) {
+        double mhi = (double)(m >> 16), mlo = (double)(m & 0xFFFF), half = ldexp(1.0, n - 1);
+        double inv16 = ldexp(1.0, -16), inv = ldexp(1.0, -(n - 16)), dzp = (double)zp;
+        double ylo = (double)lo, yhi = (double)hi;
+        for (i64 i = 0; i < inner; i++) {
+            double q = floor((a[i] * mlo + half) * inv16);
+            double y = floor((a[i] * mhi + q) * inv) + dzp;
+            dst[i] = (float)(y < ylo ? ylo : (y > yhi ? yhi : y));
+        }
+        return bad;
+    }
+    for (i64 i = 0; i < inner; i++) {
+        i64 v = (i64)a[i];
+        i64 y = (mode == REQ_SINGLE ? req_single(v, m, n) : req_gemmlowp(v, m, n)) + zp;
+        dst[i] = (float)(y < lo ? lo : (y > hi ? hi : y));
+    }
+    return bad;
+}
+
+/* Epilogue of a conv/linear/avg-pool: recombine digit planes, add the int32 bias, fit the accumulator,
+ * requantize, add the output zero point and clamp (fused activation). Layout of `acc`:
+ * [outer][groups][planes][C/groups][inner] (planes stacked per group as extra output channels); `out` is
+ * [outer][C][inner]. Per-channel constants have C entries. Returns the number of accumulator misfits. */
+#define EPILOGUE(NAME, T)                                                                                   \
+    i64 NAME(const T *acc, float *out, i64 outer, int groups, int planes, int C, i64 inner, int digit_bits, \
+             const i64 *bias, const i64 *mult, const int *n, const float *fscale, const float *fbias,      \
+             float fout, i64 zp, i64 lo, i64 hi, int acc_bits, int wrap, int mode, int nthreads) {          \
+        int cg = C / groups;                                                                                \
+        i64 bad = 0, rows = outer * C, block = 4096;                                                        \
+        _Pragma("omp parallel for num_threads(nthreads) reduction(+ : bad) schedule(static) if(rows * inner > 65536)") \
+        for (i64 r = 0; r < rows; r++) {                                                                    \
+            double a[4096];                                                                                    \
+            i64 o = r / C;                                                                                  \
+            int c = (int)(r % C), g = c / cg, cc = c % cg;                                                  \
+            const T *src = acc + (((o * groups + g) * planes) * cg + cc) * inner;                           \
+            for (i64 i0 = 0; i0 < inner; i0 += block) {                                                    \
+                i64 len = inner - i0 < block ? inner - i0 : block;                                          \
+                gather_##T(src + i0, (i64)cg * inner, planes, digit_bits, len, a);                         \
+                bad += finish_row(a, out + r * inner + i0, len, bias ? bias[c] : 0, mult[c], n[c],          \
+                                  fscale[c], fbias ? fbias + c : 0, fout, zp, lo, hi, acc_bits, wrap, mode); \
+            }                                                                                               \
+        }                                                                                                   \
+        return bad;                                                                                         \
+    }
+
+EPILOGUE(fw_epilogue_f32, float)
+EPILOGUE(fw_epilogue_f64, double)
+
+/* The same epilogue for channels-last accumulators (NHWC conv outputs, linear layers): `acc` is
+ * [outer][groups][planes][C/groups], `out` is [outer][C]. Rows are split into blocks of channels so the
+ * per-channel constants vectorize; `f64` says the float64 form of "single" is exact for every channel
+ * (n in 16..52 and acc_bits small enough, checked by the caller), whose constants are mhi/mlo/half/inv. */
+#define EPILOGUE_CL(NAME, T)                                                                                \
+    i64 NAME(const T *acc, float *out, i64 outer, int groups, int planes, int C, int digit_bits,           \
+             const i64 *bias, const i64 *mult, const int *n, const double *mhi, const double *mlo,          \
+             const double *half, const double *inv, const float *fscale, const float *fbias, float fout,    \
+             i64 zp, i64 lo, i64 hi, int acc_bits, int wrap, int mode, int f64, int nthreads) {             \
+        int cg = C / groups;                                                                                \
+        i64 bad = 0;                                                                                        \
+        i64 alo = -((i64)1 << (acc_bits - 1)), ahi = ((i64)1 << (acc_bits - 1)) - 1;                       \
+        double dlo = (double)alo, dhi = (double)ahi, base = (double)((i64)1 << digit_bits);                \
+        double ylo = (double)lo, yhi = (double)hi, dzp = (double)zp, inv16 = ldexp(1.0, -16);              \
+        _Pragma("omp parallel for num_threads(nthreads) reduction(+ : bad) schedule(static) if(outer * C > 65536)") \
+        for (i64 o = 0; o < outer; o++) {                                                                   \
+            double a[1024];                                                                                 \
+            float *dst = out + o * C;                                                                       \
+            for (int c0 = 0; c0 < C; c0 += 1024) {                                                          \
+                int len = C - c0 < 1024 ? C - c0 : 1024;                                                    \
+                for (int j = 0; j < len; j++) {                                                             \
+                    int c = c0 + j, g = c / cg, cc = c - g * cg;                                            \
+                    const T *src = acc + ((o * groups + g) * planes) * cg + cc;                             \
+                    double v = (double)src[(i64)(planes - 1) * cg];                                         \
+                    for (int p = planes - 2; p >= 0; p--) v = v * base + (double)src[(i64)p * cg];           \
+                    a[j] = v;                                                                               \
+                }                                                                                           \
+                i64 nbad = 0;                                                                               \
+                if (mode != REQ_FLOAT && bias)                                                              \
+                    for (int j = 0; j < len; j++) a[j] += (double)bias[c0 + j];                             \
+                for (int j = 0; j < len; j++) nbad += (a[j] < dlo) | (a[j] > dhi);                          \
+                if (nbad) {                                                                                 \
+                    i64 unused = 0;                                                                         \
+                    for (int j = 0; j < len; j++)                                                           \
+                        if (a[j] < dlo || a[j] > dhi) a[j] = (double)fit((i64)a[j], alo, ahi, acc_bits, wrap, &unused); \
+                    bad += nbad;                                                                            \
+                }                                                                                           \
+                if (mode == REQ_FLOAT) {                                                                    \
+                    for (int j = 0; j < len; j++) {                                                         \
+                        float v = (float)a[j] * fscale[c0 + j];                                             \
+                        if (fbias) v = v + fbias[c0 + j];                                                   \
+                        dst[c0 + j] = clampf(rintf(v / fout) + (float)zp, (float)lo, (float)hi);            \
+                    }                                                                                       \
+                } else if (f64 && mode == REQ_SINGLE) {                                                    \
+                    const double *mh = mhi + c0, *ml = mlo + c0, *hf = half + c0, *iv = inv + c0;           \
+                    for (int j = 0; j < len; j++) {                                                         \
+                        double q = floor((a[j] * ml[j] + hf[j]) * inv16);                                   \
+                        double y = floor((a[j] * mh[j] + q) * iv[j]) + dzp;                                 \
+                        dst[c0 + j] = (float)(y < ylo ? ylo : (y > yhi ? yhi : y));                         \
+                    }                                                                                       \
+                } else {                                                                                    \
+                    for (int j = 0; j < len; j++) {                                                         \
+                        int c = c0 + j;                                                                     \
+                        i64 v = (i64)a[j];                                                                  \
+                        i64 y = (mode == REQ_SINGLE ? req_single(v, mult[c], n[c]) : req_gemmlowp(v, mult[c], n[c])) + zp; \
+                        dst[c] = (float)(y < lo ? lo : (y > hi ? hi : y));                                  \
+                    }                                                                                       \
+                }                                                                                           \
+            }                                                                                               \
+        }                                                                                                   \
+        return bad;                                                                                         \
+    }
+
+EPILOGUE_CL(fw_epilogue_cl_f32, float)
+EPILOGUE_CL(fw_epilogue_cl_f64, double)
+
+/* Residual add / one concat input: y = sat(((Σ_i (x_i - zp_i)·M_i) + 2^(S-1)) >> S) + zp_out). In float64
+ * when every partial sum is an integer below 2^52 (`exact_f64`, checked by the caller), else in int64. */
+void fw_rescale_sum(const float **xs, int k, const i64 *zps, const i64 *mults, int shift, i64 zp_out, i64 lo,
+                    i64 hi, float *out, i64 count, int exact_f64, int nthreads) {
+    i64 half = (i64)1 << (shift - 1);
+    if (exact_f64) {
+        double dhalf = (double)half, inv = ldexp(1.0, -shift), dzp = (double)zp_out, dlo = (double)lo,
+               dhi = (double)hi;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (count > 65536)
+        for (i64 i = 0; i < count; i++) {
+            double a = dhalf;
+            for (int j = 0; j < k; j++) a += ((double)xs[j][i] - (double)zps[j]) * (double)mults[j];
+            double y = floor(a * inv) + dzp;
+            out[i] = (float)(y < dlo ? dlo : (y > dhi ? dhi : y));
+        }
+        return;
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (count > 65536)
+    for (i64 i = 0; i < count; i++) {
+        i64 a = 0;
+        for (int j = 0; j < k; j++) a += ((i64)xs[j][i] - zps[j]) * mults[j];
+        i64 y = ((a + half) >> shift) + zp_out;
+        out[i] = (float)(y < lo ? lo : (y > hi ? hi : y));
+    }
+}
+
+/* Fake quantization (quantize-dequantize) in float32: ((clamp(rint(x / s) + z, lo, hi)) - z) · s. */
+void fw_fake_quant(const float *x, float *out, i64 count, float s, float z, float lo, float hi, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (count > 65536)
+    for (i64 i = 0; i < count; i++) out[i] = (clampf(rintf(x[i] / s) + z, lo, hi) - z) * s;
+}
