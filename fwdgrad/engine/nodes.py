@@ -448,13 +448,11 @@ class QRescaleSum(QNode):
     def int_forward(self, *xs, ctx):
         if kernels.library() is not None and all(x.dtype == torch.float32 for x in xs):
             zps = [int(z) for z in self.zps]
+            out = (self.xb, self.shift, self.zp_out, self.lo, self.hi)
             if self.cat_dim is None and all(x.shape == xs[0].shape for x in xs):
-                return kernels.rescale_sum(xs, zps, self.mults, self.xb, self.shift, self.zp_out, self.lo, self.hi)
+                return kernels.rescale_sum(xs, zps, self.mults, *out)
             if self.cat_dim is not None:
-                parts = [
-                    kernels.rescale_sum([x], [z], [m], self.xb, self.shift, self.zp_out, self.lo, self.hi)
-                    for x, z, m in zip(xs, zps, self.mults)
-                ]
+                parts = [kernels.rescale_sum([x], [z], [m], *out) for x, z, m in zip(xs, zps, self.mults)]
                 return torch.cat(parts, self.cat_dim)
         if self.cat_dim is None:
             acc = self._rescale(xs[0], 0)
