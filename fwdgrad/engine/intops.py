@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 F32_EXACT = 2**24
 F64_EXACT = 2**53
 MAX_PLANES = 4
@@ -120,6 +122,14 @@ def prepare(w: torch.Tensor, x_bound: int, groups: int = 1) -> ExactWeights:
     """Certify integer weights `w` (out channels first) for inputs with |x| <= x_bound: float32 digit
     planes where each plane's sums stay below 2^24, else float64 (exact below 2^53, else OverflowError)."""
     cout = w.shape[0]
+    native = kernels.digit_planes(w, x_bound, groups, MAX_PLANES) if kernels.library() and w.numel() else None
+    if native is not None:
+        stacked, planes, bits, bound = native
+        if planes:
+            return ExactWeights(stacked, planes, bits, groups, cout, bound)
+        if bound >= F64_EXACT:
+            raise OverflowError(f"dot products up to {bound} exceed exact float64 range 2^53")
+        return ExactWeights(w.to(torch.float64), 0, 0, groups, cout, bound)
     bound = x_bound * int(w.to(torch.int64).reshape(cout, -1).abs().sum(1).max()) if w.numel() else 0
     split = digit_planes(w, x_bound)
     if split is None:

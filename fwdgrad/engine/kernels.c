@@ -132,61 +132,92 @@ EPILOGUE(fw_epilogue_f32, float)
 EPILOGUE(fw_epilogue_f64, double)
 
 /* The same epilogue for channels-last accumulators (NHWC conv outputs, linear layers): `acc` is
- * [outer][groups][planes][C/groups], `out` is [outer][C]. Rows are split into blocks of channels so the
- * per-channel constants vectorize; `f64` says the float64 form of "single" is exact for every channel
- * (n in 16..52 and acc_bits small enough, checked by the caller), whose constants are mhi/mlo/half/inv. */
+ * [outer][groups][planes][C/groups], `out` is [outer][C]. Work goes in segments of at most SEG elements:
+ * SEG/C whole rows when C < SEG (so short rows of 16-64 channels still fill the vector loops), else one
+ * row's SEG-channel chunk; per-channel constants are tiled over the segment. `f64` says the float64 form of
+ * "single" is exact for every channel (n in 16..52, acc_bits small enough; checked by the caller), with
+ * constants mhi/mlo/half/inv. */
+#define SEG 1024
 #define EPILOGUE_CL(NAME, T)                                                                                \
     i64 NAME(const T *acc, float *out, i64 outer, int groups, int planes, int C, int digit_bits,           \
              const i64 *bias, const i64 *mult, const int *n, const double *mhi, const double *mlo,          \
              const double *half, const double *inv, const float *fscale, const float *fbias, float fout,    \
              i64 zp, i64 lo, i64 hi, int acc_bits, int wrap, int mode, int f64, int nthreads) {             \
-        int cg = C / groups;                                                                                \
-        i64 bad = 0;                                                                                        \
+        int cg = C / groups, chunk = C < SEG ? C : SEG, k = C < SEG ? SEG / C : 1;                         \
+        i64 nchunks = (C + chunk - 1) / chunk, nblocks = ((outer + k - 1) / k) * nchunks, bad = 0;         \
         i64 alo = -((i64)1 << (acc_bits - 1)), ahi = ((i64)1 << (acc_bits - 1)) - 1;                       \
         double dlo = (double)alo, dhi = (double)ahi, base = (double)((i64)1 << digit_bits);                \
         double ylo = (double)lo, yhi = (double)hi, dzp = (double)zp, inv16 = ldexp(1.0, -16);              \
-        _Pragma("omp parallel for num_threads(nthreads) reduction(+ : bad) schedule(static) if(outer * C > 65536)") \
-        for (i64 o = 0; o < outer; o++) {                                                                   \
-            double a[1024];                                                                                 \
-            float *dst = out + o * C;                                                                       \
-            for (int c0 = 0; c0 < C; c0 += 1024) {                                                          \
-                int len = C - c0 < 1024 ? C - c0 : 1024;                                                    \
-                for (int j = 0; j < len; j++) {                                                             \
-                    int c = c0 + j, g = c / cg, cc = c - g * cg;                                            \
-                    const T *src = acc + ((o * groups + g) * planes) * cg + cc;                             \
-                    double v = (double)src[(i64)(planes - 1) * cg];                                         \
-                    for (int p = planes - 2; p >= 0; p--) v = v * base + (double)src[(i64)p * cg];           \
-                    a[j] = v;                                                                               \
+        _Pragma("omp parallel num_threads(nthreads) reduction(+ : bad) if(outer * C > 65536)")             \
+        {                                                                                                   \
+            double a[SEG], tb[SEG], tmh[SEG], tml[SEG], thf[SEG], tiv[SEG];                                 \
+            int tiled = -1; /* the chunk start c0 the tiled constants hold */                               \
+            _Pragma("omp for schedule(static)")                                                             \
+            for (i64 blk = 0; blk < nblocks; blk++) {                                                       \
+                i64 o0 = (blk / nchunks) * k;                                                               \
+                int c0 = (int)(blk % nchunks) * chunk;                                                      \
+                int len = C - c0 < chunk ? C - c0 : chunk;                                                  \
+                int rows = outer - o0 < k ? (int)(outer - o0) : k, cnt = rows * len;                        \
+                if (tiled != c0) {                                                                          \
+                    for (int e = 0; e < k * len; e++) {                                                     \
+                        int c = c0 + e % len;                                                               \
+                        tb[e] = bias && mode != REQ_FLOAT ? (double)bias[c] : 0.0;                          \
+                        tmh[e] = mhi[c], tml[e] = mlo[c], thf[e] = half[c], tiv[e] = inv[c];                \
+                    }                                                                                       \
+                    tiled = c0;                                                                             \
+                }                                                                                           \
+                for (int r = 0; r < rows; r++) {                                                            \
+                    i64 o = o0 + r;                                                                         \
+                    double *ar = a + r * len;                                                               \
+                    if (groups == 1) {                                                                      \
+                        const T *src = acc + o * planes * C + c0;                                           \
+                        for (int j = 0; j < len; j++) ar[j] = (double)src[(i64)(planes - 1) * C + j];       \
+                        for (int p = planes - 2; p >= 0; p--)                                               \
+                            for (int j = 0; j < len; j++) ar[j] = ar[j] * base + (double)src[(i64)p * C + j]; \
+                    } else {                                                                                \
+                        for (int j = 0; j < len; j++) {                                                     \
+                            int c = c0 + j, g = c / cg, cc = c - g * cg;                                    \
+                            const T *src = acc + ((o * groups + g) * planes) * cg + cc;                     \
+                            double v = (double)src[(i64)(planes - 1) * cg];                                 \
+                            for (int p = planes - 2; p >= 0; p--) v = v * base + (double)src[(i64)p * cg];  \
+                            ar[j] = v;                                                                      \
+                        }                                                                                   \
+                    }                                                                                       \
                 }                                                                                           \
                 i64 nbad = 0;                                                                               \
-                if (mode != REQ_FLOAT && bias)                                                              \
-                    for (int j = 0; j < len; j++) a[j] += (double)bias[c0 + j];                             \
-                for (int j = 0; j < len; j++) nbad += (a[j] < dlo) | (a[j] > dhi);                          \
-                if (nbad) {                                                                                 \
+                for (int e = 0; e < cnt; e++) {                                                             \
+                    a[e] += tb[e];                                                                          \
+                    nbad += (a[e] < dlo) | (a[e] > dhi);                                                    \
+                }                                                                                           \
+                if (nbad) { /* rare: refit the misfits exactly in int64 */                                  \
                     i64 unused = 0;                                                                         \
-                    for (int j = 0; j < len; j++)                                                           \
-                        if (a[j] < dlo || a[j] > dhi) a[j] = (double)fit((i64)a[j], alo, ahi, acc_bits, wrap, &unused); \
+                    for (int e = 0; e < cnt; e++)                                                           \
+                        if (a[e] < dlo || a[e] > dhi) a[e] = (double)fit((i64)a[e], alo, ahi, acc_bits, wrap, &unused); \
                     bad += nbad;                                                                            \
                 }                                                                                           \
-                if (mode == REQ_FLOAT) {                                                                    \
-                    for (int j = 0; j < len; j++) {                                                         \
-                        float v = (float)a[j] * fscale[c0 + j];                                             \
-                        if (fbias) v = v + fbias[c0 + j];                                                   \
-                        dst[c0 + j] = clampf(rintf(v / fout) + (float)zp, (float)lo, (float)hi);            \
-                    }                                                                                       \
-                } else if (f64 && mode == REQ_SINGLE) {                                                    \
-                    const double *mh = mhi + c0, *ml = mlo + c0, *hf = half + c0, *iv = inv + c0;           \
-                    for (int j = 0; j < len; j++) {                                                         \
-                        double q = floor((a[j] * ml[j] + hf[j]) * inv16);                                   \
-                        double y = floor((a[j] * mh[j] + q) * iv[j]) + dzp;                                 \
-                        dst[c0 + j] = (float)(y < ylo ? ylo : (y > yhi ? yhi : y));                         \
-                    }                                                                                       \
-                } else {                                                                                    \
-                    for (int j = 0; j < len; j++) {                                                         \
-                        int c = c0 + j;                                                                     \
-                        i64 v = (i64)a[j];                                                                  \
-                        i64 y = (mode == REQ_SINGLE ? req_single(v, mult[c], n[c]) : req_gemmlowp(v, mult[c], n[c])) + zp; \
-                        dst[c] = (float)(y < lo ? lo : (y > hi ? hi : y));                                  \
+                float *dst = out + o0 * C + c0;                                                             \
+                for (int r = 0; r < rows; r++) {                                                            \
+                    const double *ar = a + r * len;                                                         \
+                    float *dr = dst + (i64)r * C;                                                           \
+                    if (mode == REQ_FLOAT) {                                                                \
+                        for (int j = 0; j < len; j++) {                                                     \
+                            float v = (float)ar[j] * fscale[c0 + j];                                        \
+                            if (fbias) v = v + fbias[c0 + j];                                               \
+                            dr[j] = clampf(rintf(v / fout) + (float)zp, (float)lo, (float)hi);              \
+                        }                                                                                   \
+                    } else if (f64 && mode == REQ_SINGLE) {                                                 \
+                        for (int j = 0; j < len; j++) {                                                     \
+                            double q = floor((ar[j] * tml[j] + thf[j]) * inv16);                            \
+                            double y = floor((ar[j] * tmh[j] + q) * tiv[j]) + dzp;                          \
+                            dr[j] = (float)(y < ylo ? ylo : (y > yhi ? yhi : y));                           \
+                        }                                                                                   \
+                    } else {                                                                                \
+                        for (int j = 0; j < len; j++) {                                                     \
+                            int c = c0 + j;                                                                 \
+                            i64 v = (i64)ar[j];                                                             \
+                            i64 y = (mode == REQ_SINGLE ? req_single(v, mult[c], n[c]) : req_gemmlowp(v, mult[c], n[c])) + zp; \
+                            dr[j] = (float)(y < lo ? lo : (y > hi ? hi : y));                               \
+                        }                                                                                   \
                     }                                                                                       \
                 }                                                                                           \
             }                                                                                               \
@@ -227,4 +258,106 @@ void fw_rescale_sum(const float **xs, int k, const i64 *zps, const i64 *mults, i
 void fw_fake_quant(const float *x, float *out, i64 count, float s, float z, float lo, float hi, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (count > 65536)
     for (i64 i = 0; i < count; i++) out[i] = (clampf(rintf(x[i] / s) + z, lo, hi) - z) * s;
+}
+
+/* ---------------------------------------------------------------------------------------------- weights */
+static inline i64 load_int(const void *p, int bytes, i64 i) {
+    return bytes == 1 ? ((const int8_t *)p)[i] : bytes == 2 ? ((const int16_t *)p)[i] : ((const int32_t *)p)[i];
+}
+
+static inline void store_int(void *p, int bytes, i64 i, i64 v) {
+    if (bytes == 1) ((int8_t *)p)[i] = (int8_t)v;
+    else if (bytes == 2) ((int16_t *)p)[i] = (int16_t)v;
+    else ((int32_t *)p)[i] = (int32_t)v;
+}
+
+/* Digit d_q (q < planes-1) or top plane of v in base 2^b with digits in [-2^(b-1), 2^(b-1)):
+ * d = ((rest + half) mod base) - half, rest = (rest - d) >> b. */
+static inline void digits(i64 v, int planes, int b, i64 *d) {
+    i64 base = (i64)1 << b, half = base >> 1, rest = v;
+    for (int q = 0; q < planes - 1; q++) {
+        i64 r = (rest + half) % base;
+        d[q] = (r < 0 ? r + base : r) - half;
+        rest = (rest - d[q]) >> b;
+    }
+    d[planes - 1] = rest;
+}
+
+/* The certified digit-plane split of integer weights [C][K] (see fwdgrad/engine/intops.py: each plane's
+ * x_bound·max_c Σ_k |d[c,k]| < 2^24), trying 1..max_planes planes with the same digit widths as the torch
+ * path. Returns the number of planes (0: none certifies), with the digit bits in *bits and the bound
+ * x_bound·max_c Σ|w| in *bound. */
+int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, i64 x_bound, int max_planes, int *bits, i64 *bound) {
+    i64 smax = 0, amax = 0;
+    for (i64 c = 0; c < C; c++) {
+        i64 s = 0;
+        for (i64 k = 0; k < K; k++) {
+            i64 v = load_int(w, wbytes, c * K + k), a = v < 0 ? -v : v;
+            s += a;
+            amax = a > amax ? a : amax;
+        }
+        smax = s > smax ? s : smax;
+    }
+    *bound = x_bound * smax;
+    *bits = 0;
+    if (x_bound * smax < ((i64)1 << 24)) return 1;
+    int nbits = 1;
+    while ((amax >> nbits) > 0) nbits++;
+    nbits += 1; /* signed */
+    for (int p = 2; p <= max_planes; p++) {
+        int b = (nbits + p - 1) / p + 1, ok = 1;
+        for (i64 c = 0; c < C && ok; c++) {
+            i64 s[8] = {0}, d[8];
+            for (i64 k = 0; k < K; k++) {
+                digits(load_int(w, wbytes, c * K + k), p, b, d);
+                for (int q = 0; q < p; q++) s[q] += d[q] < 0 ? -d[q] : d[q];
+            }
+            for (int q = 0; q < p; q++) ok &= x_bound * s[q] < ((i64)1 << 24);
+        }
+        if (ok) {
+            *bits = b;
+            return p;
+        }
+    }
+    return 0;
+}
+
+/* The planes as float32, stacked [groups][planes][C/groups][K] (one kernel call runs them all). */
+void fw_fill_planes(const void *w, int wbytes, i64 C, i64 K, int groups, int planes, int b, float *out) {
+    i64 cg = C / groups;
+    for (i64 c = 0; c < C; c++) {
+        i64 g = c / cg, cc = c % cg, d[8];
+        for (i64 k = 0; k < K; k++) {
+            i64 v = load_int(w, wbytes, c * K + k);
+            if (planes == 1) d[0] = v;
+            else digits(v, planes, b, d);
+            for (int q = 0; q < planes; q++) out[((g * planes + q) * cg + cc) * K + k] = (float)d[q];
+        }
+    }
+}
+
+/* QZO-FF's perturbed weights: w± = sat(round((w·one + Σ_t size[t][c]·z_t) · M / 2^n)), channel
+ * c = element / per_channel; rounding 0 nearest (half up), 1 floor, 2 stochastic (adds the top n bits of a
+ * 32-bit hash word, as fwdgrad.ff.spaces.shift_round). Returns the number of saturated weights. */
+i64 fw_perturb(const void *w, int wbytes, i64 count, i64 per_channel, i64 one, int nterms, const int8_t **zs,
+               const i64 *sizes, i64 mult, int n, int rounding, const i64 *words, i64 qmin, i64 qmax, void *out) {
+    i64 sat = 0, half = (i64)1 << (n - 1), channels = count / per_channel;
+    for (i64 c = 0; c < channels; c++) {
+        i64 sz[16];
+        for (int t = 0; t < nterms; t++) sz[t] = sizes[t * channels + c];
+        for (i64 i = c * per_channel; i < (c + 1) * per_channel; i++) {
+            i64 acc = load_int(w, wbytes, i) * one;
+            for (int t = 0; t < nterms; t++) acc += sz[t] * zs[t][i];
+            i64 prod = acc * mult, r;
+            if (rounding == 0) r = (prod + half) >> n;
+            else if (rounding == 1) r = prod >> n;
+            else r = (prod + (n <= 32 ? words[i] >> (32 - n) : words[i] << (n - 32))) >> n;
+            if (r < qmin || r > qmax) {
+                sat++;
+                r = r < qmin ? qmin : qmax;
+            }
+            store_int(out, wbytes, i, r);
+        }
+    }
+    return sat;
 }

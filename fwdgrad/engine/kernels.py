@@ -1,130 +1,55 @@
-"""The fused C epilogues (`kernels.c`), built at first use, with the torch path as the fallback.
+"""The fused C epilogues (`kernels.c`), with the torch path as the fallback.
 
 The exact integer forward is a certified float kernel (convolution / GEMM, see `intops`) followed by
 elementwise integer work: recombining digit planes, adding the bias, fitting the accumulator, requantizing,
 clamping. In eager torch that is five to ten passes over float64/int64 tensors, which cost more than the
-convolution itself; `kernels.c` does it in one pass with the int64 reference arithmetic.
-
-The library is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``) into
-``$FWDGRAD_CACHE_DIR`` (default ``~/.cache/fwdgrad``), named by a hash of the source, the flags, the compiler
-and the CPU, so it is built once per machine (about a second). Without a compiler, or with
-``FWDGRAD_KERNELS=0``, every caller takes the torch path, which computes the same integers (tests run both).
+convolution itself; `kernels.c` does it in one pass with exactly the integers of the int64 reference.
+Built and loaded by `fwdgrad.native` (``FWDGRAD_KERNELS=0`` or no C compiler: the torch path).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import warnings
-from functools import cache
 from pathlib import Path
 
 import torch
 
-from ..files import atomic_path
+from .. import native
 
 SOURCE = Path(__file__).with_name("kernels.c")
-ENV = "FWDGRAD_KERNELS"  # "0", "off" or "false": use the torch path
-CACHE_ENV = "FWDGRAD_CACHE_DIR"
-# no FP contraction (a fused multiply-add would round the float-requant mode differently); no trapping math
-# so floor/rint and the clamps vectorize (the kernels see finite values only)
-FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=off", "-fno-trapping-math"]
-OPTIONAL_FLAGS = [["-march=native", "-fopenmp"], ["-march=native"], []]  # first that compiles wins
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
 _F32 = ctypes.c_float
-_SIGNATURES = {
-    "fw_epilogue_f32": (
-        _I64,
-        [_P, _P, _I64, _INT, _INT, _INT, _I64, _INT, _P, _P, _P, _P, _P, _F32, _I64, _I64, _I64, _INT]
-        + [_INT, _INT, _INT],
-    ),
-    "fw_rescale_sum": (None, [_P, _INT, _P, _P, _INT, _I64, _I64, _I64, _P, _I64, _INT, _INT]),
-    "fw_fake_quant": (None, [_P, _P, _I64, _F32, _F32, _F32, _F32, _INT]),
-}
-_SIGNATURES["fw_epilogue_f64"] = _SIGNATURES["fw_epilogue_f32"]
-_SIGNATURES["fw_epilogue_cl_f32"] = _SIGNATURES["fw_epilogue_cl_f64"] = (
+_EPILOGUE = (
+    _I64,
+    [_P, _P, _I64, _INT, _INT, _INT, _I64, _INT, _P, _P, _P, _P, _P, _F32, _I64, _I64, _I64, _INT]
+    + [_INT, _INT, _INT],
+)
+_EPILOGUE_CL = (
     _I64,
     [_P, _P, _I64, _INT, _INT, _INT, _INT] + [_P] * 9 + [_F32, _I64, _I64, _I64] + [_INT] * 5,
 )
+SIGNATURES = {
+    "fw_epilogue_f32": _EPILOGUE,
+    "fw_epilogue_f64": _EPILOGUE,
+    "fw_epilogue_cl_f32": _EPILOGUE_CL,
+    "fw_epilogue_cl_f64": _EPILOGUE_CL,
+    "fw_rescale_sum": (None, [_P, _INT, _P, _P, _INT, _I64, _I64, _I64, _P, _I64, _INT, _INT]),
+    "fw_fake_quant": (None, [_P, _P, _I64, _F32, _F32, _F32, _F32, _INT]),
+    "fw_plan_planes": (_INT, [_P, _INT, _I64, _I64, _I64, _INT, _P, _P]),
+    "fw_fill_planes": (None, [_P, _INT, _I64, _I64, _INT, _INT, _INT, _P]),
+    "fw_perturb": (_I64, [_P, _INT, _I64, _I64, _I64, _INT, _P, _P, _I64, _INT, _INT, _P, _I64, _I64, _P]),
+}
+_INT_BYTES = {torch.int8: 1, torch.int16: 2, torch.int32: 4}
+ROUNDING_CODES = {"nearest": 0, "floor": 1, "stochastic": 2}
+MAX_TERMS = 16
 
 
-def enabled() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
-
-
-def _cpu_id() -> str:
-    """What the compiled code depends on: the machine and, on Linux, the CPU's model and ISA flags."""
-    text = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags", "Features")):
-                text += line
-                if line.startswith(("flags", "Features")):
-                    break
-    except OSError:
-        pass
-    return text
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
-def _compile(cc: str, flags: list[str], cache_dir: Path) -> Path | str:
-    """The library built with `flags` (cached), or the compiler's last error line."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((flags, version, _cpu_id())).encode()).hexdigest()[:16]
-    lib = cache_dir / f"kernels-{key}.so"
-    if lib.exists():
-        return lib
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(lib) as tmp:
-        cmd = [cc, *flags, "-o", str(tmp), str(SOURCE), "-lm"]
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if run.returncode:
-            return (run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1]
-    return lib
-
-
-def _unavailable(why: str) -> None:
-    warnings.warn(
-        f"fwdgrad: C kernels unavailable ({why}); the integer engine uses its torch path", stacklevel=4
-    )
-
-
-@cache
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None (disabled, no compiler, build failed: one warning says which)."""
-    if not enabled():
-        return None
-    cc = _compiler()
-    if cc is None:
-        _unavailable("no C compiler; set CC")
-        return None
-    cache_dir = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fwdgrad")
-    try:
-        for extra in OPTIONAL_FLAGS:
-            lib = _compile(cc, FLAGS + extra, cache_dir)
-            if isinstance(lib, Path):
-                break
-        else:
-            _unavailable(f"{cc}: {lib}")
-            return None
-        dll = ctypes.CDLL(str(lib))
-    except (OSError, subprocess.SubprocessError) as e:
-        _unavailable(str(e))
-        return None
-    for name, (res, args) in _SIGNATURES.items():
-        fn = getattr(dll, name)
-        fn.restype, fn.argtypes = res, args
-    return dll
+    """The loaded epilogues, or None (the torch path)."""
+    return native.load(SOURCE, SIGNATURES)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -228,3 +153,63 @@ def _same_dense_layout(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     if all(_dense(x) and x.stride() == xs[0].stride() for x in xs):
         return xs
     return [x.contiguous() for x in xs]
+
+
+def digit_planes(
+    w: torch.Tensor, x_bound: int, groups: int, max_planes: int
+) -> tuple[torch.Tensor, int, int, int] | None:
+    """`intops.prepare`'s split in C: (float32 planes stacked [groups][planes][C/groups] along dim 0,
+    planes (0: more than `max_planes` needed, no tensor), digit bits, bound), or None when `w` is not an
+    8/16/32-bit integer tensor."""
+    if w.dtype not in _INT_BYTES:
+        return None
+    lib, w = library(), w.contiguous()
+    cout, k = w.shape[0], w[0].numel() if w.dim() > 1 else 1
+    bits, bound = ctypes.c_int(), ctypes.c_int64()
+    nbytes = _INT_BYTES[w.dtype]
+    planes = lib.fw_plan_planes(
+        w.data_ptr(), nbytes, cout, k, x_bound, max_planes, ctypes.byref(bits), ctypes.byref(bound)
+    )
+    if planes == 0:
+        return torch.empty(0), 0, 0, bound.value
+    out = torch.empty(planes * cout, *w.shape[1:], dtype=torch.float32)
+    lib.fw_fill_planes(w.data_ptr(), nbytes, cout, k, groups, planes, bits.value, out.data_ptr())
+    return out, planes, bits.value, bound.value
+
+
+def perturb(
+    w: torch.Tensor,
+    one: int,
+    zs: list[torch.Tensor],
+    sizes: torch.Tensor,
+    mult: int,
+    n: int,
+    rounding: str,
+    words: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+) -> tuple[torch.Tensor, int] | None:
+    """QZO-FF's perturbed weights sat(round((w·one + Σ_t sizes[t, c]·z_t) · M / 2^n)) in one pass (see
+    `fwdgrad.ff.spaces.FixedPointSpace.perturbed_weight`); returns (weights, saturations), or None when the
+    C path does not apply (weight or z dtypes, too many terms)."""
+    if (
+        w.dtype not in _INT_BYTES
+        or len(zs) > MAX_TERMS
+        or any(z.dtype != torch.int8 or z.shape != w.shape for z in zs)
+        or not 1 <= n <= 62
+    ):
+        return None
+    lib, w = library(), w.contiguous()
+    zs = [z.contiguous() for z in zs]
+    ptrs = (ctypes.c_void_p * max(1, len(zs)))(*[z.data_ptr() for z in zs])
+    sizes = sizes.to(torch.int64).contiguous()
+    if words is not None:
+        words = words.to(torch.int64).contiguous()
+    out = torch.empty_like(w)
+    per_channel = w.numel() // w.shape[0] if sizes.shape[-1] > 1 else w.numel()
+    sat = lib.fw_perturb(
+        w.data_ptr(), _INT_BYTES[w.dtype], w.numel(), per_channel,
+        one, len(zs), ptrs, sizes.data_ptr(), mult, n, ROUNDING_CODES[rounding], _ptr(words), qmin, qmax,
+        out.data_ptr(),
+    )  # fmt: skip
+    return out, sat

@@ -150,6 +150,11 @@ class QModel(nn.Module):
                         del env[name]
         return env
 
+    def describe(self) -> dict[str, str]:
+        """The exact kernel each conv/linear layer runs on with its stored weights, by name (e.g.
+        ``"float32 x2 planes of 9 bits + C epilogue"``; see `intops.prepare` and `kernels`)."""
+        return {name: node.describe() for name, node in self.weight_nodes().items()}
+
     def output_qparams(self):
         return next(n.out_qp for n in self.nodes if n.name == self.output)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine import kernels
 from ..engine.model import QModel
 from ..fixed_point import ROUNDINGS, FixedPointSettings
 from ..quant import quantize_multiplier
@@ -274,11 +275,12 @@ class FixedPointSpace(Space):
             counts[name] = counts.get(name, 0) + n
 
     def _noise(self, step, sample, t, shape, device):
-        return self.dist.sample_q(self.key(step, sample, t), shape, device).to(torch.int64)
+        return self.dist.sample_q(self.key(step, sample, t), shape, device)  # int8
 
     def _mix(self, n1, n2, h, step):
         a, b, c = (round(v * 2**15) for v in self.momentum.coefficients(step))
-        return ((a * n1 + b * h + c * n2 + (1 << 14)) >> 15).clamp(-127, 127)
+        n1, n2, h = n1.to(torch.int64), n2.to(torch.int64), h.to(torch.int64)
+        return ((a * n1 + b * h + c * n2 + (1 << 14)) >> 15).clamp(-127, 127).to(torch.int8)
 
     def _words(self, step, stream, t, n, device):
         return torch_port.hash_words(self.seed, step, SR_STREAM + stream, t, n, device=device)
@@ -286,20 +288,30 @@ class FixedPointSpace(Space):
     # -- perturbation -----------------------------------------------------------------------------
     def perturbed_weight(self, step: int, t: int, terms: list[Term]) -> torch.Tensor:
         """w_q± for tensor t: sat_b(round((w_q·1_q + Σ s·a_q·z_q) · r_p))."""
-        node = self.nodes[t]
-        w = node.weight_q.to(torch.int64)
-        acc = w * self.dist.one_q
-        for term in terms:
-            a_q = self._channel_view(self.size_q(t, term.size), w.dim())
-            acc = acc + term.sign * a_q * self.z(step, term.sample, t, w.shape, w.device)
+        node, fmt = self.nodes[t], self.nodes[t].w_qp.fmt
+        shape, device = node.weight_q.shape, node.weight_q.device
+        zs = [self.z(step, term.sample, t, shape, device) for term in terms]
+        sizes = [term.sign * self.size_q(t, term.size).reshape(-1) for term in terms]
         words = (
-            self._words(step, 2 * t, t, w.numel(), w.device).reshape(w.shape)
+            self._words(step, 2 * t, t, node.weight_q.numel(), device).reshape(shape)
             if self.rounding == "stochastic"
             else None
         )
-        n = torch.as_tensor(self.p_n)
-        out = shift_round(acc, self.p_mult, n, self.rounding, words)
-        fmt = node.w_qp.fmt
+        if kernels.library() is not None and device.type == "cpu" and terms:  # one pass in C
+            c = max(s.numel() for s in sizes)
+            table = torch.stack([s.expand(c) for s in sizes])
+            done = kernels.perturb(
+                node.weight_q, self.dist.one_q, zs, table, self.p_mult, self.p_n, self.rounding, words,
+                fmt.qmin, fmt.qmax,
+            )  # fmt: skip
+            if done is not None:
+                self._saturated("perturb", t, done[1])
+                return done[0]
+        w = node.weight_q.to(torch.int64)
+        acc = w * self.dist.one_q
+        for z, size in zip(zs, sizes):
+            acc = acc + self._channel_view(size, w.dim()) * z.to(torch.int64)
+        out = shift_round(acc, self.p_mult, torch.as_tensor(self.p_n), self.rounding, words)
         self._saturated("perturb", t, int(((out < fmt.qmin) | (out > fmt.qmax)).sum()))
         return out.clamp(fmt.qmin, fmt.qmax).to(node.weight_q.dtype)
 

@@ -14,14 +14,20 @@ reference's own round code (``philox4x32``) and chunk walk (``map_words``):
 * the Gaussian table lookup is the same two-level integer search as the numpy one.
 
 Words are returned as ``int64`` tensors, perturbations as ``int8`` tensors on the requested device.
+
+On the CPU the same algorithm runs in C (``philox.c``, built by `fwdgrad.native`; 20-50x faster than the
+numpy reference on perturbation-sized tensors) or, without a compiler, through the numpy reference.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+from pathlib import Path
 
 import torch
 
+from .. import native
 from . import reference
 from .reference import (
     MASK32,
@@ -50,6 +56,28 @@ __all__ = [
 
 CHUNK_BLOCKS_CPU = 1 << 16
 CHUNK_BLOCKS_CUDA = 1 << 22
+
+_U32, _I64, _P = ctypes.c_uint32, ctypes.c_int64, ctypes.c_void_p
+_STREAM = [_U32] * 5 + [_I64, _I64]  # c1 c2 c3 k0 k1, offset, n
+SOURCE = Path(__file__).with_name("philox.c")
+SIGNATURES = {
+    "fw_philox_words": (None, [*_STREAM, _P]),
+    "fw_gaussian_q": (None, [*_STREAM, _P, _P, ctypes.c_int, _P]),
+    "fw_rademacher_q": (None, [*_STREAM, ctypes.c_int, _P]),
+    "fw_uniform_q": (None, [*_STREAM, _P]),
+}
+
+
+def _native(seed, step, sample, tensor_id, n, offset, dtype, fill) -> torch.Tensor | None:
+    """``fill(lib, stream args, out)`` on a fresh CPU tensor of n elements, or None without the C library."""
+    lib = native.load(SOURCE, SIGNATURES)
+    if lib is None:
+        return None
+    ctr_rest, key = stream_key(seed, step, sample, tensor_id)
+    n, offset = element_range(n, offset)
+    out = torch.empty(n, dtype=dtype)
+    fill(lib, (*ctr_rest, *key, offset, n), out.data_ptr())
+    return out
 
 
 def _mulhilo_torch(m: int, a):
@@ -96,6 +124,10 @@ def hash_words(seed, step, sample, tensor_id, n, offset=0, device=None) -> torch
     Equal to ``fwdgrad.rng.reference.hash_words`` (same arguments) element for element.
     """
     if _on_cpu(device):
+        fill = lambda lib, args, ptr: lib.fw_philox_words(*args, ptr)  # noqa: E731
+        words = _native(seed, step, sample, tensor_id, n, offset, torch.int32, fill)
+        if words is not None:
+            return words.to(torch.int64) & MASK32
         words = reference.hash_words(seed, step, sample, tensor_id, n, offset)
         return torch.from_numpy(words.astype("int64"))
     return _map_words(seed, step, sample, tensor_id, n, offset, device, torch.int64, lambda w: w)
@@ -144,9 +176,17 @@ def gaussian_q(
     ``fwdgrad.rng.reference.gaussian_q`` with the same arguments.
     """
     z_max = check_z_max(z_max)
-    if _on_cpu(device):
-        return torch.from_numpy(reference.gaussian_q(seed, step, sample, tensor_id, shape, z_max, offset))
     dims, size = shape_size(shape)
+    if _on_cpu(device):
+        base, padded, span = _lut_tensors(z_max, torch.device("cpu"))
+
+        def fill(lib, args, ptr):
+            lib.fw_gaussian_q(*args, base.data_ptr(), padded.data_ptr(), span, ptr)
+
+        z = _native(seed, step, sample, tensor_id, size, offset, torch.int8, fill)
+        if z is not None:
+            return z.reshape(dims)
+        return torch.from_numpy(reference.gaussian_q(seed, step, sample, tensor_id, shape, z_max, offset))
     fn = functools.partial(gaussian_from_words, z_max=z_max)
     return _map_words(seed, step, sample, tensor_id, size, offset, device, torch.int8, fn).reshape(dims)
 
@@ -155,16 +195,26 @@ def rademacher_q(
     seed, step, sample, tensor_id, shape, z_max=Z_MAX_DEFAULT, offset=0, device=None
 ) -> torch.Tensor:
     """Rademacher perturbation ``±1_q`` (``int8``, scale ``z_max / 127``) of ``shape`` on ``device``."""
+    dims, size = shape_size(shape)
     if _on_cpu(device):
+        one = one_q(z_max)
+        fill = lambda lib, args, ptr: lib.fw_rademacher_q(*args, one, ptr)  # noqa: E731
+        z = _native(seed, step, sample, tensor_id, size, offset, torch.int8, fill)
+        if z is not None:
+            return z.reshape(dims)
         return torch.from_numpy(reference.rademacher_q(seed, step, sample, tensor_id, shape, z_max, offset))
     fn = functools.partial(rademacher_from_words, one=one_q(z_max))
-    dims, size = shape_size(shape)
     return _map_words(seed, step, sample, tensor_id, size, offset, device, torch.int8, fn).reshape(dims)
 
 
 def uniform_q(seed, step, sample, tensor_id, shape, offset=0, device=None) -> torch.Tensor:
     """Uniform perturbation on the 255 levels -127..127 (``int8``) of ``shape`` on ``device``."""
     dims, size = shape_size(shape)
+    if _on_cpu(device):
+        fill = lambda lib, args, ptr: lib.fw_uniform_q(*args, ptr)  # noqa: E731
+        z = _native(seed, step, sample, tensor_id, size, offset, torch.int8, fill)
+        if z is not None:
+            return z.reshape(dims)
     return _map_words(
         seed, step, sample, tensor_id, size, offset, device, torch.int8, uniform_from_words
     ).reshape(dims)

@@ -1,0 +1,254 @@
+"""Every exact-kernel path against the int64 reference, bit for bit: the fused C epilogue and the torch
+fallback, NCHW and channels-last layouts, digit planes on both sides of the float32 certificate, full-range
+u8 inputs, ±127 / ±32767 weights, groups / depthwise / dilation / stride, every requantization mode,
+accumulator overflow (saturate, wrap); and the C sampler, digit-plane split and perturbation against their
+numpy / torch references."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fwdgrad import native
+from fwdgrad.engine import QConv2d, QLinear, convert, kernels
+from fwdgrad.engine.intops import F32_EXACT, AccumulatorSpec, prepare
+from fwdgrad.engine.nodes import ExecContext
+from fwdgrad.ff import qzo_ff
+from fwdgrad.ff.spaces import Term
+from fwdgrad.models import build_model
+from fwdgrad.quant import QFormat, QParams, activation_format, requantize
+from fwdgrad.rng import reference, torch_port
+
+PATHS = ("c", "torch")
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """Run the test on the C kernels, then on the torch fallback (FWDGRAD_KERNELS=0)."""
+    monkeypatch.setenv(native.ENV, "1" if request.param == "c" else "0")
+    native.reset()
+    if request.param == "c" and kernels.library() is None:
+        pytest.skip("no C compiler on this machine: only the torch path runs")
+    yield request.param
+    native.reset()
+
+
+def _qp(scale, zp, fmt):
+    return QParams(fmt, torch.tensor(scale, dtype=torch.float64), torch.tensor(zp))
+
+
+def _reference(node, x, requant: str, spec: AccumulatorSpec, conv: dict | None):
+    """The int64 reference: float64 conv/linear (exact below 2^53), int64 bias add, fit, requantize."""
+    w = node.weight_q.double()
+    xz = x.double() - node.zp_in
+    acc = F.conv2d(xz, w, None, **conv) if conv is not None else F.linear(xz, w)
+    acc = acc.to(torch.int64)
+    shape = [1] * acc.dim()
+    shape[node.channel_dim] = -1
+    lo, hi = -(1 << (spec.bits - 1)), (1 << (spec.bits - 1)) - 1
+    if requant != "float" and node.bias_q is not None:
+        acc = acc + node.bias_q.to(torch.int64).reshape(shape)
+    bad = int(((acc < lo) | (acc > hi)).sum())
+    if spec.overflow == "wrap":
+        acc = torch.remainder(acc - lo, 1 << spec.bits) + lo
+    else:
+        acc = acc.clamp(lo, hi)
+    rq = node.requant
+    if requant == "float":
+        scale = node.acc_scale.float()
+        y = acc.to(torch.float32) * scale.reshape(shape if scale.numel() > 1 else ())
+        if node.bias_q is not None:
+            y = y + node.float_bias().reshape(shape)
+        y = torch.round(y / torch.tensor(float(node.out_qp.scale), dtype=torch.float32)) + rq.zp
+        return y.clamp(node.lo, node.hi), bad
+    m, s = (t.reshape(shape) if t.numel() > 1 else t.reshape(()) for t in (rq.mult, rq.shift))
+    y = requantize(acc, m, s, requant) + rq.zp
+    return y.clamp(node.lo, node.hi).to(torch.float32), bad
+
+
+CONVS = {  # name: (cin, cout, kernel, stride, padding, dilation, groups, size)
+    "3x3": (16, 24, 3, 1, 1, 1, 1, 9),
+    "stride2_1x1": (16, 32, 1, 2, 0, 1, 1, 8),
+    "depthwise": (24, 24, 3, 1, 1, 1, 24, 7),
+    "grouped_dilated": (12, 18, 3, 2, 2, 2, 3, 11),
+    "stem": (3, 8, 3, 1, 1, 1, 1, 10),
+}
+
+
+def _node(kind, wbits, zp_in, per_channel, g, act=None, bias=True, cfg=None):
+    in_fmt = activation_format(8)
+    w_fmt = QFormat(bits=wbits, signed=True, symmetric=True, axis=0 if per_channel else None)
+    wmax = w_fmt.qmax
+    if kind == "linear":
+        cin, cout = 300, 20
+        weight = torch.randint(-wmax, wmax + 1, (cout, cin), generator=g)
+    else:
+        cin, cout, k, _, _, _, groups, _ = cfg
+        weight = torch.randint(-wmax, wmax + 1, (cout, cin // groups, k, k), generator=g)
+    weight[0].fill_(wmax)  # one channel at the format's edge: the largest accumulators
+    s_w = torch.empty(cout if per_channel else 1, dtype=torch.float64).uniform_(1e-4, 1e-3, generator=g)
+    bias_q = torch.randint(-(2**20), 2**20, (cout,), generator=g).to(torch.int32) if bias else None
+    kw = dict(
+        in_qp=_qp(0.02, zp_in, in_fmt),
+        w_qp=QParams(w_fmt, s_w if per_channel else s_w.reshape(()), None),
+        out_qp=_qp(float(torch.empty(()).uniform_(0.5, 4.0, generator=g)), 17, in_fmt),
+        weight_q=weight.to(w_fmt.dtype),
+        bias_q=bias_q,
+        act=act,
+    )
+    if kind == "linear":
+        return QLinear("fc", ["x"], **kw), None
+    cin, cout, k, stride, pad, dil, groups, _ = cfg
+    conv = nn.Conv2d(cin, cout, k, stride, pad, dil, groups)
+    return QConv2d("conv", ["x"], conv, **kw), dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+
+
+@pytest.mark.parametrize("layer", [*CONVS, "linear", "linear_3d"])
+@pytest.mark.parametrize("wbits", [8, 16])
+@pytest.mark.parametrize("requant", ["single", "gemmlowp", "float"])
+def test_every_kernel_path_equals_the_int64_reference(path, layer, wbits, requant):
+    g = torch.Generator().manual_seed(hash((layer, wbits, requant)) % 2**31)
+    kind = "linear" if layer.startswith("linear") else "conv"
+    for zp_in, per_channel, act in ((0, True, "relu"), (128, False, None)):
+        node, conv = _node(kind, wbits, zp_in, per_channel, g, act=act, cfg=CONVS.get(layer))
+        if kind == "linear":
+            shape = (4, 5, 300) if layer == "linear_3d" else (16, 300)
+        else:
+            shape = (4, CONVS[layer][0], CONVS[layer][7], CONVS[layer][7])
+        x = torch.randint(0, 256, shape, generator=g).float()
+        x.view(-1)[: x.numel() // 4] = 255.0  # full-range u8 inputs, the extremes included
+        for spec in (AccumulatorSpec(32), AccumulatorSpec(20, "saturate"), AccumulatorSpec(20, "wrap")):
+            ctx = ExecContext(requant=requant, acc=spec)
+            ours = node.int_forward(x, ctx)
+            ref, bad = _reference(node, x, requant, spec, conv)
+            assert torch.equal(ours, ref), (path, layer, wbits, requant, zp_in, spec)
+            assert ctx.stats.overflow.get(node.name, 0) == bad
+            if spec.bits == 20 and wbits == 16:
+                assert bad > 0  # the narrow accumulator really overflows in this case
+
+
+@pytest.mark.parametrize("excess", [-1, 0, 1])
+def test_the_float32_certificate_boundary(path, excess):
+    """x_bound·Σ|w| = 2^24 - 1 certifies one float32 plane (the largest exact sum); one more needs
+    planes. Both sides stay exact with all-255 inputs."""
+    cin = 8
+    target = (F32_EXACT - 1) // 255 + 1 + excess  # 255·65793 = 2^24 - 1, so excess -1 is the last 1-plane sum
+    w = torch.full((4, cin, 3, 3), target // (cin * 9), dtype=torch.int64)
+    w[:, 0, 0, 0] += target - int(w[0].sum())
+    assert int(w[0].abs().sum()) == target
+    ew = prepare(w.to(torch.int16), 255)
+    assert (ew.planes == 1) == (255 * target < F32_EXACT)
+    node, conv = _node("conv", 16, 0, False, torch.Generator().manual_seed(0), bias=False,
+                       cfg=(cin, 4, 3, 1, 0, 1, 1, 6))  # fmt: skip
+    node.weight_q.copy_(w.to(torch.int16))
+    x = torch.full((2, cin, 6, 6), 255.0)
+    ctx = ExecContext(acc=AccumulatorSpec(32))
+    ref, _ = _reference(node, x, "single", ctx.acc, conv)
+    assert torch.equal(node.int_forward(x, ctx), ref)
+
+
+def test_stored_weights_are_prepared_once_per_version(path):
+    g = torch.Generator().manual_seed(3)
+    node, conv = _node("conv", 16, 0, True, g, cfg=CONVS["3x3"])
+    first = node.exact_weights(node.weight_q)
+    assert node.exact_weights(node.weight_q) is first  # cached: no per-call weight work
+    node.weight_q.add_(1)  # an in-place update (as QZO-FF's) bumps the version
+    second = node.exact_weights(node.weight_q)
+    assert second is not first
+    x = torch.randint(0, 256, (2, 16, 9, 9), generator=g).float()
+    ctx = ExecContext()
+    assert torch.equal(node.int_forward(x, ctx), _reference(node, x, "single", ctx.acc, conv)[0])
+
+
+@pytest.mark.parametrize("mode", ["single", "gemmlowp"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+def test_c_epilogue_rounds_like_the_reference_on_every_tie(mode, layout):
+    """Every accumulator in [-2^13, 2^13] through factors with few significant bits (ties every 2^k-th
+    value: half up vs half away from zero) and an odd 31-bit multiplier; no clamping in the way."""
+    if kernels.library() is None:
+        pytest.skip("no C compiler on this machine")
+    from fwdgrad.engine.nodes import Requantizer
+
+    real = torch.tensor([2.0**-6, 0.75 * 2**-7, 0.625 * 2**-5, 1503238529 / 2**37], dtype=torch.float64)
+    rq = Requantizer(real, _qp(0.1, 3, activation_format(8)), lo=-(2**20), hi=2**20, channels=4)
+    acc = torch.arange(-(2**13), 2**13 + 1, dtype=torch.int64).unsqueeze(1).expand(-1, 4).contiguous()
+    width = acc.shape[0]
+    if layout == "rows":
+        raw, dim = acc.float(), -1
+    else:
+        raw, dim = acc.float().reshape(width, 1, 1, 4).permute(0, 3, 1, 2), 1
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        raw = raw.contiguous(memory_format=fmt)
+    out, bad = kernels.epilogue(raw, dim, (1, 1, 4, 0), rq, None, 32, False, mode)
+    ref = (requantize(acc, rq.mult, rq.shift, mode) + rq.zp).float()
+    got = out.reshape(width, 4) if layout == "rows" else out.permute(0, 2, 3, 1).reshape(width, 4)
+    assert bad == 0 and torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("n,offset", [(1, 0), (3, 1), (255, 2), (257, 3), (4099, 4097), (10_000, 2**33 - 7)])
+def test_c_sampler_equals_the_reference(n, offset):
+    if native.load(torch_port.SOURCE, torch_port.SIGNATURES) is None:
+        pytest.skip("no C compiler on this machine")
+    key = (2**40 + 9, 3, 5, 7)
+    words = torch.from_numpy(reference.hash_words(*key, n, offset).astype("int64"))
+    assert torch.equal(torch_port.hash_words(*key, n, offset), words)
+    for z_max in (3.5, 2.0):
+        assert torch.equal(
+            torch_port.gaussian_q(*key, (n,), z_max, offset),
+            torch.from_numpy(reference.gaussian_q(*key, (n,), z_max, offset)),
+        )
+        assert torch.equal(
+            torch_port.rademacher_q(*key, (n,), z_max, offset),
+            torch.from_numpy(reference.rademacher_q(*key, (n,), z_max, offset)),
+        )
+    assert torch.equal(
+        torch_port.uniform_q(*key, (n,), offset), torch.from_numpy(reference.uniform_q(*key, (n,), offset))
+    )
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "floor", "stochastic"])
+def test_c_perturbation_equals_the_torch_path(monkeypatch, rounding):
+    """QZO-FF's perturbed weights (two terms, per-channel ε) and a step's update: same integers and same
+    saturation counts in C and in torch."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 12, 12, generator=g)
+    model = build_model("small_cnn", num_classes=4, in_channels=3).eval()
+    results = []
+    for enabled in ("1", "0"):
+        monkeypatch.setenv(native.ENV, enabled)
+        native.reset()
+        q = convert(model, "w16a8", x)
+        opt = qzo_ff(q, lr=0.5, eps=0.05, m=2, rounding=rounding)
+        space = opt.space
+        weights = [space.perturbed_weight(3, t, [Term(0, 0.05, +1), Term(1, 0.02, -1)]) for t in range(3)]
+        with torch.no_grad():
+            opt.step(lambda: q(x).sum())
+        results.append((weights, space.saturations, [n.weight_q.clone() for n in q.weight_nodes().values()]))
+    native.reset()
+    (wc, sc, uc), (wt, st, ut) = results
+    assert all(torch.equal(a, b) for a, b in zip(wc, wt)) and sc == st
+    assert all(torch.equal(a, b) for a, b in zip(uc, ut))
+
+
+def test_without_a_compiler_the_torch_path_runs_and_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))  # nothing built before
+    native.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert kernels.library() is None
+    native.reset()
+    assert any("kernels.c unavailable" in str(w.message) for w in caught)
+
+
+def test_describe_names_each_layers_kernel(path):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 16, 16, generator=g)
+    q = convert(build_model("resnet8", num_classes=10, in_channels=3).eval(), "w16a8", x)
+    table = q.describe()
+    assert list(table) == list(q.weight_nodes())
+    epilogue = "C epilogue" if path == "c" else "torch epilogue"
+    assert all(v.endswith(epilogue) and v.startswith("float32") for v in table.values())
+    assert any("planes" in v for v in table.values())  # 16-bit weights need digit planes somewhere
