@@ -1,67 +1,261 @@
-"""Forward-pass time of the integer and fake execution modes relative to the float32 model.
+"""Speed of the exact integer engine against the float32 model, measured side by side in one process.
 
-Same model (CIFAR-style ResNet-8, batch 64, 32x32 inputs), same process, interleaved repetitions, median
-times. Goal: integer <= 2.0x and fake <= 1.5x float32. Prints JSON.
+For each model, batch and scheme, the median forward time over interleaved repetitions of:
+  float32       the model as given (the baseline of every ratio)
+  integer       the exact integer mode: certified float kernels + the fused C epilogue
+  integer_torch the same integers on the torch fallback path (no C compiler, or FWDGRAD_KERNELS=0)
+  integer_float integer mode with requant=float (PyTorch x86 semantics)
+  fake          fake-quant mode
+and, for the first model and batch at w16a8, training steps (m perturbations):
+  ft step       QZO-FF, every layer trained / (2m forwards in the same mode), integer and fake
+  lp step       QZO-FF on the last layer, a fresh batch each step (frozen prefix once, 2m head passes,
+                the update) / one full forward of that batch
+It records the CPU's ISA flags, torch's CPU capability, whether the C kernels were built and the kernel
+each layer chose. Prints JSON; with --out DIR also writes DIR/bench.json and DIR/bench.md.
 
-    uv run python experiments/bench_engine.py [--schemes w8a8 w16a8] [--reps 15] [--batch 64]
+    uv run python experiments/bench_engine.py [--models resnet8 resnet18 mobilenet_v2] [--batches 16 64]
+        [--schemes w8a8 w16a8] [--reps 7] [--threads 1] [--m 3] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
+from contextlib import nullcontext
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from timing import timed
 
-from fwdgrad.engine import convert
+from fwdgrad import native
+from fwdgrad.engine import convert, kernels
+from fwdgrad.ff import qzo_ff
+from fwdgrad.files import write_json, write_text
 from fwdgrad.models import build_model
+from fwdgrad.provenance import provenance, provenance_line
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+GOALS = {  # ratios to the float32 forward (forward), or to 2m / one forward (steps)
+    "forward": {"w8a8": 1.0, "w16a8": 1.5, "other_models": 2.0, "integer_float": 0.5, "fake": 1.2},
+    "steps": {"ft_integer": 1.05, "ft_fake": 1.05, "lp_integer": 1.05},
+}
+
+
+def isa() -> dict:
+    """The ISA flags (of ISA_FLAGS) /proc/cpuinfo lists, and torch's own view of the CPU."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {
+        "flags": [f for f in ISA_FLAGS if f in flags],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "c_kernels": kernels.library() is not None,
+    }
+
+
+def interleaved(fns: dict, reps: int) -> dict[str, float]:
+    """Median seconds of each (function, context) in `fns`, repetitions interleaved so drift hits all."""
+    times = {k: [] for k in fns}
+    for _ in range(reps + 1):  # the first round warms up
+        for k, (fn, ctx) in fns.items():
+            with ctx():
+                t = timed(fn, 1)
+            kernels.library()  # reload outside the timed call after a torch-path round
+            times[k] += t
+    return {k: statistics.median(v[1:]) for k, v in times.items()}
+
+
+def forward_row(model, name: str, batch: int, scheme: str, reps: int, g) -> dict:
+    x = torch.randn(batch, 3, 32, 32, generator=g)
+    q = convert(model, scheme, x)
+    fns = {
+        "float32": (lambda: model(x), nullcontext),
+        "integer": (lambda: q(x, mode="integer"), nullcontext),
+        "integer_torch": (lambda: q(x, mode="integer"), native.disabled),
+        "integer_float": (lambda: _with_requant(q, "float", x), nullcontext),
+        "fake": (lambda: q(x, mode="fake"), nullcontext),
+    }
+    med = interleaved(fns, reps)
+    row = {"model": name, "batch": batch, "scheme": scheme}
+    row |= {f"{k}_ms": round(v * 1e3, 2) for k, v in med.items()}
+    row |= {f"{k}_over_float32": round(v / med["float32"], 3) for k, v in med.items() if k != "float32"}
+    row["kernels"] = q.describe()
+    with native.disabled():
+        row["kernels_torch_path"] = q.describe()
+    return row
+
+
+def _with_requant(q, requant: str, x):
+    before, q.requant = q.requant, requant
+    try:
+        return q(x, mode="integer")
+    finally:
+        q.requant = before
+
+
+def step_rows(model, batch: int, m: int, reps: int, g) -> dict:
+    """QZO-FF step costs on the model at w16a8 (see the module docstring)."""
+    xs = [torch.randn(batch, 3, 32, 32, generator=g) for _ in range(reps + 1)]
+    ys = [torch.randint(0, 10, (batch,), generator=g) for _ in xs]
+    x, y = xs[0], ys[0]
+    out = {}
+    fns = {}
+    for mode in ("integer", "fake"):
+        q = convert(model, "w16a8", x)
+        q.mode = mode
+        opt = qzo_ff(q, lr=1e-3, eps=1e-3, m=m)
+        fns[f"{mode}_forward"] = (lambda q=q: q(x), nullcontext)
+        fns[f"{mode}_ft_step"] = (
+            lambda q=q, opt=opt: opt.step(lambda: F.cross_entropy(q(x), y)),
+            nullcontext,
+        )
+    q = convert(model, "w16a8", x)
+    head = list(q.weight_nodes())[-1]
+    lp = qzo_ff(q, lr=1e-3, eps=1e-3, m=m, trainable=[head])
+    batches = iter(range(10**9))
+
+    def lp_step():
+        i = next(batches) % len(xs)
+        prefix = q.run_prefix(xs[i], head)
+        lp.step(lambda: F.cross_entropy(q(xs[i], prefix=prefix), ys[i]))
+
+    def lp_forward():
+        q(xs[next(batches) % len(xs)])
+
+    fns["lp_forward"], fns["lp_step"] = (lp_forward, nullcontext), (lp_step, nullcontext)
+    with torch.no_grad():
+        med = interleaved(fns, reps)
+    for mode in ("integer", "fake"):
+        out[f"ft_{mode}"] = {
+            "forward_ms": round(med[f"{mode}_forward"] * 1e3, 2),
+            "step_ms": round(med[f"{mode}_ft_step"] * 1e3, 2),
+            "step_over_2m_forwards": round(med[f"{mode}_ft_step"] / (2 * m * med[f"{mode}_forward"]), 3),
+        }
+    out["lp_integer"] = {
+        "forward_ms": round(med["lp_forward"] * 1e3, 2),
+        "step_ms": round(med["lp_step"] * 1e3, 2),
+        "step_over_forward": round(med["lp_step"] / med["lp_forward"], 3),
+        "trained": head,
+    }
+    return out
+
+
+def _row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def markdown(result: dict) -> str:
+    cpu, prov = result["cpu"], result["provenance"]
+    flags = ", ".join(cpu["flags"]) or "none of " + ", ".join(ISA_FLAGS)
+    lines = [
+        "# Engine benchmark",
+        "",
+        provenance_line(prov),
+        "",
+        f"CPU: {prov['cpu']}; ISA flags: {flags}; torch CPU capability {cpu['torch_cpu_capability']}; "
+        f"C kernels built: {cpu['c_kernels']}; {result['threads']} thread(s), medians of {result['reps']} "
+        "interleaved repetitions.",
+        "",
+        "Forward time relative to the float32 model (lower is faster):",
+        "",
+        _row(
+            "model",
+            "batch",
+            "scheme",
+            "float32 ms",
+            "integer",
+            "integer, torch path",
+            "requant=float",
+            "fake",
+        ),
+        _row(*["---"] * 8),
+    ]
+    for r in result["forward"]:
+        lines.append(
+            _row(
+                r["model"],
+                r["batch"],
+                r["scheme"],
+                r["float32_ms"],
+                r["integer_over_float32"],
+                r["integer_torch_over_float32"],
+                r["integer_float_over_float32"],
+                r["fake_over_float32"],
+            )  # fmt: skip
+        )
+    s = result.get("steps")
+    if s:
+        lines += ["", f"Training steps ({s['model']}, batch {s['batch']}, w16a8, m = {s['m']}):", ""]
+        lines += [_row("step", "forward ms", "step ms", "ratio"), _row(*["---"] * 4)]
+        for key, label, ratio in (
+            ("ft_integer", "QZO-FF ft, integer / (2m forwards)", "step_over_2m_forwards"),
+            ("ft_fake", "QZO-FF ft, fake / (2m forwards)", "step_over_2m_forwards"),
+            ("lp_integer", "QZO-FF lp (fresh batch), integer / one forward", "step_over_forward"),
+        ):
+            lines.append(_row(label, s[key]["forward_ms"], s[key]["step_ms"], s[key][ratio]))
+    first = result["forward"][0]
+    lines += [
+        "",
+        f"Kernels chosen ({first['model']}, {first['scheme']}):",
+        "",
+        "| layer | kernel |",
+        "|---|---|",
+    ]
+    lines += [_row(k, v) for k, v in first["kernels"].items()]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["resnet8", "resnet18", "mobilenet_v2"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[16, 64])
     ap.add_argument("--schemes", nargs="+", default=["w8a8", "w16a8"])
-    ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--m", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None, help="folder for bench.json and bench.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    model = build_model("resnet8", num_classes=10, in_channels=3).eval()
-    x = torch.randn(args.batch, 3, 32, 32, generator=g)
+    command = "uv run python experiments/bench_engine.py " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
     result = {
-        "model": "resnet8",
-        "batch": args.batch,
-        "input": [3, 32, 32],
+        "provenance": provenance(command.strip()),
+        "cpu": isa(),
         "threads": args.threads,
-        "torch": torch.__version__,
-        "schemes": {},
+        "reps": args.reps,
+        "goals": GOALS,
+        "forward": [],
     }
     with torch.no_grad():
-        for scheme in args.schemes:
-            q = convert(model, scheme, x)
-            runs = {
-                "float32": lambda: model(x),
-                "integer": lambda q=q: q(x, mode="integer"),
-                "fake": lambda q=q: q(x, mode="fake"),
-            }
-            for fn in runs.values():  # warm-up
-                fn()
-            times = {k: [] for k in runs}
-            for _ in range(args.reps):  # interleave so drift hits every mode alike
-                for k, fn in runs.items():
-                    times[k] += timed(fn, 1)
-            med = {k: statistics.median(v) for k, v in times.items()}
-            result["schemes"][scheme] = {
-                "float32_ms": round(med["float32"] * 1e3, 3),
-                "integer_ms": round(med["integer"] * 1e3, 3),
-                "fake_ms": round(med["fake"] * 1e3, 3),
-                "integer_over_float32": round(med["integer"] / med["float32"], 3),
-                "fake_over_float32": round(med["fake"] / med["float32"], 3),
-                "goal": {"integer": 2.0, "fake": 1.5},
-            }
+        for name in args.models:
+            model = build_model(name, num_classes=10, in_channels=3).eval()
+            for batch in args.batches:
+                for scheme in args.schemes:
+                    row = forward_row(model, name, batch, scheme, args.reps, g)
+                    result["forward"].append(row)
+                    print(
+                        json.dumps({k: v for k, v in row.items() if not k.startswith("kernels")}), flush=True
+                    )
+    model = build_model(args.models[0], num_classes=10, in_channels=3).eval()
+    batch = args.batches[-1]
+    result["steps"] = {"model": args.models[0], "batch": batch, "m": args.m}
+    result["steps"] |= step_rows(model, batch, args.m, args.reps, g)
     print(json.dumps(result, indent=2))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / "bench.json", result)
+        write_text(args.out / "bench.md", markdown(result))
     return result
 
 

@@ -16,6 +16,9 @@ import platform
 import shutil
 import subprocess
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 from .files import atomic_path
@@ -53,9 +56,14 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+@cache
+def _compiler_version(cc: str) -> str:
+    return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+
+
 def _compile(cc: str, source: Path, flags: list[str], cache_dir: Path) -> Path | str:
     """The library built from `source` with `flags` (cached), or the compiler's last error line."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = _compiler_version(cc)
     key = hashlib.sha256(source.read_bytes() + repr((flags, version, cpu_id())).encode()).hexdigest()[:16]
     lib = cache_dir / f"{source.stem}-{key}.so"
     if lib.exists():
@@ -109,3 +117,20 @@ def _build_and_load(source: Path) -> ctypes.CDLL | None:
 def reset() -> None:
     """Forget the loaded libraries: the next `load` re-reads ``FWDGRAD_KERNELS`` and ``CC``."""
     _loaded.clear()
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block every caller takes its torch/numpy path, as on a machine without a C compiler
+    (how the benchmark measures the fallback side by side)."""
+    before = os.environ.get(ENV)
+    os.environ[ENV] = "0"
+    reset()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
+        reset()

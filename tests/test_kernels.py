@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fwdgrad import native
-from fwdgrad.engine import QConv2d, QLinear, convert, kernels
+from fwdgrad.engine import QConv2d, QLinear, convert, kernels, onednn
 from fwdgrad.engine.intops import F32_EXACT, AccumulatorSpec, prepare
 from fwdgrad.engine.nodes import ExecContext
 from fwdgrad.ff import qzo_ff
@@ -21,16 +21,20 @@ from fwdgrad.models import build_model
 from fwdgrad.quant import QFormat, QParams, activation_format, requantize
 from fwdgrad.rng import reference, torch_port
 
-PATHS = ("c", "torch")
+PATHS = ("c", "onednn", "torch")  # float32 planes + C epilogue; oneDNN int8 planes + C; the torch path
+KERNEL = {"c": "float", "onednn": "onednn", "torch": "float"}
 
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    """Run the test on the C kernels, then on the torch fallback (FWDGRAD_KERNELS=0)."""
-    monkeypatch.setenv(native.ENV, "1" if request.param == "c" else "0")
+    """Run the test on each exact path: float32 kernels with the C epilogue, oneDNN's int8 kernels with
+    the C epilogue, and the torch fallback (FWDGRAD_KERNELS=0)."""
+    monkeypatch.setenv(native.ENV, "0" if request.param == "torch" else "1")
     native.reset()
-    if request.param == "c" and kernels.library() is None:
+    if request.param != "torch" and kernels.library() is None:
         pytest.skip("no C compiler on this machine: only the torch path runs")
+    if request.param == "onednn" and not onednn.available():
+        pytest.skip("oneDNN's int8 kernels are not usable on this CPU / torch build")
     yield request.param
     native.reset()
 
@@ -120,10 +124,11 @@ def test_every_kernel_path_equals_the_int64_reference(path, layer, wbits, requan
         x = torch.randint(0, 256, shape, generator=g).float()
         x.view(-1)[: x.numel() // 4] = 255.0  # full-range u8 inputs, the extremes included
         for spec in (AccumulatorSpec(32), AccumulatorSpec(20, "saturate"), AccumulatorSpec(20, "wrap")):
-            ctx = ExecContext(requant=requant, acc=spec)
+            ctx = ExecContext(requant=requant, acc=spec, kernel=KERNEL[path])
             ours = node.int_forward(x, ctx)
             ref, bad = _reference(node, x, requant, spec, conv)
             assert torch.equal(ours, ref), (path, layer, wbits, requant, zp_in, spec)
+            assert node._last_kind == ("onednn" if path == "onednn" else "float")
             assert ctx.stats.overflow.get(node.name, 0) == bad
             if spec.bits == 20 and wbits == 16:
                 assert bad > 0  # the narrow accumulator really overflows in this case
@@ -144,7 +149,7 @@ def test_the_float32_certificate_boundary(path, excess):
                        cfg=(cin, 4, 3, 1, 0, 1, 1, 6))  # fmt: skip
     node.weight_q.copy_(w.to(torch.int16))
     x = torch.full((2, cin, 6, 6), 255.0)
-    ctx = ExecContext(acc=AccumulatorSpec(32))
+    ctx = ExecContext(acc=AccumulatorSpec(32), kernel=KERNEL[path])
     ref, _ = _reference(node, x, "single", ctx.acc, conv)
     assert torch.equal(node.int_forward(x, ctx), ref)
 
@@ -158,7 +163,7 @@ def test_stored_weights_are_prepared_once_per_version(path):
     second = node.exact_weights(node.weight_q)
     assert second is not first
     x = torch.randint(0, 256, (2, 16, 9, 9), generator=g).float()
-    ctx = ExecContext()
+    ctx = ExecContext(kernel=KERNEL[path])
     assert torch.equal(node.int_forward(x, ctx), _reference(node, x, "single", ctx.acc, conv)[0])
 
 
@@ -247,8 +252,30 @@ def test_describe_names_each_layers_kernel(path):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 3, 16, 16, generator=g)
     q = convert(build_model("resnet8", num_classes=10, in_channels=3).eval(), "w16a8", x)
+    q.kernel = KERNEL[path]
+    q(x)
     table = q.describe()
     assert list(table) == list(q.weight_nodes())
-    epilogue = "C epilogue" if path == "c" else "torch epilogue"
-    assert all(v.endswith(epilogue) and v.startswith("float32") for v in table.values())
+    epilogue = "torch epilogue" if path == "torch" else "C epilogue"
+    name = "oneDNN u8 x s8 x3 planes of 7 bits" if path == "onednn" else "float32"
+    assert all(v.endswith(epilogue) for v in table.values())
+    assert sum(v.startswith(name) for v in table.values()) >= len(table) - 1  # the stem may stay float
     assert any("planes" in v for v in table.values())  # 16-bit weights need digit planes somewhere
+
+
+def test_auto_picks_a_certified_kernel_per_shape_with_the_same_integers():
+    if kernels.library() is None or not onednn.available():
+        pytest.skip("needs the C kernels and oneDNN's int8 kernels")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 3, 16, 16, generator=g)
+    q = convert(build_model("resnet8", num_classes=10, in_channels=3).eval(), "w8a8", x)
+    outs = {}
+    for kernel in ("float", "onednn", "auto"):
+        q.kernel = kernel
+        outs[kernel] = q.run(x)
+    assert torch.equal(outs["float"], outs["onednn"]) and torch.equal(outs["float"], outs["auto"])
+    node = next(iter(q.weight_nodes().values()))
+    assert set(node._timed.values()) <= {"float", "onednn"} and node._timed
+    q.kernel = "vnni"
+    with pytest.raises(ValueError, match="kernel 'vnni' is invalid"):
+        q(x)

@@ -84,13 +84,15 @@ class ExactWeights:
     groups: int
     channels: int
     bound: int
+    kind: str = "float"  # "float": float32 planes / float64; "onednn": packed int8 planes (`onednn`)
 
     @property
     def kernel(self) -> str:
         """The kernel's name as `QModel.describe()` shows it."""
         if self.planes == 0:
             return "float64"
-        return "float32" if self.planes == 1 else f"float32 x{self.planes} planes of {self.digit_bits} bits"
+        name = "oneDNN u8 x s8" if self.kind == "onednn" else "float32"
+        return name if self.planes == 1 else f"{name} x{self.planes} planes of {self.digit_bits} bits"
 
 
 def digit_planes(w: torch.Tensor, x_bound: int) -> tuple[list[torch.Tensor], int] | None:

@@ -285,9 +285,11 @@ static inline void digits(i64 v, int planes, int b, i64 *d) {
 
 /* The certified digit-plane split of integer weights [C][K] (see fwdgrad/engine/intops.py: each plane's
  * x_bound·max_c Σ_k |d[c,k]| < 2^24), trying 1..max_planes planes with the same digit widths as the torch
- * path. Returns the number of planes (0: none certifies), with the digit bits in *bits and the bound
- * x_bound·max_c Σ|w| in *bound. */
-int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, i64 x_bound, int max_planes, int *bits, i64 *bound) {
+ * path. With fixed_bits > 0 the digits have that width and every plane must also satisfy
+ * |d| <= 2^(fixed_bits-1) (the top plane included; an int8 kernel's operand limit). Returns the number of
+ * planes (0: none certifies), with the digit bits in *bits and the bound x_bound·max_c Σ|w| in *bound. */
+int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, i64 x_bound, int max_planes, int fixed_bits, int *bits,
+                   i64 *bound) {
     i64 smax = 0, amax = 0;
     for (i64 c = 0; c < C; c++) {
         i64 s = 0;
@@ -300,17 +302,22 @@ int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, i64 x_bound, int max
     }
     *bound = x_bound * smax;
     *bits = 0;
-    if (x_bound * smax < ((i64)1 << 24)) return 1;
+    i64 limit = fixed_bits > 0 ? (i64)1 << (fixed_bits - 1) : INT64_MAX;
+    if (x_bound * smax < ((i64)1 << 24) && amax <= limit) return 1;
     int nbits = 1;
     while ((amax >> nbits) > 0) nbits++;
     nbits += 1; /* signed */
     for (int p = 2; p <= max_planes; p++) {
-        int b = (nbits + p - 1) / p + 1, ok = 1;
+        int b = fixed_bits > 0 ? fixed_bits : (nbits + p - 1) / p + 1, ok = 1;
         for (i64 c = 0; c < C && ok; c++) {
             i64 s[8] = {0}, d[8];
-            for (i64 k = 0; k < K; k++) {
+            for (i64 k = 0; k < K && ok; k++) {
                 digits(load_int(w, wbytes, c * K + k), p, b, d);
-                for (int q = 0; q < p; q++) s[q] += d[q] < 0 ? -d[q] : d[q];
+                for (int q = 0; q < p; q++) {
+                    i64 a = d[q] < 0 ? -d[q] : d[q];
+                    s[q] += a;
+                    ok &= a <= limit;
+                }
             }
             for (int q = 0; q < p; q++) ok &= x_bound * s[q] < ((i64)1 << 24);
         }
@@ -322,8 +329,9 @@ int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, i64 x_bound, int max
     return 0;
 }
 
-/* The planes as float32, stacked [groups][planes][C/groups][K] (one kernel call runs them all). */
-void fw_fill_planes(const void *w, int wbytes, i64 C, i64 K, int groups, int planes, int b, float *out) {
+/* The planes stacked [groups][planes][C/groups][K] (one kernel call runs them all), as float32
+ * (out_bytes 4) or int8 (out_bytes 1). */
+void fw_fill_planes(const void *w, int wbytes, i64 C, i64 K, int groups, int planes, int b, void *out, int out_bytes) {
     i64 cg = C / groups;
     for (i64 c = 0; c < C; c++) {
         i64 g = c / cg, cc = c % cg, d[8];
@@ -331,7 +339,11 @@ void fw_fill_planes(const void *w, int wbytes, i64 C, i64 K, int groups, int pla
             i64 v = load_int(w, wbytes, c * K + k);
             if (planes == 1) d[0] = v;
             else digits(v, planes, b, d);
-            for (int q = 0; q < planes; q++) out[((g * planes + q) * cg + cc) * K + k] = (float)d[q];
+            for (int q = 0; q < planes; q++) {
+                i64 at = ((g * planes + q) * cg + cc) * K + k;
+                if (out_bytes == 4) ((float *)out)[at] = (float)d[q];
+                else ((int8_t *)out)[at] = (int8_t)d[q];
+            }
         }
     }
 }

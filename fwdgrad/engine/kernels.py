@@ -38,8 +38,8 @@ SIGNATURES = {
     "fw_epilogue_cl_f64": _EPILOGUE_CL,
     "fw_rescale_sum": (None, [_P, _INT, _P, _P, _INT, _I64, _I64, _I64, _P, _I64, _INT, _INT]),
     "fw_fake_quant": (None, [_P, _P, _I64, _F32, _F32, _F32, _F32, _INT]),
-    "fw_plan_planes": (_INT, [_P, _INT, _I64, _I64, _I64, _INT, _P, _P]),
-    "fw_fill_planes": (None, [_P, _INT, _I64, _I64, _INT, _INT, _INT, _P]),
+    "fw_plan_planes": (_INT, [_P, _INT, _I64, _I64, _I64, _INT, _INT, _P, _P]),
+    "fw_fill_planes": (None, [_P, _INT, _I64, _I64, _INT, _INT, _INT, _P, _INT]),
     "fw_perturb": (_I64, [_P, _INT, _I64, _I64, _I64, _INT, _P, _P, _I64, _INT, _INT, _P, _I64, _I64, _P]),
 }
 _INT_BYTES = {torch.int8: 1, torch.int16: 2, torch.int32: 4}
@@ -156,11 +156,12 @@ def _same_dense_layout(xs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def digit_planes(
-    w: torch.Tensor, x_bound: int, groups: int, max_planes: int
+    w: torch.Tensor, x_bound: int, groups: int, max_planes: int, digit_bits: int = 0
 ) -> tuple[torch.Tensor, int, int, int] | None:
-    """`intops.prepare`'s split in C: (float32 planes stacked [groups][planes][C/groups] along dim 0,
-    planes (0: more than `max_planes` needed, no tensor), digit bits, bound), or None when `w` is not an
-    8/16/32-bit integer tensor."""
+    """`intops.prepare`'s split in C: (planes stacked [groups][planes][C/groups] along dim 0, planes (0:
+    more than `max_planes` needed, no tensor), digit bits, bound), or None when `w` is not an 8/16/32-bit
+    integer tensor. Float32 planes; with `digit_bits` > 0, int8 planes of that digit width whose entries
+    also stay within ±2^(digit_bits-1) (the operands of an int8 kernel)."""
     if w.dtype not in _INT_BYTES:
         return None
     lib, w = library(), w.contiguous()
@@ -168,12 +169,23 @@ def digit_planes(
     bits, bound = ctypes.c_int(), ctypes.c_int64()
     nbytes = _INT_BYTES[w.dtype]
     planes = lib.fw_plan_planes(
-        w.data_ptr(), nbytes, cout, k, x_bound, max_planes, ctypes.byref(bits), ctypes.byref(bound)
+        w.data_ptr(),
+        nbytes,
+        cout,
+        k,
+        x_bound,
+        max_planes,
+        digit_bits,
+        ctypes.byref(bits),
+        ctypes.byref(bound),
     )
     if planes == 0:
         return torch.empty(0), 0, 0, bound.value
-    out = torch.empty(planes * cout, *w.shape[1:], dtype=torch.float32)
-    lib.fw_fill_planes(w.data_ptr(), nbytes, cout, k, groups, planes, bits.value, out.data_ptr())
+    dtype = torch.int8 if digit_bits else torch.float32
+    out = torch.empty(planes * cout, *w.shape[1:], dtype=dtype)
+    lib.fw_fill_planes(
+        w.data_ptr(), nbytes, cout, k, groups, planes, bits.value, out.data_ptr(), 1 if digit_bits else 4
+    )
     return out, planes, bits.value, bound.value
 
 

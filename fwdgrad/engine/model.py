@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..quant import dequantize
 from .intops import AccumulatorSpec, OverflowStats
-from .nodes import ExecContext, QNode, QWeighted
+from .nodes import KERNELS, ExecContext, QNode, QWeighted
 
 ENGINE_MODES = ("integer", "fake")  # how the engine computes: exact integers, or fake-quant float
 
@@ -61,6 +61,7 @@ class QModel(nn.Module):
         self.nodes = nn.ModuleList(nodes)
         self.output, self.scheme, self.acc, self.requant = output, scheme, acc, requant
         self.mode = mode
+        self.kernel = "auto"  # see KERNELS
         self.stats = OverflowStats()
         self._last_use = self._liveness()
         self._weight_fn: Callable | None = None
@@ -133,9 +134,13 @@ class QModel(nn.Module):
         return Prefix(self._execute({}, x, ctx, 0, stop, keep=False), stop, ctx.mode)
 
     def _context(self, mode: str | None, weight_fn: Callable | None) -> ExecContext:
-        ctx = ExecContext(mode or self.mode, weight_fn or self._weight_fn, self.acc, self.requant, self.stats)
+        ctx = ExecContext(
+            mode or self.mode, weight_fn or self._weight_fn, self.acc, self.requant, self.stats, self.kernel
+        )
         if ctx.mode not in ENGINE_MODES:
             raise ValueError(f"execution mode {ctx.mode!r} is invalid; allowed: {ENGINE_MODES}")
+        if ctx.kernel not in KERNELS:
+            raise ValueError(f"kernel {ctx.kernel!r} is invalid; allowed: {KERNELS}")
         return ctx
 
     def _execute(self, env: dict, x: torch.Tensor, ctx: ExecContext, start: int, stop: int, keep: bool):

@@ -12,6 +12,7 @@ clamp, as integer accelerators do.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..quant import QParams, dequantize, fake_quantize, quantize, quantize_multiplier, requantize
-from . import kernels
+from . import kernels, onednn
 from .intops import (
     AccumulatorSpec,
     ExactWeights,
@@ -44,6 +45,12 @@ class ExecContext:
     acc: AccumulatorSpec = field(default_factory=AccumulatorSpec)
     requant: str = "single"
     stats: OverflowStats = field(default_factory=OverflowStats)
+    kernel: str = "auto"  # KERNELS: which exact kernel conv/linear layers use
+
+
+#: "auto": per layer and input shape the faster of the certified paths (timed once); "float": float32 digit
+#: planes (float64 past MAX_PLANES); "onednn": oneDNN's u8 x s8 kernels where certified, else "float".
+KERNELS = ("auto", "float", "onednn")
 
 
 class Ref:
@@ -251,7 +258,9 @@ class QWeighted(QNode):
             channels=self.weight_q.shape[0],
             float_stage=(self.acc_scale, float(s_out[0])),
         )
-        self._prepared: tuple[torch.Tensor, int, ExactWeights] | None = None
+        self._prepared: dict[str, tuple[torch.Tensor, int, ExactWeights | None]] = {}
+        self._timed: dict[tuple[int, ...], str] = {}  # input shape -> the faster kernel kind ("auto")
+        self._last_kind = "float"
 
     @torch.no_grad()
     def set_weight_scale(self, scale: torch.Tensor | float) -> None:
@@ -291,26 +300,60 @@ class QWeighted(QNode):
             return self.bias_float
         return (self.bias_q.double() * self.acc_scale.expand(self.bias_q.shape)).float()
 
-    def exact_weights(self, w: torch.Tensor) -> ExactWeights:
-        """`w` prepared for the exact kernel (`intops.prepare`). The stored weights are prepared once per
-        version (an in-place update bumps it); perturbed weights (`weight_fn`) are prepared per call."""
+    def exact_weights(self, w: torch.Tensor, kind: str = "float") -> ExactWeights | None:
+        """`w` prepared for the exact kernel `kind` ("float": `intops.prepare`; "onednn": `onednn`, None
+        where its certificate fails). The stored weights are prepared once per version (an in-place update
+        bumps it); perturbed weights (`weight_fn`) are prepared per call."""
         if w is self.weight_q:
-            cached = self._prepared
+            cached = self._prepared.get(kind)
             if cached is not None and cached[0] is w and cached[1] == w._version:
                 return cached[2]
-            ew = prepare(w, self.xb, getattr(self, "groups", 1))
-            self._prepared = (w, w._version, ew)
+            ew = self._prepare(w, kind)
+            self._prepared[kind] = (w, w._version, ew)
             return ew
+        return self._prepare(w, kind)
+
+    def _prepare(self, w, kind):
+        if kind == "onednn":
+            return self.onednn_prepare(w)
         return prepare(w, self.xb, getattr(self, "groups", 1))
 
+    def kernel_for(self, x: torch.Tensor, choice: str) -> str:
+        """The kernel kind this layer runs on input `x` under the setting `choice` (see KERNELS): with
+        "auto", the faster of "float" and "onednn" on the stored weights, timed once per input shape."""
+        if choice == "float" or not (onednn.supports(self.in_qp.fmt) and onednn.available()):
+            return "float"
+        if choice == "onednn":
+            return "onednn"
+        key = tuple(x.shape)
+        if key not in self._timed:
+            best = {}
+            for kind in ("float", "onednn"):
+                ew = self.exact_weights(self.weight_q, kind)
+                if ew is not None:
+                    self.exact_op(x, ew)  # warm-up
+                    t0 = time.perf_counter()
+                    self.exact_op(x, ew)
+                    best[kind] = time.perf_counter() - t0
+            self._timed[key] = min(best, key=best.get)
+        return self._timed[key]
+
     def describe(self) -> str:
-        """The exact kernel the stored weights run on and the epilogue that finishes it."""
+        """The exact kernel the stored weights ran on last (or would run on) and the epilogue that
+        finishes it."""
         epilogue = "C epilogue" if kernels.library() is not None else "torch epilogue"
-        return f"{self.exact_weights(self.weight_q).kernel} + {epilogue}"
+        kind = self._last_kind if kernels.library() is not None else "float"
+        ew = self.exact_weights(self.weight_q, kind) or self.exact_weights(self.weight_q)
+        return f"{ew.kernel} + {epilogue}"
 
     def int_forward(self, x, ctx):
-        ew = self.exact_weights(self.weight(ctx))
-        raw = self.exact_op(x if self.zp_in == 0 else x - self.zp_in, ew)
+        kind = self.kernel_for(x, ctx.kernel) if kernels.library() is not None else "float"
+        w = self.weight(ctx)
+        ew = self.exact_weights(w, kind) if kind == "onednn" else None
+        if ew is None:
+            kind, ew = "float", self.exact_weights(w)
+        self._last_kind = kind
+        raw = self.exact_op(x, ew)
         if kernels.library() is not None:
             return self._fused_epilogue(raw, ew, ctx)
         acc = combine(raw, ew, self.channel_dim)
@@ -370,7 +413,15 @@ class QConv2d(QWeighted):
         super().__init__(name, inputs, **kw)
 
     def exact_op(self, x, ew):
-        return exact_conv2d(x, ew, self.stride, self.padding, self.dilation)
+        """Σ (x - zp_in)·w with the prepared weights: raw kernel output, planes stacked."""
+        if ew.kind == "onednn":
+            return onednn.conv(x, ew, int(self.zp_in), self.stride, self.padding, self.dilation)
+        return exact_conv2d(
+            x if self.zp_in == 0 else x - self.zp_in, ew, self.stride, self.padding, self.dilation
+        )
+
+    def onednn_prepare(self, w):
+        return onednn.prepare_conv(w, int(self.zp_in), self.groups, self.stride, self.padding, self.dilation)
 
     def float_op(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
@@ -380,7 +431,12 @@ class QLinear(QWeighted):
     channel_dim = -1
 
     def exact_op(self, x, ew):
-        return exact_linear(x, ew)
+        if ew.kind == "onednn":
+            return onednn.linear(x, ew, int(self.zp_in))
+        return exact_linear(x if self.zp_in == 0 else x - self.zp_in, ew)
+
+    def onednn_prepare(self, w):
+        return onednn.prepare_linear(w, int(self.zp_in))
 
     def float_op(self, x, w, b):
         return F.linear(x, w, b)
