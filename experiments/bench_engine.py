@@ -37,6 +37,7 @@ from fwdgrad.ff import qzo_ff
 from fwdgrad.files import write_json, write_text
 from fwdgrad.models import build_model
 from fwdgrad.provenance import provenance, provenance_line
+from fwdgrad.rng import reference, torch_port
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 GOALS = {  # ratios to the float32 forward (forward), or to 2m / one forward (steps)
@@ -153,6 +154,19 @@ def _row(*cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def sampler_rows(reps: int) -> dict:
+    """The 8-bit Gaussian perturbation of n elements: C (torch_port on the CPU) vs the numpy reference."""
+    out = {}
+    for n in (1 << 16, 1 << 20):
+        fns = {
+            "c": (lambda n=n: torch_port.gaussian_q(1, 2, 3, 4, (n,)), nullcontext),
+            "numpy": (lambda n=n: reference.gaussian_q(1, 2, 3, 4, (n,)), nullcontext),
+        }
+        med = interleaved(fns, reps)
+        out[str(n)] = {f"{k}_ms": round(v * 1e3, 3) for k, v in med.items()}
+    return out
+
+
 def markdown(result: dict) -> str:
     cpu, prov = result["cpu"], result["provenance"]
     flags = ", ".join(cpu["flags"]) or "none of " + ", ".join(ISA_FLAGS)
@@ -251,6 +265,7 @@ def main(argv=None) -> dict:
     batch = args.batches[-1]
     result["steps"] = {"model": args.models[0], "batch": batch, "m": args.m}
     result["steps"] |= step_rows(model, batch, args.m, args.reps, g)
+    result["sampler"] = sampler_rows(args.reps)
     print(json.dumps(result, indent=2))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

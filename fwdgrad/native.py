@@ -83,13 +83,11 @@ def _unavailable(source: Path, why: str) -> None:
 
 def load(source: Path, signatures: dict[str, tuple]) -> ctypes.CDLL | None:
     """The library built from `source` with its functions typed by `signatures` (name -> (restype,
-    argtypes)), or None (disabled, no compiler, build failed: one warning says which). Cached per process;
-    `reset` forgets it."""
-    if not enabled():
-        return None
-    if source in _loaded:
+    argtypes)), or None (disabled, no compiler, build failed: one warning says which). Cached per process,
+    with ``FWDGRAD_KERNELS`` read at the first call; `reset` forgets it."""
+    if source in _loaded:  # the hot path: one dict lookup per call
         return _loaded[source]
-    _loaded[source] = dll = _build_and_load(source)
+    _loaded[source] = dll = _build_and_load(source) if enabled() else None
     if dll is not None:
         for name, (res, args) in signatures.items():
             fn = getattr(dll, name)

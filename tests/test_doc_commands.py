@@ -121,7 +121,17 @@ SMOKE_LANDSCAPE = {
 EDGE_SCALED = ("--steps", "--checkpoint-every", "--log-every")
 #: argparse scripts: option -> smoke value (bench_train: small_cnn, as ResNet-8 takes 3x its time).
 SMOKE_ARGS = {
-    "experiments/bench_engine.py": {"--reps": "1", "--batch": "2", "--schemes": "w16a8"},
+    "experiments/bench_engine.py": {
+        "--reps": "1",
+        "--batches": "2",
+        "--schemes": "w16a8",
+        "--models": "resnet8",
+        "--m": "1",
+    },
+    "experiments/bench_ood.py": {
+        "--steps": "2",
+        "--set": [f"{k}={v}" for k, v in {**SMOKE_RUN, **SMOKE_PRESET["ood"]}.items() if k != "train.steps"],
+    },
     "experiments/bench_train.py": {"--reps": "1", "--batch": "2", "--model": "small_cnn"},
     "experiments/bench_edge.py": {"--batch": "2", "--size": "8", "--steps": "1"},
 }
@@ -268,13 +278,14 @@ def smoke_script_args(script: str, args: list[str]) -> list[str]:
     out, i, done = [], 0, set()
     while i < len(args):
         if args[i] in smoke:
-            out += [args[i], smoke[args[i]]]
+            value = smoke[args[i]]
+            out += [args[i], *(value if isinstance(value, list) else [value])]
             done.add(args[i])
             i += 2
         else:
             out.append(args[i])
             i += 1
-    return out + [x for k, v in smoke.items() if k not in done for x in (k, v)]
+    return out + [x for k, v in smoke.items() if k not in done for x in (k, *(v if isinstance(v, list) else [v]))]
 
 
 # ------------------------------------------------------------------------------------------ running

@@ -1,0 +1,75 @@
+"""Wall time of a QZO-FF run against a BP run of the OOD preset, one after the other on this machine.
+
+Runs `fwdgrad run experiment=ood data.severity=<severity> mode.lp_layers=1 method=<bp|qzo_ff> seed=<seed>`
+(the source model is pretrained once and cached, so a first-ever call pretrains it first, outside the
+measured times) and reads each run's metrics.json: the training-step time (`wall_s`, what reports show),
+the whole run (`total_wall_s`: data, conversion, calibration, evaluations) and the test accuracy.
+Prints JSON; with --out DIR also writes DIR/ood_wall.json.
+
+    uv run python experiments/bench_ood.py [--severity medium] [--seed 0] [--steps N] [--out DIR]
+        [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from fwdgrad.files import write_json
+from fwdgrad.provenance import provenance
+
+METHODS = ("bp", "qzo_ff")
+
+
+def run(method: str, args, folder: Path) -> dict:
+    overrides = [
+        "experiment=ood",
+        f"data.severity={args.severity}",
+        "mode.lp_layers=1",
+        f"method={method}",
+        f"seed={args.seed}",
+        f"hydra.run.dir={folder / method}",
+        *args.overrides,
+    ]
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    cmd = [sys.executable, "-m", "fwdgrad.cli", "run", *overrides]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    metrics = json.loads((folder / method / "metrics.json").read_text())
+    return {k: metrics[k] for k in ("test_acc", "wall_s", "total_wall_s", "steps", "forward_passes")}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--severity", default="medium")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
+    ap.add_argument("--out", type=Path, default=None, help="folder for ood_wall.json")
+    ap.add_argument("--set", nargs="+", default=[], dest="overrides", help="more Hydra overrides (both runs)")
+    args = ap.parse_args(argv)
+    given = argv if argv is not None else sys.argv[1:]
+    command = "uv run python experiments/bench_ood.py " + shlex.join(given)
+    result = {"provenance": provenance(command.strip()), "severity": args.severity, "seed": args.seed}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in METHODS:
+            result[method] = run(method, args, Path(tmp))
+    bp, ff = result["bp"], result["qzo_ff"]
+    result["qzo_ff_over_bp"] = {
+        "wall_s": round(ff["wall_s"] / bp["wall_s"], 3),
+        "total_wall_s": round(ff["total_wall_s"] / bp["total_wall_s"], 3),
+    }
+    result["goal"] = {"wall_s": 1.5}
+    print(json.dumps(result, indent=2))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / "ood_wall.json", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
