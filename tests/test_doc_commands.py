@@ -285,7 +285,8 @@ def smoke_script_args(script: str, args: list[str]) -> list[str]:
         else:
             out.append(args[i])
             i += 1
-    return out + [x for k, v in smoke.items() if k not in done for x in (k, *(v if isinstance(v, list) else [v]))]
+    rest = [(k, v if isinstance(v, list) else [v]) for k, v in smoke.items() if k not in done]
+    return out + [x for k, v in rest for x in (k, *v)]
 
 
 # ------------------------------------------------------------------------------------------ running
