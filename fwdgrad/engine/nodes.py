@@ -259,7 +259,7 @@ class QWeighted(QNode):
             float_stage=(self.acc_scale, float(s_out[0])),
         )
         self._prepared: dict[str, tuple[torch.Tensor, int, ExactWeights | None]] = {}
-        self._timed: dict[tuple[int, ...], str] = {}  # input shape -> the faster kernel kind ("auto")
+        self._timed: dict[tuple, str] = {}  # (input shape, per-call weights) -> the faster kind ("auto")
         self._last_kind = "float"
 
     @torch.no_grad()
@@ -318,23 +318,27 @@ class QWeighted(QNode):
             return self.onednn_prepare(w)
         return prepare(w, self.xb, getattr(self, "groups", 1))
 
-    def kernel_for(self, x: torch.Tensor, choice: str) -> str:
+    def kernel_for(self, x: torch.Tensor, choice: str, w: torch.Tensor | None = None) -> str:
         """The kernel kind this layer runs on input `x` under the setting `choice` (see KERNELS): with
-        "auto", the faster of "float" and "onednn" on the stored weights, timed once per input shape."""
+        "auto", the faster of "float" and "onednn", timed once per input shape, on the stored weights or,
+        for weights `w` other than them (perturbed per call), including their per-call preparation."""
         if choice == "float" or not (onednn.supports(self.in_qp.fmt) and onednn.available()):
             return "float"
         if choice == "onednn":
             return "onednn"
-        key = tuple(x.shape)
+        per_call = w is not None and w is not self.weight_q
+        key = (tuple(x.shape), per_call)
         if key not in self._timed:
             best = {}
             for kind in ("float", "onednn"):
-                ew = self.exact_weights(self.weight_q, kind)
-                if ew is not None:
-                    self.exact_op(x, ew)  # warm-up
+                if self.exact_weights(self.weight_q, kind) is None:
+                    continue
+                for _ in range(2):  # the second run is timed (the first warms up)
                     t0 = time.perf_counter()
-                    self.exact_op(x, ew)
-                    best[kind] = time.perf_counter() - t0
+                    ew = self._prepare(w, kind) if per_call else self.exact_weights(self.weight_q, kind)
+                    if ew is not None:
+                        self.exact_op(x, ew)
+                    best[kind] = time.perf_counter() - t0 if ew is not None else float("inf")
             self._timed[key] = min(best, key=best.get)
         return self._timed[key]
 
@@ -347,8 +351,8 @@ class QWeighted(QNode):
         return f"{ew.kernel} + {epilogue}"
 
     def int_forward(self, x, ctx):
-        kind = self.kernel_for(x, ctx.kernel) if kernels.library() is not None else "float"
         w = self.weight(ctx)
+        kind = self.kernel_for(x, ctx.kernel, w) if kernels.library() is not None else "float"
         ew = self.exact_weights(w, kind) if kind == "onednn" else None
         if ew is None:
             kind, ew = "float", self.exact_weights(w)
