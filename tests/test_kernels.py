@@ -279,3 +279,21 @@ def test_auto_picks_a_certified_kernel_per_shape_with_the_same_integers():
     q.kernel = "vnni"
     with pytest.raises(ValueError, match="kernel 'vnni' is invalid"):
         q(x)
+
+
+def test_a_used_model_copies_and_pickles_without_its_caches():
+    """Packed oneDNN weights are opaque tensors: deepcopy / torch.save of a model that ran must not carry
+    them, and the copy computes the same integers."""
+    import copy
+    import io
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 3, 16, 16, generator=g)
+    q = convert(build_model("resnet8", num_classes=10, in_channels=3).eval(), "w8a8", x)
+    q.kernel = "onednn" if onednn.available() else "float"
+    out = q.run(x)
+    twin = copy.deepcopy(q)
+    assert torch.equal(twin.run(x), out)
+    buffer = io.BytesIO()
+    torch.save(q, buffer)  # pickling itself must not fail (loading pickles is never done by fwdgrad)
+    assert buffer.tell() > 0

@@ -300,6 +300,13 @@ class QWeighted(QNode):
             return self.bias_float
         return (self.bias_q.double() * self.acc_scale.expand(self.bias_q.shape)).float()
 
+    def __getstate__(self):
+        """Copies and pickles leave the caches behind (packed oneDNN weights cannot be copied; a copy
+        prepares its own weights and times its own kernels)."""
+        state = dict(self.__dict__)
+        state["_prepared"], state["_timed"] = {}, {}
+        return state
+
     def exact_weights(self, w: torch.Tensor, kind: str = "float") -> ExactWeights | None:
         """`w` prepared for the exact kernel `kind` ("float": `intops.prepare`; "onednn": `onednn`, None
         where its certificate fails). The stored weights are prepared once per version (an in-place update
