@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
-from .files import atomic_path
+from .files import temp_path
 
 ENV = "FWDGRAD_KERNELS"  # "0", "off", "false" or "no": never use the C libraries
 CACHE_ENV = "FWDGRAD_CACHE_DIR"
@@ -69,11 +69,15 @@ def _compile(cc: str, source: Path, flags: list[str], cache_dir: Path) -> Path |
     if lib.exists():
         return lib
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(lib) as tmp:
+    tmp = temp_path(lib)  # built beside, renamed over: a concurrent or killed build leaves no half library
+    try:
         cmd = [cc, *flags, "-o", str(tmp), str(source), "-lm"]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if run.returncode:
             return (run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1]
+        os.replace(tmp, lib)
+    finally:
+        tmp.unlink(missing_ok=True)
     return lib
 
 

@@ -297,3 +297,22 @@ def test_a_used_model_copies_and_pickles_without_its_caches():
     buffer = io.BytesIO()
     torch.save(q, buffer)  # pickling itself must not fail (loading pickles is never done by fwdgrad)
     assert buffer.tell() > 0
+
+
+def test_a_failing_compiler_gives_one_warning_with_its_error_and_leaves_nothing(monkeypatch, tmp_path):
+    cc = tmp_path / "cc"
+    cc.write_text(
+        '#!/bin/sh\ncase "$1" in --version) echo fake-cc 1.0;; *) echo "cc: error: boom" >&2; exit 1;; esac\n'
+    )
+    cc.chmod(0o755)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv(native.CACHE_ENV, str(cache))
+    native.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert kernels.library() is None
+    native.reset()
+    messages = [str(w.message) for w in caught if "kernels.c" in str(w.message)]
+    assert len(messages) == 1 and "cc: error: boom" in messages[0]
+    assert list(cache.iterdir()) == []  # no half-built library, no temp file

@@ -138,6 +138,40 @@ EPILOGUE(fw_epilogue_f64, double)
  * "single" is exact for every channel (n in 16..52, acc_bits small enough; checked by the caller), with
  * constants mhi/mlo/half/inv. */
 #define SEG 1024
+
+/* The vector loops of the channels-last epilogue, as functions so the compiler sees plain restrict loops. */
+static inline i64 cl_bias_fit(double *restrict a, const double *restrict tb, int cnt, double dlo, double dhi) {
+    i64 nbad = 0;
+    for (int e = 0; e < cnt; e++) {
+        double v = a[e] + tb[e];
+        nbad += (v < dlo) | (v > dhi);
+        a[e] = v;
+    }
+    return nbad;
+}
+
+static inline void cl_single_f64(const double *restrict a, const double *restrict ml, const double *restrict mh,
+                                 const double *restrict hf, const double *restrict iv, float *restrict dst, int len,
+                                 double dzp, double ylo, double yhi) {
+    const double inv16 = 1.0 / 65536.0;
+    for (int j = 0; j < len; j++) {
+        double q = floor((a[j] * ml[j] + hf[j]) * inv16);
+        double y = floor((a[j] * mh[j] + q) * iv[j]) + dzp;
+        y = y < ylo ? ylo : y;
+        y = y > yhi ? yhi : y;
+        dst[j] = (float)y;
+    }
+}
+
+#define CL_GATHER(T)                                                                                        \
+    static inline void cl_gather_##T(const T *restrict src, i64 stride, int planes, int len, double base,  \
+                                     double *restrict a) {                                                  \
+        for (int j = 0; j < len; j++) a[j] = (double)src[(i64)(planes - 1) * stride + j];                   \
+        for (int p = planes - 2; p >= 0; p--)                                                               \
+            for (int j = 0; j < len; j++) a[j] = a[j] * base + (double)src[(i64)p * stride + j];            \
+    }
+CL_GATHER(float)
+CL_GATHER(double)
 #define EPILOGUE_CL(NAME, T)                                                                                \
     i64 NAME(const T *acc, float *out, i64 outer, int groups, int planes, int C, int digit_bits,           \
              const i64 *bias, const i64 *mult, const int *n, const double *mhi, const double *mlo,          \
@@ -147,10 +181,11 @@ EPILOGUE(fw_epilogue_f64, double)
         i64 nchunks = (C + chunk - 1) / chunk, nblocks = ((outer + k - 1) / k) * nchunks, bad = 0;         \
         i64 alo = -((i64)1 << (acc_bits - 1)), ahi = ((i64)1 << (acc_bits - 1)) - 1;                       \
         double dlo = (double)alo, dhi = (double)ahi, base = (double)((i64)1 << digit_bits);                \
-        double ylo = (double)lo, yhi = (double)hi, dzp = (double)zp, inv16 = ldexp(1.0, -16);              \
+        double ylo = (double)lo, yhi = (double)hi, dzp = (double)zp;                                        \
         _Pragma("omp parallel num_threads(nthreads) reduction(+ : bad) if(outer * C > 65536)")             \
         {                                                                                                   \
             double a[SEG], tb[SEG], tmh[SEG], tml[SEG], thf[SEG], tiv[SEG];                                 \
+            i64 off[SEG];                                                                                   \
             int tiled = -1; /* the chunk start c0 the tiled constants hold */                               \
             _Pragma("omp for schedule(static)")                                                             \
             for (i64 blk = 0; blk < nblocks; blk++) {                                                       \
@@ -164,31 +199,25 @@ EPILOGUE(fw_epilogue_f64, double)
                         tb[e] = bias && mode != REQ_FLOAT ? (double)bias[c] : 0.0;                          \
                         tmh[e] = mhi[c], tml[e] = mlo[c], thf[e] = half[c], tiv[e] = inv[c];                \
                     }                                                                                       \
+                    for (int j = 0; j < len; j++) {                                                         \
+                        int c = c0 + j, g = c / cg;                                                         \
+                        off[j] = (i64)g * planes * cg + (c - g * cg);                                       \
+                    }                                                                                       \
                     tiled = c0;                                                                             \
                 }                                                                                           \
                 for (int r = 0; r < rows; r++) {                                                            \
                     i64 o = o0 + r;                                                                         \
                     double *ar = a + r * len;                                                               \
-                    if (groups == 1) {                                                                      \
-                        const T *src = acc + o * planes * C + c0;                                           \
-                        for (int j = 0; j < len; j++) ar[j] = (double)src[(i64)(planes - 1) * C + j];       \
+                    if (groups == 1 || planes == 1) {                                                       \
+                        cl_gather_##T(acc + o * planes * C + c0, C, planes, len, base, ar);                 \
+                    } else { /* planes stacked per group: precomputed offsets of each channel's plane 0 */ \
+                        const T *src = acc + o * planes * C;                                                \
+                        for (int j = 0; j < len; j++) ar[j] = (double)src[off[j] + (i64)(planes - 1) * cg]; \
                         for (int p = planes - 2; p >= 0; p--)                                               \
-                            for (int j = 0; j < len; j++) ar[j] = ar[j] * base + (double)src[(i64)p * C + j]; \
-                    } else {                                                                                \
-                        for (int j = 0; j < len; j++) {                                                     \
-                            int c = c0 + j, g = c / cg, cc = c - g * cg;                                    \
-                            const T *src = acc + ((o * groups + g) * planes) * cg + cc;                     \
-                            double v = (double)src[(i64)(planes - 1) * cg];                                 \
-                            for (int p = planes - 2; p >= 0; p--) v = v * base + (double)src[(i64)p * cg];  \
-                            ar[j] = v;                                                                      \
-                        }                                                                                   \
+                            for (int j = 0; j < len; j++) ar[j] = ar[j] * base + (double)src[off[j] + (i64)p * cg]; \
                     }                                                                                       \
                 }                                                                                           \
-                i64 nbad = 0;                                                                               \
-                for (int e = 0; e < cnt; e++) {                                                             \
-                    a[e] += tb[e];                                                                          \
-                    nbad += (a[e] < dlo) | (a[e] > dhi);                                                    \
-                }                                                                                           \
+                i64 nbad = cl_bias_fit(a, tb, cnt, dlo, dhi);                                               \
                 if (nbad) { /* rare: refit the misfits exactly in int64 */                                  \
                     i64 unused = 0;                                                                         \
                     for (int e = 0; e < cnt; e++)                                                           \
@@ -206,11 +235,7 @@ EPILOGUE(fw_epilogue_f64, double)
                             dr[j] = clampf(rintf(v / fout) + (float)zp, (float)lo, (float)hi);              \
                         }                                                                                   \
                     } else if (f64 && mode == REQ_SINGLE) {                                                 \
-                        for (int j = 0; j < len; j++) {                                                     \
-                            double q = floor((ar[j] * tml[j] + thf[j]) * inv16);                            \
-                            double y = floor((ar[j] * tmh[j] + q) * tiv[j]) + dzp;                          \
-                            dr[j] = (float)(y < ylo ? ylo : (y > yhi ? yhi : y));                           \
-                        }                                                                                   \
+                        cl_single_f64(ar, tml, tmh, thf, tiv, dr, len, dzp, ylo, yhi);                      \
                     } else {                                                                                \
                         for (int j = 0; j < len; j++) {                                                     \
                             int c = c0 + j;                                                                 \

@@ -309,8 +309,9 @@ class QWeighted(QNode):
 
     def exact_weights(self, w: torch.Tensor, kind: str = "float") -> ExactWeights | None:
         """`w` prepared for the exact kernel `kind` ("float": `intops.prepare`; "onednn": `onednn`, None
-        where its certificate fails). The stored weights are prepared once per version (an in-place update
-        bumps it); perturbed weights (`weight_fn`) are prepared per call."""
+        where its certificate fails; "dequantized": fake mode's float weights). The stored weights are
+        prepared once per version (an in-place update bumps it); perturbed weights (`weight_fn`) are
+        prepared per call."""
         if w is self.weight_q:
             cached = self._prepared.get(kind)
             if cached is not None and cached[0] is w and cached[1] == w._version:
@@ -323,6 +324,8 @@ class QWeighted(QNode):
     def _prepare(self, w, kind):
         if kind == "onednn":
             return self.onednn_prepare(w)
+        if kind == "dequantized":  # fake mode's float weights
+            return dequantize(w, self.w_qp)
         return prepare(w, self.xb, getattr(self, "groups", 1))
 
     def kernel_for(self, x: torch.Tensor, choice: str, w: torch.Tensor | None = None) -> str:
@@ -407,7 +410,7 @@ class QWeighted(QNode):
 
     def fake_forward(self, x, ctx):
         w = self.weight(ctx)  # integer codes, or float (already fake-quantized) weights for QAT
-        w = w if w.is_floating_point() else dequantize(w, self.w_qp)
+        w = w if w.is_floating_point() else self.exact_weights(w, "dequantized")  # cached per version
         return fake_out(self.float_op(x, w, self.float_bias()), self.out_qp, self.lo, self.hi)
 
 
