@@ -91,7 +91,9 @@ def _planes(w: torch.Tensor, groups: int):
     if split is None or split[1] == 0:
         return None
     planes, p, bits, bound = split
-    return planes, lambda packed: ExactWeights(packed, p, bits, groups, w.shape[0], bound, kind="onednn")
+    return planes, lambda packed: ExactWeights(
+        packed, p, bits, groups, w.shape[0], bound, kind="onednn", conv_groups=groups
+    )
 
 
 def _unit(n: int) -> tuple[torch.Tensor, torch.Tensor]:
