@@ -78,15 +78,17 @@ CONVS = {  # name: (cin, cout, kernel, stride, padding, dilation, groups, size)
     "depthwise": (24, 24, 3, 1, 1, 1, 24, 7),
     "grouped_dilated": (12, 18, 3, 2, 2, 2, 3, 11),
     "stem": (3, 8, 3, 1, 1, 1, 1, 10),
+    "long_fanin": (256, 8, 3, 1, 1, 1, 1, 5),  # 16-bit weights: certified in fan-in chunks
 }
+LINEAR_FANIN = {"linear": 300, "linear_3d": 300, "linear_long": 2048}
 
 
-def _node(kind, wbits, zp_in, per_channel, g, act=None, bias=True, cfg=None):
+def _node(kind, wbits, zp_in, per_channel, g, act=None, bias=True, cfg=None, fanin=300):
     in_fmt = activation_format(8)
     w_fmt = QFormat(bits=wbits, signed=True, symmetric=True, axis=0 if per_channel else None)
     wmax = w_fmt.qmax
     if kind == "linear":
-        cin, cout = 300, 20
+        cin, cout = fanin, 20
         weight = torch.randint(-wmax, wmax + 1, (cout, cin), generator=g)
     else:
         cin, cout, k, _, _, _, groups, _ = cfg
@@ -109,16 +111,17 @@ def _node(kind, wbits, zp_in, per_channel, g, act=None, bias=True, cfg=None):
     return QConv2d("conv", ["x"], conv, **kw), dict(stride=stride, padding=pad, dilation=dil, groups=groups)
 
 
-@pytest.mark.parametrize("layer", [*CONVS, "linear", "linear_3d"])
+@pytest.mark.parametrize("layer", [*CONVS, *LINEAR_FANIN])
 @pytest.mark.parametrize("wbits", [8, 16])
 @pytest.mark.parametrize("requant", ["single", "gemmlowp", "float"])
 def test_every_kernel_path_equals_the_int64_reference(path, layer, wbits, requant):
     g = torch.Generator().manual_seed(hash((layer, wbits, requant)) % 2**31)
     kind = "linear" if layer.startswith("linear") else "conv"
     for zp_in, per_channel, act in ((0, True, "relu"), (128, False, None)):
-        node, conv = _node(kind, wbits, zp_in, per_channel, g, act=act, cfg=CONVS.get(layer))
+        fanin = LINEAR_FANIN.get(layer, 300)
+        node, conv = _node(kind, wbits, zp_in, per_channel, g, act=act, cfg=CONVS.get(layer), fanin=fanin)
         if kind == "linear":
-            shape = (4, 5, 300) if layer == "linear_3d" else (16, 300)
+            shape = (4, 5, fanin) if layer == "linear_3d" else (16, fanin)
         else:
             shape = (4, CONVS[layer][0], CONVS[layer][7], CONVS[layer][7])
         x = torch.randint(0, 256, shape, generator=g).float()
@@ -128,7 +131,11 @@ def test_every_kernel_path_equals_the_int64_reference(path, layer, wbits, requan
             ours = node.int_forward(x, ctx)
             ref, bad = _reference(node, x, requant, spec, conv)
             assert torch.equal(ours, ref), (path, layer, wbits, requant, zp_in, spec)
-            assert node._last_kind == ("onednn" if path == "onednn" else "float")
+            ew = node.exact_weights(node.weight_q, node._last_kind)
+            if path == "onednn":
+                assert node._last_kind == "onednn" or ew is None or layer in ("long_fanin", "linear_long")
+            if path == "c" and wbits == 16 and layer in ("long_fanin", "linear_long"):
+                assert ew.chunks > 1 and ew.planes <= 2  # the fan-in chunks are exercised
             assert ctx.stats.overflow.get(node.name, 0) == bad
             if spec.bits == 20 and wbits == 16:
                 assert bad > 0  # the narrow accumulator really overflows in this case
@@ -186,7 +193,7 @@ def test_c_epilogue_rounds_like_the_reference_on_every_tie(mode, layout):
         raw, dim = acc.float().reshape(width, 1, 1, 4).permute(0, 3, 1, 2), 1
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         raw = raw.contiguous(memory_format=fmt)
-    out, bad = kernels.epilogue(raw, dim, (1, 1, 4, 0), rq, None, 32, False, mode)
+    out, bad = kernels.epilogue(raw, dim, (1, 1, 4, 0, 1), rq, None, 32, False, mode)
     ref = (requantize(acc, rq.mult, rq.shift, mode) + rq.zp).float()
     got = out.reshape(width, 4) if layout == "rows" else out.permute(0, 2, 3, 1).reshape(width, 4)
     assert bad == 0 and torch.equal(got, ref)

@@ -32,6 +32,7 @@ from . import kernels
 F32_EXACT = 2**24
 F64_EXACT = 2**53
 MAX_PLANES = 4
+FEW_PLANES = 2  # beyond this many planes of the whole fan-in, try fan-in chunks (`_chunked`)
 
 
 @dataclass
@@ -88,6 +89,7 @@ class ExactWeights:
     bound: int
     kind: str = "float"  # "float": float32 planes / float64; "onednn": packed int8 planes (`onednn`)
     conv_groups: int = 1  # the layer's own groups
+    chunks: int = 1  # fan-in chunks, each certified and summed on its own (see `prepare`)
 
     @property
     def kernel(self) -> str:
@@ -95,7 +97,8 @@ class ExactWeights:
         if self.planes == 0:
             return "float64"
         name = "oneDNN u8 x s8" if self.kind == "onednn" else "float32"
-        return name if self.planes == 1 else f"{name} x{self.planes} planes of {self.digit_bits} bits"
+        name = name if self.planes == 1 else f"{name} x{self.planes} planes of {self.digit_bits} bits"
+        return name if self.chunks == 1 else f"{name}, fan-in in {self.chunks} chunks"
 
 
 def digit_planes(w: torch.Tensor, x_bound: int) -> tuple[list[torch.Tensor], int] | None:
@@ -130,6 +133,10 @@ def prepare(w: torch.Tensor, x_bound: int, groups: int = 1) -> ExactWeights:
     native = kernels.digit_planes(w, x_bound, 1, MAX_PLANES) if kernels.library() and w.numel() else None
     if native is not None:
         stacked, planes, bits, bound = native
+        if (planes == 0 or planes > FEW_PLANES) and groups == 1:
+            chunked = _chunked(w, x_bound)
+            if chunked is not None:
+                return chunked
     else:
         bound = x_bound * int(w.to(torch.int64).reshape(cout, -1).abs().sum(1).max()) if w.numel() else 0
         split = digit_planes(w, x_bound)
@@ -142,17 +149,34 @@ def prepare(w: torch.Tensor, x_bound: int, groups: int = 1) -> ExactWeights:
     return ExactWeights(stacked, planes, bits, 1, cout, bound, conv_groups=groups)
 
 
+def _chunked(w: torch.Tensor, x_bound: int) -> ExactWeights | None:
+    """Long fan-ins (ResNet-18's 3x3x512) need 3-4 planes of the whole sum, but only 1-2 of a part of it:
+    cut the input channels into 2^i chunks, each certified on its own (the kernel runs them as a conv
+    grouped by chunk, the same multiply-adds as one plane), the epilogue sums them. The fewest chunks that
+    get to FEW_PLANES planes, or None."""
+    cin = w.shape[1] if w.dim() > 1 else 1
+    for chunks in (2, 4, 8, 16):
+        if cin % chunks:
+            break
+        stacked, planes, bits, bound = kernels.digit_planes(w, x_bound, 1, FEW_PLANES, chunks=chunks)
+        if planes:
+            return ExactWeights(stacked, planes, bits, 1, w.shape[0], bound, chunks=chunks)
+    return None
+
+
 def combine(out: torch.Tensor, ew: ExactWeights, dim: int) -> torch.Tensor:
     """Recombine a kernel output with the planes of `ew` stacked along `dim` into one exact float64
     accumulator (the torch path; the C epilogue does the same in its single pass)."""
-    if ew.planes <= 1:
+    if ew.planes <= 1 and ew.chunks == 1:
         return out.double()
     dim = dim % out.dim()
-    g, p, cg = ew.groups, ew.planes, ew.channels // ew.groups
+    g, p, cg = ew.groups * ew.chunks, max(ew.planes, 1), ew.channels // ew.groups
     parts = out.unflatten(dim, (g, p, cg)).double()
     acc = parts.select(dim + 1, 0).clone()
     for i in range(1, p):
         acc.add_(parts.select(dim + 1, i), alpha=float(1 << (ew.digit_bits * i)))
+    if ew.chunks > 1:  # [chunks][C]: sum the chunks
+        return acc.sum(dim)
     return acc.flatten(dim, dim + 1)
 
 
@@ -164,6 +188,8 @@ def exact_conv2d(x: torch.Tensor, ew: ExactWeights, stride, padding, dilation) -
     x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
     if ew.planes == 0:
         return F.conv2d(x.double(), ew.weight, None, stride, padding, dilation, ew.conv_groups)
+    if ew.chunks > 1:  # a conv grouped by fan-in chunk
+        return F.conv2d(x, ew.weight, None, stride, padding, dilation, ew.chunks)
     if ew.planes > 1 and ew.conv_groups > 1:  # one grouped conv per plane (see ExactWeights)
         planes = ew.weight.chunk(ew.planes)
         return torch.cat([F.conv2d(x, wp, None, stride, padding, dilation, ew.conv_groups) for wp in planes], 1)
@@ -173,6 +199,10 @@ def exact_conv2d(x: torch.Tensor, ew: ExactWeights, stride, padding, dilation) -
 def exact_linear(x: torch.Tensor, ew: ExactWeights) -> torch.Tensor:
     """x @ w.T of integer-valued float32 `x` (zero point removed) with the prepared weights (raw, as
     `exact_conv2d`)."""
+    if ew.chunks > 1:  # the fan-in chunks as a grouped 1x1 conv over rows
+        rows = x.reshape(-1, x.shape[-1], 1, 1)
+        out = F.conv2d(rows, ew.weight.reshape(*ew.weight.shape, 1, 1), groups=ew.chunks)
+        return out.reshape(*x.shape[:-1], out.shape[1])
     return F.linear(x.double() if ew.planes == 0 else x, ew.weight)
 
 

@@ -176,7 +176,7 @@ CL_GATHER(double)
     i64 NAME(const T *acc, float *out, i64 outer, int groups, int planes, int C, int digit_bits,           \
              const i64 *bias, const i64 *mult, const int *n, const double *mhi, const double *mlo,          \
              const double *half, const double *inv, const float *fscale, const float *fbias, float fout,    \
-             i64 zp, i64 lo, i64 hi, int acc_bits, int wrap, int mode, int f64, int nthreads) {             \
+             i64 zp, i64 lo, i64 hi, int acc_bits, int wrap, int mode, int f64, int chunks, int nthreads) { \
         int cg = C / groups, chunk = C < SEG ? C : SEG, k = C < SEG ? SEG / C : 1;                         \
         i64 nchunks = (C + chunk - 1) / chunk, nblocks = ((outer + k - 1) / k) * nchunks, bad = 0;         \
         i64 alo = -((i64)1 << (acc_bits - 1)), ahi = ((i64)1 << (acc_bits - 1)) - 1;                       \
@@ -208,7 +208,15 @@ CL_GATHER(double)
                 for (int r = 0; r < rows; r++) {                                                            \
                     i64 o = o0 + r;                                                                         \
                     double *ar = a + r * len;                                                               \
-                    if (groups == 1 || planes == 1) {                                                       \
+                    if (chunks > 1) { /* fan-in chunks (groups 1): [chunks][planes][C], summed */          \
+                        double tmp[SEG];                                                                    \
+                        const T *row = acc + o * chunks * planes * C + c0;                                  \
+                        cl_gather_##T(row, C, planes, len, base, ar);                                       \
+                        for (int g = 1; g < chunks; g++) {                                                  \
+                            cl_gather_##T(row + (i64)g * planes * C, C, planes, len, base, tmp);            \
+                            for (int j = 0; j < len; j++) ar[j] += tmp[j];                                  \
+                        }                                                                                   \
+                    } else if (groups == 1 || planes == 1) {                                                \
                         cl_gather_##T(acc + o * planes * C + c0, C, planes, len, base, ar);                 \
                     } else { /* planes stacked per group: precomputed offsets of each channel's plane 0 */ \
                         const T *src = acc + o * planes * C;                                                \
@@ -310,41 +318,50 @@ static inline void digits(i64 v, int planes, int b, i64 *d) {
 
 /* The certified digit-plane split of integer weights [C][K] (see fwdgrad/engine/intops.py: each plane's
  * x_bound·max_c Σ_k |d[c,k]| < 2^24), trying 1..max_planes planes with the same digit widths as the torch
- * path. With fixed_bits > 0 the digits have that width and every plane must also satisfy
- * |d| <= 2^(fixed_bits-1) (the top plane included; an int8 kernel's operand limit). Returns the number of
- * planes (0: none certifies), with the digit bits in *bits and the bound x_bound·max_c Σ|w| in *bound. */
-int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, i64 x_bound, int max_planes, int fixed_bits, int *bits,
-                   i64 *bound) {
-    i64 smax = 0, amax = 0;
+ * path. With chunks > 1 the fan-in K is cut into that many contiguous chunks (of input channels), each
+ * summed separately by the kernel, and the bound holds per chunk. With fixed_bits > 0 the digits have that
+ * width and every plane must also satisfy |d| <= 2^(fixed_bits-1) (an int8 kernel's operand limit).
+ * Returns the number of planes (0: none certifies), with the digit bits in *bits and the whole bound
+ * x_bound·max_c Σ|w| in *bound. */
+int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, int chunks, i64 x_bound, int max_planes, int fixed_bits,
+                   int *bits, i64 *bound) {
+    i64 smax = 0, cmax = 0, amax = 0, kg = K / chunks;
     for (i64 c = 0; c < C; c++) {
         i64 s = 0;
-        for (i64 k = 0; k < K; k++) {
-            i64 v = load_int(w, wbytes, c * K + k), a = v < 0 ? -v : v;
-            s += a;
-            amax = a > amax ? a : amax;
+        for (int g = 0; g < chunks; g++) {
+            i64 sg = 0;
+            for (i64 k = g * kg; k < (g + 1) * kg; k++) {
+                i64 v = load_int(w, wbytes, c * K + k), a = v < 0 ? -v : v;
+                sg += a;
+                amax = a > amax ? a : amax;
+            }
+            s += sg;
+            cmax = sg > cmax ? sg : cmax;
         }
         smax = s > smax ? s : smax;
     }
     *bound = x_bound * smax;
     *bits = 0;
     i64 limit = fixed_bits > 0 ? (i64)1 << (fixed_bits - 1) : INT64_MAX;
-    if (x_bound * smax < ((i64)1 << 24) && amax <= limit) return 1;
+    if (x_bound * cmax < ((i64)1 << 24) && amax <= limit) return 1;
     int nbits = 1;
     while ((amax >> nbits) > 0) nbits++;
     nbits += 1; /* signed */
     for (int p = 2; p <= max_planes; p++) {
         int b = fixed_bits > 0 ? fixed_bits : (nbits + p - 1) / p + 1, ok = 1;
         for (i64 c = 0; c < C && ok; c++) {
-            i64 s[8] = {0}, d[8];
-            for (i64 k = 0; k < K && ok; k++) {
-                digits(load_int(w, wbytes, c * K + k), p, b, d);
-                for (int q = 0; q < p; q++) {
-                    i64 a = d[q] < 0 ? -d[q] : d[q];
-                    s[q] += a;
-                    ok &= a <= limit;
+            for (int g = 0; g < chunks && ok; g++) {
+                i64 s[8] = {0}, d[8];
+                for (i64 k = g * kg; k < (g + 1) * kg && ok; k++) {
+                    digits(load_int(w, wbytes, c * K + k), p, b, d);
+                    for (int q = 0; q < p; q++) {
+                        i64 a = d[q] < 0 ? -d[q] : d[q];
+                        s[q] += a;
+                        ok &= a <= limit;
+                    }
                 }
+                for (int q = 0; q < p; q++) ok &= x_bound * s[q] < ((i64)1 << 24);
             }
-            for (int q = 0; q < p; q++) ok &= x_bound * s[q] < ((i64)1 << 24);
         }
         if (ok) {
             *bits = b;
@@ -354,18 +371,20 @@ int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, i64 x_bound, int max
     return 0;
 }
 
-/* The planes stacked [groups][planes][C/groups][K] (one kernel call runs them all), as float32
- * (out_bytes 4) or int8 (out_bytes 1). */
-void fw_fill_planes(const void *w, int wbytes, i64 C, i64 K, int groups, int planes, int b, void *out, int out_bytes) {
-    i64 cg = C / groups;
+/* The planes stacked as float32 (out_bytes 4) or int8 (out_bytes 1): [groups][planes][C/groups][K] (one
+ * kernel call runs them all), or with chunks > 1 (groups 1) [chunks][planes][C][K/chunks], the weight of
+ * a conv grouped by fan-in chunk. */
+void fw_fill_planes(const void *w, int wbytes, i64 C, i64 K, int groups, int chunks, int planes, int b, void *out,
+                    int out_bytes) {
+    i64 cg = C / groups, kg = K / chunks;
     for (i64 c = 0; c < C; c++) {
         i64 g = c / cg, cc = c % cg, d[8];
         for (i64 k = 0; k < K; k++) {
-            i64 v = load_int(w, wbytes, c * K + k);
+            i64 v = load_int(w, wbytes, c * K + k), ch = k / kg, kk = k - ch * kg;
             if (planes == 1) d[0] = v;
             else digits(v, planes, b, d);
             for (int q = 0; q < planes; q++) {
-                i64 at = ((g * planes + q) * cg + cc) * K + k;
+                i64 at = chunks > 1 ? ((ch * planes + q) * C + c) * kg + kk : ((g * planes + q) * cg + cc) * K + k;
                 if (out_bytes == 4) ((float *)out)[at] = (float)d[q];
                 else ((int8_t *)out)[at] = (int8_t)d[q];
             }

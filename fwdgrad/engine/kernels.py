@@ -29,7 +29,7 @@ _EPILOGUE = (
 )
 _EPILOGUE_CL = (
     _I64,
-    [_P, _P, _I64, _INT, _INT, _INT, _INT] + [_P] * 9 + [_F32, _I64, _I64, _I64] + [_INT] * 5,
+    [_P, _P, _I64, _INT, _INT, _INT, _INT] + [_P] * 9 + [_F32, _I64, _I64, _I64] + [_INT] * 6,
 )
 SIGNATURES = {
     "fw_epilogue_f32": _EPILOGUE,
@@ -38,8 +38,8 @@ SIGNATURES = {
     "fw_epilogue_cl_f64": _EPILOGUE_CL,
     "fw_rescale_sum": (None, [_P, _INT, _P, _P, _INT, _I64, _I64, _I64, _P, _I64, _INT, _INT]),
     "fw_fake_quant": (None, [_P, _P, _I64, _F32, _F32, _F32, _F32, _INT]),
-    "fw_plan_planes": (_INT, [_P, _INT, _I64, _I64, _I64, _INT, _INT, _P, _P]),
-    "fw_fill_planes": (None, [_P, _INT, _I64, _I64, _INT, _INT, _INT, _P, _INT]),
+    "fw_plan_planes": (_INT, [_P, _INT, _I64, _I64, _INT, _I64, _INT, _INT, _P, _P]),
+    "fw_fill_planes": (None, [_P, _INT, _I64, _I64, _INT, _INT, _INT, _INT, _P, _INT]),
     "fw_perturb": (_I64, [_P, _INT, _I64, _I64, _I64, _INT, _P, _P, _I64, _INT, _INT, _P, _I64, _I64, _P]),
 }
 _INT_BYTES = {torch.int8: 1, torch.int16: 2, torch.int32: 4}
@@ -69,22 +69,26 @@ def epilogue(
     """One pass from a raw kernel output to output codes (float32): planes recombined, bias added,
     accumulator fitted to `acc_bits`, requantized with `mode`, zero point added, clamped.
 
-    stack = (groups, planes, channels, digit_bits): along `channel_dim`, `raw` holds
-    [groups][planes][channels/groups] (see `intops.prepare`). Channels-first (NCHW) and channels-last
-    layouts are both read in place; the output keeps the layout. `consts` is a `Requantizer` (its `c_*`
+    stack = (groups, planes, channels, digit_bits, chunks): along `channel_dim`, `raw` holds
+    [groups][planes][channels/groups], or with fan-in chunks (groups 1) [chunks][planes][channels], summed
+    (see `intops.prepare`). Channels-first (NCHW) and channels-last layouts are both read in place; the
+    output keeps the layout. `consts` is a `Requantizer` (its `c_*`
     arrays, zp, lo, hi); `bias` is int64 per channel. Returns (codes, number of accumulator misfits)."""
     lib = library()
-    groups, planes, channels, bits = stack
+    groups, planes, channels, bits, chunks = stack
     planes = max(planes, 1)
     shape = list(raw.shape)
     shape[channel_dim] = channels
     f64 = raw.dtype == torch.float64
     last = channel_dim in (-1, raw.dim() - 1)
-    if not last and raw.dim() == 4 and not raw.is_contiguous():
-        last = raw.is_contiguous(memory_format=torch.channels_last)
+    if not last and raw.dim() == 4 and (chunks > 1 or not raw.is_contiguous()):
+        last = raw.is_contiguous(memory_format=torch.channels_last)  # chunks: channels-last only
+        if chunks > 1 and not last:
+            raw = raw.contiguous(memory_format=torch.channels_last)
+            last = True
     threads = torch.get_num_threads()
     if last:
-        rows = raw.numel() // (planes * channels)
+        rows = raw.numel() // (chunks * planes * channels)
         f64_single = mode == "single" and consts.f64_exact(acc_bits)
         if channel_dim in (-1, raw.dim() - 1):
             raw, out = raw.contiguous(), torch.empty(shape, dtype=torch.float32)
@@ -96,7 +100,7 @@ def epilogue(
             _ptr(bias), consts.c_mult.data_ptr(), consts.c_n.data_ptr(), consts.c_mhi.data_ptr(),
             consts.c_mlo.data_ptr(), consts.c_half.data_ptr(), consts.c_inv.data_ptr(),
             consts.c_fscale.data_ptr(), _ptr(consts.c_fbias), consts.c_fout, consts.zp, consts.lo, consts.hi,
-            acc_bits, int(wrap), REQUANT_CODES[mode], int(f64_single), threads,
+            acc_bits, int(wrap), REQUANT_CODES[mode], int(f64_single), chunks, threads,
         )  # fmt: skip
         return out, bad
     raw = raw.contiguous()
@@ -156,12 +160,14 @@ def _same_dense_layout(xs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def digit_planes(
-    w: torch.Tensor, x_bound: int, groups: int, max_planes: int, digit_bits: int = 0
+    w: torch.Tensor, x_bound: int, groups: int, max_planes: int, digit_bits: int = 0, chunks: int = 1
 ) -> tuple[torch.Tensor, int, int, int] | None:
-    """`intops.prepare`'s split in C: (planes stacked [groups][planes][C/groups] along dim 0, planes (0:
-    more than `max_planes` needed, no tensor), digit bits, bound), or None when `w` is not an 8/16/32-bit
-    integer tensor. Float32 planes; with `digit_bits` > 0, int8 planes of that digit width whose entries
-    also stay within ±2^(digit_bits-1) (the operands of an int8 kernel)."""
+    """`intops.prepare`'s split in C: (planes stacked along dim 0, planes (0: more than `max_planes`
+    needed, no tensor), digit bits, bound), or None when `w` is not an 8/16/32-bit integer tensor. Float32
+    planes stacked [groups][planes][C/groups]; with `chunks` > 1 (groups 1) the fan-in is cut into that many
+    input-channel chunks, each certified on its own, stacked [chunks][planes][C] as the weight
+    [chunks·planes·C, C_in/chunks, ...] of a conv grouped by chunk. With `digit_bits` > 0, int8 planes of
+    that digit width whose entries also stay within ±2^(digit_bits-1) (the operands of an int8 kernel)."""
     if w.dtype not in _INT_BYTES:
         return None
     lib, w = library(), w.contiguous()
@@ -169,22 +175,16 @@ def digit_planes(
     bits, bound = ctypes.c_int(), ctypes.c_int64()
     nbytes = _INT_BYTES[w.dtype]
     planes = lib.fw_plan_planes(
-        w.data_ptr(),
-        nbytes,
-        cout,
-        k,
-        x_bound,
-        max_planes,
-        digit_bits,
-        ctypes.byref(bits),
+        w.data_ptr(), nbytes, cout, k, chunks, x_bound, max_planes, digit_bits, ctypes.byref(bits),
         ctypes.byref(bound),
-    )
+    )  # fmt: skip
     if planes == 0:
         return torch.empty(0), 0, 0, bound.value
     dtype = torch.int8 if digit_bits else torch.float32
-    out = torch.empty(planes * cout, *w.shape[1:], dtype=dtype)
+    shape = (chunks * planes * cout, w.shape[1] // chunks, *w.shape[2:]) if w.dim() > 1 else (planes * cout,)
+    out = torch.empty(shape, dtype=dtype)
     lib.fw_fill_planes(
-        w.data_ptr(), nbytes, cout, k, groups, planes, bits.value, out.data_ptr(), 1 if digit_bits else 4
+        w.data_ptr(), nbytes, cout, k, groups, chunks, planes, bits.value, out.data_ptr(), 1 if digit_bits else 4
     )
     return out, planes, bits.value, bound.value
 

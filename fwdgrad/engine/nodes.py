@@ -401,7 +401,7 @@ class QWeighted(QNode):
         if ctx.requant == "float":
             rq.c_fbias = None if self.bias_q is None else self.float_bias().float().contiguous()
         bias = None if self.bias_q is None else self.bias_q.to(torch.int64).contiguous()
-        stack = (ew.groups, ew.planes, ew.channels, ew.digit_bits)
+        stack = (ew.groups, ew.planes, ew.channels, ew.digit_bits, ew.chunks)
         out, n = kernels.epilogue(
             raw, self.channel_dim, stack, rq, bias, ctx.acc.bits, ctx.acc.overflow == "wrap", ctx.requant
         )
@@ -574,7 +574,7 @@ class QAvgPool(QNode):
             self._requant[n, channels] = Requantizer(real, self.out_qp, self.lo, self.hi, channels=channels)
         rq = self._requant[n, channels]
         if kernels.library() is not None and acc.dim() == 4:
-            return kernels.epilogue(acc, 1, (1, 1, channels, 0), rq, None, 48, False, ctx.requant)[0]
+            return kernels.epilogue(acc, 1, (1, 1, channels, 0, 1), rq, None, 48, False, ctx.requant)[0]
         return rq(acc.double(), ctx.requant, n * self.xb)
 
     def fake_forward(self, x, ctx):
