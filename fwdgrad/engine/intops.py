@@ -191,8 +191,11 @@ def exact_conv2d(x: torch.Tensor, ew: ExactWeights, stride, padding, dilation) -
     if ew.chunks > 1:  # a conv grouped by fan-in chunk
         return F.conv2d(x, ew.weight, None, stride, padding, dilation, ew.chunks)
     if ew.planes > 1 and ew.conv_groups > 1:  # one grouped conv per plane (see ExactWeights)
-        planes = ew.weight.chunk(ew.planes)
-        return torch.cat([F.conv2d(x, wp, None, stride, padding, dilation, ew.conv_groups) for wp in planes], 1)
+        conv = [
+            F.conv2d(x, w, None, stride, padding, dilation, ew.conv_groups)
+            for w in ew.weight.chunk(ew.planes)
+        ]
+        return torch.cat(conv, 1)
     return F.conv2d(x, ew.weight, None, stride, padding, dilation, ew.conv_groups)
 
 

@@ -183,9 +183,8 @@ def digit_planes(
     dtype = torch.int8 if digit_bits else torch.float32
     shape = (chunks * planes * cout, w.shape[1] // chunks, *w.shape[2:]) if w.dim() > 1 else (planes * cout,)
     out = torch.empty(shape, dtype=dtype)
-    lib.fw_fill_planes(
-        w.data_ptr(), nbytes, cout, k, groups, chunks, planes, bits.value, out.data_ptr(), 1 if digit_bits else 4
-    )
+    args = (w.data_ptr(), nbytes, cout, k, groups, chunks, planes, bits.value, out.data_ptr())
+    lib.fw_fill_planes(*args, 1 if digit_bits else 4)
     return out, planes, bits.value, bound.value
 
 
