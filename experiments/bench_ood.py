@@ -4,7 +4,8 @@ Runs `fwdgrad run experiment=ood data.severity=<severity> mode.lp_layers=1 metho
 (the source model is pretrained once and cached, so a first-ever call pretrains it first, outside the
 measured times) and reads each run's metrics.json: the training-step time (`wall_s`, what reports show),
 the whole run (`total_wall_s`: data, conversion, calibration, evaluations) and the test accuracy.
-Prints JSON; with --out DIR also writes DIR/ood_wall.json.
+Prints JSON; with --out DIR also writes DIR/ood_wall.json and DIR/ood_wall.md (`--render JSON` rewrites
+the Markdown of an earlier JSON without running anything).
 
     uv run python experiments/bench_ood.py [--severity medium] [--seed 0] [--steps N] [--out DIR]
         [--set KEY=VALUE ...]
@@ -20,8 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fwdgrad.files import write_json
-from fwdgrad.provenance import provenance
+from fwdgrad.files import write_json, write_text
+from fwdgrad.provenance import provenance, provenance_line
 
 METHODS = ("bp", "qzo_ff")
 
@@ -44,6 +45,27 @@ def run(method: str, args, folder: Path) -> dict:
     return {k: metrics[k] for k in ("test_acc", "wall_s", "total_wall_s", "steps", "forward_passes")}
 
 
+def markdown(result: dict) -> str:
+    bp, ff, ratio = result["bp"], result["qzo_ff"], result["qzo_ff_over_bp"]
+    return "\n".join(
+        [
+            "# QZO-FF against BP: wall time of the OOD preset",
+            "",
+            provenance_line(result["provenance"]),
+            "",
+            f"`experiment=ood data.severity={result['severity']} mode.lp_layers=1`, seed {result['seed']}, "
+            "one run after the other on this machine:",
+            "",
+            "| method | test acc | training steps s (`wall_s`) | whole run s (`total_wall_s`) |",
+            "|---|---|---|---|",
+            f"| BP fp32 | {bp['test_acc']:.4f} | {bp['wall_s']:.1f} | {bp['total_wall_s']:.1f} |",
+            f"| QZO-FF w16a8 | {ff['test_acc']:.4f} | {ff['wall_s']:.1f} | {ff['total_wall_s']:.1f} |",
+            f"| QZO-FF / BP | | {ratio['wall_s']} | {ratio['total_wall_s']} |",
+            "",
+        ]
+    )
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--severity", default="medium")
@@ -51,7 +73,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
     ap.add_argument("--out", type=Path, default=None, help="folder for ood_wall.json")
     ap.add_argument("--set", nargs="+", default=[], dest="overrides", help="more Hydra overrides (both runs)")
+    ap.add_argument("--render", type=Path, default=None, help="an ood_wall.json to turn into ood_wall.md")
     args = ap.parse_args(argv)
+    if args.render is not None:
+        result = json.loads(args.render.read_text())
+        write_text(args.render.with_suffix(".md"), markdown(result))
+        return result
     given = argv if argv is not None else sys.argv[1:]
     command = "uv run python experiments/bench_ood.py " + shlex.join(given)
     result = {"provenance": provenance(command.strip()), "severity": args.severity, "seed": args.seed}
@@ -68,6 +95,7 @@ def main(argv=None) -> dict:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         write_json(args.out / "ood_wall.json", result)
+        write_text(args.out / "ood_wall.md", markdown(result))
     return result
 
 

@@ -126,14 +126,15 @@ def digit_planes(w: torch.Tensor, x_bound: int) -> tuple[list[torch.Tensor], int
     return None
 
 
-def prepare(w: torch.Tensor, x_bound: int, groups: int = 1) -> ExactWeights:
+def prepare(w: torch.Tensor, x_bound: int, groups: int = 1, chunk: bool = True) -> ExactWeights:
     """Certify integer weights `w` (out channels first) for inputs with |x| <= x_bound: float32 digit
-    planes where each plane's sums stay below 2^24, else float64 (exact below 2^53, else OverflowError)."""
+    planes where each plane's sums stay below 2^24 (with `chunk`, of fan-in chunks when the whole fan-in
+    needs more than FEW_PLANES planes), else float64 (exact below 2^53, else OverflowError)."""
     cout = w.shape[0]
     native = kernels.digit_planes(w, x_bound, 1, MAX_PLANES) if kernels.library() and w.numel() else None
     if native is not None:
         stacked, planes, bits, bound = native
-        if (planes == 0 or planes > FEW_PLANES) and groups == 1:
+        if chunk and (planes == 0 or planes > FEW_PLANES) and groups == 1:
             chunked = _chunked(w, x_bound)
             if chunked is not None:
                 return chunked

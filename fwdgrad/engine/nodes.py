@@ -48,9 +48,10 @@ class ExecContext:
     kernel: str = "auto"  # KERNELS: which exact kernel conv/linear layers use
 
 
-#: "auto": per layer and input shape the faster of the certified paths (timed once); "float": float32 digit
-#: planes (float64 past MAX_PLANES); "onednn": oneDNN's u8 x s8 kernels where certified, else "float".
-KERNELS = ("auto", "float", "onednn")
+#: "auto": per layer and input shape the fastest of the certified paths (timed once); "float": float32 digit
+#: planes (of fan-in chunks where they save planes; float64 past MAX_PLANES); "float_whole": the same
+#: without fan-in chunks; "onednn": oneDNN's u8 x s8 kernels where certified, else "float".
+KERNELS = ("auto", "float", "float_whole", "onednn")
 
 
 class Ref:
@@ -326,21 +327,27 @@ class QWeighted(QNode):
             return self.onednn_prepare(w)
         if kind == "dequantized":  # fake mode's float weights
             return dequantize(w, self.w_qp)
-        return prepare(w, self.xb, getattr(self, "groups", 1))
+        return prepare(w, self.xb, getattr(self, "groups", 1), chunk=kind != "float_whole")
 
     def kernel_for(self, x: torch.Tensor, choice: str, w: torch.Tensor | None = None) -> str:
         """The kernel kind this layer runs on input `x` under the setting `choice` (see KERNELS): with
-        "auto", the faster of "float" and "onednn", timed once per input shape, on the stored weights or,
-        for weights `w` other than them (perturbed per call), including their per-call preparation."""
-        if choice == "float" or not (onednn.supports(self.in_qp.fmt) and onednn.available()):
+        "auto", the fastest of "float" (fan-in chunks where they save planes), "float_whole" (the same
+        without chunks, where that differs: small batches) and "onednn" (where available), timed once per
+        input shape, on the stored weights or, for weights `w` other than them (perturbed per call),
+        including their per-call preparation."""
+        usable = onednn.supports(self.in_qp.fmt) and onednn.available()
+        if choice != "auto":
+            return "float" if choice == "onednn" and not usable else choice
+        chunked = self.exact_weights(self.weight_q).chunks > 1
+        kinds = ["float"] + ["float_whole"] * chunked
+        kinds += ["onednn"] * usable
+        if len(kinds) == 1:
             return "float"
-        if choice == "onednn":
-            return "onednn"
         per_call = w is not None and w is not self.weight_q
         key = (tuple(x.shape), per_call)
         if key not in self._timed:
             best = {}
-            for kind in ("float", "onednn"):
+            for kind in kinds:
                 if self.exact_weights(self.weight_q, kind) is None:
                     continue
                 for _ in range(2):  # the second run is timed (the first warms up)
@@ -363,7 +370,7 @@ class QWeighted(QNode):
     def int_forward(self, x, ctx):
         w = self.weight(ctx)
         kind = self.kernel_for(x, ctx.kernel, w) if kernels.library() is not None else "float"
-        ew = self.exact_weights(w, kind) if kind == "onednn" else None
+        ew = self.exact_weights(w, kind) if kind != "float" else None
         if ew is None:
             kind, ew = "float", self.exact_weights(w)
         self._last_kind = kind
