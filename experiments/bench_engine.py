@@ -11,7 +11,9 @@ and, for the first model and batch at w16a8, training steps (m perturbations):
   lp step       QZO-FF on the last layer, a fresh batch each step (frozen prefix once, 2m head passes,
                 the update) / one full forward of that batch
 It records the CPU's ISA flags, torch's CPU capability, whether the C kernels were built and the kernel
-each layer chose. Prints JSON; with --out DIR also writes DIR/bench.json and DIR/bench.md.
+each layer chose, and times the perturbation sampler (C against the numpy reference). Prints JSON; with
+--out DIR also writes DIR/bench.json and DIR/bench.md (`--render JSON` rewrites the Markdown of an earlier
+JSON without measuring).
 
     uv run python experiments/bench_engine.py [--models resnet8 resnet18 mobilenet_v2] [--batches 16 64]
         [--schemes w8a8 w16a8] [--reps 7] [--threads 1] [--m 3] [--out DIR]
@@ -216,6 +218,10 @@ def markdown(result: dict) -> str:
             ("lp_integer", "QZO-FF lp (fresh batch), integer / one forward", "step_over_forward"),
         ):
             lines.append(_row(label, s[key]["forward_ms"], s[key]["step_ms"], s[key][ratio]))
+    if result.get("sampler"):
+        lines += ["", "Perturbation sampler (`gaussian_q`, int8), median ms:", ""]
+        lines += [_row("elements", "C", "numpy reference"), _row("---", "---", "---")]
+        lines += [_row(n, v["c_ms"], v["numpy_ms"]) for n, v in result["sampler"].items()]
     first = result["forward"][0]
     lines += [
         "",
@@ -237,7 +243,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--m", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None, help="folder for bench.json and bench.md")
+    ap.add_argument("--render", type=Path, default=None, help="a bench.json to turn into bench.md")
     args = ap.parse_args(argv)
+    if args.render is not None:  # no measuring: the Markdown of an earlier run
+        result = json.loads(args.render.read_text())
+        write_text(args.render.with_suffix(".md"), markdown(result))
+        return result
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     command = "uv run python experiments/bench_engine.py " + shlex.join(
