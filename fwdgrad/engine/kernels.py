@@ -59,7 +59,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def epilogue(
     raw: torch.Tensor,
     channel_dim: int,
-    stack: tuple[int, int, int, int],
+    stack: tuple[int, int, int, int, int],
     consts,
     bias: torch.Tensor | None,
     acc_bits: int,
@@ -72,9 +72,11 @@ def epilogue(
     stack = (groups, planes, channels, digit_bits, chunks): along `channel_dim`, `raw` holds
     [groups][planes][channels/groups], or with fan-in chunks (groups 1) [chunks][planes][channels], summed
     (see `intops.prepare`). Channels-first (NCHW) and channels-last layouts are both read in place; the
-    output keeps the layout. `consts` is a `Requantizer` (its `c_*`
-    arrays, zp, lo, hi); `bias` is int64 per channel. Returns (codes, number of accumulator misfits)."""
+    output keeps the layout. `consts` is a `Requantizer` (its `c_*` arrays, zp, lo, hi); `bias` is per
+    channel: int64 added to the accumulator, or with mode "float" float32 added after scaling. Returns
+    (codes, number of accumulator misfits)."""
     lib = library()
+    ibias, fbias = (None, bias) if mode == "float" else (bias, None)
     groups, planes, channels, bits, chunks = stack
     planes = max(planes, 1)
     shape = list(raw.shape)
@@ -97,9 +99,9 @@ def epilogue(
         fn = lib.fw_epilogue_cl_f64 if f64 else lib.fw_epilogue_cl_f32
         bad = fn(
             raw.data_ptr(), out.data_ptr(), rows, groups, planes, channels, bits,
-            _ptr(bias), consts.c_mult.data_ptr(), consts.c_n.data_ptr(), consts.c_mhi.data_ptr(),
+            _ptr(ibias), consts.c_mult.data_ptr(), consts.c_n.data_ptr(), consts.c_mhi.data_ptr(),
             consts.c_mlo.data_ptr(), consts.c_half.data_ptr(), consts.c_inv.data_ptr(),
-            consts.c_fscale.data_ptr(), _ptr(consts.c_fbias), consts.c_fout, consts.zp, consts.lo, consts.hi,
+            consts.c_fscale.data_ptr(), _ptr(fbias), consts.c_fout, consts.zp, consts.lo, consts.hi,
             acc_bits, int(wrap), REQUANT_CODES[mode], int(f64_single), chunks, threads,
         )  # fmt: skip
         return out, bad
@@ -109,8 +111,8 @@ def epilogue(
     fn = lib.fw_epilogue_f64 if f64 else lib.fw_epilogue_f32
     bad = fn(
         raw.data_ptr(), out.data_ptr(), outer, groups, planes, channels, inner, bits,
-        _ptr(bias), consts.c_mult.data_ptr(), consts.c_n.data_ptr(), consts.c_fscale.data_ptr(),
-        _ptr(consts.c_fbias), consts.c_fout, consts.zp, consts.lo, consts.hi, acc_bits, int(wrap),
+        _ptr(ibias), consts.c_mult.data_ptr(), consts.c_n.data_ptr(), consts.c_fscale.data_ptr(),
+        _ptr(fbias), consts.c_fout, consts.zp, consts.lo, consts.hi, acc_bits, int(wrap),
         REQUANT_CODES[mode], threads,
     )  # fmt: skip
     return out, bad

@@ -134,18 +134,19 @@ class Requantizer:
         self.c_n = (31 + self.shift).to(torch.int32).expand(per_channel).contiguous()
         self.c_fscale = torch.as_tensor(s_acc).reshape(-1).float().expand(per_channel).contiguous()
         self.c_fout = float(torch.tensor(float(s_out), dtype=torch.float32))
-        self.c_fbias: torch.Tensor | None = None
-        n64 = (31 + self.shift).expand(per_channel)
-        self.c_mhi = (self.mult >> 16).double().expand(per_channel).contiguous()
-        self.c_mlo = (self.mult & 0xFFFF).double().expand(per_channel).contiguous()
-        self.c_half = torch.exp2((n64 - 1).double()).contiguous()
-        self.c_inv = torch.exp2(-(n64 - 16).double()).contiguous()
+        # the split form of `single_float64`, per channel
+        self.c_mhi, self.c_mlo, self.c_half, self.c_inv = (
+            t.expand(per_channel).contiguous() for t in (self._m_hi, self._m_lo, self._half, self._inv_split)
+        )
+
+    def split_exact(self, amax: int) -> bool:
+        """The float64 "single" rounding with M split 15 + 16 bits (see `single_float64`) is exact for every
+        channel and every |acc| <= amax: n >= 16 and amax·2^16 + 2^(n-1) < 2^52."""
+        return self._n_min >= 16 and amax * (1 << 16) + (1 << (self._n_max - 1)) < 2**52
 
     def f64_exact(self, acc_bits: int) -> bool:
-        """The split float64 "single" rounding (see `single_float64`) is exact for every channel and any
-        accumulator that fits `acc_bits`: n in 16..52 and 2^(acc_bits-1)·2^16 + 2^(n-1) < 2^52."""
-        wide = 2 ** (acc_bits - 1 + 16) + 2 ** (self._n_max - 1)
-        return self._n_min >= 16 and acc_bits <= 36 and wide < 2**52
+        """`split_exact` for any accumulator that fits `acc_bits` (the C epilogue's float64 path)."""
+        return self.split_exact(1 << (acc_bits - 1))
 
     def _shaped(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         if t.numel() == 1:
@@ -177,7 +178,7 @@ class Requantizer:
         if n_min >= 1 and amax * self._m_max + (1 << (n_max - 1)) < 2**53:
             m, half, inv = (self._shaped(t, acc.dim()) for t in (self._m, self._half, self._inv))
             return acc.double().mul_(m).add_(half).mul_(inv).floor_()
-        if n_min >= 16 and amax * (1 << 16) + (1 << (n_max - 1)) < 2**52:
+        if self.split_exact(amax):
             m_hi, m_lo, half, inv = (
                 self._shaped(t, acc.dim()) for t in (self._m_hi, self._m_lo, self._half, self._inv_split)
             )
@@ -404,14 +405,17 @@ class QWeighted(QNode):
 
     def _fused_epilogue(self, raw, ew: ExactWeights, ctx):
         """The C epilogue's one pass (see `kernels.epilogue`): same integers as the torch path."""
-        rq = self.requant
-        if ctx.requant == "float":
-            rq.c_fbias = None if self.bias_q is None else self.float_bias().float().contiguous()
-        bias = None if self.bias_q is None else self.bias_q.to(torch.int64).contiguous()
+        if self.bias_q is None:
+            bias = None
+        elif ctx.requant == "float":  # PyTorch x86 adds the float bias after scaling
+            bias = self.float_bias().float().contiguous()
+        else:
+            bias = self.bias_q.to(torch.int64).contiguous()
         stack = (ew.groups, ew.planes, ew.channels, ew.digit_bits, ew.chunks)
         out, n = kernels.epilogue(
-            raw, self.channel_dim, stack, rq, bias, ctx.acc.bits, ctx.acc.overflow == "wrap", ctx.requant
-        )
+            raw, self.channel_dim, stack, self.requant, bias, ctx.acc.bits, ctx.acc.overflow == "wrap",
+            ctx.requant,
+        )  # fmt: skip
         ctx.stats.add(self.name, n)
         return out
 
