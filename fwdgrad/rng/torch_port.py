@@ -15,8 +15,8 @@ reference's own round code (``philox4x32``) and chunk walk (``map_words``):
 
 Words are returned as ``int64`` tensors, perturbations as ``int8`` tensors on the requested device.
 
-On the CPU the same algorithm runs in C (``philox.c``, built by `fwdgrad.native`; 20-50x faster than the
-numpy reference on perturbation-sized tensors) or, without a compiler, through the numpy reference.
+On the CPU the same algorithm runs in C (``philox.c``, built by `fwdgrad.native`; 2-3x faster than the
+numpy reference, docs/results/engine/bench.md) or, without a compiler, through the numpy reference.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _map_words(seed, step, sample, tensor_id, n, offset, device, dtype, fn) -> t
 
 
 def _on_cpu(device) -> bool:
-    """On the CPU the numpy implementation (bit-identical by construction and test) is the faster one."""
+    """On the CPU the C or numpy implementation (bit-identical by construction and test) is the faster one."""
     return _resolve_device(device).type == "cpu"
 
 
