@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+import bench_results
 import torch
 import torch.nn.functional as F
 from timing import timed
@@ -36,9 +35,8 @@ from timing import timed
 from fwdgrad import native
 from fwdgrad.engine import convert, kernels
 from fwdgrad.ff import qzo_ff
-from fwdgrad.files import write_json, write_text
 from fwdgrad.models import build_model
-from fwdgrad.provenance import provenance, provenance_line
+from fwdgrad.provenance import provenance_line
 from fwdgrad.rng import reference, torch_port
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -242,20 +240,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--m", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=None, help="folder for bench.json and bench.md")
-    ap.add_argument("--render", type=Path, default=None, help="a bench.json to turn into bench.md")
+    bench_results.add_arguments(ap, "bench")
     args = ap.parse_args(argv)
-    if args.render is not None:  # no measuring: the Markdown of an earlier run
-        result = json.loads(args.render.read_text())
-        write_text(args.render.with_suffix(".md"), markdown(result))
-        return result
+    if (earlier := bench_results.rendered(args, markdown)) is not None:  # no measuring
+        return earlier
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    command = "uv run python experiments/bench_engine.py " + shlex.join(
-        argv if argv is not None else sys.argv[1:]
-    )
     result = {
-        "provenance": provenance(command.strip()),
+        "provenance": bench_results.source("bench_engine.py", argv),
         "cpu": isa(),
         "threads": args.threads,
         "reps": args.reps,
@@ -277,12 +269,7 @@ def main(argv=None) -> dict:
     result["steps"] = {"model": args.models[0], "batch": batch, "m": args.m}
     result["steps"] |= step_rows(model, batch, args.m, args.reps, g)
     result["sampler"] = sampler_rows(args.reps)
-    print(json.dumps(result, indent=2))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_json(args.out / "bench.json", result)
-        write_text(args.out / "bench.md", markdown(result))
-    return result
+    return bench_results.publish(result, args, "bench", markdown)
 
 
 if __name__ == "__main__":

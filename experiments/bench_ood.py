@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from fwdgrad.files import write_json, write_text
-from fwdgrad.provenance import provenance, provenance_line
+import bench_results
+
+from fwdgrad.provenance import provenance_line
 
 METHODS = ("bp", "qzo_ff")
 
@@ -71,17 +71,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--severity", default="medium")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
-    ap.add_argument("--out", type=Path, default=None, help="folder for ood_wall.json")
     ap.add_argument("--set", nargs="+", default=[], dest="overrides", help="more Hydra overrides (both runs)")
-    ap.add_argument("--render", type=Path, default=None, help="an ood_wall.json to turn into ood_wall.md")
+    bench_results.add_arguments(ap, "ood_wall")
     args = ap.parse_args(argv)
-    if args.render is not None:
-        result = json.loads(args.render.read_text())
-        write_text(args.render.with_suffix(".md"), markdown(result))
-        return result
-    given = argv if argv is not None else sys.argv[1:]
-    command = "uv run python experiments/bench_ood.py " + shlex.join(given)
-    result = {"provenance": provenance(command.strip()), "severity": args.severity, "seed": args.seed}
+    if (earlier := bench_results.rendered(args, markdown)) is not None:  # no measuring
+        return earlier
+    result = {"provenance": bench_results.source("bench_ood.py", argv), "severity": args.severity}
+    result["seed"] = args.seed
     with tempfile.TemporaryDirectory() as tmp:
         for method in METHODS:
             result[method] = run(method, args, Path(tmp))
@@ -91,12 +87,7 @@ def main(argv=None) -> dict:
         "total_wall_s": round(ff["total_wall_s"] / bp["total_wall_s"], 3),
     }
     result["goal"] = {"wall_s": 1.5}
-    print(json.dumps(result, indent=2))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_json(args.out / "ood_wall.json", result)
-        write_text(args.out / "ood_wall.md", markdown(result))
-    return result
+    return bench_results.publish(result, args, "ood_wall", markdown)
 
 
 if __name__ == "__main__":
