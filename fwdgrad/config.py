@@ -37,7 +37,7 @@ DATASETS = (
     "speechcommands",
     "esc50",
 )
-MODELS = ("resnet8", "resnet18", "mobilenet_v2", "vit_tiny", "ds_cnn", "crnn", "small_cnn")
+MODELS = ("resnet8", "resnet18", "mobilenet_v2", "vit_tiny", "ast_tiny", "ds_cnn", "crnn", "small_cnn")
 BUILD_MODEL = "fwdgrad.models.build_model"  # the zoo's builder: model.name picks one of MODELS
 METHODS = METHOD_NAMES
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -207,6 +207,7 @@ class QuantConfig:
     engine_mode: str = "integer"  # integer | fake
     calib: str = "source"  # calibrate activation scales on source (deployed model) or target train data
     calib_size: int = 256
+    residual_bits: int | None = None  # a transformer's residual stream; None: act_bits
 
     def check(self) -> None:
         require(self.name in QUANTS or self.name.startswith("w"), "quant", self.name, ", ".join(QUANTS))
@@ -218,21 +219,29 @@ class QuantConfig:
         require(self.engine_mode in ENGINE_MODES, "quant.engine_mode", self.engine_mode, modes)
         require(self.calib in ("source", "target"), "quant.calib", self.calib, "source, target")
         require(self.calib_size >= 1, "quant.calib_size", self.calib_size, "integers >= 1")
+        require(self.residual_bits in (None, *BITS), "quant.residual_bits", self.residual_bits, "null, 8, 16")
 
 
 @dataclass
 class ScopeConfig:
-    """The training scope, the `mode` group: ft (all layers) | lp (the last lp_layers) | sparse (a mask)."""
+    """The training scope, the `mode` group: ft (all layers) | lp (the last lp_layers) | sparse (a mask) |
+    dvpt (`prompts` deep prompt tokens per encoder layer, and the head) | ln (LayerNorms and the head)."""
 
     name: str = "lp"
     lp_layers: int = 1
     sparse_kind: str = "topk"
     sparse_density: float = 0.1
+    prompts: int = 10
+    prompt_init: str = "uniform"
 
     def check(self) -> None:
         require(self.name in SCOPES, "mode", self.name, ", ".join(SCOPES))
         require(self.lp_layers >= 1, "mode.lp_layers", self.lp_layers, "integers >= 1")
         require(0 < self.sparse_density <= 1, "mode.sparse_density", self.sparse_density, "(0, 1]")
+        require(self.prompts >= 1, "mode.prompts", self.prompts, "integers >= 1")
+        require(
+            self.prompt_init in ("uniform", "zeros"), "mode.prompt_init", self.prompt_init, "uniform, zeros"
+        )
 
 
 @dataclass

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field, fields
 from .fixed_point import FixedPointSettings
 
 BP_FORWARD_EQUIVALENTS = 3
-SCOPES = ("ft", "lp", "sparse")  # what trains: full fine-tuning, the last layers (linear probing), a mask
+#: what trains: everything (ft), the last layers (lp, linear probing), a mask (sparse), a transformer's deep
+#: prompts and head (dvpt, deep visual prompt tuning), its LayerNorm affine parameters and head (ln)
+SCOPES = ("ft", "lp", "sparse", "dvpt", "ln")
 
 #: `method.ff` keys of the fixed-point optimizer (fwdgrad.ff.optim.qzo_ff) and of the float one (zo_sgd).
 QZO_FF_OPTIONS = (*(f.name for f in fields(FixedPointSettings)), "momentum", "kernel_norm", "sharpness_rho")

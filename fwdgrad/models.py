@@ -24,6 +24,7 @@ from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock
 
 from .config import BUILD_MODEL, check_model, locate, model_options
+from .engine.blocks import Attention, Tokens
 
 #: Layers that count as "parametrized layers" for :func:`head_layers` (linear probing of the last k).
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.MultiheadAttention, nn.RNNBase)
@@ -153,38 +154,154 @@ def mobilenet_v2(
     return model
 
 
+class EncoderLayer(nn.Module):
+    """Pre-norm transformer encoder layer: x ← x + attn(ln_1(x)); x ← x + mlp(ln_2(x)), after splicing in this
+    layer's deep prompts when it has some (`add_prompts`)."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int):
+        super().__init__()
+        self.prompts: Tokens | None = None
+        self.ln_1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.ln_2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+
+    def forward(self, x):
+        if self.prompts is not None:
+            x = self.prompts(x)
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class ViT(nn.Module):
+    """Vision transformer (Dosovitskiy et al., ICLR 2021) on (C, H, W) inputs, written with the blocks the
+    integer engine and the edge runtime run (`fwdgrad.engine.blocks`):
+
+        patches = conv(p×p, stride p)(x) → (B, N, D);  x = cat(cls, patches) + pos
+        x = encoder layers (pre-norm, `EncoderLayer`);  logits = head(ln(x)[:, 0])
+
+    Rectangular inputs (spectrograms) take a (h, w) `image_size` and `patch_size`; a remainder that no
+    patch covers is dropped, as the convolution does. `prompts` > 0 builds it with deep prompts
+    (`add_prompts`), as a model trained in the "dvpt" scope is saved.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        image_size,
+        patch_size,
+        hidden_dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: int = 4,
+        prompts: int = 0,
+        prompt_init: str = "uniform",
+    ):
+        super().__init__()
+        (h, w), (ph, pw) = _hw(image_size), _hw(patch_size)
+        if h < ph or w < pw:
+            raise ValueError(f"image_size={image_size!r} is smaller than patch_size={patch_size!r}")
+        self.patch = nn.Conv2d(in_channels, hidden_dim, (ph, pw), (ph, pw))
+        self.cls = Tokens(1, hidden_dim)
+        self.pos = nn.Parameter(torch.empty(1, (h // ph) * (w // pw) + 1, hidden_dim).normal_(std=0.02))
+        self.layers = nn.Sequential(
+            *(EncoderLayer(hidden_dim, heads, mlp_ratio * hidden_dim) for _ in range(depth))
+        )
+        self.ln = nn.LayerNorm(hidden_dim, eps=1e-6)
+        self.head = nn.Linear(hidden_dim, num_classes)
+        if prompts:
+            add_prompts(self, prompts, prompt_init)
+
+    def forward(self, x):
+        x = self.cls(self.patch(x).flatten(2).transpose(1, 2)) + self.pos
+        return self.head(self.ln(self.layers(x))[:, 0])
+
+
+def _hw(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def add_prompts(model: nn.Module, count: int, init: str = "uniform", seed: int = 0) -> list[str]:
+    """Deep visual prompt tuning (Jia et al., ECCV 2022): `count` learned tokens before every encoder layer
+    of a `ViT`, after the class token; each layer's prompts replace the previous layer's prompt outputs.
+    Returns the prompt parameters' names (what the "dvpt" scope trains besides the head)."""
+    layers = [m for m in model.modules() if isinstance(m, EncoderLayer)]
+    if not layers:
+        raise ValueError(
+            f"deep prompts need a fwdgrad ViT (vit_tiny, ast_tiny); {type(model).__name__} has none"
+        )
+    if count < 1:
+        raise ValueError(f"prompt count {count!r} is invalid; allowed: integers >= 1")
+    dim = layers[0].ln_1.normalized_shape[0]
+    for i, layer in enumerate(layers):
+        layer.prompts = Tokens(count, dim, 1, 0 if i == 0 else count, init, seed + i, prompt=True)
+    return [n for n, _ in model.named_parameters() if ".prompts." in f".{n}"]
+
+
 def vit_tiny(
     num_classes: int,
     in_channels: int = 3,
-    image_size: int = 32,
-    patch_size: int = 4,
+    image_size: int | tuple[int, int] = 32,
+    patch_size: int | tuple[int, int] = 4,
     hidden_dim: int = 192,
     depth: int = 12,
     heads: int = 3,
     mlp_ratio: int = 4,
+    prompts: int = 0,
+    prompt_init: str = "uniform",
     pretrained: str | None = None,
 ) -> nn.Module:
-    """torchvision VisionTransformer with DeiT-tiny dims by default (192 wide, 12 deep, 3 heads, MLP 4x).
+    """`ViT` with DeiT-tiny dims by default (192 wide, 12 deep, 3 heads, MLP 4x).
 
     ``image_size=224, patch_size=16, num_classes=1000`` is DeiT-tiny exactly (5,717,416 parameters).
     """
     if pretrained is not None:
         raise ValueError(
-            f"pretrained={pretrained!r}: torchvision ships no ViT-tiny weights; allowed: None "
+            f"pretrained={pretrained!r}: no ViT-tiny weights ship with fwdgrad; allowed: None "
             "(load a checkpoint of your own with load_state_dict)"
         )
-    model = tvm.VisionTransformer(
-        image_size=image_size,
-        patch_size=patch_size,
-        num_layers=depth,
-        num_heads=heads,
-        hidden_dim=hidden_dim,
-        mlp_dim=mlp_ratio * hidden_dim,
-        num_classes=num_classes,
+    return ViT(
+        num_classes,
+        in_channels,
+        image_size,
+        patch_size,
+        hidden_dim,
+        depth,
+        heads,
+        mlp_ratio,
+        prompts,
+        prompt_init,
     )
-    if in_channels != 3:
-        model.conv_proj = _new_conv(model.conv_proj, in_channels)
-    return model
+
+
+def ast_tiny(
+    num_classes: int,
+    in_channels: int = 1,
+    input_size: tuple[int, int] = (40, 101),
+    patch_size: tuple[int, int] = (8, 10),
+    hidden_dim: int = 64,
+    depth: int = 4,
+    heads: int = 4,
+    mlp_ratio: int = 4,
+    prompts: int = 0,
+    prompt_init: str = "uniform",
+) -> nn.Module:
+    """Audio spectrogram transformer (AST, Gong et al., Interspeech 2021), tiny: log-mel patches → `ViT`
+    encoder. The defaults take the keyword features (1, 40 mels, 101 frames) as 5 × 10 patches of 8 mels ×
+    10 frames (50 tokens + class token), 64 wide, 4 layers, 4 heads (about 0.2M parameters)."""
+    return ViT(
+        num_classes,
+        in_channels,
+        input_size,
+        patch_size,
+        hidden_dim,
+        depth,
+        heads,
+        mlp_ratio,
+        prompts,
+        prompt_init,
+    )
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel, stride=1, padding=0, groups: int = 1) -> list[nn.Module]:
@@ -261,6 +378,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "mobilenet_v2": mobilenet_v2,
     "vit_tiny": vit_tiny,
+    "ast_tiny": ast_tiny,
     "ds_cnn": ds_cnn,
     "crnn": crnn,
     "small_cnn": small_cnn,
@@ -363,3 +481,23 @@ def head_params(model: nn.Module, k: int) -> list[str]:
     """Parameter names of the last ``k`` parametrized layers: the trainable set of "lp" (linear probing)."""
     layers = head_layers(model, k)
     return [n for n, _ in model.named_parameters() if any(n.startswith(layer + ".") for layer in layers)]
+
+
+#: what the transformer scopes train besides the head
+SCOPE_PARTS = {"dvpt": "deep prompt tokens (fwdgrad.models.add_prompts)", "ln": "LayerNorm"}
+
+
+def scope_params(model: nn.Module, scope: str, lp_layers: int = 1) -> list[str]:
+    """Parameter names the training scope trains: every one ("ft", "sparse"), the last `lp_layers` layers'
+    ("lp"), or a transformer's deep prompts ("dvpt") or LayerNorm affine parameters ("ln") plus the head's."""
+    if scope in ("ft", "sparse"):
+        return [n for n, _ in model.named_parameters()]
+    head = head_params(model, lp_layers)
+    if scope == "lp":
+        return head
+    kind = Tokens if scope == "dvpt" else nn.LayerNorm
+    owners = [n for n, m in model.named_modules() if isinstance(m, kind) and getattr(m, "prompt", True)]
+    if not owners:
+        raise ValueError(f"training scope {scope!r} found no {SCOPE_PARTS[scope]} in {type(model).__name__}")
+    chosen = [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in owners]
+    return chosen + [n for n in head if n not in chosen]

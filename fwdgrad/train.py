@@ -38,13 +38,14 @@ import torch.nn.functional as F
 
 from .config import LR_SCHEDULES, RESUME_MODES
 from .engine.model import QModel, chunk_rows
+from .engine.transformer import QLayerNorm, QTokens
 from .ff.jvp import JVPForwardGradient, closure_for
 from .ff.masks import make_masks
 from .ff.optim import qzo_ff, zo_sgd
 from .files import atomic_open
 from .measure import measure_peak_memory
 from .methods import BP_FORWARD_EQUIVALENTS, METHOD_NAMES, SCOPES, MethodSpec, check_hyper, spec
-from .models import head_params
+from .models import SCOPE_PARTS, scope_params
 from .quant import dequantize, fake_quantize, quantize
 from .signals import Interrupted, deferred_signals
 from .statefile import StateFileError, digest, load_state, save_state
@@ -68,13 +69,17 @@ def scheduled_lr(cfg: TrainConfig, step: int, total: int) -> float:
 class TrainConfig:
     """What to train and for how long. `steps` or `forward_budget` (forward passes) sets the budget.
 
-    scope (fwdgrad.methods.SCOPES; the `mode` config group): ft | lp (the last lp_layers layers) | sparse."""
+    scope (fwdgrad.methods.SCOPES; the `mode` config group): ft | lp (the last lp_layers layers) | sparse |
+    dvpt (a ViT's deep prompts, added before by `fwdgrad.models.add_prompts`, and the head) | ln (LayerNorms
+    and the head)."""
 
     method: str = "qzo_ff"
     scope: str = "lp"
     lp_layers: int = 1
     sparse_kind: str = "topk"
     sparse_density: float = 0.1
+    prompts: int = 10  # dvpt: what `add_prompts` was given (the model carries them)
+    prompt_init: str = "uniform"
     lr: float = 0.01
     lr_schedule: str = "constant"  # constant | cosine (to 0 at the end of the budget) | linear
     eps: float = 1e-3
@@ -186,13 +191,22 @@ def evaluate(
 
 # --------------------------------------------------------------------------------------- methods
 def trainable_names(model: nn.Module, cfg: TrainConfig) -> list[str]:
-    """Float parameter names (or QModel conv/linear node names) that the training scope updates."""
-    if isinstance(model, QModel):
-        nodes = list(model.weight_nodes())
-        return nodes[-cfg.lp_layers :] if cfg.scope == "lp" else nodes
+    """Float parameter names (or QModel node names) that the training scope updates (`scope_params`)."""
+    if not isinstance(model, QModel):
+        return scope_params(model, cfg.scope, cfg.lp_layers)
+    nodes = model.weight_nodes()
+    head = list(nodes)[-cfg.lp_layers :]
+    if cfg.scope in ("ft", "sparse"):
+        return list(nodes)
     if cfg.scope == "lp":
-        return head_params(model, cfg.lp_layers)
-    return [n for n, _ in model.named_parameters()]
+        return head
+    kind = QTokens if cfg.scope == "dvpt" else QLayerNorm
+    chosen = [
+        n for n, node in nodes.items() if isinstance(node, kind) and (kind is QLayerNorm or node.prompt)
+    ]
+    if not chosen:
+        raise ValueError(f"training scope {cfg.scope!r} found no {SCOPE_PARTS[cfg.scope]} in the model")
+    return chosen + [n for n in head if n not in chosen]
 
 
 @dataclass

@@ -20,6 +20,7 @@ CASES = {
     "resnet18": ({"small_input": True}, (2, 3, 32, 32)),
     "mobilenet_v2": ({"small_input": True, "width_mult": 0.35}, (2, 3, 32, 32)),
     "vit_tiny": ({"depth": 2, "hidden_dim": 48}, (2, 3, 32, 32)),
+    "ast_tiny": ({"depth": 2}, (2, 1, 40, 101)),
     "ds_cnn": ({}, (2, 1, 40, 49)),
     "crnn": ({}, (2, 1, 40, 64)),
     "small_cnn": ({}, (2, 1, 8, 8)),
@@ -74,9 +75,9 @@ def test_parameter_counts():
 def test_head_layers_in_forward_order():
     vit = build_model("vit_tiny", 10, 3, depth=2, hidden_dim=48)
     assert head_layers(vit, 3) == [
-        "encoder.layers.encoder_layer_1.mlp.0",
-        "encoder.layers.encoder_layer_1.mlp.3",
-        "heads.head",
+        "layers.1.mlp.0",
+        "layers.1.mlp.2",
+        "head",
     ]
     assert head_layers(build_model("crnn", 10, 1), 2) == ["gru", "fc"]
     assert head_params(build_model("small_cnn", 10, 1), 1) == ["8.weight", "8.bias"]

@@ -2,7 +2,9 @@
 
 Steps: trace with torch.fx → fold BatchNorm into the preceding conv/linear → calibrate static activation
 scales on data (one observer per tensor-valued node) → map every graph node to a `QNode`, fusing a
-ReLU/ReLU6 into the conv/linear/add before it. Ops without an integer kernel run in fake-quant mode and
+ReLU/ReLU6 into the conv/linear/add before it. Transformers convert too: every nn.MultiheadAttention is
+decomposed first (`blocks.decompose_attention`), and LayerNorm, softmax, activation matmuls and learned
+tokens map to the integer ops of `transformer`. Ops without an integer kernel run in fake-quant mode and
 are named in a warning.
 """
 
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ..quant import QParams, activation_format, compute_qparams, make_observer, quantize, weight_format
+from .blocks import Tokens, decompose_attention
 from .intops import AccumulatorSpec
 from .model import QModel, chunk_rows
 from .nodes import (
@@ -36,6 +39,7 @@ from .nodes import (
     QRescaleSum,
     Ref,
 )
+from .transformer import QLayerNorm, QMatmul, QSoftmax, QTokens
 
 SCHEMES = ("w16a8", "w8a8", "w8a16", "w16a16", "w4a8", "w8a4")
 
@@ -87,6 +91,7 @@ LAYOUT_METHODS = {
     "squeeze",
     "unsqueeze",
     "expand",
+    "unflatten",
     "__getitem__",
 }
 LUT_MODULES = (nn.Hardswish, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.Hardsigmoid)
@@ -100,6 +105,8 @@ LUT_FUNCTIONS = {
 RELU_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 RELU_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 ADD_FUNCTIONS = {operator.add, torch.add, operator.iadd}
+MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm}
+SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax}
 STRUCTURAL = {getattr, torch._assert, "size", "dim"}
 
 
@@ -154,6 +161,27 @@ class _Calibrator(fx.Interpreter):
         return out
 
 
+def _is_add(n: fx.Node) -> bool:
+    """A sum of two tensors (a residual add): the op `QRescaleSum` takes."""
+    return (
+        n.op == "call_function" and n.target in ADD_FUNCTIONS and all(isinstance(a, fx.Node) for a in n.args)
+    )
+
+
+def _is_softmax(n: fx.Node, mod: nn.Module | None) -> bool:
+    """A softmax over the last axis."""
+    if isinstance(mod, nn.Softmax):
+        dim = mod.dim
+    elif (n.op == "call_function" and n.target in SOFTMAX_FUNCTIONS) or (
+        n.op == "call_method" and n.target == "softmax"
+    ):
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    else:
+        return False
+    rank = len(n.meta["tensor_meta"].shape) if "tensor_meta" in n.meta else None
+    return dim == -1 or (rank is not None and dim == rank - 1)
+
+
 def _batches(data) -> Iterable[torch.Tensor]:
     if torch.is_tensor(data):
         yield data
@@ -174,6 +202,7 @@ def convert(
     mode: str = "integer",
     max_calib_batches: int = 16,
     act_qparams: Mapping[str, QParams | None] | None = None,
+    residual_bits: int | None = None,
 ) -> QModel:
     """Convert a float model to a `QModel` under `scheme` (e.g. 'w16a8').
 
@@ -182,18 +211,24 @@ def convert(
     requant: 'single' | 'gemmlowp' | 'float' (see `fwdgrad.quant`). act_qparams: every node's output format
     by node name, as a converted model had them (`fwdgrad.engine.state`), taken instead of calibrating
     (calib_data and observer are then unused): how a saved model is rebuilt without its data.
+    residual_bits: the width of the residual stream (the outputs of residual adds and of spliced tokens,
+    which LayerNorms read), default the activation width; transformers keep more accuracy at 16.
     """
     scheme = scheme if isinstance(scheme, Scheme) else Scheme.parse(scheme)
     model = model.eval()
-    gm = fold_batchnorm(trace(_copy(model)))
+    gm = fold_batchnorm(trace(decompose_attention(_copy(model))))
     modules = dict(gm.named_modules())
     w_fmt = weight_format(scheme.weight_bits, per_channel=per_channel)
     if act_qparams is None:
         builder = _Builder(
-            gm, modules, _calibrate(gm, scheme, calib_data, observer, max_calib_batches), w_fmt
+            gm,
+            modules,
+            _calibrate(gm, scheme, calib_data, observer, max_calib_batches, residual_bits),
+            w_fmt,
+            scheme.act_bits,
         )
     else:
-        builder = _Builder(gm, modules, act_qparams, w_fmt, by_node=True)
+        builder = _Builder(gm, modules, act_qparams, w_fmt, scheme.act_bits, by_node=True)
     nodes, output = builder.build()
     if builder.fallbacks:
         warnings.warn(
@@ -205,11 +240,21 @@ def convert(
     return QModel(nodes, output, scheme.name, AccumulatorSpec(acc_bits, overflow), requant, mode)
 
 
-def _calibrate(gm: fx.GraphModule, scheme: Scheme, calib_data, observer: str, max_batches: int) -> dict:
+def _calibrate(
+    gm: fx.GraphModule, scheme: Scheme, calib_data, observer: str, max_batches: int, residual_bits: int | None
+) -> dict:
     """The static activation format of every floating tensor the graph computes on `calib_data`, by fx
-    node name."""
+    node name (`residual_bits` wide on the residual stream)."""
     act_fmt = activation_format(scheme.act_bits)
     observers: dict = {}
+    if residual_bits is not None:
+        if not 2 <= residual_bits <= 16:
+            raise ValueError(f"residual_bits={residual_bits!r} is invalid; allowed: 2..16 or None")
+        wide = activation_format(residual_bits)
+        modules = dict(gm.named_modules())
+        for n in gm.graph.nodes:
+            if _is_add(n) or (n.op == "call_module" and isinstance(modules[n.target], Tokens)):
+                observers[n.name] = make_observer(observer, wide)
     cal = _Calibrator(gm, observers, lambda: make_observer(observer, act_fmt))
     # a batch-invariant observer (minmax) sees the same values in page-fault-friendly chunks
     chunked = make_observer(observer, act_fmt).batch_invariant
@@ -226,8 +271,15 @@ def _calibrate(gm: fx.GraphModule, scheme: Scheme, calib_data, observer: str, ma
     return {name: obs.qparams() for name, obs in observers.items()}
 
 
-class _WhereTracer(fx.Tracer):
-    """torch.fx's tracer, remembering the innermost module whose forward failed to trace."""
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping `Tokens` as one op (the engine stores its tokens as integers)."""
+
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, Tokens) or super().is_leaf_module(m, qualname)
+
+
+class _WhereTracer(_Tracer):
+    """The tracer, remembering the innermost module whose forward failed to trace."""
 
     failed_at: tuple[str, nn.Module] | None = None
 
@@ -247,7 +299,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """`torch.fx.symbolic_trace(model)`; a model it cannot trace is a one-line ValueError naming the module
     whose forward failed (data-dependent Python control flow, calls on tensor values, ...)."""
     try:
-        return fx.symbolic_trace(model)
+        return fx.GraphModule(model, _Tracer().trace(model), model.__class__.__name__)
     except Exception as e:  # noqa: BLE001 - whatever the trace trips over, the same one-line message
         tracer = _WhereTracer()
         try:
@@ -278,8 +330,9 @@ class _Builder:
     act_qparams).
     """
 
-    def __init__(self, gm, modules, act_qp, w_fmt, by_node: bool = False):
+    def __init__(self, gm, modules, act_qp, w_fmt, act_bits: int, by_node: bool = False):
         self.gm, self.modules, self.act_qp, self.w_fmt, self.by_node = gm, modules, act_qp, w_fmt, by_node
+        self.act_bits = act_bits
         self.alias: dict[str, str] = {}
         self.qp: dict[str, QParams | None] = {}
         self.fallbacks: list[str] = []
@@ -352,11 +405,15 @@ class _Builder:
             act, last = self.fused_act(n)
             self.alias[last.name] = n.name
             return self.weighted(n.name, inputs, mod, self.qp[inputs[0]], qp(n, last), act)
-        if (
-            n.op == "call_function"
-            and n.target in ADD_FUNCTIONS
-            and all(isinstance(a, fx.Node) for a in n.args)
-        ):
+        if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) == 1:
+            return QLayerNorm(n.name, inputs, self.qp[inputs[0]], qp(n), mod, self.w_fmt)
+        if isinstance(mod, Tokens):
+            return QTokens(n.name, inputs, self.qp[inputs[0]], qp(n), mod, self.w_fmt)
+        if n.op == "call_function" and n.target in MATMUL_FUNCTIONS and len(inputs) == 2:
+            return QMatmul(n.name, inputs, self.in_qps(inputs), qp(n))
+        if _is_softmax(n, mod) and self.qp[inputs[0]].fmt.bits <= 16:
+            return QSoftmax(n.name, inputs, self.qp[inputs[0]], self.act_bits)
+        if _is_add(n):
             act, last = self.fused_act(n)
             self.alias[last.name] = n.name
             return QRescaleSum(n.name, inputs, self.in_qps(inputs), qp(n, last), act)

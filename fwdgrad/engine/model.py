@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..quant import dequantize
 from .intops import AccumulatorSpec, OverflowStats
-from .nodes import KERNELS, ExecContext, QNode, QWeighted
+from .nodes import KERNELS, ExecContext, QNode, QTrainable
 
 ENGINE_MODES = ("integer", "fake")  # how the engine computes: exact integers, or fake-quant float
 
@@ -40,7 +40,7 @@ class Prefix:
 
 
 class QModel(nn.Module):
-    """A converted model. The integer weights live in each `QWeighted` node's `weight_q` buffer.
+    """A converted model. The integer weights live in each `QTrainable` node's `weight_q` buffer.
 
     forward(x) takes float inputs and returns float (dequantized) logits. `weight_fn(name, node)`, when
     given, returns the integer weights a node should use for this pass — how forward-gradient training
@@ -94,9 +94,9 @@ class QModel(nn.Module):
                 last[name] = i
         return last
 
-    def weight_nodes(self) -> OrderedDict[str, QWeighted]:
-        """Conv/linear nodes (the trainable integer tensors) in forward order."""
-        return OrderedDict((n.name, n) for n in self.nodes if isinstance(n, QWeighted))
+    def weight_nodes(self) -> OrderedDict[str, QTrainable]:
+        """Nodes with trainable integer tensors (conv, linear, LayerNorm, tokens) in forward order."""
+        return OrderedDict((n.name, n) for n in self.nodes if isinstance(n, QTrainable))
 
     def run(
         self,

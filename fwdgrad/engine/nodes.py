@@ -213,14 +213,47 @@ def fake_out(y: torch.Tensor, qp: QParams, lo: int, hi: int) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------- weighted layers
-class QWeighted(QNode):
+class QTrainable(QNode):
+    """A node holding integer weights `weight_q` (symmetric format and scale `w_qp`, optionally an int32 bias
+    `bias_q` on a scale proportional to Δ_w): what training perturbs (`weight` under `ExecContext.weight_fn`)
+    and updates in place. Subclasses derive their requantization constants in `_derive_scales`."""
+
+    kind = "weighted"
+
+    @torch.no_grad()
+    def set_weight_scale(self, scale: torch.Tensor | float) -> None:
+        """Re-express the stored weights (and int32 bias) on a new weight scale Δ_w' (e.g. headroom for
+        training): w_q ← sat(round(w_q·Δ_w/Δ_w')), b_q ← round(b_q·Δ_w/Δ_w'); requantizers follow."""
+        new = torch.as_tensor(scale, dtype=torch.float64).expand_as(self.w_qp.scale).clone()
+        ratio = self.w_qp.scale / new
+        fmt = self.w_qp.fmt
+        shape = [-1] + [1] * (self.weight_q.dim() - 1) if ratio.numel() > 1 else []
+        w = torch.round(self.weight_q.double() * ratio.reshape(shape)).clamp(fmt.qmin, fmt.qmax)
+        self.weight_q.copy_(w.to(self.weight_q.dtype))
+        if self.bias_q is not None:
+            self.bias_q.copy_(torch.round(self.bias_q.double() * ratio.reshape(-1)).to(self.bias_q.dtype))
+        self.w_qp = QParams(fmt, new, self.w_qp.zero_point)
+        self._derive_scales()
+
+    def use_weight_qparams(self, w_qp: QParams) -> None:
+        """Take `w_qp` as the weight format and scale, leaving the stored integers as they are: how a model
+        rebuilt from its saved state (`fwdgrad.engine.state`) gets back the scale training left."""
+        self.w_qp = w_qp
+        self._derive_scales()
+
+    def weight(self, ctx: ExecContext) -> torch.Tensor:
+        return ctx.weight_fn(self.name, self) if ctx.weight_fn is not None else self.weight_q
+
+    def _derive_scales(self) -> None:
+        raise NotImplementedError
+
+
+class QWeighted(QTrainable):
     """Conv2d / Linear with integer weights `weight_q` (the storage training updates in place).
 
     acc = Σ (x_q - zp_in) · w_q + b_q   (exact, width-checked)
     y_q = sat(round(acc · s_in·s_w / s_out) + zp)
     """
-
-    kind = "weighted"
 
     def __init__(
         self,
@@ -264,31 +297,7 @@ class QWeighted(QNode):
         self._timed: dict[tuple, str] = {}  # (input shape, per-call weights) -> the faster kind ("auto")
         self._last_kind = "float"
 
-    @torch.no_grad()
-    def set_weight_scale(self, scale: torch.Tensor | float) -> None:
-        """Re-express the stored weights (and int32 bias) on a new weight scale Δ_w' (e.g. headroom for
-        training): w_q ← sat(round(w_q·Δ_w/Δ_w')), b_q ← round(b_q·Δ_w/Δ_w'); requantizers follow."""
-        new = torch.as_tensor(scale, dtype=torch.float64).expand_as(self.w_qp.scale).clone()
-        ratio = self.w_qp.scale / new
-        fmt = self.w_qp.fmt
-        shape = [-1] + [1] * (self.weight_q.dim() - 1) if ratio.numel() > 1 else []
-        w = torch.round(self.weight_q.double() * ratio.reshape(shape)).clamp(fmt.qmin, fmt.qmax)
-        self.weight_q.copy_(w.to(self.weight_q.dtype))
-        if self.bias_q is not None:
-            self.bias_q.copy_(torch.round(self.bias_q.double() * ratio.reshape(-1)).to(self.bias_q.dtype))
-        self.w_qp = QParams(fmt, new, self.w_qp.zero_point)
-        self._derive_scales()
-
-    def use_weight_qparams(self, w_qp: QParams) -> None:
-        """Take `w_qp` as the weight format and scale, leaving the stored integers as they are: how a model
-        rebuilt from its saved state (`fwdgrad.engine.state`) gets back the scale training left."""
-        self.w_qp = w_qp
-        self._derive_scales()
-
     channel_dim = 1
-
-    def weight(self, ctx: ExecContext) -> torch.Tensor:
-        return ctx.weight_fn(self.name, self) if ctx.weight_fn is not None else self.weight_q
 
     def _bias_shape(self, ndim: int) -> list[int]:
         shape = [1] * ndim

@@ -172,6 +172,7 @@ def convert_model(model: nn.Module, c: Config, calib: torch.Tensor) -> nn.Module
         overflow=q.overflow,
         requant=q.requant,
         mode=q.engine_mode,
+        residual_bits=q.residual_bits,
     )
 
 

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import Config
 from ..export import run_settings, save_model
+from ..models import add_prompts
 from ..tracking import tee
 from ..train import TrainConfig, train
 from .progress import evaluate_shown
@@ -33,6 +34,10 @@ def run_transfer(
     joins the checkpoint's run fingerprint (fwdgrad.train.fingerprint)."""
     tgt_train, tgt_test = target
     model = fit_head(model, n_target, c.seed)
+    model_config = dict(c.model)
+    if c.mode.name == "dvpt":  # the prompts join the model (a saved run rebuilds it with them)
+        add_prompts(model, c.mode.prompts, c.mode.prompt_init, c.seed)
+        model_config["prompts"], model_config["prompt_init"] = c.mode.prompts, c.mode.prompt_init
     zero_shot = evaluate_shown(c, "zero-shot accuracy", model, *tgt_test)
     qmodel = convert_model(model, c, (src_train if c.quant.calib == "source" else tgt_train)[0])
     quantized = f"zero-shot accuracy {c.scheme}"
@@ -45,7 +50,7 @@ def run_transfer(
     save_model(  # plain data; "training": what `fwdgrad export` defaults to (fwdgrad.export.run_settings)
         out / "model.pt",
         r.model,
-        c.model,
+        model_config,
         n_target,
         tuple(tgt_train[0].shape[1:]),
         config=OmegaConf.to_container(cfg, resolve=True),
