@@ -325,7 +325,7 @@ def _set(path, value):
             "'_3.weight' has dtype int32",
         ),
         (_set(["arrays", "_3.bias", "dtype"], "float32"), None, "documented dtype"),
-        (_set(["ops", 1, "kind"], "softmax"), None, "unknown kind 'softmax'"),
+        (_set(["ops", 1, "kind"], "gru"), None, "unknown kind 'gru'"),
         (_set(["ops"], [1, 2]), None, "malformed header"),
     ],
     ids=[
@@ -379,10 +379,10 @@ def test_failed_save_keeps_original(bundle_file, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------- export
 def test_export_rejects_fallback_and_bad_settings(tmp_path):
-    class WithNorm(nn.Module):
+    class WithNorm(nn.Module):  # Softplus has no integer kernel: a fallback op
         def __init__(self):
             super().__init__()
-            self.fc, self.norm = nn.Linear(6, 6), nn.LayerNorm(6)
+            self.fc, self.norm = nn.Linear(6, 6), nn.Softplus()
 
         def forward(self, x):
             return self.norm(self.fc(x))

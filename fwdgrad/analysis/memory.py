@@ -41,20 +41,26 @@ Byte counts (n = element count, b_w/b_a = weight/activation bytes of the format,
   costs 4 bytes per selected weight, smaller only below a density of 1/32). ``mask_storage="seeded"``:
   0, a random mask regenerated from a seed like z (top-k or threshold masks need the bitmap).
 
-n_trainable = parameters trained by the mode ("ft": all, "lp": those of the last ``lp_layers``
-parametrized layers, "sparse": all, of which a fraction ``density`` is selected); n_upd = n_trainable,
-or ceil(density * n_trainable) when sparse; max_layer_upd = the same for the largest trainable layer.
+n_trainable = parameters trained by the mode (`fwdgrad.models.scope_params`: "ft": all, "lp": those of the
+last ``lp_layers`` parametrized layers, "sparse": all, of which a fraction ``density`` is selected, "dvpt":
+a ViT's deep prompt tokens and the head, "ln": its LayerNorm affine parameters and the head);
+n_upd = n_trainable, or ceil(density * n_trainable) when sparse; max_layer_upd = the same for the largest
+trainable layer.
 "trainable_weights" = n_upd * b_w are the bytes that must be writable (SRAM): sparse updates keep the
 selected weights as a compact SRAM array beside the bitmap, the rest stay in flash.
 For FF in "lp" mode the frozen prefix can be run once per example and its output reused (DeepZero
 prefix reuse): the live-buffer peak is unchanged, the cache of prefix outputs is not counted here.
+
+"dvpt" traces the model with its deep prompts: a ViT without them gets ``prompts`` per encoder layer on a
+deep copy (:func:`scoped_model`), so the longer sequence (N + prompts tokens in every layer) is counted.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -62,14 +68,17 @@ from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ..engine.blocks import Tokens
 from ..methods import SCOPES, check_count
-from ..models import head_params
+from ..models import add_prompts, scope_params
 
 METHODS = ("bp", "ff")
 OPTIMIZERS = {"sgd": 0, "momentum": 1, "adam": 2}
 Z_STORAGE = ("layer", "full")
 MASK_STORAGE = ("bitmap", "seeded")
 RNG_STATE_BYTES = 16
+#: deep prompts per encoder layer when "dvpt" adds them (fwdgrad/conf/mode/dvpt.yaml's default)
+DEFAULT_PROMPTS = 10
 
 
 @dataclass(frozen=True)
@@ -348,12 +357,25 @@ class MemoryBreakdown:
         )
 
 
-def trainable_for(model: nn.Module, mode: str, lp_layers: int = 1) -> list[str]:
-    """Parameter names trained in ``mode``: all for "ft"/"sparse", the last ``lp_layers`` layers for "lp"."""
+def scoped_model(model: nn.Module, mode: str, prompts: int = DEFAULT_PROMPTS) -> nn.Module:
+    """The model that ``mode`` trains: for "dvpt", a ViT without deep prompts gets ``prompts`` per encoder
+    layer (`fwdgrad.models.add_prompts`) on a deep copy, as the trainer adds them; otherwise ``model``
+    itself (a model that carries prompts keeps its own count)."""
     _check("mode", mode, SCOPES)
-    if mode == "lp":
-        return head_params(model, lp_layers)
-    return [n for n, _ in model.named_parameters()]
+    if mode != "dvpt" or any(isinstance(m, Tokens) and m.prompt for m in model.modules()):
+        return model
+    prompted = copy.deepcopy(model)
+    add_prompts(prompted, prompts)
+    return prompted
+
+
+def trainable_for(
+    model: nn.Module, mode: str, lp_layers: int = 1, prompts: int = DEFAULT_PROMPTS
+) -> list[str]:
+    """Parameter names trained in ``mode`` (`fwdgrad.models.scope_params`) of :func:`scoped_model`: all for
+    "ft"/"sparse", the last ``lp_layers`` layers for "lp", deep prompts + head for "dvpt" (the prompts'
+    names are those :func:`scoped_model` adds when ``model`` has none), LayerNorms + head for "ln"."""
+    return scope_params(scoped_model(model, mode, prompts), mode, lp_layers)
 
 
 def breakdown_from_trace(
@@ -427,13 +449,16 @@ def memory_breakdown(
     mask_storage: str = "bitmap",
     trainable: Collection[str] | None = None,
     model_name: str | None = None,
+    prompts: int = DEFAULT_PROMPTS,
 ) -> MemoryBreakdown:
     """Training-memory breakdown of ``model`` on a batch of ``input_shape`` (formulas: module docstring).
 
     ``trainable`` overrides the parameter set implied by ``mode`` (e.g. the exact set a trainer uses);
-    ``model_name`` labels the result (default: the model's class name).
+    ``model_name`` labels the result (default: the model's class name); ``prompts``: deep prompts per
+    encoder layer that "dvpt" adds to a ViT without them (:func:`scoped_model`).
     """
     _check("method", method, METHODS)
+    model = scoped_model(model, mode, prompts)
     names = trainable_for(model, mode, lp_layers) if trainable is None else list(trainable)
     trace = trace_model(model, input_shape, names, method == "bp")
     kw = dict(density=density, optimizer=optimizer, m=m, z_storage=z_storage, mask_storage=mask_storage)
@@ -449,12 +474,15 @@ def format_table(
     mode: str = "ft",
     density: float = 0.1,
     lp_layers: int = 1,
+    prompts: int = DEFAULT_PROMPTS,
     **kw,
 ) -> str:
     """Markdown table of training memory, BP vs FF vs FF + sparse (``density``), one row per format.
 
-    Cells are the paper's "scratch" (total - weights); ``kw`` go to :func:`breakdown_from_trace`.
+    Cells are the paper's "scratch" (total - weights); ``prompts``: see :func:`memory_breakdown`; ``kw`` go
+    to :func:`breakdown_from_trace`.
     """
+    model = scoped_model(model, mode, prompts)
     names = trainable_for(model, mode, lp_layers)
     bp_trace = trace_model(model, input_shape, names, backward=True)
     ff_trace = trace_model(model, input_shape, names)
@@ -474,56 +502,166 @@ def format_table(
 #: The QZO-FF paper's ViT-tiny (DeiT-tiny) full fine-tuning scratch figures, bytes
 #: (docs/method.md#memory-and-compute-model).
 PAPER_VIT_SCRATCH = {"bp_fp16": 31.64e6, "ff_fp16": 11.43e6, "ff_sparse_fixed": 0.40e6}
+#: The paper trains ViT-tiny with D-VPT but does not give its prompt count; the comparison uses
+#: fwdgrad/conf/mode/dvpt.yaml's default.
+PAPER_DVPT_PROMPTS = DEFAULT_PROMPTS
+#: The scopes the comparison's second table sets side by side (fwdgrad ViT, fp16).
+PAPER_SCOPES = ("ft", "lp", "dvpt", "ln")
+
+REFERENCE_VIT = "torchvision ViT"
+FWDGRAD_VIT = "fwdgrad ViT"
 
 
-def vit_paper_comparison(batch_size: int = 1) -> str:
-    """Markdown table: our model vs the paper's ViT-tiny scratch figures (DeiT-tiny, 224 px, patch 16).
+def reference_deit_tiny(num_classes: int = 1000) -> nn.Module:
+    """DeiT-tiny as PyTorch model zoos build it: torchvision's ``VisionTransformer`` (224 px, patch 16, 12
+    blocks, 3 heads, 192 wide, MLP 768; 5,717,416 parameters with 1000 classes), attention through
+    ``nn.MultiheadAttention`` and ``scaled_dot_product_attention``. Its math path multiplies q and k each by
+    d^-1/4 and autograd keeps both products: two (N, D) tensors per block more than fwdgrad's `ViT`, whose
+    ``Attention`` folds the 1/sqrt(d) scale into the q projection (as the integer engine runs it)."""
+    from torchvision.models import VisionTransformer
 
-    Rows: BP fp16; FF fp16 with our layer-wise z and with the paper's apparent convention (z for every
-    weight, activations not counted); FF w16a8 with a 10% sparse update, seeded and bitmap masks.
-    """
+    return VisionTransformer(224, 16, 12, 3, 192, 768, num_classes=num_classes)
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    """One row of :func:`vit_paper_comparison`: the breakdown of each DeiT-tiny (:data:`REFERENCE_VIT`,
+    :data:`FWDGRAD_VIT`) and the key of the paper's figure in :data:`PAPER_VIT_SCRATCH`."""
+
+    label: str
+    breakdowns: dict[str, MemoryBreakdown]
+    paper_key: str
+    count_activations: bool = True
+
+    def activations(self, model: str) -> int:
+        return self.breakdowns[model].scratch if self.count_activations else 0
+
+    def scratch(self, model: str) -> int:
+        """The paper's scratch (total - weights), activations left out when ``count_activations`` is off."""
+        b = self.breakdowns[model]
+        return b.paper_scratch - b.scratch + self.activations(model)
+
+
+def vit_scope_traces(
+    batch_size: int = 1, prompts: int = PAPER_DVPT_PROMPTS, scopes: Iterable[str] = PAPER_SCOPES
+) -> dict[str, tuple[ModelTrace, ModelTrace]]:
+    """(BP, FF) traces of fwdgrad's DeiT-tiny, ``vit_tiny(1000, image_size=224, patch_size=16)``, on a
+    (``batch_size``, 3, 224, 224) input per training scope; "dvpt" with ``prompts`` deep prompts per encoder
+    layer. The inference forward does not depend on what trains, so scopes on the same model share one FF
+    trace (each with its own trainable set)."""
     from fwdgrad.models import vit_tiny
 
     model = vit_tiny(1000, image_size=224, patch_size=16)
     shape = (batch_size, 3, 224, 224)
-    names = trainable_for(model, "ft")
-    bp_trace = trace_model(model, shape, names, backward=True)
-    ff_trace = trace_model(model, shape, names)
-    sparse = dict(mode="sparse", density=0.1)
-    rows = [  # label, breakdown, paper figure, count activations
-        ("BP, fp16, ft", breakdown_from_trace(bp_trace, "bp", "fp16"), "bp_fp16", True),
-        ("FF, fp16, ft, layer-wise z", breakdown_from_trace(ff_trace, "ff", "fp16"), "ff_fp16", True),
-        (
-            "FF, fp16, ft, full z, no activations",
-            breakdown_from_trace(ff_trace, "ff", "fp16", z_storage="full"),
-            "ff_fp16",
-            False,
-        ),
+    plain_ff = trace_model(model, shape)
+    out = {}
+    for scope in scopes:
+        scoped = scoped_model(model, scope, prompts)
+        names = tuple(trainable_for(scoped, scope))
+        ff = plain_ff if scoped is model else trace_model(scoped, shape)
+        out[scope] = trace_model(scoped, shape, names, backward=True), replace(ff, trainable=names)
+    return out
+
+
+def vit_scope_rows(
+    batch_size: int = 1,
+    prompts: int = PAPER_DVPT_PROMPTS,
+    scopes: Iterable[str] = PAPER_SCOPES,
+    traces: dict[str, tuple[ModelTrace, ModelTrace]] | None = None,
+) -> dict[str, tuple[MemoryBreakdown, MemoryBreakdown]]:
+    """(BP, FF) fp16 breakdowns of fwdgrad's DeiT-tiny at the paper's setting (224 px, patch 16, SGD,
+    m = 1) per training scope (:func:`vit_scope_traces`, or ``traces`` made by it)."""
+    traces = vit_scope_traces(batch_size, prompts, scopes) if traces is None else traces
+    return {
+        s: (breakdown_from_trace(bp, "bp", "fp16", s), breakdown_from_trace(ff, "ff", "fp16", s))
+        for s, (bp, ff) in traces.items()
+    }
+
+
+def vit_paper_rows(
+    batch_size: int = 1, traces: dict[str, tuple[ModelTrace, ModelTrace]] | None = None
+) -> list[PaperRow]:
+    """The rows held against the paper's ViT-tiny figures (full fine-tuning, SGD, m = 1), each for the
+    reference DeiT-tiny (:func:`reference_deit_tiny`) and fwdgrad's ``vit_tiny(1000, image_size=224,
+    patch_size=16)``: BP fp16; FF fp16 with our layer-wise z and with the paper's apparent convention (z for
+    every weight, activations not counted); FF w16a8 with a 10 % sparse update, seeded and bitmap masks.
+    ``traces``: :func:`vit_scope_traces` of the same batch size, whose "ft" entry is used."""
+    shape = (batch_size, 3, 224, 224)
+    ref = reference_deit_tiny()
+    names = trainable_for(ref, "ft")
+    models = {
+        REFERENCE_VIT: (trace_model(ref, shape, names, backward=True), trace_model(ref, shape, names)),
+        FWDGRAD_VIT: (traces or vit_scope_traces(batch_size, scopes=("ft",)))["ft"],
+    }
+    configs = [  # label, method, format, breakdown_from_trace options, paper figure, count activations
+        ("BP, fp16, ft", "bp", "fp16", {}, "bp_fp16", True),
+        ("FF, fp16, ft, layer-wise z", "ff", "fp16", {}, "ff_fp16", True),
+        ("FF, fp16, ft, full z, no activations", "ff", "fp16", {"z_storage": "full"}, "ff_fp16", False),
         (
             "FF, w16a8, sparse 10 %, seeded mask",
-            breakdown_from_trace(ff_trace, "ff", "w16a8", mask_storage="seeded", **sparse),
+            "ff",
+            "w16a8",
+            {"mask_storage": "seeded"},
             "ff_sparse_fixed",
             True,
         ),
-        (
-            "FF, w16a8, sparse 10 %, bitmap mask",
-            breakdown_from_trace(ff_trace, "ff", "w16a8", **sparse),
-            "ff_sparse_fixed",
-            True,
-        ),
+        ("FF, w16a8, sparse 10 %, bitmap mask", "ff", "w16a8", {}, "ff_sparse_fixed", True),
     ]
+    rows = []
+    for label, method, fmt, kw, key, acts in configs:
+        if "sparse" in label:
+            kw = {**kw, "mode": "sparse", "density": 0.1}
+        b = {m: breakdown_from_trace(t[method == "ff"], method, fmt, **kw) for m, t in models.items()}
+        rows.append(PaperRow(label, b, key, acts))
+    return rows
+
+
+def vit_paper_comparison(
+    batch_size: int = 1,
+    prompts: int = PAPER_DVPT_PROMPTS,
+    traces: dict[str, tuple[ModelTrace, ModelTrace]] | None = None,
+) -> str:
+    """Markdown: our model vs the paper's ViT-tiny scratch figures (:func:`vit_paper_rows`), then BP vs FF
+    scratch per training scope, D-VPT next to FT and LP (:func:`vit_scope_rows`). ``traces``:
+    :func:`vit_scope_traces` of the same batch size and prompts (made here if not given)."""
+    if traces is None:
+        traces = vit_scope_traces(batch_size, prompts, PAPER_SCOPES)
+    rows = vit_paper_rows(batch_size, traces)
+    scopes = vit_scope_rows(traces=traces)
+    ref, ours = REFERENCE_VIT, FWDGRAD_VIT
     out = [
-        f"DeiT-tiny ({sum(bp_trace.params.values()):,} parameters), batch {batch_size}, SGD, m = 1.",
+        f"DeiT-tiny ({rows[0].breakdowns[ref].n_params:,} parameters), 224 px, patch 16, batch {batch_size}, "
+        f"SGD, m = 1. {ref} = `reference_deit_tiny()` (nn.MultiheadAttention); {ours} = "
+        "`vit_tiny(1000, image_size=224, patch_size=16)`. Gradients, perturbation and masks are the same for "
+        "both (same parameters, same largest layer).",
         "",
-        "| configuration | activations | gradients | perturbation | masks | scratch (ours) | paper |",
+        f"| configuration | activations, {ref} | activations, {ours} | gradients | perturbation | masks "
+        f"| scratch, {ref} | scratch, {ours} | paper |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        b = r.breakdowns[ours]
+        out.append(
+            f"| {r.label} | {fmt_bytes(r.activations(ref))} | {fmt_bytes(r.activations(ours))} "
+            f"| {fmt_bytes(b.gradients)} | {fmt_bytes(b.perturbation)} | {fmt_bytes(b.masks)} "
+            f"| {fmt_bytes(r.scratch(ref))} | {fmt_bytes(r.scratch(ours))} "
+            f"| {fmt_bytes(PAPER_VIT_SCRATCH[r.paper_key])} |"
+        )
+    out += [
+        "",
+        f"Training scopes, fwdgrad ViT, fp16 (dvpt: {prompts} prompts per encoder layer, "
+        f"{(224 // 16) ** 2 + 1 + prompts} tokens instead of {(224 // 16) ** 2 + 1}). The paper gives no "
+        "figure for these.",
+        "",
+        "| scope | trained parameters | BP activations | BP scratch | FF activations | FF scratch "
+        "| BP / FF |",
         "|---|---|---|---|---|---|---|",
     ]
-    for label, b, key, with_acts in rows:
-        acts = b.scratch if with_acts else 0
-        ours = b.paper_scratch - b.scratch + acts
+    for scope, (bp, ff) in scopes.items():
         out.append(
-            f"| {label} | {fmt_bytes(acts)} | {fmt_bytes(b.gradients)} | {fmt_bytes(b.perturbation)} "
-            f"| {fmt_bytes(b.masks)} | {fmt_bytes(ours)} | {fmt_bytes(PAPER_VIT_SCRATCH[key])} |"
+            f"| {scope} | {bp.n_updated:,} | {fmt_bytes(bp.scratch)} | {fmt_bytes(bp.paper_scratch)} "
+            f"| {fmt_bytes(ff.scratch)} | {fmt_bytes(ff.paper_scratch)} "
+            f"| {bp.paper_scratch / ff.paper_scratch:.1f}x |"
         )
     return "\n".join(out)
 

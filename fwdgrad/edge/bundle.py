@@ -56,13 +56,27 @@ OP_FIELDS = {
     "maxpool": (("kernel", "stride", "padding", "dilation"), ()),
     "clamp": (("lo", "hi"), ()),
     "lut": (("qmin", "lo", "hi"), ("table",)),
+    "layernorm": (
+        ("zp_in", "dim", "frac", "v_eps", "zp_out", "lo", "hi"),
+        ("weight", "bias", "mult", "shift"),
+    ),
+    "softmax": (("levels",), ("table",)),
+    "matmul": (("zp_in", "zp_out", "lo", "hi"), ("mult", "shift")),
+    "tokens": (
+        ("at", "drop", "zp_in", "in_mult", "in_shift", "zp_out", "lo", "hi"),
+        ("weight", "mult", "shift"),
+    ),
     "flatten": (("start_dim", "end_dim"), ()),
+    "unflatten": (("dim", "sizes"), ()),
+    "getitem": (("index",), ()),
     "reshape": (("shape",), ()),
     "permute": (("dims",), ()),
     "transpose": (("dim0", "dim1"), ()),
     "identity": ((), ()),
 }
 OP_KINDS = tuple(OP_FIELDS)
+#: the op kinds holding a `weight` array that QZO-FF can train (perturb and update)
+WEIGHTED_KINDS = ("conv2d", "linear", "layernorm", "tokens")
 DISTRIBUTIONS = ("qgaussian", "qrademacher")
 ROUNDINGS = ("nearest", "floor", "stochastic")
 TRAINING_FIELDS = (
@@ -86,7 +100,7 @@ ROLE_DTYPES = {
     "bias": ("int32",),
     "mult": ("int64",),
     "shift": ("int64",),
-    "table": ("int32",),
+    "table": ("int32",),  # LUT codes; softmax exp table (< 2^31: 2^(bits+14) with bits <= 16)
     "value": ("int32",),
     "eps_q": ("int64",),
     "update_mult": ("int64",),
@@ -174,7 +188,7 @@ def _int_in(where: str, v, lo: int, hi: int) -> None:
 
 
 def validate_training(tr: dict, ops: list[dict]) -> None:
-    """The QZO-FF settings: required fields, hyper-parameters in range, tensors naming conv/linear ops."""
+    """The QZO-FF settings: required fields, hyper-parameters in range, tensors naming weighted ops."""
     _require(tr, TRAINING_FIELDS, "training")
     _positive("training.lr", tr["lr"])
     _positive("training.eps", tr["eps"])
@@ -192,11 +206,12 @@ def validate_training(tr: dict, ops: list[dict]) -> None:
     _int_in("training.perturb.n", tr["perturb"]["n"], 1, 63)
     tensors = tr["tensors"]
     _check("training.tensors", tensors, isinstance(tensors, list) and tensors, "a non-empty list")
-    weighted = {op["name"] for op in ops if op["kind"] in ("conv2d", "linear")}
+    weighted = {op["name"] for op in ops if op["kind"] in WEIGHTED_KINDS}
     for i, t in enumerate(tensors):
         where = f"training.tensors[{i}]"
         _require(t, TENSOR_FIELDS, where)
-        _check(f"{where}.name", t["name"], t["name"] in weighted, "the name of a conv2d/linear op")
+        allowed = f"the name of an op of kind {WEIGHTED_KINDS}"
+        _check(f"{where}.name", t["name"], t["name"] in weighted, allowed)
         _int_in(f"{where}.qmin", t["qmin"], -(2**31), 0)
         _int_in(f"{where}.qmax", t["qmax"], 1, 2**31)
 

@@ -9,6 +9,9 @@ Operands are integer numpy arrays; every accumulation is exact:
   ``single``: (acc·M + 2^(n−1)) >> n, n = 31 + shift; ``gemmlowp``: SaturatingRoundingDoublingHighMul then
   RoundingDivideByPOT (both half away from zero).
 * accumulator width A: results outside [−2^(A−1), 2^(A−1)) saturate or wrap (two's complement).
+* transformer ops (`fwdgrad.engine.transformer`): `normalized` (LayerNorm's x̂ from integer statistics, an
+  exact integer square root), `softmax` (exp table, rounded division), `matmul` of two activations (exact as
+  conv/linear). Rounded division: ⌊(2·num + den) / 2·den⌋ (num/den half up, den > 0).
 """
 
 from __future__ import annotations
@@ -109,6 +112,45 @@ def linear(xz: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Exact xz @ w.T → int64."""
     dtype = _matmul_dtype(xz, w)
     return (xz.astype(dtype, copy=False) @ w.astype(dtype).T).astype(np.int64)
+
+
+def matmul(az: np.ndarray, bz: np.ndarray) -> np.ndarray:
+    """Exact az @ bz of two zero-point-free integer activations (batched over leading axes) → int64: float64
+    when K·max|a|·max|b| < 2^53 certifies every partial sum, else int64."""
+    amax = int(np.abs(az).max()) if az.size else 0
+    bmax = int(np.abs(bz).max()) if bz.size else 0
+    dtype = np.float64 if az.shape[-1] * amax * bmax < F64_EXACT else np.int64
+    return np.matmul(az.astype(dtype, copy=False), bz.astype(dtype, copy=False)).astype(np.int64)
+
+
+def isqrt(n: np.ndarray) -> np.ndarray:
+    """⌊√n⌋ of non-negative int64 integers below 2^52, exactly: the float64 root corrected by ±1."""
+    r = np.floor(np.sqrt(n.astype(np.float64))).astype(np.int64)
+    r -= r * r > n
+    return r + ((r + 1) * (r + 1) <= n)
+
+
+def round_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """⌊(2·num + den) / 2·den⌋: num/den rounded half up (den > 0), int64."""
+    return (2 * num + den) // (2 * den)
+
+
+def normalized(x: np.ndarray, zp_in: int, dim: int, frac: int, v_eps: int) -> np.ndarray:
+    """LayerNorm's x̂ ≈ 2^F·(x − μ)/σ over the last axis (int64), q = x − zp_in:
+    μ_q = ⌊(2·Σq + D) / 2D⌋,  c = q − μ_q,  r = ⌊√((Σc² + V_ε)·D)⌋,  x̂ = ⌊(2·c·D·2^F + r) / 2r⌋."""
+    q = x.astype(np.int64) - zp_in
+    c = q - round_div(q.sum(-1, keepdims=True), np.int64(dim))
+    r = isqrt(((c * c).sum(-1, keepdims=True) + v_eps) * dim)
+    return round_div(c * (dim << frac), r)
+
+
+def softmax(q: np.ndarray, table: np.ndarray, levels: int) -> np.ndarray:
+    """Integer softmax over the last axis: d = min(max(q) − q, L), e = T[d],
+    p = ⌊(2·e·levels + Σe) / 2Σe⌋ (int64 probabilities on the scale 1/levels)."""
+    q = q.astype(np.int64)
+    d = np.minimum(q.max(-1, keepdims=True) - q, len(table) - 1)
+    e = table.astype(np.int64)[d]
+    return round_div(e * levels, e.sum(-1, keepdims=True))
 
 
 def window_sum(xz: np.ndarray, kernel, stride, padding) -> np.ndarray:

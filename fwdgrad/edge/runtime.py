@@ -6,7 +6,17 @@ Per op (scales s, zero points zp, clamp [lo, hi] carrying a fused ReLU/ReLU6):
 * conv2d / linear:  acc = Σ (q − zp_in)·w + b  (exact, width-checked),  y = clamp(requant(acc) + zp_out)
 * add / concat:     y = clamp((Σ_i (q_i − zp_i)·M_i + 2^(S−1)) >> S + zp_out)  (concat: per input)
 * avgpool: acc = Σ_window (q − zp_in), y = clamp(requant(acc; s_in/(n·s_out)) + zp_out)
-* maxpool, flatten, reshape, permute, transpose, identity: move values; clamp: clip; lut: table[q − qmin]
+* maxpool, flatten, unflatten, reshape, permute, transpose, getitem, identity: move values; clamp: clip;
+  lut: table[q − qmin]
+* layernorm: acc = γ_q·x̂ + β_q (x̂ from `ops.normalized`), width-checked, y = clamp(requant(acc) + zp_out)
+  per channel
+* softmax:  p = `ops.softmax` (exp table over max(q) − q, rounded division), codes on 1/levels
+* matmul:   acc = (a − zp_a) @ (b − zp_b) (exact, width-checked), y = clamp(requant(acc) + zp_out)
+* tokens:   cat(x'[:, :at], t, x'[:, at+drop:]), x' the input rescaled as a one-input add (M_in, S_in) and
+  t = clamp(requant(t_q) + zp_out) the tokens (no width check: |t_q| is at most the weight range)
+
+conv2d, linear, layernorm and tokens read their `weight` array through `_weight`, the one place training
+hands out perturbed weights.
 
 Working memory: an op's output is freed as soon as its last reader has run; activations are stored in
 the narrowest integer dtype of their range; weights are read from the bundle (or from `weight_fn`, which
@@ -151,10 +161,19 @@ class Runtime:
         y = K.requantize(acc, mult, shift, self.requant, self.acc_bits) + a["zp_out"]
         return np.clip(y, a["lo"], a["hi"]).astype(K.storage(a["lo"], a["hi"]))
 
+    def _weight(self, op: dict, weight_fn: WeightFn | None) -> np.ndarray:
+        """The integer weights of a weighted op: the bundle's, or `weight_fn`'s (perturbed, in training)."""
+        return weight_fn(op) if weight_fn is not None else self.arrays[op["arrays"]["weight"]]
+
+    def _requant(self, acc: np.ndarray, op: dict, channel_dim: int = -1) -> np.ndarray:
+        """`_finish` with the op's own `mult`/`shift` arrays."""
+        names = op["arrays"]
+        return self._finish(acc, op, self.arrays[names["mult"]], self.arrays[names["shift"]], channel_dim)
+
     def _weighted(self, op: dict, x: np.ndarray, weight_fn: WeightFn | None) -> np.ndarray:
         a, names = op["attrs"], op["arrays"]
         channel_dim = a["channel_dim"]
-        w = weight_fn(op) if weight_fn is not None else self.arrays[names["weight"]]
+        w = self._weight(op, weight_fn)
         xz = x.astype(np.int64) - a["zp_in"]
         if op["kind"] == "conv2d":
             acc = K.conv2d(xz, w, a["stride"], a["padding"], a["dilation"], a["groups"])
@@ -166,16 +185,40 @@ class Runtime:
             view[channel_dim] = -1
             acc += self.arrays[names["bias"]].astype(np.int64).reshape(view)
         acc = K.accumulate(acc, self.acc_bits, self.overflow)
-        return self._finish(acc, op, self.arrays[names["mult"]], self.arrays[names["shift"]], channel_dim)
+        return self._requant(acc, op, channel_dim)
 
     _conv2d = _linear = _weighted
+
+    def _layernorm(self, op, x, weight_fn):
+        a = op["attrs"]
+        xhat = K.normalized(x, a["zp_in"], a["dim"], a["frac"], a["v_eps"])
+        acc = self._weight(op, weight_fn).astype(np.int64) * xhat
+        acc += self.arrays[op["arrays"]["bias"]].astype(np.int64)
+        return self._requant(K.accumulate(acc, self.acc_bits, self.overflow), op, -1)
+
+    def _softmax(self, op, x, weight_fn):
+        levels = op["attrs"]["levels"]
+        return K.softmax(x, self.arrays[op["arrays"]["table"]], levels).astype(K.storage(0, levels))
+
+    def _matmul(self, op, a, b, weight_fn):
+        za, zb = op["attrs"]["zp_in"]
+        acc = K.matmul(a.astype(np.int64) - za, b.astype(np.int64) - zb)
+        return self._requant(K.accumulate(acc, self.acc_bits, self.overflow), op)
+
+    def _tokens(self, op, x, weight_fn):
+        a = op["attrs"]
+        xr = self._round_sum((x.astype(np.int64) - a["zp_in"]) * a["in_mult"], a, a["in_shift"])
+        t = self._requant(self._weight(op, weight_fn).astype(np.int64), op)
+        t = np.broadcast_to(t, (x.shape[0],) + t.shape[1:])
+        at = a["at"]
+        return np.concatenate([xr[:, :at], t, xr[:, at + a["drop"] :]], axis=1)
 
     def _rescale(self, op, xs) -> list[np.ndarray]:
         a, mults = op["attrs"], self.arrays[op["arrays"]["mult"]]
         return [(x.astype(np.int64) - zp) * int(m) for x, zp, m in zip(xs, a["zp_in"], mults)]
 
-    def _round_sum(self, acc: np.ndarray, a: dict) -> np.ndarray:
-        s = a["shift"]
+    def _round_sum(self, acc: np.ndarray, a: dict, shift: int | None = None) -> np.ndarray:
+        s = a["shift"] if shift is None else shift
         y = ((acc + (1 << (s - 1))) >> s) + a["zp_out"]
         return np.clip(y, a["lo"], a["hi"]).astype(K.storage(a["lo"], a["hi"]))
 
@@ -226,6 +269,14 @@ class Runtime:
         start, end = a["start_dim"] % x.ndim, a["end_dim"] % x.ndim
         return x.reshape(x.shape[:start] + (-1,) + x.shape[end + 1 :])
 
+    def _unflatten(self, op, x, weight_fn):
+        a = op["attrs"]
+        d = a["dim"] % x.ndim
+        return x.reshape(x.shape[:d] + tuple(a["sizes"]) + x.shape[d + 1 :])
+
+    def _getitem(self, op, x, weight_fn):
+        return x[index_of(op["attrs"]["index"])]
+
     def _reshape(self, op, x, weight_fn):
         return x.reshape(op["attrs"]["shape"])
 
@@ -238,3 +289,17 @@ class Runtime:
 
     def _identity(self, op, x, weight_fn):
         return x
+
+
+def index_of(spec: list) -> tuple:
+    """A basic numpy index from its header form: integers, null (a new axis), "..." and
+    {"slice": [start, stop, step]} (null fields as in Python)."""
+    out = []
+    for item in spec:
+        if isinstance(item, dict):
+            out.append(slice(*item["slice"]))
+        elif item == "...":
+            out.append(Ellipsis)
+        else:
+            out.append(item)
+    return tuple(out)

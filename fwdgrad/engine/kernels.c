@@ -293,6 +293,72 @@ void fw_fake_quant(const float *x, float *out, i64 count, float s, float z, floa
     for (i64 i = 0; i < count; i++) out[i] = (clampf(rintf(x[i] / s) + z, lo, hi) - z) * s;
 }
 
+/* ------------------------------------------------------------------------------------------ transformers */
+static inline i64 isqrt64(i64 n) { /* floor(sqrt(n)), n < 2^52 (as fwdgrad/engine/transformer.py isqrt) */
+    i64 r = (i64)floor(sqrt((double)n));
+    if (r * r > n) r--;
+    if ((r + 1) * (r + 1) <= n) r++;
+    return r;
+}
+
+static inline i64 floor_div(i64 a, i64 b) { /* b > 0 */
+    i64 q = a / b;
+    return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+/* LayerNorm's integer normalisation per row of `dim` codes (QLayerNorm.normalized):
+ * mu = floor((2*sum(q) + D) / 2D), c = q - mu, r = isqrt((sum(c^2) + v_eps) * D),
+ * xhat = floor((2*c*D*2^frac + r) / 2r), written as exact float64 integers. */
+void fw_ln_normalize(const float *x, double *out, i64 rows, int dim, i64 zp, int frac, i64 v_eps, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 256)
+    for (i64 row = 0; row < rows; row++) {
+        const float *xr = x + row * dim;
+        double *o = out + row * dim;
+        i64 sum = 0, var = 0;
+        for (int j = 0; j < dim; j++) sum += (i64)xr[j] - zp;
+        i64 mu = floor_div(2 * sum + dim, 2 * (i64)dim);
+        for (int j = 0; j < dim; j++) {
+            i64 c = (i64)xr[j] - zp - mu;
+            var += c * c;
+        }
+        i64 r = isqrt64((var + v_eps) * dim);
+        i64 scale = (i64)dim << frac;
+        for (int j = 0; j < dim; j++) {
+            i64 c = (i64)xr[j] - zp - mu;
+            o[j] = (double)floor_div(2 * c * scale + r, 2 * r);
+        }
+    }
+}
+
+/* Integer softmax per row of n codes (QSoftmax): e = table[min(max - q, len - 1)], p = floor((2*e*levels +
+ * sum e) / (2 * sum e)). */
+void fw_softmax(const float *x, float *out, i64 rows, int n, const i64 *table, i64 len, i64 levels,
+                int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 256)
+    for (i64 row = 0; row < rows; row++) {
+        const float *xr = x + row * n;
+        float *o = out + row * n;
+        float mx = xr[0];
+        for (int j = 1; j < n; j++) mx = xr[j] > mx ? xr[j] : mx;
+        i64 total = 0;
+        for (int j = 0; j < n; j++) {
+            i64 d = (i64)(mx - xr[j]);
+            total += table[d < len - 1 ? d : len - 1];
+        }
+        for (int j = 0; j < n; j++) {
+            i64 d = (i64)(mx - xr[j]);
+            i64 e = table[d < len - 1 ? d : len - 1];
+            o[j] = (float)floor_div(2 * e * levels + total, 2 * total);
+        }
+    }
+}
+
+/* Lookup table over input codes (QLut): out = table[x - qmin]. */
+void fw_lut(const float *x, float *out, i64 count, const float *table, i64 qmin, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (count > 65536)
+    for (i64 i = 0; i < count; i++) out[i] = table[(i64)x[i] - qmin];
+}
+
 /* ---------------------------------------------------------------------------------------------- weights */
 static inline i64 load_int(const void *p, int bytes, i64 i) {
     return bytes == 1 ? ((const int8_t *)p)[i] : bytes == 2 ? ((const int16_t *)p)[i] : ((const int32_t *)p)[i];

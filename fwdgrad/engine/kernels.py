@@ -40,6 +40,9 @@ SIGNATURES = {
     "fw_fake_quant": (None, [_P, _P, _I64, _F32, _F32, _F32, _F32, _INT]),
     "fw_plan_planes": (_INT, [_P, _INT, _I64, _I64, _INT, _I64, _INT, _INT, _P, _P]),
     "fw_fill_planes": (None, [_P, _INT, _I64, _I64, _INT, _INT, _INT, _INT, _P, _INT]),
+    "fw_ln_normalize": (None, [_P, _P, _I64, _INT, _I64, _INT, _I64, _INT]),
+    "fw_softmax": (None, [_P, _P, _I64, _INT, _P, _I64, _I64, _INT]),
+    "fw_lut": (None, [_P, _P, _I64, _P, _I64, _INT]),
     "fw_perturb": (_I64, [_P, _INT, _I64, _I64, _I64, _INT, _P, _P, _I64, _INT, _INT, _P, _I64, _I64, _P]),
 }
 _INT_BYTES = {torch.int8: 1, torch.int16: 2, torch.int32: 4}
@@ -137,6 +140,36 @@ def rescale_sum(
         ptrs, len(xs), z.data_ptr(), m.data_ptr(), shift, zp_out, lo, hi, out.data_ptr(), out.numel(),
         int(exact_f64), torch.get_num_threads(),
     )  # fmt: skip
+    return out
+
+
+def ln_normalize(x: torch.Tensor, zp: int, frac: int, v_eps: int) -> torch.Tensor:
+    """LayerNorm's integer x̂ over the last axis of float32 codes (`QLayerNorm.normalized`), float64."""
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=torch.float64)
+    dim = x.shape[-1]
+    threads = torch.get_num_threads()
+    library().fw_ln_normalize(x.data_ptr(), out.data_ptr(), x.numel() // dim, dim, zp, frac, v_eps, threads)
+    return out
+
+
+def softmax(x: torch.Tensor, table: torch.Tensor, levels: int) -> torch.Tensor:
+    """The integer softmax over the last axis of float32 codes (`QSoftmax`)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    n = x.shape[-1]
+    library().fw_softmax(
+        x.data_ptr(), out.data_ptr(), x.numel() // n, n, table.data_ptr(), len(table), levels,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def lut(x: torch.Tensor, table: torch.Tensor, qmin: int) -> torch.Tensor:
+    """table[x − qmin] of float32 codes (float32 `table`)."""
+    (x,) = _same_dense_layout([x])
+    out = torch.empty_like(x)
+    library().fw_lut(x.data_ptr(), out.data_ptr(), x.numel(), table.data_ptr(), qmin, torch.get_num_threads())
     return out
 
 

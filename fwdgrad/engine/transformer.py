@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..quant import QFormat, QParams, dequantize, fake_quantize, quantize
+from . import kernels
 from .intops import accumulate
 from .nodes import ExecContext, QNode, QRescaleSum, QTrainable, Requantizer, act_range, fake_out, x_bound
 
@@ -105,7 +106,20 @@ class QLayerNorm(QTrainable):
         return _round_div(c * (d << self.frac), r)
 
     def int_forward(self, x, ctx: ExecContext):
-        acc = self.weight(ctx).to(torch.int64) * self.normalized(x) + self.bias_q.to(torch.int64)
+        w = self.weight(ctx)
+        if kernels.library() is not None and x.dtype == torch.float32:  # x̂ in C, then the C epilogue
+            acc = kernels.ln_normalize(x, self.zp_in, self.frac, self.v_eps).mul_(w.double())  # exact: < 2^31
+            bias = self.bias_q.to(torch.int64).expand(self.dim).contiguous()
+            if ctx.requant == "float":  # the integer bias joins the accumulator, as on the torch path
+                acc.add_(bias.double())
+                bias = None
+            out, bad = kernels.epilogue(
+                acc, -1, (1, 1, self.dim, 0, 1), self.requant, bias, ctx.acc.bits,
+                ctx.acc.overflow == "wrap", ctx.requant,
+            )  # fmt: skip
+            ctx.stats.add(self.name, bad)
+            return out
+        acc = w.to(torch.int64) * self.normalized(x) + self.bias_q.to(torch.int64)
         acc, bad, amax = accumulate(acc, ctx.acc)
         ctx.stats.add(self.name, bad)
         return self.requant(acc, ctx.requant)
@@ -136,6 +150,8 @@ class QSoftmax(QNode):
         return f"integer softmax, exp table of {len(self.table)} entries, {self.precision} bits"
 
     def int_forward(self, x, ctx: ExecContext):
+        if kernels.library() is not None and x.dtype == torch.float32:
+            return kernels.softmax(x, self.table, self.levels)
         q = x.to(torch.int64)
         d = (q.amax(-1, keepdim=True) - q).clamp_(max=len(self.table) - 1)
         e = self.table[d]

@@ -16,6 +16,7 @@ The command `fwdgrad export` (defaults from a run's settings) is `fwdgrad.export
 
 from __future__ import annotations
 
+import operator
 from dataclasses import fields
 
 import numpy as np
@@ -38,8 +39,10 @@ from ..engine.nodes import (
     QLinear,
     QLut,
     QRescaleSum,
+    QTrainable,
     Ref,
 )
+from ..engine.transformer import QLayerNorm, QMatmul, QSoftmax, QTokens
 from ..ff.estimators import make_distribution
 from ..ff.spaces import perturb_requant, size_lsb, update_requant
 from ..fixed_point import FixedPointSettings
@@ -93,20 +96,21 @@ class _Exporter:
         op = {"kind": kind, "name": node.name, "inputs": list(node.inputs), "attrs": attrs, "arrays": {}}
         if node.out_qp is not None:
             op["out"] = _fmt(node.out_qp)
-        if isinstance(node, QConv2d | QLinear):
+        if isinstance(node, QTrainable):  # conv2d, linear, layernorm, tokens: what training can update
             self.add(op, "weight", _np(node.weight_q))
             if node.bias_q is not None:
                 self.add(op, "bias", _np(node.bias_q, np.int32))
-            self.add(op, "mult", _np(node.requant.mult, np.int64))
-            self.add(op, "shift", _np(node.requant.shift, np.int64))
             op["scales"] = {
                 "in": float(node.in_qp.scale.reshape(-1)[0]),
                 "weight": node.w_qp.scale.reshape(-1).tolist(),
                 "out": op["out"]["scale"],
             }
+        if isinstance(node, QTrainable | QMatmul):
+            self.add(op, "mult", _np(node.requant.mult, np.int64))
+            self.add(op, "shift", _np(node.requant.shift, np.int64))
         elif isinstance(node, QRescaleSum):
             self.add(op, "mult", np.array(node.mults, dtype=np.int64))
-        elif isinstance(node, QLut):
+        elif isinstance(node, QLut | QSoftmax):
             self.add(op, "table", _np(node.table, np.int32))
         elif isinstance(node, QConst):
             self.add(op, "value", _np(node.q, np.int32))
@@ -143,6 +147,45 @@ class _Exporter:
                 groups=int(node.groups),
             )
             return "conv2d", attrs
+        if isinstance(node, QLayerNorm):
+            return "layernorm", {
+                "zp_in": node.zp_in,
+                "dim": node.dim,
+                "frac": node.frac,
+                "v_eps": node.v_eps,
+                "eps": node.eps,
+                "zp_out": node.requant.zp,
+                "lo": node.lo,
+                "hi": node.hi,
+                "w_qmin": node.w_qp.fmt.qmin,
+                "w_qmax": node.w_qp.fmt.qmax,
+            }
+        if isinstance(node, QTokens):
+            rs = node.rescale  # the input, rescaled to the output format: a one-input add
+            if (rs.zp_out, rs.lo, rs.hi) != (node.requant.zp, node.lo, node.hi):
+                raise ValueError(f"tokens {node.name!r}: its input rescale and its tokens differ in format")
+            return "tokens", {
+                "at": int(node.at),
+                "drop": int(node.drop),
+                "prompt": bool(node.prompt),
+                "zp_in": _integer(rs.zps[0], node.name),
+                "in_mult": int(rs.mults[0]),
+                "in_shift": int(rs.shift),
+                "zp_out": node.requant.zp,
+                "lo": node.lo,
+                "hi": node.hi,
+                "w_qmin": node.w_qp.fmt.qmin,
+                "w_qmax": node.w_qp.fmt.qmax,
+            }
+        if isinstance(node, QSoftmax):
+            return "softmax", {"levels": int(node.levels)}
+        if isinstance(node, QMatmul):
+            return "matmul", {
+                "zp_in": [_integer(z, node.name) for z in node.zps],
+                "zp_out": node.requant.zp,
+                "lo": node.lo,
+                "hi": node.hi,
+            }
         if isinstance(node, QRescaleSum):
             attrs = {
                 "zp_in": [int(z) for z in node.zps],
@@ -180,6 +223,37 @@ class _Exporter:
         if isinstance(node, QLayout):
             return _layout(node)
         raise ValueError(f"node {node.name!r} ({type(node).__name__}) has no edge-runtime kernel")
+
+
+def _integer(v: float, name: str) -> int:
+    if v != int(v):
+        raise ValueError(f"node {name!r}: zero point {v!r} is not an integer; not exportable")
+    return int(v)
+
+
+def _index(node: QLayout, index) -> list:
+    """A basic index (integers, slices of integers, None, ...) as its header form (`edge.runtime.index_of`);
+    anything else (tensors, lists, booleans) is a one-line error."""
+    items = index if isinstance(index, tuple) else (index,)
+    out = []
+    for item in items:
+        bounds = (item.start, item.stop, item.step) if isinstance(item, slice) else ()
+        if isinstance(item, slice) and all(v is None or _is_int(v) for v in bounds):
+            out.append({"slice": list(bounds)})
+        elif item is None or _is_int(item):
+            out.append(item)
+        elif item is Ellipsis:
+            out.append("...")
+        else:
+            raise ValueError(
+                f"node {node.name!r}: index {index!r} is not supported by the edge runtime; allowed: "
+                "integers, slices of integers, None and ..."
+            )
+    return out
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _conv_padding(node: QConv2d) -> list[int]:
@@ -240,10 +314,17 @@ def _layout(node: QLayout) -> tuple[str, dict]:
         return "permute", {"dims": [int(d) for d in dims]}
     if call is torch.transpose or method == "transpose":
         return "transpose", {"dim0": int(arg(0, "dim0", None)), "dim1": int(arg(1, "dim1", None))}
+    if isinstance(call, nn.Unflatten):
+        return "unflatten", {"dim": int(call.dim), "sizes": [int(s) for s in call.unflattened_size]}
+    if method == "unflatten":
+        sizes = [int(s) for s in arg(1, "sizes", None)]
+        return "unflatten", {"dim": int(arg(0, "dim", None)), "sizes": sizes}
+    if call is operator.getitem or method == "__getitem__":
+        return "getitem", {"index": _index(node, arg(0, "idx", None))}
     what = method or getattr(call, "__name__", type(call).__name__)
     raise ValueError(
         f"node {node.name!r}: layout op {what!r} is not supported by the edge runtime; allowed: "
-        "flatten, reshape/view, permute, transpose, max pooling, dropout/identity"
+        "flatten, unflatten, reshape/view, permute, transpose, basic indexing, max pooling, dropout/identity"
     )
 
 
@@ -279,7 +360,8 @@ def _training(
     missing = [n for n in names if n not in nodes]
     if missing:
         raise ValueError(
-            f"trainable layers {missing} are not conv/linear layers of the model; allowed: {list(nodes)}"
+            f"trainable layers {missing} are not conv/linear layers, LayerNorms or tokens of the model; "
+            f"allowed: {list(nodes)}"
         )
     dist = make_distribution(fp.distribution, fp.z_max)
     p_mult, p_n = perturb_requant(dist, fp.perturb_scale)
@@ -353,8 +435,9 @@ def export_bundle(
     """Write `qmodel` and its QZO-FF settings to one bundle file at `path`; returns the `Bundle`.
 
     settings: the fixed-point options (or give its fields as keywords, e.g. rounding=...);
-    trainable: conv/linear node names to fine-tune (None: all), in the order that defines tensor ids (as
-    `qzo_ff(trainable=...)`); masks: {name: bool tensor} sparse-update masks (e.g. from `make_masks`);
+    trainable: names of weighted nodes (conv/linear, LayerNorm, tokens: `qmodel.weight_nodes()`) to fine-tune
+    (None: all), in the order that defines tensor ids (as `qzo_ff(trainable=...)`); masks: {name: bool tensor}
+    sparse-update masks (e.g. from `make_masks`);
     input_preprocessing: {"mean": [...], "std": [...], "shape": [C, H, W]} applied by the runtime to float
     inputs; step: the optimizer step the run continues from; meta: free JSON-serializable metadata.
     """

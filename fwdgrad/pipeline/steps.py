@@ -177,7 +177,8 @@ def convert_model(model: nn.Module, c: Config, calib: torch.Tensor) -> nn.Module
 
 
 def memory_model(model: nn.Module, c: Config, input_shape: tuple[int, ...]):
-    """Modelled on-device training memory (fwdgrad.analysis.memory) of this method, scope and format."""
+    """Modelled on-device training memory (fwdgrad.analysis.memory) of this method, scope and format; for
+    dvpt, of the model with `c.mode.prompts` deep prompts per encoder layer (as `run_transfer` adds them)."""
     s = spec(c.method.name)
     try:
         return memory_breakdown(
@@ -190,6 +191,7 @@ def memory_model(model: nn.Module, c: Config, input_shape: tuple[int, ...]):
             lp_layers=c.mode.lp_layers,
             m=s.memory_samples(c.method.m),
             model_name=model_label(c.model),
+            prompts=c.mode.prompts,  # dvpt: the prompts run_transfer adds, so the longer sequence is counted
         )
     except RuntimeError as e:  # the memory model runs the model on meta tensors (shapes, no values)
         raise ValueError(
