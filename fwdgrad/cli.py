@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 
 from .conf import CONF_DIR
+from .methods import SCOPES
 from .signals import terminate_raises
 
 # Hydra, OmegaConf, torch and the rest of fwdgrad are imported by the commands that need them, so that
@@ -234,16 +235,23 @@ def memory_main(argv: list[str]) -> int:
     ap.add_argument("model", help="model name (fwdgrad.models.MODELS)")
     ap.add_argument("--input-shape", type=int, nargs="+", default=[1, 3, 32, 32], help="N C H W")
     ap.add_argument("--num-classes", type=int, default=10)
-    ap.add_argument("--mode", default="ft", choices=["ft", "lp", "sparse"])
+    ap.add_argument("--mode", default="ft", choices=list(SCOPES), help="the training scope")
     ap.add_argument("--lp-layers", type=int, default=1)
     ap.add_argument("--density", type=float, default=0.1)
+    ap.add_argument("--prompts", type=int, default=10, help="deep prompts per encoder layer (--mode dvpt)")
     ap.add_argument("--formats", nargs="+", default=["fp32", "fp16", "w16a16", "w16a8", "w8a8"])
     a = ap.parse_args(argv)
     from .analysis.memory import format_table
     from .models import build_model
 
     model = build_model(a.model, a.num_classes, a.input_shape[1])
-    print(format_table(model, tuple(a.input_shape), a.formats, a.mode, a.density, a.lp_layers))
+    try:
+        print(format_table(model, tuple(a.input_shape), a.formats, a.mode, a.density, a.lp_layers, a.prompts))
+    except RuntimeError as e:  # the model runs on meta tensors of --input-shape
+        first = str(e).strip().splitlines()[0]
+        raise SystemExit(
+            f"fwdgrad memory: {a.model} cannot take --input-shape {a.input_shape}: {first}"
+        ) from None
     return 0
 
 

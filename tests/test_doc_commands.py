@@ -105,6 +105,16 @@ SMOKE_PRESET = {
     "ood": {"data.target.corruption": "gaussian_noise", "model.width": "0.25"},
     "crossdomain_lp": {"model.width": "0.25"},
 }
+#: the transformer presets: a one-layer, 16-wide ViT / AST
+TINY_TRANSFORMER = {"model.depth": "1", "model.hidden_dim": "16", "model.heads": "2"}
+SMOKE_PRESET |= {
+    "ood_vit": {"data.target.corruption": "gaussian_noise", "mode.prompts": "2", **TINY_TRANSFORMER},
+    "crossdomain_vit": {"mode.prompts": "2", **TINY_TRANSFORMER},
+    "fewshot_audio_ast": {
+        k: v for k, v in SMOKE_PRESET["fewshot_audio"].items() if not k.startswith("model.")
+    }
+    | TINY_TRANSFORMER,
+}
 SMOKE_LANDSCAPE = {
     "landscape.grid": "3",
     "sharpness.enabled": "false",
@@ -133,6 +143,14 @@ SMOKE_ARGS = {
         "--set": [f"{k}={v}" for k, v in {**SMOKE_RUN, **SMOKE_PRESET["ood"]}.items() if k != "train.steps"],
     },
     "experiments/bench_train.py": {"--reps": "1", "--batch": "2", "--model": "small_cnn"},
+    "experiments/bench_vit.py": {
+        "--max-test": "64",
+        "--reps": "1",
+        "--batch": "2",
+        "--schemes": "w16a8",
+        "--residual": "16",
+        "--set": ["pretrain.steps=5", *(f"{k}={v}" for k, v in TINY_TRANSFORMER.items())],
+    },
     "experiments/bench_edge.py": {"--batch": "2", "--size": "8", "--steps": "1"},
 }
 #: Placeholder -> (the documented command that produces it, the glob its output matches, relative to the

@@ -156,7 +156,7 @@ class QModel(nn.Module):
         return env
 
     def describe(self) -> dict[str, str]:
-        """The exact kernel each conv/linear layer runs on with its stored weights, by name (e.g.
+        """The kernel each trainable node (conv/linear, LayerNorm, tokens) runs on, by name (e.g.
         ``"float32 x2 planes of 9 bits + C epilogue"``; see `intops.prepare` and `kernels`)."""
         return {name: node.describe() for name, node in self.weight_nodes().items()}
 

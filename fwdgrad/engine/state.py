@@ -4,7 +4,7 @@ itself is traced again from the float architecture, which is all a rebuild needs
 
     {"options": {"scheme", "per_channel", "acc_bits", "overflow", "requant", "mode"},
      "activations": {node name: qparams or None},  every node's output format, in node order (calibrated)
-     "weights": {conv/linear node name: qparams},   weight formats and scales (training may change them)
+     "weights": {trainable node name: qparams},     weight formats and scales (training may change them)
      "tensors": the QModel's state dict}            integer weights, int32 biases, constants, lookup
                                                     tables, float parameters of fallback ops
     qparams = {"format": QFormat fields, "scale": float64 tensor, "zero_point": int64 tensor}

@@ -65,7 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--m", type=int, help=f"perturbations per step ({run_default}, else 3)")
     ap.add_argument("--seed", type=int, help=f"{run_default}, else 0")
     ap.add_argument("--step", type=int, help=f"step counter to start from ({run_default} last step, else 0)")
-    ap.add_argument("--trainable", nargs="+", help=f"conv/linear node names ({run_default}, else all)")
+    ap.add_argument(
+        "--trainable",
+        nargs="+",
+        help=f"trainable node names: conv/linear, LayerNorm, tokens ({run_default}, else all)",
+    )
     ap.add_argument("--z-max", dest="z_max", type=float)
     ap.add_argument("--rounding", choices=ROUNDINGS)
     ap.add_argument("--perturb-scale", dest="perturb_scale", choices=PERTURB_SCALES)

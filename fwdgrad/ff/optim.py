@@ -194,7 +194,8 @@ def qzo_ff(
     """QZO-FF on a QModel: sign-m-SPSA with 8-bit z, integer perturbation and update
     (docs/method.md#the-fixed-point-formulation).
 
-    trainable: names of the conv/linear nodes to train (default: all); everything else is never perturbed.
+    trainable: names of the nodes to train (`model.weight_nodes()`: conv/linear, LayerNorm, tokens; default:
+    all); everything else is never perturbed.
     sparse: e.g. {"kind": "topk", "density": 0.1} (see `fwdgrad.ff.masks`).
     weight_headroom: the trainable layers' Δ_w is multiplied by this once before training, so weights can
     grow by that factor before saturating (costs log2(headroom) bits of precision; 1 = the paper).

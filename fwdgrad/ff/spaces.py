@@ -233,7 +233,8 @@ class FixedPointSpace(Space):
         missing = [n for n in names if n not in nodes]
         if missing:
             raise ValueError(
-                f"trainable layers {missing} are not conv/linear layers of the model; allowed: {list(nodes)}"
+                f"trainable layers {missing} are not conv/linear layers, LayerNorms or tokens of the model; "
+                f"allowed: {list(nodes)}"
             )
         self.model, self.nodes = model, [nodes[n] for n in names]
         self.index = {n: t for t, n in enumerate(names)}
