@@ -240,3 +240,25 @@ def test_prompted_vit_state_round_trip():
     again = rebuild_qmodel(build_model("vit_tiny", 10, 1, image_size=28, patch_size=7, hidden_dim=32, depth=2,
                                        heads=2, prompts=2), qmodel_state(q))  # fmt: skip
     assert torch.equal(again(x), q(x))
+
+
+@pytest.mark.parametrize("method", ["bp", "bp_qat", "zo_fp32"])
+@pytest.mark.parametrize("scope", ["dvpt", "ln"])
+def test_every_method_trains_the_transformer_scopes(method, scope):
+    from fwdgrad.train import train
+
+    m = small_vit(prompts=2)
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    model = convert(m, "w16a8", x) if method == "bp_qat" else m
+    cfg = TrainConfig(method=method, scope=scope, steps=2, batch_size=16, eval_every=2, lr=0.05, eps=0.05)
+
+    def tensors(mod):  # by parameter name, or by node name for a QModel
+        if method == "bp_qat":
+            return {n: node.weight_q.clone() for n, node in mod.weight_nodes().items()}
+        return {k: v.clone() for k, v in mod.state_dict().items()}
+
+    before = tensors(model)
+    r = train(model, cfg, (x, y), (x[:16], y[:16]))
+    changed = {k for k, v in tensors(r.model).items() if not torch.equal(v, before[k])}
+    part = "prompts" if scope == "dvpt" else "ln"
+    assert any(part in k for k in changed) and all(part in k or "head" in k for k in changed), changed

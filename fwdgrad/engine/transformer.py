@@ -50,6 +50,12 @@ def _round_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.div(2 * num + den, 2 * den, rounding_mode="floor")
 
 
+def _real_weight(w: torch.Tensor, w_qp: QParams) -> torch.Tensor:
+    """Fake mode's weights: integer codes dequantized, or float (already fake-quantized) weights as given
+    (quantization-aware training's master weights)."""
+    return w if w.is_floating_point() else dequantize(w, w_qp)
+
+
 def probability_qparams(bits: int) -> QParams:
     """The fixed output format of the integer softmax: unsigned `bits`, scale 1/(2^bits − 1), zero point 0."""
     return QParams(QFormat(bits=bits, signed=False, symmetric=False), 1.0 / (2**bits - 1))
@@ -125,7 +131,7 @@ class QLayerNorm(QTrainable):
         return self.requant(acc, ctx.requant)
 
     def fake_forward(self, x, ctx: ExecContext):
-        w = dequantize(self.weight(ctx), self.w_qp)
+        w = _real_weight(self.weight(ctx), self.w_qp)
         b = self.bias_q.double() * (self.w_qp.scale.reshape(-1) * 2.0**-self.frac)
         y = F.layer_norm(x, (self.dim,), w.to(x.dtype), b.to(x.dtype), self.eps)
         return fake_out(y, self.out_qp, self.lo, self.hi)
@@ -220,5 +226,5 @@ class QTokens(QTrainable):
         return self._splice(self.rescale.int_forward(x, ctx=ctx), t)
 
     def fake_forward(self, x, ctx: ExecContext):
-        t = dequantize(self.weight(ctx), self.w_qp).to(x.dtype)
+        t = _real_weight(self.weight(ctx), self.w_qp).to(x.dtype)
         return fake_out(self._splice(x, t), self.out_qp, self.lo, self.hi)
