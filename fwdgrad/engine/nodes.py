@@ -539,7 +539,9 @@ class QRescaleSum(QNode):
         if kernels.library() is not None and all(x.dtype == torch.float32 for x in xs):
             zps = [int(z) for z in self.zps]
             out = (self.xb, self.shift, self.zp_out, self.lo, self.hi)
-            if self.cat_dim is None and all(x.shape == xs[0].shape for x in xs):
+            if self.cat_dim is None:  # broadcast inputs (a ViT's position embedding) expanded first
+                shape = torch.broadcast_shapes(*(x.shape for x in xs))
+                xs = [x if x.shape == shape else x.expand(shape).contiguous() for x in xs]
                 return kernels.rescale_sum(xs, zps, self.mults, *out)
             if self.cat_dim is not None:
                 parts = [kernels.rescale_sum([x], [z], [m], *out) for x, z, m in zip(xs, zps, self.mults)]
