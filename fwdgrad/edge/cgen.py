@@ -34,12 +34,12 @@ import re
 
 import numpy as np
 
-from ... import rng
-from ...rng.streams import SR_STREAM
-from .. import ops as K
-from ..bundle import Bundle
-from ..loss import LN2_MULT, MANT_BITS, output_spec
-from ..runtime import Runtime
+from .. import rng
+from ..rng.streams import SR_STREAM
+from . import ops as K
+from .bundle import Bundle
+from .loss import LN2_MULT, MANT_BITS, output_spec
+from .runtime import Runtime
 
 SUPPORTED = (
     "input",
