@@ -26,7 +26,6 @@ import warnings
 from pathlib import Path
 
 from .conf import CONF_DIR
-from .methods import SCOPES
 from .signals import terminate_raises
 
 # Hydra, OmegaConf, torch and the rest of fwdgrad are imported by the commands that need them, so that
@@ -231,6 +230,8 @@ def main_job(argv: list[str] | None = None) -> int:
 
 # ---------------------------------------------------------------------------------------- commands
 def memory_main(argv: list[str]) -> int:
+    from .methods import SCOPES
+
     ap = argparse.ArgumentParser(prog="fwdgrad memory", description="Training memory, BP vs FF, per format.")
     ap.add_argument("model", help="model name (fwdgrad.models.MODELS)")
     ap.add_argument("--input-shape", type=int, nargs="+", default=[1, 3, 32, 32], help="N C H W")

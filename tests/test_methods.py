@@ -56,7 +56,7 @@ def test_hyperparameters_a_method_pins_or_ignores():
         check_hyper("qzo_ff", 0.1, 0, 3)
     with pytest.raises(ValueError, match="method 'adam' is invalid; allowed: bp, "):
         spec("adam")
-    assert SCOPES == ("ft", "lp", "sparse")
+    assert SCOPES == ("ft", "lp", "sparse", "dvpt", "ln")
 
 
 def test_registry_and_config_validation_import_no_torch():

@@ -43,16 +43,25 @@ PER_PRESET = {
     "ood": ["data.target.corruption=gaussian_noise", "model.width=0.25"],
     "crossdomain_lp": ["model.width=0.25"],
 }
+TINY_TRANSFORMER = ["model.depth=1", "model.hidden_dim=16", "model.heads=2", "mode.prompts=2"]
+PER_PRESET |= {
+    "ood_vit": ["data.target.corruption=gaussian_noise", *TINY_TRANSFORMER],
+    "crossdomain_vit": TINY_TRANSFORMER,
+    "fewshot_audio_ast": [
+        *(o for o in PER_PRESET["fewshot_audio"] if not o.startswith("model.")),
+        *TINY_TRANSFORMER,
+    ],
+}
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
 def need_data(preset):
-    if preset in ("ood", "crossdomain_lp"):
+    if preset in ("ood", "crossdomain_lp", "ood_vit", "crossdomain_vit"):
         from fwdgrad.data import DEBIAN_FASHION_DIR, default_root
 
         if not (Path(DEBIAN_FASHION_DIR).is_dir() or (default_root() / "FashionMNIST").is_dir()):
             pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    if preset == "fewshot_audio":
+    if preset.startswith("fewshot_audio"):
         from fwdgrad.data.espeak import EspeakUnavailable, list_voices
 
         try:
@@ -70,7 +79,7 @@ def test_preset_runs_end_to_end(tmp_path, preset):
     assert 0 <= m["zero_shot_acc"] <= 1 and 0 <= m["test_acc"] <= 1
     assert m["steps"] == 2 and m["forward_passes"] > 0
     assert m["peak_mem_bytes"] > 0 and m["train_mem_bytes_model"] > 0
-    assert m["synthetic"] == (preset == "fewshot_audio")
+    assert m["synthetic"] == preset.startswith("fewshot_audio")
     out = tmp_path / "run"
     assert json.loads((out / "metrics.json").read_text())["test_acc"] == m["test_acc"]
     for f in ("log.csv", "curves.png"):
