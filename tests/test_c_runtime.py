@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from threadpoolctl import threadpool_limits
 
 from fwdgrad.data.digits import load_digits_tensors
 from fwdgrad.edge import Runtime, load_bundle
@@ -31,13 +30,7 @@ needs_cc = pytest.mark.skipif(CC is None, reason="no host C compiler (cc/gcc/cla
 CFLAGS = ["-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic", "-fno-strict-aliasing"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def _digits(size: int, n: int = 64):

@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from threadpoolctl import threadpool_limits
 
 from fwdgrad.edge import BundleError, Runtime, Trainer, load_bundle, save_bundle
 from fwdgrad.edge import bundle as B
@@ -30,14 +29,7 @@ from fwdgrad.rng.streams import SR_STREAM
 SHAPES = {"resnet8": (3, 16, 16), "ds_cnn": (1, 20, 25), "small_cnn": (1, 8, 8)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """numpy's OpenBLAS and torch's OpenMP pools oversubscribe small machines when both run in one process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def _model(name: str, seed: int = 0, **convert_kw):

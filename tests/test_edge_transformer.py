@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from threadpoolctl import threadpool_limits
 
 from fwdgrad.edge import Runtime, Trainer, load_bundle
 from fwdgrad.engine import convert
@@ -22,14 +21,7 @@ from fwdgrad.train import TrainConfig, trainable_names
 TRANSFORMER_KINDS = {"layernorm", "softmax", "matmul", "tokens", "unflatten", "getitem", "const", "add"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """numpy's OpenBLAS and torch's OpenMP pools oversubscribe small machines when both run in one process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def _vit(scheme: str = "w16a8", prompts: int = 0, seed: int = 0, **convert_kw):

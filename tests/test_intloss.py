@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from threadpoolctl import threadpool_limits
 
 from fwdgrad.edge import load_bundle
 from fwdgrad.edge import loss as EL
@@ -22,13 +21,7 @@ from fwdgrad.models import build_model
 MAX_ERROR = 2 * 2.0**-16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def _logits(rng, n, c, lo, hi):
