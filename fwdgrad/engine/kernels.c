@@ -269,6 +269,17 @@ void fw_rescale_sum(const float **xs, int k, const i64 *zps, const i64 *mults, i
     if (exact_f64) {
         double dhalf = (double)half, inv = ldexp(1.0, -shift), dzp = (double)zp_out, dlo = (double)lo,
                dhi = (double)hi;
+        if (k == 2) { /* a residual add: the loop without the inner one vectorizes */
+            const float *x0 = xs[0], *x1 = xs[1];
+            double m0 = (double)mults[0], m1 = (double)mults[1], z0 = (double)zps[0], z1 = (double)zps[1];
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (count > 65536)
+            for (i64 i = 0; i < count; i++) {
+                double a = (dhalf + ((double)x0[i] - z0) * m0) + ((double)x1[i] - z1) * m1;
+                double y = floor(a * inv) + dzp;
+                out[i] = (float)(y < dlo ? dlo : (y > dhi ? dhi : y));
+            }
+            return;
+        }
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (count > 65536)
         for (i64 i = 0; i < count; i++) {
             double a = dhalf;
@@ -322,11 +333,11 @@ void fw_ln_normalize(const float *x, double *out, i64 rows, int dim, i64 zp, int
             var += c * c;
         }
         i64 r = isqrt64((var + v_eps) * dim);
-        i64 scale = (i64)dim << frac;
-        for (int j = 0; j < dim; j++) {
-            i64 c = (i64)xr[j] - zp - mu;
-            o[j] = (double)floor_div(2 * c * scale + r, 2 * r);
-        }
+        /* |2*c*D*2^frac + r| < 2^52 (checked at conversion): float64 holds it, and the floor of the
+         * correctly rounded quotient of two such integers is the exact floor division */
+        double scale = (double)((i64)dim << frac) * 2.0, dr = (double)r, den = 2.0 * (double)r;
+        double dmu = (double)(zp + mu);
+        for (int j = 0; j < dim; j++) o[j] = floor((((double)xr[j] - dmu) * scale + dr) / den);
     }
 }
 
@@ -345,10 +356,12 @@ void fw_softmax(const float *x, float *out, i64 rows, int n, const i64 *table, i
             i64 d = (i64)(mx - xr[j]);
             total += table[d < len - 1 ? d : len - 1];
         }
+        /* 2*e*levels + total < 2^52 for P <= 30 and rows under 2^20 entries: exact as float64 (see
+         * fw_ln_normalize) */
+        double dl = 2.0 * (double)levels, dt = (double)total, den = 2.0 * (double)total;
         for (int j = 0; j < n; j++) {
             i64 d = (i64)(mx - xr[j]);
-            i64 e = table[d < len - 1 ? d : len - 1];
-            o[j] = (float)floor_div(2 * e * levels + total, 2 * total);
+            o[j] = (float)floor(((double)table[d < len - 1 ? d : len - 1] * dl + dt) / den);
         }
     }
 }

@@ -88,7 +88,9 @@ class QLayerNorm(QTrainable):
         self.zp_in = int(in_qp.zero_point.reshape(-1)[0])
         self.v_eps = max(1, round(self.eps * d / s_in**2))
         span = in_qp.fmt.qmax - in_qp.fmt.qmin
-        if (d * span * span + self.v_eps) * d >= 2**52 or span * d * 2**self.frac >= 2**62:
+        if (d * span * span + self.v_eps) * d >= 2**52 or 2 * span * d * 2**self.frac + math.isqrt(
+            (d * span * span + self.v_eps) * d
+        ) >= 2**52:  # the statistics and x̂'s numerator are exact in float64 (the C kernel) and int64
             raise ValueError(
                 f"LayerNorm {name!r}: {in_qp.fmt.bits}-bit inputs over {d} channels overflow int64 statistics"
             )
@@ -177,8 +179,9 @@ class QMatmul(QNode):
         self.zps = [float(q.zero_point.reshape(-1)[0]) for q in in_qps]
         self.bound = x_bound(in_qps[0]) * x_bound(in_qps[1])  # per product
         self.lo, self.hi = act_range(out_qp, None)
-        real = _scalar(in_qps[0].scale) * _scalar(in_qps[1].scale) / _scalar(out_qp.scale)
-        self.requant = Requantizer(real, out_qp, self.lo, self.hi)
+        self.real = _scalar(in_qps[0].scale) * _scalar(in_qps[1].scale) / _scalar(out_qp.scale)
+        self.requant = Requantizer(self.real, out_qp, self.lo, self.hi)
+        self._per_column: dict[int, Requantizer] = {}  # the C epilogue's constants, per output width
 
     def describe(self) -> str:
         return "integer matmul of two activations"
@@ -187,6 +190,16 @@ class QMatmul(QNode):
         amax = a.shape[-1] * self.bound
         dtype = torch.float32 if amax < 2**24 else torch.float64 if amax < 2**53 else torch.int64
         acc = torch.matmul((a - self.zps[0]).to(dtype), (b - self.zps[1]).to(dtype))
+        if kernels.library() is not None and dtype is not torch.int64:  # one C pass to output codes
+            cols = acc.shape[-1]
+            if cols not in self._per_column:
+                self._per_column[cols] = Requantizer(self.real, self.out_qp, self.lo, self.hi, channels=cols)
+            out, bad = kernels.epilogue(
+                acc, -1, (1, 1, cols, 0, 1), self._per_column[cols], None, ctx.acc.bits,
+                ctx.acc.overflow == "wrap", ctx.requant,
+            )  # fmt: skip
+            ctx.stats.add(self.name, bad)
+            return out
         acc, bad, amax = accumulate(acc if dtype is torch.int64 else acc.double(), ctx.acc, amax)
         ctx.stats.add(self.name, bad)
         return self.requant(acc, ctx.requant, amax)
