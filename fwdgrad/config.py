@@ -43,6 +43,8 @@ METHODS = METHOD_NAMES
 LR_SCHEDULES = ("constant", "cosine", "linear")
 #: auto: resume from out_dir's checkpoint when there is one; must: fail without one; never: start fresh
 RESUME_MODES = ("auto", "must", "never")
+#: the training loss: float cross-entropy of the logits, or the integer one (qzo_ff; fwdgrad.ff.intloss)
+LOSSES = ("float", "integer")
 FF_OPTIONS = {"qzo_ff": QZO_FF_OPTIONS, "zo_sgd": ZO_SGD_OPTIONS}
 ENGINE_MODES = ("integer", "fake")  # how the engine computes (fwdgrad.engine.ENGINE_MODES)
 QUANTS = ("auto", "fp32", "w16a8", "w8a8", "w8a16", "w16a16")
@@ -254,6 +256,7 @@ class TrainSettings:
     checkpoint_every: int = 0
     resume: str = "auto"  # auto | must | never (fwdgrad.train.RESUME_MODES)
     strict: bool = False  # faults (accumulator overflows, saturated weights) stop the run
+    loss: str = "float"  # float | integer (qzo_ff: the integer cross-entropy, fwdgrad.ff.intloss)
 
     def check(self) -> None:
         if (self.steps is None) == (self.forward_budget is None):
@@ -268,6 +271,7 @@ class TrainSettings:
         schedules = ", ".join(LR_SCHEDULES)
         require(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", self.lr_schedule, schedules)
         require(self.resume in RESUME_MODES, "train.resume", self.resume, ", ".join(RESUME_MODES))
+        require(self.loss in LOSSES, "train.loss", self.loss, ", ".join(LOSSES))
 
 
 @dataclass

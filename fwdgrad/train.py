@@ -36,9 +36,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import LR_SCHEDULES, RESUME_MODES
+from .config import LOSSES, LR_SCHEDULES, RESUME_MODES
 from .engine.model import QModel, chunk_rows
 from .engine.transformer import QLayerNorm, QTokens
+from .ff.intloss import integer_closure
 from .ff.jvp import JVPForwardGradient, closure_for
 from .ff.masks import make_masks
 from .ff.optim import qzo_ff, zo_sgd
@@ -91,6 +92,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end (and on SIGINT/SIGTERM)
     resume: str = "auto"  # auto | must | never: what to do with a checkpoint in out_dir (RESUME_MODES)
     strict: bool = False  # faults (overflows, saturations) stop the run instead of a warning at its end
+    loss: str = "float"  # LOSSES: "integer" (qzo_ff) decides each step on the integer cross-entropy
     seed: int = 0
     ff: dict = field(default_factory=dict)  # extra options of qzo_ff / zo_sgd (rounding, momentum, ...)
 
@@ -107,6 +109,11 @@ class TrainConfig:
             raise ValueError(f"batch_size={self.batch_size!r} is invalid; allowed: >= 1")
         if self.resume not in RESUME_MODES:
             raise ValueError(f"resume={self.resume!r} is invalid; allowed: {', '.join(RESUME_MODES)}")
+        if self.loss not in LOSSES or (self.loss == "integer" and self.method != "qzo_ff"):
+            allowed = ", ".join(LOSSES) if self.method == "qzo_ff" else "float"
+            raise ValueError(
+                f"train.loss={self.loss!r} is invalid for method {self.method!r}; allowed: {allowed}"
+            )
 
     @classmethod
     def from_config(cls, c, seed: int | None = None) -> TrainConfig:
@@ -302,10 +309,12 @@ def _build_zo(model, cfg, names, sparse) -> Built:
 
 
 def _build_qzo(model, cfg, names, sparse) -> Built:
-    """qzo_ff: QZO-FF on the QModel's integer weights."""
+    """qzo_ff: QZO-FF on the QModel's integer weights; with loss "integer" each step compares the integer
+    cross-entropy of the integer logits (`fwdgrad.ff.intloss`, as the edge runtimes do)."""
     opt = qzo_ff(model, cfg.lr, cfg.eps, cfg.m, cfg.seed, trainable=names, sparse=sparse, **cfg.ff)
     first = next(n for n in model.weight_nodes() if n in names)  # the frozen prefix ends here
-    return Built(opt, _forward_only_closure(model, first), opt.forwards_per_step)
+    closure = integer_closure(model, first) if cfg.loss == "integer" else _forward_only_closure(model, first)
+    return Built(opt, closure, opt.forwards_per_step)
 
 
 def _build_jvp(model, cfg, names, sparse) -> Built:
@@ -424,6 +433,7 @@ def fingerprint(cfg: TrainConfig, model: nn.Module, train_xy, identity: dict | N
         "checkpoint_version": CHECKPOINT_VERSION,
         "method": cfg.method,
         "scope": cfg.scope,
+        **({"loss": cfg.loss} if cfg.loss != "float" else {}),  # earlier runs' fingerprints stay valid
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
         "lr_schedule": cfg.lr_schedule,

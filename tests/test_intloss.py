@@ -119,3 +119,26 @@ def test_model_loss_spec_of_a_qmodel():
     q = convert(lin, "w16a8", torch.randn(8, 1, 2, 2))
     spec = IL.model_loss_spec(q)
     assert spec.table[0] == 2**EL.EXP_BITS
+
+
+def test_train_with_the_integer_loss():
+    """train.loss=integer: QZO-FF decides every step on the integer cross-entropy; deterministic, a different
+    trajectory from the float loss, and refused for the other methods."""
+    from fwdgrad.data.digits import load_digits_tensors
+    from fwdgrad.models import build_model
+    from fwdgrad.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 1).eval()
+    x, y = (t[:256] for t in load_digits_tensors())
+    runs = {}
+    for loss in ("float", "integer", "integer"):
+        q = convert(model, "w16a8", x[:64])
+        cfg = TrainConfig(method="qzo_ff", loss=loss, steps=5, batch_size=32, eval_every=5, lr=0.01, eps=0.01)
+        r = train(q, cfg, (x, y), (x[:64], y[:64]))
+        w = torch.cat([n.weight_q.reshape(-1).float() for n in r.model.weight_nodes().values()])
+        runs.setdefault(loss, []).append((w, [row["loss"] for row in r.log]))
+    (_, lf), [(wi1, li1), (wi2, li2)] = runs["float"][0], runs["integer"]
+    assert torch.equal(wi1, wi2) and li1 == li2 and li1 != lf
+    with pytest.raises(ValueError, match="train.loss='integer' is invalid for method 'bp'; allowed: float"):
+        TrainConfig(method="bp", loss="integer")
