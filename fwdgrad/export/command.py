@@ -55,10 +55,32 @@ def _write_data(config: dict, out_dir: str) -> list[str]:
     return lines
 
 
+def _write_c(bundle, bundle_path: Path, input_shape) -> list[str]:
+    """--target c: model.h and model.c beside the bundle; on a CExportError the bundle is removed again."""
+    from ..edge.cgen import generate_c
+
+    try:
+        info = generate_c(bundle, bundle_path.parent, input_shape)
+    except ValueError:
+        bundle_path.unlink(missing_ok=True)
+        raise
+    return [
+        f"wrote {info['header']} and {info['source']}: arena {info['arena_bytes']} B, SRAM "
+        f"{info['sram_bytes']} B, const data {info['flash_bytes']} B"
+    ]
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fwdgrad export", description="Export a QModel as an edge bundle.")
     ap.add_argument("checkpoint", help="a run's model.pt (or a model file of fwdgrad.export.save_model)")
-    ap.add_argument("output", help="bundle file to write (.npz)")
+    ap.add_argument("output", help="bundle file to write (.npz); with --target c: a directory")
+    ap.add_argument(
+        "--target",
+        choices=("bundle", "c"),
+        default="bundle",
+        help="bundle: the numpy edge bundle (default); c: OUTPUT/model.h and model.c (fwdgrad.edge.cgen: "
+        "C99, static arena, no malloc) plus OUTPUT/model.npz, the bundle they are generated from",
+    )
     run_default = "default: the run's"
     ap.add_argument("--lr", type=float, help=f"learning rate η ({run_default}; required without a run)")
     ap.add_argument("--eps", type=float, help=f"perturbation size ε, real units ({run_default}, else 1e-3)")
@@ -134,12 +156,13 @@ def export_main(argv: list[str] | None = None) -> int:
         # weight_headroom stays 1: the run already applied it to the trained nodes' scales
         fp = FixedPointSettings(**{k: hp[k] for k in BUNDLE_FIXED_POINT})
         meta = {"source": args.checkpoint}
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        out = Path(args.output) / "model.npz" if args.target == "c" else Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
         if run is not None:
             meta["run"] = run
         bundle = export_bundle(
             model,
-            args.output,
+            str(out),
             hp["trainable"],
             hp["eps"],
             hp["lr"],
@@ -150,6 +173,10 @@ def export_main(argv: list[str] | None = None) -> int:
             meta=meta,
             step=hp["step"],
         )
+        if args.target == "c":
+            c_lines = _write_c(
+                bundle, out, args.input_shape or (payload.get("model") or {}).get("input_shape")
+            )
         if config is not None:
             data_lines = _write_data(config, args.data)
     except (OSError, ValueError, BundleError, RuntimeError) as err:
@@ -157,8 +184,9 @@ def export_main(argv: list[str] | None = None) -> int:
         return 2
     n_w = sum(bundle.arrays[t["name"] + ".weight"].size for t in bundle.training["tensors"])
     lines.append(
-        f"wrote {args.output}: {len(bundle.ops)} ops, {bundle.nbytes() / 1024:.1f} KiB of arrays, "
+        f"wrote {out}: {len(bundle.ops)} ops, {bundle.nbytes() / 1024:.1f} KiB of arrays, "
         f"{len(bundle.training['trainable'])} trainable tensors ({n_w} weights)"
     )
+    lines += c_lines if args.target == "c" else []
     print("\n".join(notes + lines + (data_lines if config is not None else [])))
     return 0
