@@ -31,6 +31,15 @@ def _small_cnn():
     return convert(build_model("small_cnn", 10, 1), "w16a8", x), x, y
 
 
+def _check_instructions(res, n, steps):
+    """QEMU's instruction counts (-icount, SysTick): one per infer / train_step call; a step (2m perturbed
+    forwards of a batch) executes more than one inference."""
+    assert len(res.infer_instructions) == n and len(res.step_instructions) == steps
+    assert min(res.infer_instructions) > 0
+    assert all(c % mcu.TICK_INSTRUCTIONS == 0 for c in res.infer_instructions + res.step_instructions)
+    assert min(res.step_instructions) > max(res.infer_instructions)
+
+
 @needs_qemu
 @pytest.mark.parametrize("board", ["mps2-an385", "mps2-an500"])
 def test_small_cnn_on_cortex_m(tmp_path, board):
@@ -59,6 +68,7 @@ def test_small_cnn_on_cortex_m(tmp_path, board):
     # model.o: code + const arrays in flash; arena + head weights and their perturbed copy in SRAM
     assert res.model_sram_bytes >= 1536 + 2 * 2 * 10 * 32
     assert 10_000 < res.model_flash_bytes < 32_000 and res.flash_bytes > res.model_flash_bytes
+    _check_instructions(res, n, steps)
 
 
 def test_unavailable_reason_is_one_line(monkeypatch):
@@ -99,3 +109,35 @@ def test_export_target_c_unsupported_op(tmp_path, capsys, monkeypatch):
     assert err.startswith("fwdgrad export: error: cannot export to C: unsupported op(s)") and "\n" not in err
     assert "(linear)" in err
     assert not (tmp_path / "c" / "model.npz").exists() and not (tmp_path / "c" / "model.c").exists()
+
+
+@needs_qemu
+@pytest.mark.parametrize("board", ["mps2-an385", "mps2-an500"])
+def test_resnet8_on_cortex_m(tmp_path, board):
+    """ResNet-8 (width 0.25, 28x28 digits, layer3_conv2 + fc trained): inference on 20 digits, then 5 QZO-FF
+    steps of batch 4 in one QEMU run, bit-identical with the numpy runtime and IntegerLossTrainer."""
+    torch.manual_seed(0)
+    x, y = load_digits_tensors(28)
+    x, y = x[:32], y[:32]
+    q = convert(build_model("resnet8", 10, 1, width=0.25), "w16a8", x)
+    export_bundle(q, tmp_path / "b.npz", ["layer3_conv2", "fc"], eps=1e-2, lr=1e-2, m=2, seed=7)
+    bundle, trained = load_bundle(tmp_path / "b.npz"), load_bundle(tmp_path / "b.npz")
+    rt, trainer = Runtime(bundle), EL.IntegerLossTrainer(trained)
+    n, steps, batch = 20, 5, 4
+    codes = rt.quantize_input(x[:n].numpy())
+    res = mcu.run_mcu(bundle, tmp_path / board, codes, y[:n].numpy(), steps, batch, board=board, timeout=80)
+    assert np.array_equal(res.logits, rt.run(codes).astype(np.int64))
+    assert len(res.losses) == steps
+    for k, losses in enumerate(res.losses):
+        xb, yb = x[k * batch : (k + 1) * batch].numpy(), y[k * batch : (k + 1) * batch].numpy()
+        c_loss = sum(float(v) / (batch * 2.0**EL.LOSS_BITS) for v in losses) / len(losses)
+        assert trainer.step(xb, yb) == c_loss
+    moved = 0
+    assert sorted(res.weights) == [0, 1]
+    for t, spec in enumerate(bundle.training["tensors"]):
+        w = trained.arrays[f"{spec['name']}.weight"].reshape(-1).astype(np.int64)
+        assert np.array_equal(res.weights[t], w), spec["name"]
+        moved += int((w != bundle.arrays[f"{spec['name']}.weight"].reshape(-1)).sum())
+    assert moved > 0
+    _check_instructions(res, n, steps)
+    assert 15_000 < res.model_flash_bytes < 40_000 and res.model_sram_bytes >= 3 * 4 * 28 * 28
