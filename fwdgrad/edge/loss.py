@@ -138,13 +138,5 @@ class IntegerLossTrainer(Trainer):
         self.spec = output_spec(bundle.header, bundle.ops)
 
     def loss(self, x, y, step: int, sample: int, sign: int, prefix=None) -> float:
-        def weight_fn(op):
-            t = self.index.get(op["name"])
-            return (
-                self.arrays[op["arrays"]["weight"]]
-                if t is None
-                else self.perturbed_weight(step, t, sample, sign)
-            )
-
-        codes = self.runtime.run(x, weight_fn, prefix)
+        codes = self.runtime.run(x, self.weights_at(step, sample, sign), prefix)
         return mean_loss(cross_entropy_q(codes, y, self.spec), self.spec)

@@ -98,8 +98,8 @@ class Trainer:
         out = shift_round(acc, self.p_mult, self.p_n, self.rounding, self._words(step, 2 * t, t, w))
         return np.clip(out, spec["qmin"], spec["qmax"]).astype(w.dtype)
 
-    def loss(self, x, y, step: int, sample: int, sign: int, prefix: Prefix | None = None) -> float:
-        """L(w±) of (step, sample, sign); `prefix`: the frozen layers' outputs, computed once per step."""
+    def weights_at(self, step: int, sample: int, sign: int):
+        """The runtime's weight_fn for w± of (step, sample, sign): trainable ops perturbed, others stored."""
 
         def weight_fn(op):
             t = self.index.get(op["name"])
@@ -109,7 +109,11 @@ class Trainer:
                 else self.perturbed_weight(step, t, sample, sign)
             )
 
-        return cross_entropy(self.runtime.logits(x, weight_fn, prefix)[1], y)
+        return weight_fn
+
+    def loss(self, x, y, step: int, sample: int, sign: int, prefix: Prefix | None = None) -> float:
+        """L(w±) of (step, sample, sign); `prefix`: the frozen layers' outputs, computed once per step."""
+        return cross_entropy(self.runtime.logits(x, self.weights_at(step, sample, sign), prefix)[1], y)
 
     def step(self, x: np.ndarray, y: np.ndarray) -> float:
         """One QZO-FF step on batch (x, y); returns the mean of the 2m perturbed losses."""
