@@ -392,6 +392,12 @@ class _Gen:
         left = np.maximum(-n, 0)
         return int(self.acc_bits + int(np.max(left)) > 32 and bool(np.all(np.maximum(n, 0) >= 16)))
 
+    def _bias(self, i: int, op: dict) -> str:
+        """The C statement adding a conv/linear op's int32 bias to `acc` for channel `c` ("" without one)."""
+        if "bias" not in op["arrays"]:
+            return ""
+        return "acc += " + self.const("int32_t", f"op{i}_bias", self.arrays[op["arrays"]["bias"]]) + "[c];"
+
     def requant_consts(self, i: int, op: dict, mult, shift, channels: int) -> tuple[str, str, str]:
         """C expressions for (mult, shift) of channel `c` and the split flag."""
         mult, shift = np.asarray(mult, np.int64).reshape(-1), np.asarray(shift, np.int64).reshape(-1)
@@ -427,11 +433,7 @@ class _Gen:
         (sh, sw), (ph, pw), (dh, dw), g = a["stride"], a["padding"], a["dilation"], a["groups"]
         wn = self.weight(i, op, w)
         mc, sc, sp = self.requant_consts(i, op, *self._ms(op), cout)
-        bias = (
-            "acc += " + self.const("int32_t", f"op{i}_bias", self.arrays[op["arrays"]["bias"]]) + "[c];"
-            if "bias" in op["arrays"]
-            else ""
-        )
+        bias = self._bias(i, op)
         xt, yt = self.ptr(op["inputs"][0]), self.ptr(op["name"], const=False)
         return f"""        const {self.ctype(op["inputs"][0])} *x = {xt};
         {self.ctype(op["name"])} *y = {yt};
@@ -491,11 +493,7 @@ class _Gen:
         rows = x.size // k
         wn = self.weight(i, op, w)
         mc, sc, sp = self.requant_consts(i, op, *self._ms(op), cout)
-        bias = (
-            "acc += " + self.const("int32_t", f"op{i}_bias", self.arrays[op["arrays"]["bias"]]) + "[c];"
-            if "bias" in op["arrays"]
-            else ""
-        )
+        bias = self._bias(i, op)
         return f"""        const {self.ctype(op["inputs"][0])} *x = {self.ptr(op["inputs"][0])};
         {self.ctype(op["name"])} *y = {self.ptr(op["name"], const=False)};
         int r, c, j;
