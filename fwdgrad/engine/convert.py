@@ -169,7 +169,7 @@ def _is_add(n: fx.Node) -> bool:
 
 
 def _is_softmax(n: fx.Node, mod: nn.Module | None) -> bool:
-    """A softmax over the last axis."""
+    """A softmax over the last axis, given as dim=-1 (the trace knows no ranks)."""
     if isinstance(mod, nn.Softmax):
         dim = mod.dim
     elif (n.op == "call_function" and n.target in SOFTMAX_FUNCTIONS) or (
@@ -178,8 +178,7 @@ def _is_softmax(n: fx.Node, mod: nn.Module | None) -> bool:
         dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
     else:
         return False
-    rank = len(n.meta["tensor_meta"].shape) if "tensor_meta" in n.meta else None
-    return dim == -1 or (rank is not None and dim == rank - 1)
+    return dim == -1
 
 
 def _batches(data) -> Iterable[torch.Tensor]:
