@@ -241,13 +241,15 @@ def memory_main(argv: list[str]) -> int:
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--prompts", type=int, default=10, help="deep prompts per encoder layer (--mode dvpt)")
     ap.add_argument("--formats", nargs="+", default=["fp32", "fp16", "w16a16", "w16a8", "w8a8"])
+    ap.add_argument("--segments", type=int, default=None, help="bp_ckpt's segments (default: ~sqrt(blocks))")
     a = ap.parse_args(argv)
     from .analysis.memory import format_table
     from .models import build_model
 
     model = build_model(a.model, a.num_classes, a.input_shape[1])
+    shape = tuple(a.input_shape)
     try:
-        print(format_table(model, tuple(a.input_shape), a.formats, a.mode, a.density, a.lp_layers, a.prompts))
+        print(format_table(model, shape, a.formats, a.mode, a.density, a.lp_layers, a.prompts, a.segments))
     except RuntimeError as e:  # the model runs on meta tensors of --input-shape
         first = str(e).strip().splitlines()[0]
         raise SystemExit(

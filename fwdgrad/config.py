@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .methods import METHOD_NAMES, QZO_FF_OPTIONS, SCOPES, ZO_SGD_OPTIONS, check_hyper, spec
+from .methods import METHOD_NAMES, QZO_FF_OPTIONS, SCOPES, ZO_SGD_OPTIONS, check_hyper, check_scope, spec
 from .methods import METHODS as REGISTRY
 
 # Choices, spelled out so that validating a config imports no torch (a bad value fails in about a second);
@@ -155,6 +155,9 @@ class DataConfig:
     severity: Any = None  # fashion_mnist_c: easy | medium | hard | 1..5 (interpolated into target)
     max_train: int | None = None  # subsample the target train / test sets (quick runs, tests)
     max_test: int | None = None
+    # choose settings without the test split: hold out this fraction of the target's training set (seeded),
+    # train on the rest and report the held-out accuracy as test_acc (metrics.json: eval_split=validation)
+    validation: float | None = None
     fewshot: FewShotConfig | None = None
 
     def check(self) -> None:
@@ -164,6 +167,9 @@ class DataConfig:
         for k in ("max_train", "max_test"):
             v = getattr(self, k)
             require(v is None or v >= 1, f"data.{k}", v, "null or integers >= 1")
+        v = self.validation
+        require(v is None or 0 < v < 1, "data.validation", v, "null or a fraction in (0, 1)")
+        require(v is None or self.fewshot is None, "data.validation", v, "null with few-shot episodes")
         if self.fewshot is not None:
             self.fewshot.check()
 
@@ -178,11 +184,16 @@ class MethodConfig:
     eps: float = 1e-3
     m: int = 3
     ff: dict[str, Any] = field(default_factory=dict)  # extra options of qzo_ff / zo_sgd
+    # bp_ckpt: checkpointed segments of the model's blocks (fwdgrad.models.checkpoint_segments); null: about
+    # sqrt(blocks). The model's block count bounds it when the model is built.
+    segments: int | None = None
 
     def check(self) -> None:
         require(self.name in METHODS, "method", self.name, ", ".join(METHODS))
         s = spec(self.name)
         check_hyper(self.name, self.lr, self.eps, self.m, where="method.")
+        seg = self.segments
+        require(seg is None or seg >= 2, "method.segments", seg, "null or integers >= 2 (bp_ckpt)")
         if self.ff and s.ff_options:
             for k in self.ff:
                 require(k in s.ff_options, f"method.ff.{k}", self.ff[k], f"keys {', '.join(s.ff_options)}")
@@ -227,7 +238,8 @@ class QuantConfig:
 @dataclass
 class ScopeConfig:
     """The training scope, the `mode` group: ft (all layers) | lp (the last lp_layers) | sparse (a mask) |
-    dvpt (`prompts` deep prompt tokens per encoder layer, and the head) | ln (LayerNorms and the head)."""
+    dvpt (`prompts` deep prompt tokens per encoder layer, and the head) | ln (LayerNorms and the head) |
+    bias (the biases and the head; float methods only)."""
 
     name: str = "lp"
     lp_layers: int = 1
@@ -365,6 +377,7 @@ class Config(TaskConfig):
         for name, lr in self.method_lr.items():
             require(name in METHODS, "method_lr key", name, ", ".join(METHODS))
             require(lr > 0, f"method_lr.{name}", lr, "> 0")
+        check_scope(self.method.name, self.mode.name, where="mode=")
         scheme = self.scheme
         trains = spec(self.method.name).trains
         if trains == "float" and scheme != "fp32":

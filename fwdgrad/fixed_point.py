@@ -8,13 +8,15 @@ method registry and config validation can name its fields without importing torc
     perturb_scale  requantization of w_q·1_q ± ε_q·z_q to the weights: one (r_p = 1/1_q) | delta_z (r_p = Δ_z)
     eps_min_q      lower bound of ε_q = round(ε/Δ_w), in weight LSBs (0: none, the paper's)
     weight_headroom  the trained layers' Δ_w is multiplied by this once before training (1: the paper's)
+    layerwise      off (every step perturbs and updates all trained tensors) | cycle | sample (one tensor per
+                   step, in turn or drawn: layer-wise forward gradients, `fwdgrad.rng.active_tensor`)
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .rng import check_z_max
+from .rng import LAYERWISE, check_z_max
 
 QUANT_DISTRIBUTIONS = ("qgaussian", "qrademacher")
 ROUNDINGS = ("nearest", "floor", "stochastic")
@@ -29,6 +31,7 @@ class FixedPointSettings:
     perturb_scale: str = "one"
     eps_min_q: int = 0
     weight_headroom: float = 1.0
+    layerwise: str = "off"
 
     def __post_init__(self):
         if self.distribution not in QUANT_DISTRIBUTIONS:
@@ -46,6 +49,8 @@ class FixedPointSettings:
             raise ValueError(f"eps_min_q={self.eps_min_q!r} is invalid; allowed: integers >= 0")
         if not self.weight_headroom >= 1.0:
             raise ValueError(f"weight_headroom={self.weight_headroom!r} is invalid; allowed: >= 1")
+        if self.layerwise not in LAYERWISE:
+            raise ValueError(f"layerwise={self.layerwise!r} is invalid; allowed: {', '.join(LAYERWISE)}")
 
     def as_dict(self) -> dict:
         return asdict(self)

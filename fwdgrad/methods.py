@@ -8,7 +8,9 @@ is one entry here plus its builder. Torch-free, so validating a config imports n
 Forward passes per step (docs/method.md, estimators): a BP step counts as `BP_FORWARD_EQUIVALENTS` = 3
 forward passes (forward + backward ≈ 2 forwards); sign-m-SPSA and SPSA cost 2 per sample (2m), plus 2 for
 a sharpness-aware probe and 1 for the shared centre of a one-sided difference; a JVP costs one dual-number
-forward per tangent.
+forward per tangent; hybrid costs 2m + 3; BP with activation checkpointing (bp_ckpt) recomputes its
+checkpointed segments in the backward, one forward more: `CKPT_FORWARD_EQUIVALENTS` = 4 (an upper bound:
+the last segment is not recomputed).
 """
 
 from __future__ import annotations
@@ -18,13 +20,27 @@ from dataclasses import dataclass, field, fields
 from .fixed_point import FixedPointSettings
 
 BP_FORWARD_EQUIVALENTS = 3
+CKPT_FORWARD_EQUIVALENTS = BP_FORWARD_EQUIVALENTS + 1
 #: what trains: everything (ft), the last layers (lp, linear probing), a mask (sparse), a transformer's deep
-#: prompts and head (dvpt, deep visual prompt tuning), its LayerNorm affine parameters and head (ln)
-SCOPES = ("ft", "lp", "sparse", "dvpt", "ln")
+#: prompts and head (dvpt, deep visual prompt tuning), its LayerNorm affine parameters and head (ln), the
+#: biases and the head (bias; TinyTL, Cai et al., NeurIPS 2020)
+SCOPES = ("ft", "lp", "sparse", "dvpt", "ln", "bias")
+#: scopes of float models only: a QModel's optimizers perturb and update weight nodes, not its int32 biases
+FLOAT_SCOPES = ("bias",)
 
 #: `method.ff` keys of the fixed-point optimizer (fwdgrad.ff.optim.qzo_ff) and of the float one (zo_sgd).
 QZO_FF_OPTIONS = (*(f.name for f in fields(FixedPointSettings)), "momentum", "kernel_norm", "sharpness_rho")
-ZO_SGD_OPTIONS = ("momentum", "kernel_norm", "sharpness_rho", "difference", "distribution", "z_max")
+#: hybrid: QZO-FF's keys plus how many of the top trained layers backprop trains, and their learning rate
+HYBRID_OPTIONS = (*QZO_FF_OPTIONS, "bp_layers", "bp_lr")
+ZO_SGD_OPTIONS = (
+    "momentum",
+    "kernel_norm",
+    "sharpness_rho",
+    "difference",
+    "distribution",
+    "z_max",
+    "layerwise",
+)
 
 
 @dataclass(frozen=True)
@@ -37,7 +53,8 @@ class MethodSpec:
     fixed: hyperparameters pinned to one value (a different one is rejected); ff_options: the accepted
     `method.ff` keys; builder: its entry in `fwdgrad.train.BUILDERS`; estimator: the `fwdgrad.ff` estimator
     preset of the float zeroth-order methods; autocast: the BP autocast dtype name; trajectory: whether the
-    landscape can follow it step by step.
+    landscape can follow it step by step; checkpointed: BP with activation checkpointing in `method.segments`
+    segments (Chen et al. 2016), recomputed in the backward.
     """
 
     name: str
@@ -53,11 +70,14 @@ class MethodSpec:
     estimator: str | None = None
     autocast: str | None = None
     trajectory: bool = True
+    checkpointed: bool = False
 
     def forwards_per_step(self, m: int = 1, ff: dict | None = None) -> int:
         """Forward passes one step costs (the compute budget unit)."""
+        if self.builder == "hybrid":  # QZO-FF's passes for the lower layers, then one BP step
+            return METHODS["qzo_ff"].forwards_per_step(m, ff) + BP_FORWARD_EQUIVALENTS
         if not self.forward_only:
-            return BP_FORWARD_EQUIVALENTS
+            return CKPT_FORWARD_EQUIVALENTS if self.checkpointed else BP_FORWARD_EQUIVALENTS
         m = self.fixed.get("m", m)
         if self.builder == "jvp":
             return m
@@ -94,6 +114,15 @@ METHODS: dict[str, MethodSpec] = {
             "sgd",
             memory_format="bf16",
             autocast="bfloat16",
+        ),
+        MethodSpec(
+            "bp_ckpt",
+            "SGD on autograd gradients, fp32, activation checkpointing (recomputed segments)",
+            "float",
+            False,
+            "fp32",
+            "sgd",
+            checkpointed=True,
         ),
         MethodSpec(
             "bp_qat",
@@ -138,6 +167,17 @@ METHODS: dict[str, MethodSpec] = {
             ff_options=QZO_FF_OPTIONS,
         ),
         MethodSpec(
+            "hybrid",
+            "backprop for the top method.ff.bp_layers trained layers, QZO-FF below, in one step (ElasticZO)",
+            "qmodel",
+            False,
+            "w16a8",
+            "hybrid",
+            hyper=("lr", "eps", "m"),
+            ff_options=HYBRID_OPTIONS,
+            trajectory=False,
+        ),
+        MethodSpec(
             "jvp",
             "forward-mode forward gradient (∇L·z) z over m tangents",
             "float",
@@ -162,6 +202,21 @@ def spec(name: str) -> MethodSpec:
 #: a learning rate; a perturbation size in real weight units (the integer ε is also checked against each
 #: trained layer's weight range when the optimizer is built); perturbations per step (2 forward passes each).
 UPPER = {"lr": 100.0, "eps": 1.0, "m": 1024}
+
+
+def check_scope(method: str, scope: str, where: str = "") -> None:
+    """One-line ValueError unless `scope` is a training scope (SCOPES) that method `method` can train: the
+    QModel methods train weight nodes, so not the float-only scopes (FLOAT_SCOPES)."""
+    trains = spec(method).trains
+    if scope not in SCOPES:
+        raise ValueError(f"{where}{scope!r} is invalid; allowed: {', '.join(SCOPES)}")
+    if scope in FLOAT_SCOPES and trains == "qmodel":
+        floats = ", ".join(n for n, s in METHODS.items() if s.trains == "float")
+        qscopes = ", ".join(s for s in SCOPES if s not in FLOAT_SCOPES)
+        raise ValueError(
+            f"{where}{scope!r} is invalid for method {method!r} (a QModel); allowed: {qscopes}, or a float "
+            f"method for {scope!r}: {floats}"
+        )
 
 
 def check_positive(key: str, value, upper: float | None = None) -> None:

@@ -11,8 +11,12 @@ torchvision's cache (``$TORCH_HOME/hub/checkpoints``) or a download. Where neith
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
+import operator
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -483,21 +487,127 @@ def head_params(model: nn.Module, k: int) -> list[str]:
     return [n for n, _ in model.named_parameters() if any(n.startswith(layer + ".") for layer in layers)]
 
 
-#: what the transformer scopes train besides the head
-SCOPE_PARTS = {"dvpt": "deep prompt tokens (fwdgrad.models.add_prompts)", "ln": "LayerNorm"}
+#: what the scopes beyond ft/lp/sparse train besides the head
+SCOPE_PARTS = {"dvpt": "deep prompt tokens (fwdgrad.models.add_prompts)", "ln": "LayerNorm", "bias": "bias"}
 
 
 def scope_params(model: nn.Module, scope: str, lp_layers: int = 1) -> list[str]:
     """Parameter names the training scope trains: every one ("ft", "sparse"), the last `lp_layers` layers'
-    ("lp"), or a transformer's deep prompts ("dvpt") or LayerNorm affine parameters ("ln") plus the head's."""
+    ("lp"), or a transformer's deep prompts ("dvpt") or LayerNorm affine parameters ("ln"), or every bias
+    ("bias": a parameter whose own name contains "bias": conv/linear, BatchNorm and LayerNorm biases, a GRU's
+    bias_ih/bias_hh; TinyTL, Cai et al., NeurIPS 2020) plus the head's."""
     if scope in ("ft", "sparse"):
         return [n for n, _ in model.named_parameters()]
     head = head_params(model, lp_layers)
     if scope == "lp":
         return head
-    kind = Tokens if scope == "dvpt" else nn.LayerNorm
-    owners = [n for n, m in model.named_modules() if isinstance(m, kind) and getattr(m, "prompt", True)]
-    if not owners:
+    if scope == "bias":
+        chosen = [n for n, _ in model.named_parameters() if "bias" in n.rpartition(".")[2]]
+    else:
+        kind = Tokens if scope == "dvpt" else nn.LayerNorm
+        owners = [n for n, m in model.named_modules() if isinstance(m, kind) and getattr(m, "prompt", True)]
+        chosen = [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in owners]
+    if not chosen:
         raise ValueError(f"training scope {scope!r} found no {SCOPE_PARTS[scope]} in {type(model).__name__}")
-    chosen = [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in owners]
     return chosen + [n for n in head if n not in chosen]
+
+
+class _BlockTracer(torch.fx.Tracer):
+    """Traces through nn.Sequential containers only: every other module is one call (a block)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return not isinstance(m, nn.Sequential)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive blocks of a chain model (:func:`checkpoint_segments`): its fx nodes, run on the model's own
+    modules and parameters. ``modules``: the qualified names of the blocks it calls."""
+
+    model: nn.Module
+    nodes: tuple[torch.fx.Node, ...]
+
+    @property
+    def modules(self) -> list[str]:
+        return [n.target for n in self.nodes if n.op == "call_module"]
+
+    def __call__(self, x):
+        env: dict[torch.fx.Node, Any] = {}
+
+        def value(a: torch.fx.Node):  # a chain node reads the previous one (x for the first) and attributes
+            if a.op == "get_attr":
+                return functools.reduce(getattr, a.target.split("."), self.model)
+            return env.get(a, x)
+
+        for n in self.nodes:
+            args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), value)
+            if n.op == "call_module":
+                env[n] = self.model.get_submodule(n.target)(*args, **kwargs)
+            elif n.op == "call_function":
+                env[n] = n.target(*args, **kwargs)
+            else:  # call_method
+                env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+        return env[self.nodes[-1]]
+
+
+def model_blocks(model: nn.Module) -> list[list[torch.fx.Node]]:
+    """The model's forward as a chain of blocks: its fx trace through nn.Sequential containers (every other
+    module a leaf), in which every op reads only the one before it (and parameters). A block is a module
+    call and the function calls after it; an in-place module (``inplace=True``, e.g. ReLU) joins the block
+    before it, so that no checkpointed segment modifies its own input; an unpacked value nobody reads (the
+    GRU output of ``_, h = gru(x)``) is skipped. One-line ValueError for a model whose
+    forward is no such chain (a skip connection or a second input outside a module)."""
+    name = type(model).__name__
+    try:
+        graph = _BlockTracer().trace(model)
+    except Exception as e:  # any trace failure
+        raise ValueError(f"{name} cannot be segmented: torch.fx cannot trace it ({e})".splitlines()[0]) from e
+    blocks: list[list[torch.fx.Node]] = []
+    prev = None
+    for n in graph.nodes:
+        if n.op in ("placeholder", "get_attr"):
+            prev = n if n.op == "placeholder" and prev is None else prev
+            continue
+        if n.target is operator.getitem and not n.users:  # an unpacked value that is never read
+            continue
+        reads = [a for a in n.all_input_nodes if a.op != "get_attr"]
+        if reads != [prev]:
+            raise ValueError(
+                f"{name} cannot be segmented: its forward is no chain of blocks ({n.name} reads "
+                f"{[a.name for a in reads]}, not just {prev.name}); allowed: models whose forward passes one "
+                "tensor from block to block (the zoo's resnet8, resnet18, mobilenet_v2, vit_tiny, ast_tiny, "
+                "ds_cnn, crnn, small_cnn)"
+            )
+        if n.op == "output":
+            break
+        inplace = n.op == "call_module" and getattr(model.get_submodule(n.target), "inplace", False)
+        if not blocks or (n.op == "call_module" and not inplace):
+            blocks.append([])
+        blocks[-1].append(n)
+        prev = n
+    return blocks
+
+
+def _block_name(block: list[torch.fx.Node]) -> str:
+    return next((n.target for n in block if n.op == "call_module"), block[0].name)
+
+
+def checkpoint_segments(model: nn.Module, segments: int | None = None) -> list[Segment]:
+    """`model_blocks` in ``segments`` consecutive segments of as equal block counts as can be (the first ones
+    one block longer), for activation checkpointing (bp_ckpt). ``None``: round(sqrt(blocks)), at least 2
+    (Chen et al. 2016: sqrt(n) segments keep O(sqrt(n)) activations). One-line ValueError for a count outside
+    2..blocks."""
+    blocks = model_blocks(model)
+    n = len(blocks)
+    k = max(2, round(math.sqrt(n))) if segments is None else segments
+    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= n:
+        raise ValueError(
+            f"method.segments={segments!r} is invalid for {type(model).__name__}; allowed: integers 2..{n} "
+            f"(its blocks: {', '.join(_block_name(b) for b in blocks)})"
+        )
+    out, start = [], 0
+    for i in range(k):
+        size = n // k + (i < n % k)
+        out.append(Segment(model, tuple(x for b in blocks[start : start + size] for x in b)))
+        start += size
+    return out

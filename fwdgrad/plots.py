@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from .files import save_figure  # noqa: E402
 
@@ -63,6 +64,41 @@ def plot_bars(
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def plot_memory_accuracy(
+    labels: list[str],
+    memory: list[float],
+    acc: list[tuple[float, float]],
+    front: list[int],
+    path: str | Path,
+    title: str = "",
+) -> None:
+    """Accuracy against modelled on-device training memory (log x): one labelled point per group,
+    `acc[i]` = (mean, std) drawn as an error bar; the points whose indices are in `front` (the Pareto
+    front) are ringed and joined in order of memory."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (label, x, (mean, std)) in enumerate(zip(labels, memory, acc)):
+        ax.errorbar(x, mean, yerr=std, fmt="o", capsize=3, ms=5)
+        below = sum(memory[j] == x for j in range(i))  # labels of points at the same memory stack downwards
+        ax.annotate(label, (x, mean), textcoords="offset points", xytext=(5, 4 - 11 * below), fontsize=8)
+    order = sorted(front, key=lambda i: memory[i])
+    if order:
+        xs, ys = [memory[i] for i in order], [acc[i][0] for i in order]
+        ax.plot(xs, ys, "--", color="black", lw=1, zorder=0)
+        ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="red", lw=1.5, label="Pareto front")
+        ax.legend(fontsize=8)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(EngFormatter(unit="B"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.15)
+    ax.set(xlabel="training memory (modelled, on device)", ylabel="test accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -6,16 +6,28 @@ builder in `BUILDERS` below that makes its optimizer and its per-batch closure:
 
 | builder | methods                  | update                                                           |
 |---------|--------------------------|------------------------------------------------------------------|
-| sgd     | bp, bp_fp16, bp_bf16     | SGD on autograd gradients (fp16/bf16: forward+backward autocast) |
+| sgd     | bp, bp_fp16, bp_bf16,    | SGD on autograd gradients (fp16/bf16: forward+backward autocast; |
+|         | bp_ckpt                  | bp_ckpt: activation checkpointing, `_checkpointed`)              |
 | qat     | bp_qat                   | SGD on float master weights through STE fake-quantized weights   |
 | zo      | zo_fp32, sign_spsa_fp32  | `ForwardGradient` on a FloatSpace (SPSA / sign-m-SPSA in float)  |
 | qzo     | qzo_ff                   | QZO-FF: sign-m-SPSA in fixed point (FixedPointSpace)             |
+| hybrid  | hybrid                   | BP for the top trained layers, QZO-FF below, in one step         |
 | jvp     | jvp                      | forward-mode forward gradient (∇L·z) z                           |
 
 Every step draws the next batch from a seeded stream (epoch e is a permutation seeded by (seed, e)), so
 all methods see the same data order. Budgets are steps or forward passes (a BP step counts as
 `BP_FORWARD_EQUIVALENTS` = 3 forward passes, docs/method.md). All models run in eval mode (BatchNorm
 statistics frozen, as in the folded integer model).
+
+Compute (the log's `compute` column): a step's cost in full-forward equivalents weighted by multiply-
+accumulates, S(a) being the fraction of a forward pass's MACs from node/module a to the output:
+
+    forward-only, prefix reuse from a (QZO-FF):   (1 − S(a)) + P·S(a)        P: its forward passes per step
+    forward-only, no prefix (float ZO, JVP):      P
+    backprop, first trained layer b:              1 + 2·S(b)   (+ S(b) recomputed with checkpointing)
+    hybrid:                                       QZO-FF's part + 1 + 2·S(first BP layer)
+
+so a linear probe's QZO-FF samples cost only the head's share, as its backward costs BP.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import LOSSES, LR_SCHEDULES, RESUME_MODES
 from .engine.model import QModel, chunk_rows
@@ -45,8 +58,8 @@ from .ff.masks import make_masks
 from .ff.optim import qzo_ff, zo_sgd
 from .files import atomic_open
 from .measure import measure_peak_memory
-from .methods import BP_FORWARD_EQUIVALENTS, METHOD_NAMES, SCOPES, MethodSpec, check_hyper, spec
-from .models import SCOPE_PARTS, scope_params
+from .methods import BP_FORWARD_EQUIVALENTS, METHOD_NAMES, MethodSpec, check_hyper, check_scope, spec
+from .models import SCOPE_PARTS, checkpoint_segments, scope_params
 from .quant import dequantize, fake_quantize, quantize
 from .signals import Interrupted, deferred_signals
 from .statefile import StateFileError, digest, load_state, save_state
@@ -72,7 +85,8 @@ class TrainConfig:
 
     scope (fwdgrad.methods.SCOPES; the `mode` config group): ft | lp (the last lp_layers layers) | sparse |
     dvpt (a ViT's deep prompts, added before by `fwdgrad.models.add_prompts`, and the head) | ln (LayerNorms
-    and the head)."""
+    and the head) | bias (the biases and the head, float models). segments: bp_ckpt's checkpointed segments
+    (`fwdgrad.models.checkpoint_segments`; None: about sqrt of the model's blocks)."""
 
     method: str = "qzo_ff"
     scope: str = "lp"
@@ -95,11 +109,10 @@ class TrainConfig:
     loss: str = "float"  # LOSSES: "integer" (qzo_ff) decides each step on the integer cross-entropy
     seed: int = 0
     ff: dict = field(default_factory=dict)  # extra options of qzo_ff / zo_sgd (rounding, momentum, ...)
+    segments: int | None = None
 
     def __post_init__(self):
-        spec(self.method)
-        if self.scope not in SCOPES:
-            raise ValueError(f"training scope {self.scope!r} is invalid; allowed: {SCOPES}")
+        check_scope(self.method, self.scope, where="training scope ")
         check_hyper("qzo_ff", self.lr, self.eps, self.m)  # ranges (the values a method ignores included)
         if (self.steps is None) == (self.forward_budget is None):
             raise ValueError("give exactly one budget: steps or forward_budget")
@@ -127,6 +140,7 @@ class TrainConfig:
             m=c.method.m,
             seed=c.seed if seed is None else seed,
             ff=dict(c.method.ff),
+            segments=c.method.segments,
             **scope,
             **vars(c.train),
         )
@@ -218,12 +232,43 @@ def trainable_names(model: nn.Module, cfg: TrainConfig) -> list[str]:
 
 @dataclass
 class Built:
-    """What a builder makes: the optimizer, the closure for a batch, float master weights (QAT)."""
+    """What a builder makes: the optimizer, the closure for a batch, float master weights (QAT, hybrid), and
+    the step on a batch when it is more than `opt.step(closure(x, y))` (hybrid)."""
 
     opt: Any
     closure: Callable[[torch.Tensor, torch.Tensor], Callable]
     forwards_per_step: int
     master: dict[str, nn.Parameter] = field(default_factory=dict)
+    step: Callable[[torch.Tensor, torch.Tensor], Any] | None = None
+    #: the coming step's compute (module docstring) from S (`mac_suffix`): S(name) for a node or module;
+    #: None: forwards_per_step full passes
+    compute: Callable[[Callable[[str], float]], float] | None = None
+
+
+def mac_suffix(model: nn.Module, x: torch.Tensor) -> Callable[[str], float]:
+    """S(name): the fraction of one forward pass's multiply-accumulates from QModel node / float module
+    `name` (or a module holding a parameter called so) to the output, measured on x[:1]."""
+    if isinstance(model, QModel):
+        order = list(model.macs(x).items())
+    else:
+        from .analysis.memory import trace_model  # the memory model's op trace (meta tensors, no values)
+
+        order = [(op.module, op.macs) for op in trace_model(model, tuple(x[:1].shape)).ops]
+    total = max(1, sum(m for _, m in order))
+
+    def suffix(name: str) -> float:
+        owner = name.rpartition(".")[0] if name in dict(model.named_parameters()) else name
+        for i, (where, _) in enumerate(order):
+            if where == owner or where.startswith(owner + "."):
+                return sum(m for _, m in order[i:]) / total
+        return 1.0  # not found: count a whole pass
+
+    return suffix
+
+
+def _bp_compute(first: str, checkpointed: bool = False) -> Callable[[Callable[[str], float]], float]:
+    """Backprop's compute: a forward, and a backward through the layers from `first` on (2x their share)."""
+    return lambda S: 1 + (3 if checkpointed else 2) * S(first)
 
 
 def _float_params(model: nn.Module, names: list[str]) -> dict[str, nn.Parameter]:
@@ -252,49 +297,81 @@ def _bp_closure(opt, forward: Callable[[], torch.Tensor], y: torch.Tensor) -> Ca
     return closure
 
 
+def _checkpointed(model: nn.Module, segments: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's forward in `segments` sequential segments (`fwdgrad.models.checkpoint_segments`), every one
+    but the last under `torch.utils.checkpoint` (non-reentrant): only the segment inputs are kept, and each
+    segment's activations are recomputed in the backward (`torch.utils.checkpoint.checkpoint_sequential`'s
+    rule; Chen et al. 2016). The same ops on the same values, so the gradients are BP's, bit for bit."""
+    parts = checkpoint_segments(model, segments)
+
+    def forward(x):
+        for part in parts[:-1]:
+            x = checkpoint(part, x, use_reentrant=False)
+        return parts[-1](x)
+
+    return forward
+
+
 def _build_sgd(model, cfg, names, sparse) -> Built:
-    """bp / bp_fp16 / bp_bf16: SGD on the float parameters, optionally under autocast."""
+    """bp / bp_fp16 / bp_bf16 / bp_ckpt: SGD on the float parameters, optionally under autocast or with
+    activation checkpointing (`_checkpointed`)."""
     params = _float_params(model, names)
     opt = torch.optim.SGD(list(params.values()), lr=cfg.lr)
     _mask_gradients(params, sparse, cfg.seed)
     dtype = getattr(torch, cfg.spec.autocast) if cfg.spec.autocast else None
+    run = _checkpointed(model, cfg.segments) if cfg.spec.checkpointed else model
 
     def forward(x):
         if dtype is None:
-            return model(x)
+            return run(x)
         with torch.autocast(x.device.type, dtype=dtype):
-            return model(x)
+            return run(x)
 
-    return Built(opt, lambda x, y: _bp_closure(opt, lambda: forward(x), y), BP_FORWARD_EQUIVALENTS)
+    compute = _bp_compute(next(iter(params)), cfg.spec.checkpointed)
+    return Built(
+        opt,
+        lambda x, y: _bp_closure(opt, lambda: forward(x), y),
+        cfg.spec.forwards_per_step(),
+        compute=compute,
+    )
 
 
-def _build_qat(model, cfg, names, sparse) -> Built:
-    """bp_qat: float master weights, STE through their fake-quantized values in the QModel's fake mode."""
+def _ste_master(model: QModel, names: list[str]) -> tuple[dict[str, nn.Parameter], Callable]:
+    """Float master weights of the QModel nodes `names` and the weight_fn that feeds the fake mode their
+    fake-quantized values with a straight-through gradient (the other nodes: their stored integers)."""
     nodes = model.weight_nodes()
     master = {n: nn.Parameter(dequantize(nodes[n].weight_q, nodes[n].w_qp)) for n in names}
-    opt = torch.optim.SGD(list(master.values()), lr=cfg.lr)
-    _mask_gradients(master, sparse, cfg.seed)
 
     def weight_fn(name, node):
         w = master.get(name)
         return node.weight_q if w is None else w + (fake_quantize(w.detach(), node.w_qp) - w.detach())
 
+    return master, weight_fn
+
+
+def _build_qat(model, cfg, names, sparse) -> Built:
+    """bp_qat: float master weights, STE through their fake-quantized values in the QModel's fake mode."""
+    master, weight_fn = _ste_master(model, names)
+    opt = torch.optim.SGD(list(master.values()), lr=cfg.lr)
+    _mask_gradients(master, sparse, cfg.seed)
+
     def closure(x, y):
         return _bp_closure(opt, lambda: model(x, mode="fake", weight_fn=weight_fn), y)
 
-    return Built(opt, closure, BP_FORWARD_EQUIVALENTS, master)
+    return Built(opt, closure, BP_FORWARD_EQUIVALENTS, master, compute=_bp_compute(names[0]))
 
 
-def _forward_only_closure(model, frozen_upto: str | None = None):
-    """closure(x, y) for forward-only optimizers (never calls backward). With `frozen_upto` (a QModel node:
-    the first trainable one), the frozen prefix before it runs once per batch and every pass of the step
-    resumes from it (`QModel.run_prefix`): prefix weights are never perturbed, so this is bit-identical."""
+def _forward_only_closure(model, frozen_upto: Callable[[], str] | None = None):
+    """closure(x, y) for forward-only optimizers (never calls backward). With `frozen_upto` (returning a
+    QModel node: the first one the coming step perturbs), the frozen prefix before it runs once per batch and
+    every pass of the step resumes from it (`QModel.run_prefix`): prefix weights are never perturbed, so this
+    is bit-identical."""
     if frozen_upto is None:
         return lambda x, y: lambda: F.cross_entropy(model(x), y)
 
     def closure(x, y):
         with torch.no_grad():
-            prefix = model.run_prefix(x, frozen_upto)
+            prefix = model.run_prefix(x, frozen_upto())
         return lambda: F.cross_entropy(model(x, prefix=prefix), y)
 
     return closure
@@ -312,9 +389,56 @@ def _build_qzo(model, cfg, names, sparse) -> Built:
     """qzo_ff: QZO-FF on the QModel's integer weights; with loss "integer" each step compares the integer
     cross-entropy of the integer logits (`fwdgrad.ff.intloss`, as the edge runtimes do)."""
     opt = qzo_ff(model, cfg.lr, cfg.eps, cfg.m, cfg.seed, trainable=names, sparse=sparse, **cfg.ff)
-    first = next(n for n in model.weight_nodes() if n in names)  # the frozen prefix ends here
+    space = opt.space
+
+    def first() -> str:  # the frozen prefix of the coming step ends at the first tensor it perturbs
+        return space.names[min(space.active(opt.step_count))]
+
     closure = integer_closure(model, first) if cfg.loss == "integer" else _forward_only_closure(model, first)
-    return Built(opt, closure, opt.forwards_per_step)
+
+    def compute(S) -> float:  # one pass up to the prefix's end, the step's passes from there
+        return 1 - S(first()) + opt.forwards_per_step * S(first())
+
+    return Built(opt, closure, opt.forwards_per_step, compute=compute)
+
+
+def _build_hybrid(model, cfg, names, sparse) -> Built:
+    """hybrid (ElasticZO-style; Sugiura & Matsutani 2025): the top `method.ff.bp_layers` of the trained layers
+    by backprop, the layers below by QZO-FF, in one step:
+
+        1. QZO-FF on the lower layers: 2m integer passes resuming from the prefix before the first of them
+           (`_build_qzo`), sign-m-SPSA update of their integers;
+        2. BP on the top layers: one fake-mode forward + backward at the updated lower weights, SGD on their
+           float master weights (η_bp = `method.ff.bp_lr`, default η, following η's schedule) through the
+           straight-through fake quantizer (as bp_qat); the master weights are written back as integers, so
+           the next step's integer passes see them.
+    """
+    ff = dict(cfg.ff)
+    k, bp_lr = ff.pop("bp_layers", 1), ff.pop("bp_lr", None) or cfg.lr
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < len(names):
+        raise ValueError(
+            f"method.ff.bp_layers={k!r} is invalid for {len(names)} trained layers; allowed: "
+            f"1..{len(names) - 1} (widen the scope, e.g. mode.lp_layers, so QZO-FF keeps at least one layer)"
+        )
+    zo = _build_qzo(model, TrainConfig(**{**vars(cfg), "method": "qzo_ff", "ff": ff}), names[:-k], sparse)
+    master, weight_fn = _ste_master(model, names[-k:])
+    sgd = torch.optim.SGD(list(master.values()), lr=bp_lr)
+    nodes = model.weight_nodes()
+
+    def step(x, y):
+        loss = zo.opt.step(zo.closure(x, y))
+        sgd.param_groups[0]["lr"] = bp_lr * zo.opt.param_groups[0]["lr"] / cfg.lr  # η's schedule
+        sgd.step(_bp_closure(sgd, lambda: model(x, mode="fake", weight_fn=weight_fn), y))
+        with torch.no_grad():
+            for n, w in master.items():
+                nodes[n].weight_q.copy_(quantize(w, nodes[n].w_qp).to(nodes[n].weight_q.dtype))
+        return loss
+
+    bp = _bp_compute(names[-k])
+    return Built(
+        zo.opt, zo.closure, zo.forwards_per_step + BP_FORWARD_EQUIVALENTS, master, step,
+        compute=lambda S: zo.compute(S) + bp(S),
+    )  # fmt: skip
 
 
 def _build_jvp(model, cfg, names, sparse) -> Built:
@@ -331,6 +455,7 @@ BUILDERS: dict[str, Callable[..., Built]] = {
     "qat": _build_qat,
     "zo": _build_zo,
     "qzo": _build_qzo,
+    "hybrid": _build_hybrid,
     "jvp": _build_jvp,
 }
 
@@ -347,11 +472,22 @@ class Method:
                     f"method {cfg.method!r} needs a quantized model (QModel); set quant to a "
                     "fixed-point scheme such as w16a8"
                 )
-            raise ValueError(f"method {cfg.method!r} trains a float model; quantize only for qzo_ff / bp_qat")
+            raise ValueError(
+                f"method {cfg.method!r} trains a float model; quantize only for the methods training a "
+                "QModel (qzo_ff, bp_qat, hybrid)"
+            )
         sparse = {"kind": cfg.sparse_kind, "density": cfg.sparse_density} if cfg.scope == "sparse" else None
         built = BUILDERS[s.builder](model, cfg, trainable_names(model, cfg), sparse)
         self.opt, self.closure, self.master = built.opt, built.closure, built.master
-        self.forwards_per_step = built.forwards_per_step
+        self.forwards_per_step, self._step = built.forwards_per_step, built.step
+        self._compute = built.compute or (lambda S: self.forwards_per_step)
+        self._suffix: Callable[[str], float] | None = None
+
+    def compute(self, x: torch.Tensor) -> float:
+        """The coming step's compute in MAC-weighted forward-pass equivalents (module docstring)."""
+        if self._suffix is None:
+            self._suffix = mac_suffix(self.model, x)
+        return self._compute(self._suffix)
 
     def set_lr(self, lr: float) -> None:
         for group in self.opt.param_groups:  # every builder's optimizer is a torch.optim.Optimizer
@@ -364,7 +500,7 @@ class Method:
         return {"tie_fraction": self.opt.last_ties / pairs} if pairs else {}
 
     def step(self, x, y) -> float:
-        loss = self.opt.step(self.closure(x, y))
+        loss = self._step(x, y) if self._step else self.opt.step(self.closure(x, y))
         return float(loss.detach()) if torch.is_tensor(loss) else float(loss)
 
     def finish(self) -> None:
@@ -530,6 +666,7 @@ class TrainResult:
     log: list[dict]
     tie_fraction: float | None = None  # forward-only: the fraction of perturbation pairs with L+ == L−
     faults: dict[str, dict[str, int]] = field(default_factory=dict)  # `Method.faults` at the end
+    compute: float = 0.0  # MAC-weighted forward-pass equivalents (module docstring)
 
 
 @dataclass
@@ -541,6 +678,7 @@ class Progress:
     wall_s: float = 0.0
     log: list[dict] = field(default_factory=list)
     peak: int = 0
+    compute: float = 0.0  # MAC-weighted forward-pass equivalents (module docstring)
 
     def save(self, path: str | None, model: nn.Module, method: Method, stream: BatchStream, cfg, fp) -> None:
         if path:
@@ -556,6 +694,7 @@ class Progress:
                     "wall_s": self.wall_s,
                     "log": self.log,
                     "peak": self.peak,
+                    "compute": self.compute,
                     "config": vars(cfg),
                 },
             )
@@ -569,7 +708,7 @@ class Progress:
             raise StateFileError(f"the checkpoint's model state does not fit the model: {first}") from None
         method.load_state_dict(s["method"])
         stream.load_state_dict(s["stream"])
-        return cls(s["step"], s["forward_passes"], s["wall_s"], s["log"], s["peak"])
+        return cls(s["step"], s["forward_passes"], s["wall_s"], s["log"], s["peak"], s.get("compute", 0.0))
 
 
 def _start(ckpt: str | None, cfg: TrainConfig, fp: dict, model, method, stream) -> Progress:
@@ -640,6 +779,7 @@ def train(
                 )
             x, y = stream.next()
             method.set_lr(scheduled_lr(cfg, run.step, total))
+            run.compute += method.compute(x)
             t0 = time.perf_counter()
             if run.step == 0:  # measure the peak memory of one real training step
                 loss, run.peak = _measured_step(method, x, y)
@@ -651,6 +791,7 @@ def train(
             row = {
                 "step": run.step,
                 "forward_passes": run.forward_passes,
+                "compute": round(run.compute, 4),
                 "loss": loss,
                 "wall_s": round(run.wall_s, 4),
                 **method.ties(),
@@ -699,8 +840,9 @@ def train(
         warnings.warn(
             f"faults in this run: {summary}; train.strict=true makes them errors", FaultWarning, stacklevel=2
         )
+    ties = tie_fraction(run.log)
     return TrainResult(
-        model, run.step, run.forward_passes, acc, run.wall_s, run.peak, run.log, tie_fraction(run.log), faults
+        model, run.step, run.forward_passes, acc, run.wall_s, run.peak, run.log, ties, faults, run.compute
     )
 
 
@@ -718,7 +860,7 @@ def _measured_step(method: Method, x, y) -> tuple[float, int]:
     return box["loss"], peak
 
 
-LOG_KEYS = ("step", "forward_passes", "loss", "test_acc", "wall_s", "tie_fraction")
+LOG_KEYS = ("step", "forward_passes", "compute", "loss", "test_acc", "wall_s", "tie_fraction")
 FAULT_KEYS = ("accumulator_overflow", "perturb_saturation", "update_saturation")
 
 

@@ -226,7 +226,7 @@ def _train_three(tmp_path, q, x, y, trainable, shape, steps=5, batch=8, **kw):
     )
     if "masks" in kw:
         opt.space.masks = {i: kw["masks"][n] for i, n in enumerate(opt.space.names)}
-    closure = IL.integer_closure(q, trainable[0])
+    closure = IL.integer_closure(q, lambda: trainable[0])
     start = {t["name"]: bundle.arrays[f"{t['name']}.weight"].copy() for t in bundle.training["tensors"]}
     for k in range(steps):
         xb, yb = x[k * batch : (k + 1) * batch], y[k * batch : (k + 1) * batch]

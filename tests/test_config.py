@@ -83,7 +83,12 @@ def test_preset_composes(preset):
 @pytest.mark.parametrize("group", ["data", "model", "method", "quant", "mode", "enhancement"])
 def test_every_group_option_composes(group):
     for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
-        extra = {"method": {"bp_qat": ["quant=auto"]}, "quant": {"fp32": ["method=bp"]}}.get(group, {})
+        extra = {
+            "method": {"bp_qat": ["quant=auto"]},
+            "quant": {"fp32": ["method=bp"]},
+            "mode": {"bias": ["method=bp"]},
+        }
+        extra = extra.get(group, {})
         extra = extra.get(option, ["method=qzo_ff"] if group == "quant" and option != "auto" else [])
         c = fc.validate(composed(f"{group}={option}", *extra))
         assert c is not None

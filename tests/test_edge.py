@@ -45,7 +45,7 @@ def _model(name: str, seed: int = 0, **convert_kw):
             mod.bias.data.uniform_(-0.2, 0.2, generator=g)
     x = torch.randn(48, *SHAPES[name], generator=g)
     y = torch.randint(0, 10, (48,), generator=g)
-    return convert(m, "w16a8", x, **convert_kw), x, y
+    return convert(m, convert_kw.pop("scheme", "w16a8"), x, **convert_kw), x, y
 
 
 def _f64_closure(q, xb, yb):
@@ -176,11 +176,15 @@ def test_training_bit_exact(tmp_path, name):
         dict(rounding="stochastic"),
         dict(rounding="floor", perturb_scale="delta_z", distribution="qrademacher", eps_min_q=300),
         dict(rounding="nearest", sparse=True),
+        dict(layerwise="cycle"),
+        dict(layerwise="sample", rounding="stochastic"),
+        # 8-bit weights: ±1-LSB Rademacher perturbations, stochastic rounding of the update (the w8a8 preset)
+        dict(scheme="w8a8", distribution="qrademacher", rounding="stochastic", eps_min_q=1),
     ],
-    ids=["stochastic", "floor-deltaz-rademacher", "sparse"],
+    ids=["stochastic", "floor-deltaz-rademacher", "sparse", "layerwise-cycle", "layerwise-sample", "w8-lsb"],
 )
 def test_training_variants_bit_exact(tmp_path, kw):
-    q, x, y = _model("small_cnn", per_channel=True)
+    q, x, y = _model("small_cnn", per_channel=True, scheme=kw.pop("scheme", "w16a8"))
     if kw.pop("sparse", False):
         g = torch.Generator().manual_seed(1)
         kw["masks"] = {

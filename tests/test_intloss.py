@@ -104,7 +104,7 @@ def test_qzo_ff_steps_engine_equals_edge(tmp_path):
     bundle = load_bundle(tmp_path / "b.npz")
     trainer = EL.IntegerLossTrainer(bundle)
     opt = qzo_ff(q, 1e-2, 1e-2, 2, 7, trainable=trainable)
-    closure = IL.integer_closure(q, trainable[0])
+    closure = IL.integer_closure(q, lambda: trainable[0])
     start = {n: node.weight_q.clone() for n, node in q.weight_nodes().items()}
     for k in range(5):
         xb, yb = x[k * 8 : (k + 1) * 8], y[k * 8 : (k + 1) * 8]

@@ -26,7 +26,9 @@ def test_spec_matches_what_its_builder_makes(name, m, ff):
     assert set(s.hyper) <= {"lr", "eps", "m"} and "lr" in s.hyper
     ff = ff if "sharpness_rho" in s.ff_options else {}
     model = _model(s)
-    method = Method(model, TrainConfig(method=name, scope="lp", lr=0.01, eps=1e-2, m=m, steps=1, ff=ff))
+    layers = 2 if name == "hybrid" else 1  # hybrid needs a layer below its BP-trained head
+    cfg = TrainConfig(method=name, scope="lp", lp_layers=layers, lr=0.01, eps=1e-2, m=m, steps=1, ff=ff)
+    method = Method(model, cfg)
     assert method.forwards_per_step == s.forwards_per_step(m, ff)
     assert isinstance(model, QModel) == (s.trains == "qmodel")
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 5, (4,))
@@ -56,7 +58,7 @@ def test_hyperparameters_a_method_pins_or_ignores():
         check_hyper("qzo_ff", 0.1, 0, 3)
     with pytest.raises(ValueError, match="method 'adam' is invalid; allowed: bp, "):
         spec("adam")
-    assert SCOPES == ("ft", "lp", "sparse", "dvpt", "ln")
+    assert SCOPES == ("ft", "lp", "sparse", "dvpt", "ln", "bias")
 
 
 def test_registry_and_config_validation_import_no_torch():

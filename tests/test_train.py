@@ -33,17 +33,21 @@ def digits_task():
 
 def _model_for(method, model, calib, scheme="w16a8"):
     model = copy.deepcopy(model)
-    return convert(model, scheme, calib) if method in ("qzo_ff", "bp_qat") else model
+    return convert(model, scheme, calib) if method in ("qzo_ff", "bp_qat", "hybrid") else model
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_through_the_same_loop(method, digits_task):
     model, calib, train_xy, test_xy = digits_task
     m = _model_for(method, model, calib)
-    cfg = TrainConfig(method=method, scope="lp", lr=0.05, m=2, steps=3, eval_every=2, batch_size=32)
+    layers = 2 if method == "hybrid" else 1  # hybrid: BP for the head, QZO-FF for the layer below
+    cfg = TrainConfig(
+        method=method, scope="lp", lp_layers=layers, lr=0.05, m=2, steps=3, eval_every=2, batch_size=32
+    )
     r = train(m, cfg, train_xy, test_xy)
     assert r.steps == 3 and len(r.log) == 3 and "test_acc" in r.log[1]
-    per_step = {"bp": 3, "bp_fp16": 3, "bp_bf16": 3, "bp_qat": 3, "jvp": 2, "zo_fp32": 2}.get(method, 4)
+    per_step = {"bp": 3, "bp_fp16": 3, "bp_bf16": 3, "bp_qat": 3, "jvp": 2, "zo_fp32": 2, "hybrid": 7}
+    per_step = per_step.get(method, 4)
     assert r.forward_passes == 3 * per_step
     assert r.peak_mem_bytes > 0 and 0.0 <= r.test_acc <= 1.0
 

@@ -8,7 +8,8 @@ Placement (:func:`check_fit`):
 - flash (read-only) = all weights: the deployed model image stays there; frozen layers run from it.
 
 Step latency is an **estimate**: forward MACs x forward passes per step / ``macs_per_s``, with 2m passes
-for FF (m perturbations, two evaluations each) and 3 forward-equivalents for BP (forward + backward).
+for FF (m perturbations, two evaluations each), 3 forward-equivalents for BP (forward + backward) and 4 for
+BP with activation checkpointing (bp_ckpt: the checkpointed segments run again in the backward).
 Weight perturbation, updates, memory traffic and non-MAC ops are ignored.
 """
 
@@ -22,7 +23,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ..conf import CONF_DIR
-from ..methods import BP_FORWARD_EQUIVALENTS
+from ..methods import BP_FORWARD_EQUIVALENTS, CKPT_FORWARD_EQUIVALENTS
 from .memory import FORMATS, MemoryBreakdown, fmt_bytes, trace_model
 
 DEVICE_DIR = CONF_DIR / "device"
@@ -138,7 +139,7 @@ def check_fit(device: DeviceProfile | str, breakdown: MemoryBreakdown) -> FitRep
             f"device {d.name} does not support format {b.fmt!r}; supported: {list(d.formats)}"
         )
     sram = b.trainable_weights + b.scratch + b.gradients + b.optimizer_state + b.perturbation + b.masks
-    passes = 2 * b.m if b.method == "ff" else BP_FORWARD_EQUIVALENTS
+    passes = {"ff": 2 * b.m, "bp": BP_FORWARD_EQUIVALENTS, "bp_ckpt": CKPT_FORWARD_EQUIVALENTS}[b.method]
     return FitReport(d, b, sram, b.weights, passes, b.forward_macs * passes / d.macs_per_s)
 
 

@@ -23,14 +23,20 @@ Byte counts (n = element count, b_w/b_a = weight/activation bytes of the format,
   frozen layers whose weights are not needed ...). Ops before the first trainable layer keep nothing, so
   "lp" keeps only activations from the first trainable layer on (the frozen prefix still runs, so BP
   scratch is never below the FF forward peak); "sparse" keeps what "ft" keeps (each
-  layer's weight gradient is computed densely, then masked). Transient activation gradients during the
-  backward are not counted.
+  layer's weight gradient is computed densely, then masked). A frozen conv, linear or BatchNorm layer
+  (:data:`WEIGHT_ONLY_BACKWARD`) keeps nothing: its input gradient needs only its weight ("bias" tuning
+  backpropagates through frozen layers, keeping the ReLU outputs, not the conv inputs). Transient
+  activation gradients during the backward are not counted.
+  BP_CKPT (activation checkpointing in segments, :meth:`ModelTrace.checkpointed_peak`): the larger of the
+  forward's peak keeping only the checkpointed segments' inputs and the last segment's saved tensors, and
+  of each checkpointed segment's recomputation (the inputs held before it plus its forward with its saved
+  tensors kept).
   FF: the peak of live activations during one inference forward with ideal freeing (a tensor lives
   from the op that writes it to the last op that reads it; the model output lives to the end). On a
   chain this is the largest input+output pair of a single op; residual branches add their skip tensor.
   Float tensors count b_a bytes per element, integer tensors (e.g. max-pool indices) their own size.
-- ``gradients``     BP: n_upd * b_w. FF: 0 for m = 1 (the update is +-z itself), else one layer's
-  accumulated gradient sum_i sign_i z_i: max_layer_upd * b_acc (int16 for fixed point).
+- ``gradients``     BP (and BP_CKPT): n_upd * b_w. FF: 0 for m = 1 (the update is +-z itself), else one
+  layer's accumulated gradient sum_i sign_i z_i: max_layer_upd * b_acc (int16 for fixed point).
 - ``optimizer_state`` = copies * n_upd * b_w (state kept in the weight format), copies = 0 (sgd),
   1 (momentum), 2 (adam).
 - ``perturbation``  FF: z of the largest trainable layer, regenerated layer by layer from a seed and
@@ -43,7 +49,8 @@ Byte counts (n = element count, b_w/b_a = weight/activation bytes of the format,
 
 n_trainable = parameters trained by the mode (`fwdgrad.models.scope_params`: "ft": all, "lp": those of the
 last ``lp_layers`` parametrized layers, "sparse": all, of which a fraction ``density`` is selected, "dvpt":
-a ViT's deep prompt tokens and the head, "ln": its LayerNorm affine parameters and the head);
+a ViT's deep prompt tokens and the head, "ln": its LayerNorm affine parameters and the head, "bias": every
+bias and the head);
 n_upd = n_trainable, or ceil(density * n_trainable) when sparse; max_layer_upd = the same for the largest
 trainable layer.
 "trainable_weights" = n_upd * b_w are the bytes that must be writable (SRAM): sparse updates keep the
@@ -57,9 +64,10 @@ deep copy (:func:`scoped_model`), so the longer sequence (N + prompts tokens in 
 
 from __future__ import annotations
 
+import bisect
 import copy
 import math
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -70,15 +78,18 @@ from torch.utils._pytree import tree_flatten
 
 from ..engine.blocks import Tokens
 from ..methods import SCOPES, check_count
-from ..models import add_prompts, scope_params
+from ..models import add_prompts, checkpoint_segments, scope_params
 
-METHODS = ("bp", "ff")
+METHODS = ("bp", "bp_ckpt", "ff")
 OPTIMIZERS = {"sgd": 0, "momentum": 1, "adam": 2}
 Z_STORAGE = ("layer", "full")
 MASK_STORAGE = ("bitmap", "seeded")
 RNG_STATE_BYTES = 16
 #: deep prompts per encoder layer when "dvpt" adds them (fwdgrad/conf/mode/dvpt.yaml's default)
 DEFAULT_PROMPTS = 10
+#: layers whose input gradient needs only their weight: a frozen one keeps no activation for the backward
+#: (PyTorch's convolution and eval-mode batch_norm save their input anyway, for a weight gradient)
+WEIGHT_ONLY_BACKWARD = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
 
 @dataclass(frozen=True)
@@ -168,29 +179,87 @@ class ModelTrace:
     saved: set[int] = field(default_factory=set)
     inputs: set[int] = field(default_factory=set)
     outputs: set[int] = field(default_factory=set)
+    #: (storage, the innermost module running, ops recorded so far) of every tensor autograd saved
+    saved_by: list[tuple[int, str, int]] = field(default_factory=list)
 
     def peak_live_bytes(self, act_bytes: int, keep_saved: bool = False) -> int:
         """Peak over ops of the live activation bytes (tensor lives from first write/input to last read).
 
         ``keep_saved``: tensors saved for the backward live to the end: the peak of a BP forward.
         """
-        n = len(self.ops)
-        first = {s: -1 for s in self.inputs}
-        last = {s: n for s in self.outputs | (self.saved if keep_saved else set())}
-        for i, op in enumerate(self.ops):
+        return self._range_peak(act_bytes, 0, len(self.ops), self.saved if keep_saved else set())
+
+    def _range_peak(self, act_bytes: int, start: int, stop: int, keep: Collection[int]) -> int:
+        """Peak live bytes over ops[start:stop]: a tensor made before them (or a model input) lives from
+        their start, one read after them (or a model output) or in ``keep`` to their end, any other from the
+        op that writes it to the last op that reads it."""
+        before = self.inputs | {s for op in self.ops[:start] for s in op.writes}
+        after = self.outputs | {s for op in self.ops[stop:] for s in op.reads}
+        first, last = {}, {}
+        for i, op in enumerate(self.ops[start:stop]):
             for s in op.reads + op.writes:
-                first.setdefault(s, i)
-                last[s] = max(last.get(s, i), i)
+                first.setdefault(s, -1 if s in before else i)
+                last[s] = i
+        n = stop - start
         delta = [0] * (n + 3)
         for s, i in first.items():
             b = self.storages[s].bytes(act_bytes)
             delta[i + 1] += b
-            delta[last[s] + 2] -= b
+            delta[(n if s in after or s in keep else last[s]) + 2] -= b
         peak = live = 0
         for d in delta:
             live += d
             peak = max(peak, live)
         return peak
+
+    def checkpointed_peak(self, act_bytes: int, segments: Sequence[Sequence[str]]) -> int:
+        """BP scratch with activation checkpointing (bp_ckpt) in ``segments`` (each the module names of its
+        blocks, `fwdgrad.models.checkpoint_segments`): every segment but the last runs without keeping its
+        saved tensors, holding only its input; the last keeps them as plain BP does. The peak of
+
+        - the forward: live activations, with the inputs of the recomputed segments and what the last segment
+          saves kept to its end;
+        - the recomputation of each checkpointed segment k in the backward (last to first): the inputs held
+          for segments before k, plus the peak of k's forward with what k saves kept to its end.
+
+        A segment recomputes only when it saved something (nothing before the first trainable layer). Ops
+        and saved tensors belong to the segment of their innermost module (ops outside every block's module,
+        e.g. a top-level flatten, to the segment of the op before them); a module called by two segments is
+        a one-line ValueError, as its ops could not be told apart."""
+        owner = {name: k for k, names in enumerate(segments) for name in names}
+        shared = [n for n in owner if sum(n in names for names in segments) > 1]
+        if shared:
+            raise ValueError(
+                f"module {shared[0]!r} runs in more than one segment, so its ops cannot be told apart; "
+                "allowed: models that call each block's module in one segment"
+            )
+
+        def segment_of(module: str, default: int) -> int:
+            while module and module not in owner:
+                module = module.rpartition(".")[0]
+            return owner.get(module, default)
+
+        op_seg: list[int] = []
+        for op in self.ops:
+            op_seg.append(segment_of(op.module, op_seg[-1] if op_seg else 0))
+        starts = [bisect.bisect_left(op_seg, k) for k in range(len(segments))] + [len(self.ops)]
+        saves: list[set[int]] = [set() for _ in segments]
+        for sid, module, at in self.saved_by:
+            saves[segment_of(module, op_seg[at - 1] if at else 0)].add(sid)
+        made, last = dict.fromkeys(self.inputs, -1), dict.fromkeys(self.inputs, -1)
+        for i, op in enumerate(self.ops):
+            for s in op.writes:
+                made.setdefault(s, i)
+            last |= dict.fromkeys(op.reads + op.writes, i)
+        recomputed = [k for k in range(len(segments) - 1) if saves[k]]
+        held = {k: {s for s, i in made.items() if i < starts[k] <= last[s]} for k in recomputed}
+        keep = set().union(saves[-1], *held.values())
+        peaks = [self._range_peak(act_bytes, 0, len(self.ops), keep)]
+        for k in recomputed:
+            earlier = set().union(*(held[j] for j in recomputed if j < k)) - held[k]
+            base = sum(self.storages[s].bytes(act_bytes) for s in earlier)
+            peaks.append(base + self._range_peak(act_bytes, starts[k], starts[k + 1], saves[k]))
+        return max(peaks)
 
     def macs_by_layer(self) -> dict[str, int]:
         """Forward MACs per module (the innermost module running each op), in forward order."""
@@ -275,6 +344,11 @@ def trace_model(
     if unknown:
         raise ValueError(f"unknown trainable parameters {unknown[:5]}; the model has e.g. {list(params)[:5]}")
     meta = {n: torch.empty_like(p, device="meta").requires_grad_(n in trainable) for n, p in params.items()}
+    frozen = {
+        name
+        for name, mod in model.named_modules()
+        if isinstance(mod, WEIGHT_ONLY_BACKWARD) and f"{name}.weight".lstrip(".") not in trainable
+    }
     meta.update({n: torch.empty_like(b, device="meta") for n, b in model.named_buffers()})
     trace = ModelTrace({n: p.numel() for n, p in params.items()}, trainable, backward)
     stack = ["<model>"]
@@ -296,7 +370,11 @@ def trace_model(
     trace.inputs = set(recorder.sids(x))
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        trace.saved.update(recorder.sids(t))
+        if stack[-1] in frozen:  # the input of a frozen conv/linear/BatchNorm: its backward needs the weight
+            return t
+        sids = recorder.sids(t)
+        trace.saved.update(sids)
+        trace.saved_by.extend((s, stack[-1], len(trace.ops)) for s in sids)
         return t
 
     try:
@@ -336,6 +414,7 @@ class MemoryBreakdown:
     optimizer_state: int
     perturbation: int
     masks: int
+    segments: int = 1  # bp_ckpt: the checkpointed segments (1: none)
 
     @property
     def total(self) -> int:
@@ -390,11 +469,19 @@ def breakdown_from_trace(
     mask_storage: str = "bitmap",
     model_name: str = "model",
     input_shape: tuple[int, ...] = (),
+    segments: Sequence[Sequence[str]] = (),
 ) -> MemoryBreakdown:
-    """Byte breakdown for a trace: BP needs a ``backward=True`` trace, FF an inference one."""
+    """Byte breakdown for a trace: BP needs a ``backward=True`` trace, FF an inference one. bp_ckpt: BP with
+    activation checkpointing in ``segments`` (the module names of each, `fwdgrad.models.checkpoint_segments`;
+    scratch: `ModelTrace.checkpointed_peak`)."""
     _check("method", method, METHODS)
-    if trace.backward != (method == "bp"):
-        raise ValueError(f"method {method!r} needs a trace with backward={method == 'bp'}")
+    bp = method != "ff"
+    if trace.backward != bp:
+        raise ValueError(f"method {method!r} needs a trace with backward={bp}")
+    if (method == "bp_ckpt") != bool(segments):
+        raise ValueError(
+            f"method {method!r} with {len(segments)} segments is invalid; allowed: segments for bp_ckpt only"
+        )
     _check("mode", mode, SCOPES)
     _check("optimizer", optimizer, OPTIMIZERS)
     _check("z_storage", z_storage, Z_STORAGE)
@@ -409,6 +496,8 @@ def breakdown_from_trace(
     layer_upd = math.ceil(frac * max(trace.layer_sizes(trace.trainable).values(), default=0))
     if method == "bp":
         scratch, grads, pert = trace.peak_live_bytes(f.act_bytes, keep_saved=True), n_upd * f.weight_bytes, 0
+    elif method == "bp_ckpt":
+        scratch, grads, pert = trace.checkpointed_peak(f.act_bytes, segments), n_upd * f.weight_bytes, 0
     else:
         scratch = trace.peak_live_bytes(f.act_bytes)
         grads = 0 if m == 1 else layer_upd * f.acc_bytes
@@ -431,6 +520,7 @@ def breakdown_from_trace(
         optimizer_state=OPTIMIZERS[optimizer] * n_upd * f.weight_bytes,
         perturbation=pert,
         masks=math.ceil(n_train / 8) if mode == "sparse" and mask_storage == "bitmap" else 0,
+        segments=max(1, len(segments)),
     )
 
 
@@ -450,21 +540,30 @@ def memory_breakdown(
     trainable: Collection[str] | None = None,
     model_name: str | None = None,
     prompts: int = DEFAULT_PROMPTS,
+    segments: int | None = None,
 ) -> MemoryBreakdown:
     """Training-memory breakdown of ``model`` on a batch of ``input_shape`` (formulas: module docstring).
 
     ``trainable`` overrides the parameter set implied by ``mode`` (e.g. the exact set a trainer uses);
     ``model_name`` labels the result (default: the model's class name); ``prompts``: deep prompts per
-    encoder layer that "dvpt" adds to a ViT without them (:func:`scoped_model`).
+    encoder layer that "dvpt" adds to a ViT without them (:func:`scoped_model`); ``segments``: bp_ckpt's
+    checkpointed segments (`fwdgrad.models.checkpoint_segments`, None: its default).
     """
     _check("method", method, METHODS)
     model = scoped_model(model, mode, prompts)
     names = trainable_for(model, mode, lp_layers) if trainable is None else list(trainable)
-    trace = trace_model(model, input_shape, names, method == "bp")
+    groups = ckpt_groups(model, segments) if method == "bp_ckpt" else []
+    trace = trace_model(model, input_shape, names, method != "ff")
     kw = dict(density=density, optimizer=optimizer, m=m, z_storage=z_storage, mask_storage=mask_storage)
+    kw["segments"] = groups
     return breakdown_from_trace(
         trace, method, fmt, mode, model_name=model_name or type(model).__name__, input_shape=input_shape, **kw
     )
+
+
+def ckpt_groups(model: nn.Module, segments: int | None = None) -> list[list[str]]:
+    """The module names of each of bp_ckpt's segments (`fwdgrad.models.checkpoint_segments`)."""
+    return [s.modules for s in checkpoint_segments(model, segments)]
 
 
 def format_table(
@@ -475,27 +574,37 @@ def format_table(
     density: float = 0.1,
     lp_layers: int = 1,
     prompts: int = DEFAULT_PROMPTS,
+    segments: int | None = None,
     **kw,
 ) -> str:
-    """Markdown table of training memory, BP vs FF vs FF + sparse (``density``), one row per format.
+    """Markdown table of training memory, one row per format: BP, BP with activation checkpointing
+    (bp_ckpt, ``segments``), bias-only BP (TinyTL), FF and FF + sparse (``density``); BP / FF of the mode.
 
     Cells are the paper's "scratch" (total - weights); ``prompts``: see :func:`memory_breakdown`; ``kw`` go
-    to :func:`breakdown_from_trace`.
+    to :func:`breakdown_from_trace`. The model must be one bp_ckpt can segment (every zoo model; else the
+    one-line ValueError of `fwdgrad.models.model_blocks`).
     """
     model = scoped_model(model, mode, prompts)
     names = trainable_for(model, mode, lp_layers)
+    groups = ckpt_groups(model, segments)
     bp_trace = trace_model(model, input_shape, names, backward=True)
+    bias_trace = trace_model(model, input_shape, trainable_for(model, "bias", lp_layers), backward=True)
     ff_trace = trace_model(model, input_shape, names)
     rows = [
-        f"| format | weights | BP ({mode}) | FF ({mode}) | FF sparse {density:g} | BP / FF |",
-        "|---|---|---|---|---|---|",
+        f"| format | weights | BP ({mode}) | BP ckpt, {len(groups)} segments ({mode}) | BP (bias) "
+        f"| FF ({mode}) | FF sparse {density:g} | BP / FF |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for fmt in formats:
-        bp = breakdown_from_trace(bp_trace, "bp", fmt, mode, density, **kw)
-        ff = breakdown_from_trace(ff_trace, "ff", fmt, mode, density, **kw)
-        sp = breakdown_from_trace(ff_trace, "ff", fmt, "sparse", density, **kw)
-        cells = [fmt_bytes(x) for x in (bp.weights, bp.paper_scratch, ff.paper_scratch, sp.paper_scratch)]
-        rows.append(f"| {fmt} | {' | '.join(cells)} | {bp.paper_scratch / ff.paper_scratch:.1f}x |")
+        cols = [
+            breakdown_from_trace(bp_trace, "bp", fmt, mode, density, **kw),
+            breakdown_from_trace(bp_trace, "bp_ckpt", fmt, mode, density, segments=groups, **kw),
+            breakdown_from_trace(bias_trace, "bp", fmt, "bias", density, **kw),
+            breakdown_from_trace(ff_trace, "ff", fmt, mode, density, **kw),
+            breakdown_from_trace(ff_trace, "ff", fmt, "sparse", density, **kw),
+        ]
+        cells = [fmt_bytes(x) for x in (cols[0].weights, *(b.paper_scratch for b in cols))]
+        rows.append(f"| {fmt} | {' | '.join(cells)} | {cols[0].paper_scratch / cols[3].paper_scratch:.1f}x |")
     return "\n".join(rows)
 
 

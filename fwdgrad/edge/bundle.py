@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import rng
 from ..files import atomic_open
 
 FORMAT = "fwdgrad-bundle"
@@ -201,6 +202,8 @@ def validate_training(tr: dict, ops: list[dict]) -> None:
         "training.distribution", tr["distribution"], tr["distribution"] in DISTRIBUTIONS, str(DISTRIBUTIONS)
     )
     _check("training.rounding", tr["rounding"], tr["rounding"] in ROUNDINGS, str(ROUNDINGS))
+    layerwise = tr.get("layerwise", "off")
+    _check("training.layerwise", layerwise, layerwise in rng.LAYERWISE, str(rng.LAYERWISE))
     _require(tr["perturb"], ("mult", "n"), "training.perturb")
     _int_in("training.perturb.mult", tr["perturb"]["mult"], 1, 2**31)
     _int_in("training.perturb.n", tr["perturb"]["n"], 1, 63)

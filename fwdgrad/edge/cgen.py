@@ -766,6 +766,12 @@ def generate_c(bundle: Bundle, out_dir, input_shape=None, name: str = "model") -
             f"cannot export to C: unsupported op(s) {', '.join(unsupported)}; "
             f"the C runtime covers {', '.join(SUPPORTED)}"
         )
+    layerwise = bundle.training.get("layerwise", "off")
+    if layerwise != "off":
+        raise CExportError(
+            f"cannot export to C: training.layerwise={layerwise!r}; the C runtime trains every tensor each "
+            "step; allowed: 'off' (the numpy runtime runs layer-wise training)"
+        )
     shape = input_shape or (bundle.header.get("preprocessing") or {}).get("shape")
     if shape is None:
         raise CExportError(

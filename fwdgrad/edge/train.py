@@ -11,7 +11,9 @@ Step k; trainable tensor t (its index in the header's trainable list); sample i 
 
 round: nearest (+2^(n−1), then >> n), floor (>> n) or stochastic (+ a uniform integer in [0, 2^n) from
 ``hash_words(seed, k, SR_STREAM + 2t (+1 for the update), t, numel)``). z is regenerated from its key
-whenever it is needed and never stored for the whole model.
+whenever it is needed and never stored for the whole model. Layer-wise (header ``layerwise`` cycle |
+sample): step k perturbs and updates only t_k = ``rng.active_tensor(layerwise, seed, k, T)``, and its
+passes resume from the outputs of the layers before t_k.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ class Trainer:
         self.index = {t["name"]: i for i, t in enumerate(self.tensors)}
         ops = {op["name"]: op for op in bundle.ops}
         self.weight_names = [ops[t["name"]]["arrays"]["weight"] for t in self.tensors]
-        self.first = min(i for i, op in enumerate(bundle.ops) if op["name"] in self.index)
+        self.layerwise = tr.get("layerwise", "off")  # bundles written before layer-wise training: off
+        self.op_index = {op["name"]: i for i, op in enumerate(bundle.ops)}
 
     @property
     def step_count(self) -> int:
@@ -98,14 +101,21 @@ class Trainer:
         out = shift_round(acc, self.p_mult, self.p_n, self.rounding, self._words(step, 2 * t, t, w))
         return np.clip(out, spec["qmin"], spec["qmax"]).astype(w.dtype)
 
+    def active(self, step: int) -> list[int]:
+        """The tensor ids step `step` perturbs and updates: all, or the layer-wise one."""
+        t = rng.active_tensor(self.layerwise, self.seed, step, len(self.tensors))
+        return list(range(len(self.tensors))) if t is None else [t]
+
     def weights_at(self, step: int, sample: int, sign: int):
-        """The runtime's weight_fn for w± of (step, sample, sign): trainable ops perturbed, others stored."""
+        """The runtime's weight_fn for w± of (step, sample, sign): the step's trainable ops perturbed, others
+        stored."""
+        active = set(self.active(step))
 
         def weight_fn(op):
             t = self.index.get(op["name"])
             return (
                 self.arrays[op["arrays"]["weight"]]
-                if t is None
+                if t not in active
                 else self.perturbed_weight(step, t, sample, sign)
             )
 
@@ -118,7 +128,8 @@ class Trainer:
     def step(self, x: np.ndarray, y: np.ndarray) -> float:
         """One QZO-FF step on batch (x, y); returns the mean of the 2m perturbed losses."""
         k = self.step_count
-        prefix = self.runtime.run_prefix(x, self.first)  # the layers before the first trainable one
+        first = min(self.op_index[self.tensors[t]["name"]] for t in self.active(k))
+        prefix = self.runtime.run_prefix(x, first)  # the layers before the first one this step perturbs
         coeffs, losses = [], []
         for i in range(self.m):
             plus, minus = self.loss(x, y, k, i, +1, prefix), self.loss(x, y, k, i, -1, prefix)
@@ -138,8 +149,9 @@ class Trainer:
         return np.clip(np.sign(s) * ((np.abs(s) * 2 + m) // (2 * m)), -127, 127)
 
     def update(self, step: int, coeffs: list[int]) -> None:
-        """w_q ← sat_b(w_q − round(g_q·η·Δ_z/Δ_w)) for every trainable tensor, in place."""
-        for t, spec in enumerate(self.tensors):
+        """w_q ← sat_b(w_q − round(g_q·η·Δ_z/Δ_w)) for the step's trainable tensors, in place."""
+        for t in self.active(step):
+            spec = self.tensors[t]
             w = self.arrays[self.weight_names[t]]
             g = self.gradient_q(step, t, coeffs, w.shape)
             mult = _channel_view(self.arrays[spec["update_mult"]], w.ndim)

@@ -94,6 +94,21 @@ class QModel(nn.Module):
                 last[name] = i
         return last
 
+    @torch.no_grad()
+    def macs(self, x: torch.Tensor) -> OrderedDict[str, int]:
+        """Multiply-accumulates per example of every node, in forward order (conv/linear: output elements ×
+        fan-in; matmul of two activations: output elements × the inner dimension; others 0), from one
+        pass on x[:1]."""
+        stats, self.stats = self.stats, OverflowStats()  # not a pass of the run: its faults are not counted
+        try:
+            env = self.run(x[:1], keep=True)
+        finally:
+            self.stats = stats
+        return OrderedDict(
+            (n.name, n.macs(env[n.name], *(env[i] for i in n.inputs)) if n.kind != "input" else 0)
+            for n in self.nodes
+        )
+
     def weight_nodes(self) -> OrderedDict[str, QTrainable]:
         """Nodes with trainable integer tensors (conv, linear, LayerNorm, tokens) in forward order."""
         return OrderedDict((n.name, n) for n in self.nodes if isinstance(n, QTrainable))

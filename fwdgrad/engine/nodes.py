@@ -97,6 +97,10 @@ class QNode(nn.Module):
     def forward(self, *xs, ctx: ExecContext):
         return self.int_forward(*xs, ctx=ctx) if ctx.mode == "integer" else self.fake_forward(*xs, ctx=ctx)
 
+    def macs(self, out: torch.Tensor, *xs: torch.Tensor) -> int:
+        """Multiply-accumulates of one call that produced `out` from `xs` (0: no products)."""
+        return 0
+
 
 class Requantizer:
     """acc (int64, scale s_acc) → output integers at `out_qp`: sat(round(acc · r) + zp_out, lo, hi).
@@ -254,6 +258,9 @@ class QWeighted(QTrainable):
     acc = Σ (x_q - zp_in) · w_q + b_q   (exact, width-checked)
     y_q = sat(round(acc · s_in·s_w / s_out) + zp)
     """
+
+    def macs(self, out, *xs) -> int:  # every output element is one dot product over the fan-in
+        return out.numel() * self.weight_q[0].numel()
 
     def __init__(
         self,

@@ -186,6 +186,9 @@ class QMatmul(QNode):
     def describe(self) -> str:
         return "integer matmul of two activations"
 
+    def macs(self, out, a, b) -> int:
+        return out.numel() * a.shape[-1]
+
     def int_forward(self, a, b, ctx: ExecContext):
         amax = a.shape[-1] * self.bound
         dtype = torch.float32 if amax < 2**24 else torch.float64 if amax < 2**53 else torch.int64

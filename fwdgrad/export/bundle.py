@@ -410,6 +410,7 @@ def _training(
         "rounding": fp.rounding,
         "perturb_scale": fp.perturb_scale,
         "eps_min_q": int(fp.eps_min_q),
+        "layerwise": fp.layerwise,
         "perturb": {"mult": int(p_mult), "shift": int(p_n) - 31, "n": int(p_n)},
         "step": int(hp["step"]),
         "tensors": tensors,

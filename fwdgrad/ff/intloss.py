@@ -9,6 +9,8 @@ closure's counterpart in `fwdgrad.train`), for `ForwardGradient.step`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..edge.loss import LN2_MULT, MANT_BITS, LossSpec, loss_spec
@@ -71,15 +73,16 @@ def mean_loss(per_sample: torch.Tensor, spec: LossSpec) -> float:
     return float(int(per_sample.sum())) / (len(per_sample) * 2.0**spec.loss_bits)
 
 
-def integer_closure(model: QModel, frozen_upto: str | None = None):
+def integer_closure(model: QModel, frozen_upto: Callable[[], str] | None = None):
     """closure(x, y) for forward-only optimizers on a QModel in integer mode, the loss being
-    `mean_loss(cross_entropy_q(...))`. With `frozen_upto` (the first trainable node), the frozen prefix runs
-    once per batch and every pass resumes from it (`QModel.run_prefix`), as the float closure does."""
+    `mean_loss(cross_entropy_q(...))`. With `frozen_upto` (returning the first node the coming step
+    perturbs), the frozen prefix runs once per batch and every pass resumes from it (`QModel.run_prefix`),
+    as the float closure does."""
     spec = model_loss_spec(model)
 
     def closure(x, y):
         with torch.no_grad():
-            prefix = None if frozen_upto is None else model.run_prefix(x, frozen_upto, mode="integer")
+            prefix = None if frozen_upto is None else model.run_prefix(x, frozen_upto(), mode="integer")
         return lambda: mean_loss(cross_entropy_q(model.run(x, mode="integer", prefix=prefix), y, spec), spec)
 
     return closure

@@ -190,6 +190,7 @@ def qzo_ff(
     kernel_norm: bool = False,
     sharpness_rho: float | None = None,
     weight_headroom: float = 1.0,
+    layerwise: str = "off",
 ) -> ForwardGradient:
     """QZO-FF on a QModel: sign-m-SPSA with 8-bit z, integer perturbation and update
     (docs/method.md#the-fixed-point-formulation).
@@ -199,13 +200,16 @@ def qzo_ff(
     sparse: e.g. {"kind": "topk", "density": 0.1} (see `fwdgrad.ff.masks`).
     weight_headroom: the trainable layers' Δ_w is multiplied by this once before training, so weights can
     grow by that factor before saturating (costs log2(headroom) bits of precision; 1 = the paper).
+    layerwise: "cycle" / "sample" perturb and update one trainable tensor per step (`fwdgrad.ff.spaces`).
     """
     if not isinstance(model, QModel):
         raise ValueError(
             f"qzo_ff needs a converted model (fwdgrad.engine.QModel), got a float {type(model).__name__}; "
             'convert it first: q = fwdgrad.engine.convert(model, "w16a8", calib) (calib: a batch of inputs)'
         )
-    settings = FixedPointSettings(distribution, z_max, rounding, perturb_scale, eps_min_q, weight_headroom)
+    settings = FixedPointSettings(
+        distribution, z_max, rounding, perturb_scale, eps_min_q, weight_headroom, layerwise
+    )
     est = preset("qzo_ff", m=m, distribution=distribution, z_max=z_max)
     names = list(model.weight_nodes()) if trainable is None else list(trainable)
     if weight_headroom != 1.0:
@@ -232,13 +236,15 @@ def zo_sgd(
     momentum: dict | bool | None = None,
     kernel_norm: bool = False,
     sharpness_rho: float | None = None,
+    layerwise: str = "off",
     **estimator_overrides,
 ) -> ForwardGradient:
-    """Float zeroth-order SGD on named parameters (an iterable of (name, nn.Parameter) or a module)."""
+    """Float zeroth-order SGD on named parameters (an iterable of (name, nn.Parameter) or a module);
+    layerwise: "cycle" / "sample" perturb and update one tensor per step (`fwdgrad.ff.spaces`)."""
     if isinstance(params, torch.nn.Module):
         params = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
     params = list(params)
     est = estimator if isinstance(estimator, Estimator) else preset(estimator, **estimator_overrides)
     masks = make_masks({n: p.detach() for n, p in params}, seed=seed, **sparse) if sparse else None
-    space = FloatSpace(params, est.distribution, seed, masks, _momentum(momentum), kernel_norm)
+    space = FloatSpace(params, est.distribution, seed, masks, _momentum(momentum), kernel_norm, layerwise)
     return ForwardGradient(space, est, lr, eps, sharpness_rho)

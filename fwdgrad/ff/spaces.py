@@ -17,6 +17,10 @@ fixed-point arithmetic of QZO-FF (docs/method.md#the-fixed-point-formulation):
 
 Every real factor r is applied as an integer multiplier and right shift (M·2^-n, `quantize_multiplier`);
 the accumulator w_q·1_q ± ε_q·z_q fits in 32 bits for 16-bit weights (|w_q|·36 + ε_q·127 < 2^31).
+
+Layer-wise forward gradients (`layerwise` cycle | sample; Zhao et al., "Poor Man's Training on MCUs", 2025):
+step k perturbs and updates only tensor t_k = `fwdgrad.rng.active_tensor(layerwise, seed, k, T)`, with the
+same z as the full step would draw for it, so a step's passes share the prefix before t_k.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from ..engine.model import QModel
 from ..fixed_point import ROUNDINGS, FixedPointSettings
 from ..quant import quantize_multiplier
 from ..rng import torch_port
-from ..rng.streams import SR_STREAM
+from ..rng.streams import LAYERWISE, SR_STREAM, active_tensor
 from .estimators import Distribution, Key, QuantDistribution, make_distribution
 
 
@@ -72,13 +76,21 @@ class Space:
         masks: dict | None,
         momentum: MomentumGuided | None,
         kernel_norm: bool,
+        layerwise: str = "off",
     ):
         if not names:
             raise ValueError("nothing to train: the trainable set is empty")
-        self.names, self.dist, self.seed = names, distribution, seed
+        if layerwise not in LAYERWISE:
+            raise ValueError(f"layerwise={layerwise!r} is invalid; allowed: {', '.join(LAYERWISE)}")
+        self.names, self.dist, self.seed, self.layerwise = names, distribution, seed, layerwise
         self.masks = {names.index(n): m for n, m in (masks or {}).items()}  # keyed by tensor id
         self.momentum, self.kernel_norm = momentum, kernel_norm
         self.history: dict[int, torch.Tensor] = {}
+
+    def active(self, step: int) -> list[int]:
+        """The tensor ids step `step` perturbs and updates: all, or the layer-wise one."""
+        t = active_tensor(self.layerwise, self.seed, step, len(self.names))
+        return list(range(len(self.names))) if t is None else [t]
 
     def key(self, step: int, sample: int, t: int) -> Key:
         return Key(self.seed, step, sample, t)
@@ -119,8 +131,10 @@ class FloatSpace(Space):
         masks=None,
         momentum=None,
         kernel_norm=False,
+        layerwise="off",
     ):
-        super().__init__([n for n, _ in params], distribution, seed, masks, momentum, kernel_norm)
+        names = [n for n, _ in params]
+        super().__init__(names, distribution, seed, masks, momentum, kernel_norm, layerwise)
         self.params = [p for _, p in params]
 
     def _noise(self, step, sample, t, shape, device):
@@ -132,7 +146,8 @@ class FloatSpace(Space):
 
     def _add(self, step, terms, sign):
         with torch.no_grad():
-            for t, p in enumerate(self.params):
+            for t in self.active(step):
+                p = self.params[t]
                 for term in terms:
                     p.add_(
                         self.z(step, term.sample, t, p.shape, p.device), alpha=sign * term.sign * term.size
@@ -149,7 +164,8 @@ class FloatSpace(Space):
     def update(self, step: int, coeffs: list[float], lr: float) -> None:
         m = len(coeffs)
         with torch.no_grad():
-            for t, p in enumerate(self.params):
+            for t in self.active(step):
+                p = self.params[t]
                 g = torch.zeros_like(p)
                 for i, c in enumerate(coeffs):
                     if c:
@@ -228,7 +244,7 @@ class FixedPointSpace(Space):
     ):
         settings = settings or FixedPointSettings()
         distribution = make_distribution(settings.distribution, settings.z_max)
-        super().__init__(names, distribution, seed, masks, momentum, kernel_norm)
+        super().__init__(names, distribution, seed, masks, momentum, kernel_norm, settings.layerwise)
         nodes = model.weight_nodes()
         missing = [n for n in names if n not in nodes]
         if missing:
@@ -318,9 +334,11 @@ class FixedPointSpace(Space):
 
     @contextmanager
     def perturbed(self, step: int, terms: list[Term]):
+        active = set(self.active(step))
+
         def weight_fn(name, node):
             t = self.index.get(name)
-            return node.weight_q if t is None else self.perturbed_weight(step, t, terms)
+            return node.weight_q if t not in active else self.perturbed_weight(step, t, terms)
 
         with self.model.using_weights(weight_fn):
             yield
@@ -338,7 +356,8 @@ class FixedPointSpace(Space):
     def update(self, step: int, coeffs: list[float], lr: float) -> None:
         if any(c not in (-1.0, 0.0, 1.0) for c in coeffs):
             raise ValueError("the fixed-point update takes sign coefficients; use the 'sign' difference")
-        for t, node in enumerate(self.nodes):
+        for t in self.active(step):
+            node = self.nodes[t]
             w = node.weight_q.to(torch.int64)
             words = (
                 self._words(step, 2 * t + 1, t, w.numel(), w.device).reshape(w.shape)

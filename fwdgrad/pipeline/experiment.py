@@ -56,7 +56,7 @@ def _run(cfg: DictConfig, c, out, tracker: Tracker, t_start: float) -> dict:
     """The experiment after validation: data, memory model, source model, adaptation, metrics and plot."""
     d = c.data
     src, src_train, src_test = load_task(d.source, c.seed)
-    tgt, tgt_train, tgt_test = load_task(d.target, c.seed, d.max_train, d.max_test)
+    tgt, tgt_train, tgt_test = load_task(d.target, c.seed, d.max_train, d.max_test, d.validation)
     in_channels, sample_shape = tgt_train[0].shape[1], tuple(tgt_train[0].shape[1:])
     n_target = d.fewshot.n_way if d.fewshot else tgt.num_classes
 
@@ -76,6 +76,7 @@ def _run(cfg: DictConfig, c, out, tracker: Tracker, t_start: float) -> dict:
         "mode": scope,
         "variant": c.variant,
         "seed": c.seed,
+        **({"eval_split": "validation"} if d.validation else {}),  # test_acc is the held-out accuracy
     }
     if d.fewshot:
         res = run_fewshot(c, model, src_train, (tgt_train, tgt_test), out, on_episode=tracker.log_episode)

@@ -166,7 +166,8 @@ def evaluate_shown(c: TaskConfig, what: str, model: nn.Module, x, y) -> float:
     first second); elsewhere a line when it starts, lines while it runs (`log_every_s`) and its result."""
     lines = not stdout_is_terminal()
     if lines:
-        log.info("%s: evaluating %s test examples", what, f"{len(x):,}")
+        split = "validation" if getattr(getattr(c, "data", None), "validation", None) else "test"
+        log.info("%s: evaluating %s %s examples", what, f"{len(x):,}", split)
     t0 = time.perf_counter()
     disable = None if c.progress else True
     bar = tqdm(total=len(x), unit="ex", desc=what, disable=disable, leave=False, delay=1.0)

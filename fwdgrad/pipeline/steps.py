@@ -30,8 +30,16 @@ SOURCE_VERSION = 2  # bump when pretraining or the cache file changes, so stale 
 
 
 # ------------------------------------------------------------------------------------------- data
-def load_task(spec_: dict, seed: int, max_train: int | None = None, max_test: int | None = None):
-    """Instantiate a `build_dataset` spec -> (DataSplits, (x_train, y_train), (x_test, y_test))."""
+def load_task(
+    spec_: dict,
+    seed: int,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    validation: float | None = None,
+):
+    """Instantiate a `build_dataset` spec -> (DataSplits, (x_train, y_train), (x_test, y_test)). With
+    `validation` (a fraction), the test split is never read: a seeded `validation` share of the training set
+    (after max_train) is returned in its place and the rest is the training set."""
     lines, t0 = not stdout_is_terminal(), time.perf_counter()
     if lines:
         log.info("data: loading %s", spec_["name"])
@@ -54,8 +62,15 @@ def load_task(spec_: dict, seed: int, max_train: int | None = None, max_test: in
             keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:cap]
             x, y = x[keep], y[keep]
         parts.append((x, y))
+        if validation is not None:  # the held-out part replaces the test split, which is never read
+            x, y = parts.pop()
+            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 7919))
+            n = max(1, min(len(x) - 1, round(validation * len(x))))
+            parts += [(x[perm[n:]], y[perm[n:]]), (x[perm[:n]], y[perm[:n]])]
+            break
     if lines:
-        sizes = f"{len(parts[0][0]):,} train / {len(parts[1][0]):,} test examples"
+        held = "validation (held out of train)" if validation is not None else "test"
+        sizes = f"{len(parts[0][0]):,} train / {len(parts[1][0]):,} {held} examples"
         log.info("data: %s, %s (%s)", spec_["name"], sizes, duration(time.perf_counter() - t0))
     return splits, parts[0], parts[1]
 
@@ -178,13 +193,14 @@ def convert_model(model: nn.Module, c: Config, calib: torch.Tensor) -> nn.Module
 
 def memory_model(model: nn.Module, c: Config, input_shape: tuple[int, ...]):
     """Modelled on-device training memory (fwdgrad.analysis.memory) of this method, scope and format; for
-    dvpt, of the model with `c.mode.prompts` deep prompts per encoder layer (as `run_transfer` adds them)."""
+    dvpt, of the model with `c.mode.prompts` deep prompts per encoder layer (as `run_transfer` adds them);
+    for bp_ckpt, with `c.method.segments` checkpointed segments (a bad count stops the run here)."""
     s = spec(c.method.name)
     try:
         return memory_breakdown(
             model,
             input_shape,
-            "ff" if s.forward_only else "bp",
+            "ff" if s.forward_only else "bp_ckpt" if s.checkpointed else "bp",
             c.mode.name,
             s.memory_format or c.scheme,
             density=c.mode.sparse_density,
@@ -192,6 +208,7 @@ def memory_model(model: nn.Module, c: Config, input_shape: tuple[int, ...]):
             m=s.memory_samples(c.method.m),
             model_name=model_label(c.model),
             prompts=c.mode.prompts,  # dvpt: the prompts run_transfer adds, so the longer sequence is counted
+            segments=c.method.segments,
         )
     except RuntimeError as e:  # the memory model runs the model on meta tensors (shapes, no values)
         raise ValueError(

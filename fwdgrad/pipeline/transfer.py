@@ -59,6 +59,7 @@ def run_transfer(
     return {
         "steps": r.steps,
         "forward_passes": r.forward_passes,
+        "compute": round(r.compute, 3),  # MAC-weighted forward-pass equivalents (fwdgrad.train)
         "zero_shot_acc": zero_shot,
         "zero_shot_acc_quant": zero_shot_quant,
         "test_acc": r.test_acc,

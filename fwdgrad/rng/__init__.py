@@ -38,9 +38,12 @@ from .reference import (
     uniform_q,
     walk_chunks,
 )
-from .streams import DATA_STREAM, MASK_STREAM, SAM_STREAM, SR_STREAM
+from .streams import DATA_STREAM, LAYER_STREAM, LAYERWISE, MASK_STREAM, SAM_STREAM, SR_STREAM, active_tensor
 
 __all__ = [
+    "LAYER_STREAM",
+    "LAYERWISE",
+    "active_tensor",
     "M0",
     "M1",
     "MAX_ELEMENTS",

@@ -9,7 +9,17 @@ every run that depends on it.
 
 from __future__ import annotations
 
-__all__ = ["SR_STREAM", "SAM_STREAM", "MASK_STREAM", "DATA_STREAM"]
+from .reference import hash_words
+
+__all__ = [
+    "SR_STREAM",
+    "SAM_STREAM",
+    "MASK_STREAM",
+    "DATA_STREAM",
+    "LAYER_STREAM",
+    "LAYERWISE",
+    "active_tensor",
+]
 
 # stochastic rounding: sample = SR_STREAM + 2t (perturbation) or SR_STREAM + 2t + 1 (update) for tensor t
 SR_STREAM = 1 << 20
@@ -19,3 +29,22 @@ SAM_STREAM = 1 << 21
 MASK_STREAM = 1 << 22
 # the batch-order permutation of the edge runtime's fine-tuning data, step 0, tensor 0 (fwdgrad.edge)
 DATA_STREAM = 1 << 23
+# layer-wise training, layerwise="sample": the tensor that trains at step k is word 0 of key
+# (seed, k, LAYER_STREAM, 0) modulo the number of trainable tensors (fwdgrad.rng.layerwise)
+LAYER_STREAM = 1 << 24
+
+#: which trainable tensors a forward-gradient step perturbs and updates: all of them, or one per step
+LAYERWISE = ("off", "cycle", "sample")
+
+
+def active_tensor(layerwise: str, seed: int, step: int, count: int) -> int | None:
+    """The one tensor id (of `count`, in forward order) that step `step` trains under layer-wise forward
+    gradients, or None (all train) with layerwise="off". cycle: step mod count; sample: a uniform draw,
+    word 0 of the hash stream (seed, step, LAYER_STREAM, 0) mod count (the same on every runtime)."""
+    if layerwise == "off":
+        return None
+    if layerwise == "cycle":
+        return step % count
+    if layerwise == "sample":
+        return int(hash_words(seed, step, LAYER_STREAM, 0, 1)[0]) % count
+    raise ValueError(f"layerwise={layerwise!r} is invalid; allowed: {', '.join(LAYERWISE)}")
