@@ -194,17 +194,22 @@ def convert_model(model: nn.Module, c: Config, calib: torch.Tensor) -> nn.Module
 def memory_model(model: nn.Module, c: Config, input_shape: tuple[int, ...]):
     """Modelled on-device training memory (fwdgrad.analysis.memory) of this method, scope and format; for
     dvpt, of the model with `c.mode.prompts` deep prompts per encoder layer (as `run_transfer` adds them);
-    for bp_ckpt, with `c.method.segments` checkpointed segments (a bad count stops the run here)."""
+    for bp_ckpt, with `c.method.segments` checkpointed segments (a bad count stops the run here); for hybrid,
+    backprop's memory over its top `method.ff.bp_layers` layers (the QZO-FF layers below add only their
+    perturbation state, which BP's saved activations and gradients exceed)."""
     s = spec(c.method.name)
+    mode, lp_layers = c.mode.name, c.mode.lp_layers
+    if s.builder == "hybrid":
+        mode, lp_layers = "lp", c.method.ff.get("bp_layers", 1)
     try:
         return memory_breakdown(
             model,
             input_shape,
             "ff" if s.forward_only else "bp_ckpt" if s.checkpointed else "bp",
-            c.mode.name,
+            mode,
             s.memory_format or c.scheme,
             density=c.mode.sparse_density,
-            lp_layers=c.mode.lp_layers,
+            lp_layers=lp_layers,
             m=s.memory_samples(c.method.m),
             model_name=model_label(c.model),
             prompts=c.mode.prompts,  # dvpt: the prompts run_transfer adds, so the longer sequence is counted
