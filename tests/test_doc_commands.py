@@ -160,6 +160,10 @@ PLACEHOLDERS = {
         "uv run fwdgrad run -m experiment=ablation_m hydra/launcher=local",
         "multirun/ablation_m/*",
     ),
+    "multirun/compare/<date>": (
+        "uv run fwdgrad run -m experiment=compare hydra/launcher=local",
+        "multirun/compare/*",
+    ),
     "outputs/.../model.pt": (
         "uv run fwdgrad run experiment=ood method=qzo_ff quant=w16a8 seed=0",
         "outputs/ood/*/model.pt",
