@@ -131,6 +131,7 @@ METHODS: dict[str, MethodSpec] = {
             False,
             "w16a8",
             "qat",
+            ff_options=("weight_headroom",),  # as qzo_ff's: the trained layers' Δ_w x this, once
             trajectory=False,
         ),
         MethodSpec(

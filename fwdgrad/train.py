@@ -336,10 +336,14 @@ def _build_sgd(model, cfg, names, sparse) -> Built:
     )
 
 
-def _ste_master(model: QModel, names: list[str]) -> tuple[dict[str, nn.Parameter], Callable]:
+def _ste_master(model: QModel, names: list[str], headroom: float) -> tuple[dict[str, nn.Parameter], Callable]:
     """Float master weights of the QModel nodes `names` and the weight_fn that feeds the fake mode their
-    fake-quantized values with a straight-through gradient (the other nodes: their stored integers)."""
+    fake-quantized values with a straight-through gradient (the other nodes: their stored integers). Their
+    weight scale is first widened by `headroom` (as qzo_ff's weight_headroom), so weights can grow that much
+    before the format saturates them."""
     nodes = model.weight_nodes()
+    for n in names if headroom != 1.0 else ():
+        nodes[n].set_weight_scale(nodes[n].w_qp.scale * headroom)
     master = {n: nn.Parameter(dequantize(nodes[n].weight_q, nodes[n].w_qp)) for n in names}
 
     def weight_fn(name, node):
@@ -351,7 +355,7 @@ def _ste_master(model: QModel, names: list[str]) -> tuple[dict[str, nn.Parameter
 
 def _build_qat(model, cfg, names, sparse) -> Built:
     """bp_qat: float master weights, STE through their fake-quantized values in the QModel's fake mode."""
-    master, weight_fn = _ste_master(model, names)
+    master, weight_fn = _ste_master(model, names, cfg.ff.get("weight_headroom", 1.0))
     opt = torch.optim.SGD(list(master.values()), lr=cfg.lr)
     _mask_gradients(master, sparse, cfg.seed)
 
@@ -421,7 +425,7 @@ def _build_hybrid(model, cfg, names, sparse) -> Built:
             f"1..{len(names) - 1} (widen the scope, e.g. mode.lp_layers, so QZO-FF keeps at least one layer)"
         )
     zo = _build_qzo(model, TrainConfig(**{**vars(cfg), "method": "qzo_ff", "ff": ff}), names[:-k], sparse)
-    master, weight_fn = _ste_master(model, names[-k:])
+    master, weight_fn = _ste_master(model, names[-k:], ff.get("weight_headroom", 1.0))
     sgd = torch.optim.SGD(list(master.values()), lr=bp_lr)
     nodes = model.weight_nodes()
 
