@@ -59,7 +59,7 @@ def test_model_pt_stores_the_run_settings(run_dir):
     assert (s["lr"], s["eps"], s["m"], s["seed"], s["step"], s["batch_size"]) == (
         0.05,
         0.01,
-        3,
+        6,
         0,
         STEPS,
         128,
@@ -71,6 +71,7 @@ def test_model_pt_stores_the_run_settings(run_dir):
         "perturb_scale": "one",
         "eps_min_q": 0,
         "weight_headroom": 4,
+        "layerwise": "off",
     }
     assert s["unsupported"] == {"momentum": None, "kernel_norm": None, "sharpness_rho": None}
 
