@@ -111,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="markdown file to write")
     args = ap.parse_args(argv)
     records = []
-    for d in args.reports:
-        records += goal_rows(read_rows(Path(d)))
+    try:
+        for d in args.reports:
+            records += goal_rows(read_rows(Path(d)))
+    except (OSError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not records:
         print(
             "error: no forward-only fixed-point group with an fp32 BP group in those reports", file=sys.stderr
@@ -124,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{provenance_line(provenance(command))}\nSources: {', '.join(args.reports)} (their report.md name "
         f"the runs' commit and CPU).\n\n{markdown(records)}\n"
     )
-    write_text(Path(args.out), text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(out, text)
     print(markdown(records))
     return 0
 

@@ -370,13 +370,12 @@ Every group of a dataset / model / mode that has a `bp` group, against BP (the `
 column). **At BP's steps / forward passes / compute / wall time**: each run's test accuracy at its last
 evaluation in log.csv within that BP's mean training steps, forward passes, compute (forward-pass equivalents
 weighted by multiply-accumulates: a pass over the head alone costs the head's share) or training wall time
-(before its first
-evaluation: its accuracy before training), then mean ± std over seeds; in brackets the difference from BP's
-final test accuracy (points); † a run stopped before the budget (its final accuracy counts); – a run has no
-log.csv. BP's own row is its final accuracy. **Memory-matched BP**: the most accurate BP-family group
-(method bp, bp_ckpt, bp_qat, bp_fp16, ...) whose modelled on-device training memory is at most the group's;
-"none fits" when none is that small. **Pareto**: ◆ when no other group has less or equal memory and higher
-or equal accuracy (one of them strictly).
+(before its first evaluation: its accuracy before training), then mean ± std over seeds; in brackets the
+difference from BP's final test accuracy (points); † a run stopped before the budget (its final accuracy
+counts); – a run has no log.csv. BP's own row is its final accuracy. **Memory-matched BP**: the most
+accurate BP-family group (method bp, bp_ckpt, bp_qat, bp_fp16, ...) whose modelled on-device training memory
+is at most the group's; "none fits" when none is that small. **Pareto**: ◆ when no other group has less or
+equal memory and higher or equal accuracy (one of them strictly).
 """
 
 

@@ -803,6 +803,7 @@ def train(
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {run.step}; lower lr (now {cfg.lr})")
             if run.step % cfg.eval_every == 0 or run.step == total:
+                method.finish()  # QAT: evaluate the trained integers (its passes never read them)
                 row["test_acc"] = evaluate(model, *test_xy)
             now = _fault_totals(method.faults())
             if isinstance(model, QModel):

@@ -159,3 +159,14 @@ def test_qzo_ff_w16a8_converges_within_5_points_of_fp32_bp(digits_task):
     assert zero_shot < 0.35 and bp.test_acc > 0.7
     assert ff.test_acc >= bp.test_acc - 0.05, (ff.test_acc, bp.test_acc)
     assert ff.test_acc > zero_shot + 0.35
+
+
+def test_qat_evaluations_see_the_trained_integers(digits_task):
+    """bp_qat trains float master weights; every evaluation in the log is of their integers, not of the
+    weights it started from."""
+    model, calib, train_xy, test_xy = digits_task
+    q = _model_for("bp_qat", model, calib)
+    before = evaluate(q, *test_xy)
+    cfg = TrainConfig(method="bp_qat", lr=0.5, steps=4, eval_every=2, batch_size=32)
+    r = train(q, cfg, train_xy, test_xy)
+    assert r.log[-1]["test_acc"] == r.test_acc != before

@@ -47,6 +47,7 @@ MAIN_ARMS = (
             "method.eps=1e-2",
             "method.m=24",
             "train.steps=1000",
+            "variant=m24",  # its own group in reports (the same method and format as qzo_ff_w16a8)
         ],
     ),
 )
