@@ -255,9 +255,10 @@ def mac_suffix(model: nn.Module, x: torch.Tensor) -> Callable[[str], float]:
 
         order = [(op.module, op.macs) for op in trace_model(model, tuple(x[:1].shape)).ops]
     total = max(1, sum(m for _, m in order))
+    params = {n for n, _ in model.named_parameters()}
 
     def suffix(name: str) -> float:
-        owner = name.rpartition(".")[0] if name in dict(model.named_parameters()) else name
+        owner = name.rpartition(".")[0] if name in params else name
         for i, (where, _) in enumerate(order):
             if where == owner or where.startswith(owner + "."):
                 return sum(m for _, m in order[i:]) / total
