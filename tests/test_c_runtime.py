@@ -43,9 +43,9 @@ def _export(q, path):
     return load_bundle(path)
 
 
-def _build(bundle, tmp_path, shape):
+def _build(bundle, tmp_path, shape, **kw):
     """Generate, compile as a shared library, load with ctypes; returns (lib, generate_c's info)."""
-    info = generate_c(bundle, tmp_path / "c", shape)
+    info = generate_c(bundle, tmp_path / "c", shape, **kw)
     so = tmp_path / "c" / "libmodel.so"
     res = subprocess.run(
         [CC, *CFLAGS, "-shared", "-fPIC", info["source"], "-o", str(so)], capture_output=True, text=True
@@ -211,12 +211,12 @@ def _c_weights(lib, t: int, dtype) -> np.ndarray:
     return np.ctypeslib.as_array(ptr, (n,)).copy()
 
 
-def _train_three(tmp_path, q, x, y, trainable, shape, steps=5, batch=8, **kw):
+def _train_three(tmp_path, q, x, y, trainable, shape, steps=5, batch=8, prefix_samples=32, **kw):
     """`steps` QZO-FF steps with the integer loss in C, in numpy (IntegerLossTrainer) and in the engine
     (qzo_ff + integer_closure): the same losses every step and the same weights at the end."""
     opt_kw = {k: v for k, v in kw.items() if k not in ("masks", "distribution")}
     export_bundle(q, tmp_path / "t.npz", trainable, eps=1e-2, lr=1e-2, m=2, seed=7, **kw)
-    lib, info = _build(load_bundle(tmp_path / "t.npz"), tmp_path, shape)
+    lib, info = _build(load_bundle(tmp_path / "t.npz"), tmp_path, shape, prefix_samples=prefix_samples)
     lib.model_weights.restype = ctypes.c_void_p
     lib.train_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     bundle = load_bundle(tmp_path / "t.npz")
@@ -253,7 +253,20 @@ def test_train_small_cnn_head(tmp_path):
     x, y = _digits(8)
     q = convert(build_model("small_cnn", 10, 1), "w16a8", x)
     info = _train_three(tmp_path, q, x, y, ["_8"], (1, 8, 8))
-    assert info["sram_bytes"] == info["arena_bytes"] + 2 * 2 * 10 * 32  # head weights + their perturbed copy
+    # head weights + their perturbed copy + the prefix store: 32 samples of the head's 32 input codes
+    assert info["prefix_bytes"] == 32 * 32
+    assert info["sram_bytes"] == info["arena_bytes"] + 2 * 2 * 10 * 32 + info["prefix_bytes"]
+
+
+@needs_cc
+@pytest.mark.parametrize("prefix_samples", [1, 3])
+def test_train_prefix_chunks(tmp_path, prefix_samples):
+    """A prefix store smaller than the batch (chunks of 1 or 3 of 8 samples) gives the same steps."""
+    torch.manual_seed(0)
+    x, y = _digits(8)
+    q = convert(build_model("small_cnn", 10, 1), "w16a8", x)
+    info = _train_three(tmp_path, q, x, y, ["_8"], (1, 8, 8), steps=3, prefix_samples=prefix_samples)
+    assert info["prefix_bytes"] == prefix_samples * 32
 
 
 @needs_cc

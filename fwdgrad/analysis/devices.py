@@ -27,7 +27,8 @@ from ..methods import BP_FORWARD_EQUIVALENTS, CKPT_FORWARD_EQUIVALENTS
 from .memory import FORMATS, MemoryBreakdown, fmt_bytes, trace_model
 
 DEVICE_DIR = CONF_DIR / "device"
-_FIELDS = ("name", "sram_bytes", "flash_bytes", "formats", "accumulator_bits", "macs_per_s", "notes")
+_FIELDS = ("name", "sram_bytes", "flash_bytes", "formats", "accumulator_bits", "macs_per_s")
+_OPTIONAL = ("clock_hz", "notes")
 
 
 class DeviceDoesNotFit(ValueError):
@@ -49,6 +50,7 @@ class DeviceProfile:
     accumulator_bits: int
     macs_per_s: float
     notes: str = ""
+    clock_hz: float | None = None  # the CPU clock, for latency estimates from instruction counts
 
 
 def list_devices() -> list[str]:
@@ -68,8 +70,8 @@ def load_device(source: str | Path | Mapping) -> DeviceProfile:
         if not path.is_file():
             raise ValueError(f"unknown device {str(source)!r}; allowed: {list_devices()} or a yaml path")
         where, cfg = str(path), OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    missing = [f for f in _FIELDS[:-1] if f not in cfg]
-    extra = sorted(set(cfg) - set(_FIELDS))
+    missing = [f for f in _FIELDS if f not in cfg]
+    extra = sorted(set(cfg) - set(_FIELDS) - set(_OPTIONAL))
     if missing or extra:
         raise ValueError(f"device profile {where}: missing fields {missing}, unknown fields {extra}")
     bad = [f for f in cfg["formats"] if f not in FORMATS]
@@ -83,6 +85,7 @@ def load_device(source: str | Path | Mapping) -> DeviceProfile:
         accumulator_bits=int(cfg["accumulator_bits"]),
         macs_per_s=float(cfg["macs_per_s"]),
         notes=str(cfg.get("notes", "")),
+        clock_hz=None if cfg.get("clock_hz") is None else float(cfg["clock_hz"]),
     )
 
 

@@ -2,13 +2,19 @@
 
     python -m fwdgrad.edge finetune BUNDLE DATA.npz --steps N [--batch B] [--checkpoint-every K]
                                     [--eval DATA.npz] [--output PATH] [--log-every L]
+                                    [--loss float|integer]
     python -m fwdgrad.edge eval BUNDLE DATA.npz [--batch B]
+    python -m fwdgrad.edge mcu BUNDLE DATA.npz --steps N [--batch B] [--board BOARD] [--device PROFILE]
+                               [--eval DATA.npz] [--output PATH] [--build-dir DIR] [--log-every L]
 
 DATA.npz holds ``x`` (float NCHW, or integer codes already quantized) and ``y`` (integer labels).
 ``--steps N`` is the step count to reach: training continues from the bundle's step counter, so re-running
 the same command after an interruption resumes from the last checkpoint and ends in the same state.
 Batch of step k: ``perm[(k·B + j) mod len(x)]``, j < B, with ``perm`` a fixed permutation derived from the
 bundle's seed — it depends on k only, so resumed runs see the same batches.
+``mcu`` runs the same steps in the generated C runtime (`fwdgrad.edge.cgen`, integer loss) on an emulated
+Cortex-M (`fwdgrad.edge.mcu`, QEMU): the batches stream in through semihosting files, the losses and weights
+come back, and the bundle is saved as ``finetune --loss integer`` would have left it.
 
 Exit status: 0 done; 2 bad input or an OS error (one line on stderr, checked before anything is written, and a
 failed save leaves the previous file intact); 130 / 143 after SIGINT / SIGTERM during ``finetune``, which
@@ -22,15 +28,18 @@ import os
 import resource
 import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
 
 from .. import rng
-from ..files import remove_stale_temps, temp_path
+from ..files import remove_stale_temps, temp_path, write_json
 from ..rng.streams import DATA_STREAM
 from ..signals import deferred_signals
+from . import mcu
 from .bundle import load_bundle, save_bundle
+from .loss import LOSS_BITS, IntegerLossTrainer
 from .runtime import Runtime
 from .train import Trainer, evaluate
 
@@ -96,18 +105,18 @@ def batch_indices(seed: int, step: int, batch: int, n: int) -> np.ndarray:
     return perm[(step * batch + np.arange(batch)) % n]
 
 
-def check_writable(path: str) -> None:
+def check_writable(path: str, what: str = "bundle") -> None:
     """Fail in one line, before training, if a bundle cannot be written at `path`: a folder there, a missing
     folder or a file in its place, no write permission (probed by creating and removing the temp file a save
     uses, which also works where permission bits do not tell, e.g. read-only mounts)."""
     if os.path.isdir(path):
-        raise ValueError(f"cannot write bundle {path!r}: it is a folder; allowed: a file path")
+        raise ValueError(f"cannot write {what} {path!r}: it is a folder; allowed: a file path")
     tmp = temp_path(path)
     try:
         open(tmp, "wb").close()
     except OSError as err:
         raise ValueError(
-            f"cannot write bundle {path!r}: {err.strerror or err}; allowed: a file in an existing, "
+            f"cannot write {what} {path!r}: {err.strerror or err}; allowed: a file in an existing, "
             "writable folder"
         ) from None
     tmp.unlink()
@@ -125,7 +134,7 @@ def save(bundle, path: str) -> None:
 
 def finetune(args) -> int:
     bundle = load_bundle(args.bundle)
-    trainer = Trainer(bundle)
+    trainer = (IntegerLossTrainer if args.loss == "integer" else Trainer)(bundle)
     x, y = load_data(args.data, trainer.runtime)
     xe, ye = load_data(args.eval, trainer.runtime) if args.eval else (None, None)
     if args.batch > len(x):
@@ -174,6 +183,106 @@ def finetune(args) -> int:
     return 0
 
 
+def mcu_cmd(args) -> int:
+    """`finetune` on an emulated Cortex-M: build the C runtime for `--board` (cut to `--device`'s memory),
+    stream the batches of steps start..N-1 in, read the losses and trained weights back, save the bundle."""
+    bundle = load_bundle(args.bundle)
+    if not (bundle.training or {}).get("tensors"):
+        raise ValueError(f"bundle {args.bundle!r} has no trainable tensors; export it with training settings")
+    runtime = Runtime(bundle)
+    x, y = load_data(args.data, runtime)
+    xe, ye = load_data(args.eval, runtime) if args.eval else (None, None)
+    if args.batch > len(x):
+        raise ValueError(
+            f"--batch {args.batch} is larger than the {len(x)} samples of {args.data!r}; allowed: 1..{len(x)}"
+        )
+    out = args.output or args.bundle
+    check_writable(out)
+    if args.json:
+        check_writable(args.json, "summary")
+    remove_stale_temps(os.path.dirname(os.path.abspath(out)))
+    seed, start = bundle.training["seed"], bundle.training["step"]
+    if start >= args.steps:
+        print(f"bundle is already at step {start} >= --steps {args.steps}; nothing to do")
+        return 0
+    if start:
+        print(f"resuming at step {start}")
+    build_dir = args.build_dir or tempfile.mkdtemp(prefix="fwdgrad-mcu-")
+    os.makedirs(build_dir, exist_ok=True)
+    info = mcu.build(bundle, build_dir, x.shape[1:], args.batch, args.board, device=args.device)
+    app = info["memory"]["objects"]["app"]
+    fit = f", fits {args.device}" if args.device else ""
+    print(
+        f"built {info['elf']} for {args.board} ({mcu.BOARDS[args.board]}): flash {app['flash']:,} B, "
+        f"SRAM {app['sram']:,} B + {info['memory']['stack_bytes']:,} B stack{fit}",
+        flush=True,
+    )
+    idx = np.concatenate([batch_indices(seed, k, args.batch, len(x)) for k in range(start, args.steps)])
+    eval_codes = None if xe is None else runtime.quantize_input(xe)
+    t0, done = time.perf_counter(), [start]
+    per_loss = args.batch * 2.0**LOSS_BITS
+
+    def progress(line: str) -> None:
+        if line.startswith("S "):
+            done[0] += 1
+            vals = [int(v) for v in line.split()[1:]]
+            if done[0] % args.log_every == 0 or done[0] == args.steps:
+                loss = sum(vals) / len(vals) / per_loss
+                elapsed = time.perf_counter() - t0
+                print(f"step {done[0]}/{args.steps}  loss {loss:.4f}  elapsed {elapsed:.1f}s", flush=True)
+
+    res = mcu.run(
+        info,
+        bundle,
+        eval_codes,
+        runtime.quantize_input(x[idx]),
+        y[idx],
+        eval_codes,
+        args.batch,
+        args.board,
+        args.timeout,
+        on_line=progress,
+    )
+    for t, spec in enumerate(bundle.training["tensors"]):
+        w = bundle.arrays[f"{spec['name']}.weight"]
+        w[...] = res.weights[t].reshape(w.shape)
+    bundle.training["step"] = args.steps
+    save(bundle, out)
+    print(f"saved step {args.steps} -> {out}", flush=True)
+    if xe is not None:
+        for when, logits in (("before", res.logits), ("after", res.eval_logits)):
+            correct = int((logits.argmax(1) == ye).sum())
+            print(f"eval accuracy {when} {correct / len(ye):.4f} ({correct}/{len(ye)})")
+    step_i, infer_i = int(np.median(res.step_instructions)), int(np.median(res.infer_instructions or [0]))
+    print(
+        f"instructions per train_step (batch {args.batch}): median {step_i:,}; per infer: median "
+        f"{infer_i:,} (QEMU -icount)"
+    )
+    if args.json:
+        evals = {}
+        for when, logits in (("before", res.logits), ("after", res.eval_logits)):
+            if xe is not None:
+                evals[when] = {"correct": int((logits.argmax(1) == ye).sum()), "n": len(ye)}
+        summary = {
+            "bundle": args.bundle,
+            "output": out,
+            "board": args.board,
+            "cpu": mcu.BOARDS[args.board],
+            "device": args.device,
+            "batch": args.batch,
+            "steps": [start, args.steps],
+            "losses": [sum(v) / len(v) / per_loss for v in res.losses],
+            "eval": evals,
+            "instructions": {"train_step_median": step_i, "infer_median": infer_i},
+            "memory": info["memory"],
+            "prefix_bytes": info["prefix_bytes"],
+            "wall_s": time.perf_counter() - t0,
+        }
+        write_json(args.json, summary, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def evaluate_cmd(args) -> int:
     runtime = Runtime(load_bundle(args.bundle))
     x, y = load_data(args.data, runtime)
@@ -214,14 +323,37 @@ def main(argv: list[str] | None = None) -> int:
     ft.add_argument("--eval", default=None, metavar="DATA.npz", help="evaluate accuracy at the end")
     ft.add_argument("--output", default=None, help="write checkpoints here instead of over BUNDLE")
     ft.add_argument("--log-every", type=_positive, default=10)
+    ft.add_argument(
+        "--loss",
+        choices=["float", "integer"],
+        default="float",
+        help="decide each step's signs on the float64 or the integer cross-entropy (as the C runtime does)",
+    )
+    mc = sub.add_parser("mcu", help="QZO-FF fine-tuning in the C runtime on an emulated Cortex-M (QEMU)")
+    mc.add_argument("bundle")
+    mc.add_argument("data")
+    mc.add_argument("--steps", type=_positive, required=True, help="step count to reach")
+    mc.add_argument("--batch", type=_positive, default=32)
+    mc.add_argument("--board", choices=sorted(mcu.BOARDS), default="mps2-an500")
+    mc.add_argument("--device", default=None, help="device profile whose flash/SRAM the build must fit")
+    mc.add_argument("--eval", default=None, metavar="DATA.npz", help="accuracy before and after, on the MCU")
+    mc.add_argument("--output", default=None, help="write the trained bundle here instead of over BUNDLE")
+    mc.add_argument(
+        "--build-dir", default=None, help="where the C sources, ELF and map go (default: a temp dir)"
+    )
+    mc.add_argument("--log-every", type=_positive, default=10)
+    mc.add_argument("--timeout", type=_positive, default=3600, help="seconds QEMU may run")
+    mc.add_argument(
+        "--json", default=None, metavar="PATH", help="also write a summary (losses, accuracy, ...)"
+    )
     ev = sub.add_parser("eval", help="accuracy and loss of a bundle on data")
     ev.add_argument("bundle")
     ev.add_argument("data")
     ev.add_argument("--batch", type=_positive, default=64)
     args = ap.parse_args(argv)
     try:
-        return (finetune if args.command == "finetune" else evaluate_cmd)(args)
-    except (ValueError, OSError) as err:
+        return {"finetune": finetune, "mcu": mcu_cmd, "eval": evaluate_cmd}[args.command](args)
+    except (ValueError, OSError, mcu.MCUError) as err:
         line = str(err).replace("\n", " ")  # one line, whatever the message
         print(f"{PROG}: error: {line}", file=sys.stderr)
         return 2

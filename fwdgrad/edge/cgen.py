@@ -20,7 +20,9 @@ cross-entropy of `fwdgrad.edge.loss` on 2^-Q nats. A bundle with training settin
 (`fwdgrad.edge.train` with the integer loss): z from Philox4x32-10 and the Gaussian threshold table (or
 Rademacher), perturbation and update with nearest / floor / stochastic rounding, per-channel ε_q and update
 factors, sparse masks. The trainable tensors live in SRAM (non-const) with one perturbed copy each; the other
-weights stay const. No prefix reuse yet: every pass runs the whole graph.
+weights stay const. Prefix reuse: the ops before the first trained one run once per sample and a step's 2m
+perturbed passes resume from the values they leave (kept in a static prefix store of `prefix_samples`
+samples).
 
 Assumes two's complement integers and arithmetic right shifts of negative values (gcc, clang, arm-none-eabi
 gcc); compile with ``-fno-strict-aliasing`` (the arena is one byte array read through typed pointers).
@@ -322,23 +324,59 @@ void *model_weights(int tensor) {{ return WEIGHTS[tensor]; }}
 int model_weight_count(int tensor) {{ return COUNTS[tensor]; }}
 uint32_t model_step(void) {{ return step_counter; }}
 
+/* Prefix reuse: ops before FIRST_OP (the first trained one) do not depend on the perturbation. They run
+   once per sample; the values they leave for later ops (the frontier, FRONTIER_BYTES per sample) are kept
+   for up to PREFIX_SAMPLES samples, and the 2m perturbed passes of those samples resume from op FIRST_OP.
+   A longer batch runs in chunks, each making the perturbed weights anew (the same integers). */
+#define FIRST_OP {first}
+#define N_OPS {n_ops}
+#define FRONTIER_BYTES {frontier_bytes}
+#define PREFIX_SAMPLES {prefix_samples}
+#if FRONTIER_BYTES
+static unsigned char prefix_store[PREFIX_SAMPLES * FRONTIER_BYTES];
+
+static void frontier(int j, int save) {{ /* arena <-> the stored frontier of sample j */
+    static const int32_t off[] = {{ {frontier_offsets} }}, len[] = {{ {frontier_sizes} }};
+    unsigned char *p = prefix_store + (long)j * FRONTIER_BYTES;
+    int k;
+    for (k = 0; k < (int)(sizeof off / sizeof off[0]); p += len[k], k++) {{
+        if (save) memcpy(p, arena.bytes + off[k], (size_t)len[k]);
+        else memcpy(arena.bytes + off[k], p, (size_t)len[k]);
+    }}
+}}
+#endif
+
 void train_step(const model_input_t *x, const int32_t *labels, int n, int64_t *losses) {{
     int64_t coeffs[M_SAMPLES];
     int32_t logits[MODEL_OUTPUT_SIZE];
-    int i, s, j, t;
-    for (i = 0; i < M_SAMPLES; i++) {{
-        for (s = 0; s < 2; s++) {{
-            int64_t total = 0;
-            for (t = 0; t < N_TENSORS; t++) perturb(t, step_counter, (uint32_t)i, s ? -1 : 1);
-            for (j = 0; j < n; j++) {{
-                infer(x + (long)j * MODEL_INPUT_SIZE, logits);
-                total += loss_q(logits, labels[j]);
-            }}
-            for (t = 0; t < N_TENSORS; t++) restore(t);
-            losses[2 * i + s] = total;
+    int i, s, j, t, c0, cn;
+    for (i = 0; i < 2 * M_SAMPLES; i++) losses[i] = 0;
+    for (c0 = 0; c0 < n; c0 += cn) {{
+        cn = n - c0;
+#if FRONTIER_BYTES
+        if (cn > PREFIX_SAMPLES) cn = PREFIX_SAMPLES;
+        for (j = 0; j < cn; j++) {{
+            run_ops(x + (long)(c0 + j) * MODEL_INPUT_SIZE, 0, FIRST_OP);
+            frontier(j, 1);
         }}
-        coeffs[i] = (losses[2 * i] > losses[2 * i + 1]) - (losses[2 * i] < losses[2 * i + 1]);
+#endif
+        for (i = 0; i < M_SAMPLES; i++) {{
+            for (s = 0; s < 2; s++) {{
+                for (t = 0; t < N_TENSORS; t++) perturb(t, step_counter, (uint32_t)i, s ? -1 : 1);
+                for (j = 0; j < cn; j++) {{
+#if FRONTIER_BYTES
+                    frontier(j, 0);
+#endif
+                    run_ops(x + (long)(c0 + j) * MODEL_INPUT_SIZE, FIRST_OP, N_OPS);
+                    read_output(logits);
+                    losses[2 * i + s] += loss_q(logits, labels[c0 + j]);
+                }}
+                for (t = 0; t < N_TENSORS; t++) restore(t);
+            }}
+        }}
     }}
+    for (i = 0; i < M_SAMPLES; i++)
+        coeffs[i] = (losses[2 * i] > losses[2 * i + 1]) - (losses[2 * i] < losses[2 * i + 1]);
     for (t = 0; t < N_TENSORS; t++) update(t, step_counter, coeffs);
     step_counter++;
 }}
@@ -363,6 +401,7 @@ class _Gen:
         self.trained: list[tuple] = []
         self.inputs = {op["name"] for op in bundle.ops if op["kind"] == "input"}
         self.body: list[str] = []
+        self.prefix_samples, self.prefix_bytes = 1, 0
 
     # -- helpers ---------------------------------------------------------------------------------------
     def ctype(self, name: str) -> str:
@@ -415,7 +454,8 @@ class _Gen:
         if kind in ALIASES or kind == "input":
             return
         self.body.append(
-            f"    /* {i}: {kind} {op['name']} -> {list(self.env[op['name']].shape)} */\n    {{\n"
+            f"    /* {i}: {kind} {op['name']} -> {list(self.env[op['name']].shape)} */\n"
+            f"    if (lo <= {i} && {i} < hi) {{\n"
         )
         self.body.append(getattr(self, "_" + kind)(i, op, op["attrs"]))
         self.body.append("    }\n")
@@ -672,17 +712,36 @@ int64_t loss_q(const int32_t *logits_codes, int32_t label);
             + PREAMBLE.format(acc_bits=self.acc_bits, wrap=wrap, gemmlowp=int(self.mode == "gemmlowp"))
             + "\n" + "".join(self.consts)
             + f"\nstatic union {{ int64_t align; unsigned char bytes[{max(ALIGN, self.arena)}]; }} arena;\n\n"
-            + "void infer(const model_input_t *input_codes, int32_t *logits_codes) {\n"
+            + "/* ops lo <= i < hi of the graph on one sample (their outputs in the arena) */\n"
+            + "static void run_ops(const model_input_t *input_codes, int lo, int hi) {\n"
             + body
-            + f"    {{\n        const {self.ctype(self.output)} *out = {self.ptr(self.output)};\n"
-            + "        int e;\n"
-            + f"        for (e = 0; e < {out.size}; e++) logits_codes[e] = out[e];\n    }}\n}}\n"
+            + "}\n\n"
+            + "static void read_output(int32_t *logits_codes) {\n"
+            + f"    const {self.ctype(self.output)} *out = {self.ptr(self.output)};\n"
+            + "    int e;\n"
+            + f"    for (e = 0; e < {out.size}; e++) logits_codes[e] = out[e];\n}}\n\n"
+            + "void infer(const model_input_t *input_codes, int32_t *logits_codes) {\n"
+            + f"    run_ops(input_codes, 0, {len(self.b.ops)});\n"
+            + "    read_output(logits_codes);\n}\n"
             + loss
             + (self.training_source() if self.trained else "")
         )  # fmt: skip
         if self.trained:
             header = header.replace("\n#endif", TRAIN_DECL.format(m=self.b.training["m"]) + "\n#endif")
         return header, source
+
+    def frontier(self) -> tuple[int, list[str]]:
+        """(first, roots): the first trained op's index, and the arena buffers made before it that ops from
+        it on read (the graph input is the caller's and never stored)."""
+        index = {op["name"]: i for i, op in enumerate(self.b.ops)}
+        first = min(i for _t, i, _op, _w in self.trained)
+        roots = {
+            self.root[n]
+            for op in self.b.ops[first:]
+            for n in op["inputs"]
+            if index[self.root[n]] < first and self.root[n] not in self.inputs
+        }
+        return first, sorted(roots, key=lambda r: self.offsets[r])
 
     def training_source(self) -> str:
         """QZO-FF in C (fwdgrad.edge.train): Philox z, perturbation, signs from loss_q, update."""
@@ -734,7 +793,16 @@ int64_t loss_q(const int32_t *logits_codes, int32_t label);
             cases_z.append(f"    if (t == {t}) {{ op{i}_w = op{i}_weight; return; }}\n")
         ptrs = ", ".join(f"op{i}_weight" for _t, i, _op, _w in sorted(self.trained, key=lambda r: r[0]))
         seed = tr["seed"]
-        return TRAIN.format(
+        first, roots = self.frontier()
+        self.prefix_bytes = self.prefix_samples * sum(self.env[r].nbytes for r in roots) if roots else 0
+        self.sram += self.prefix_bytes
+        return "#include <string.h>\n" + TRAIN.format(
+            first=first,
+            n_ops=len(self.b.ops),
+            frontier_bytes=sum(self.env[r].nbytes for r in roots),
+            prefix_samples=self.prefix_samples,
+            frontier_offsets=", ".join(str(self.offsets[r]) for r in roots) or "0",
+            frontier_sizes=", ".join(str(self.env[r].nbytes) for r in roots) or "0",
             consts="".join(consts) + "".join(self.consts[n0:]),
             seed_lo=seed & 0xFFFFFFFF,
             seed_hi=seed >> 32,
@@ -756,10 +824,17 @@ int64_t loss_q(const int32_t *logits_codes, int32_t label);
         )
 
 
-def generate_c(bundle: Bundle, out_dir, input_shape=None, name: str = "model") -> dict:
+def generate_c(
+    bundle: Bundle, out_dir, input_shape=None, name: str = "model", prefix_samples: int = 32
+) -> dict:
     """Write ``<name>.h`` and ``<name>.c`` for `bundle` into `out_dir`; returns {"header", "source",
-    "arena_bytes", "flash_bytes"} (flash: the const arrays' payload). `input_shape`: one sample's shape
-    (C, H, W), needed when the bundle declares none (``preprocessing.shape``)."""
+    "arena_bytes", "flash_bytes", "sram_bytes", "prefix_bytes"} (flash: the const arrays' payload; SRAM: the
+    arena, the trainable weights and their perturbed copy, the prefix store). `input_shape`: one sample's
+    shape (C, H, W), needed when the bundle declares none (``preprocessing.shape``). `prefix_samples`: how
+    many samples' frontier (the values the frozen layers before the first trained one leave) the prefix
+    store of `train_step` holds; a larger batch runs in chunks of that many."""
+    if not (isinstance(prefix_samples, int) and prefix_samples >= 1):
+        raise CExportError(f"prefix_samples={prefix_samples!r} is invalid; allowed: an integer >= 1")
     unsupported = sorted({f"{op['name']} ({op['kind']})" for op in bundle.ops if op["kind"] not in SUPPORTED})
     if unsupported:
         raise CExportError(
@@ -779,10 +854,17 @@ def generate_c(bundle: Bundle, out_dir, input_shape=None, name: str = "model") -
         )
     gen = _Gen(bundle, tuple(shape))
     gen.spec = output_spec(bundle.header, bundle.ops)
+    gen.prefix_samples = prefix_samples
     header, source = gen.source(f"{name}.h")
     os.makedirs(out_dir, exist_ok=True)
     paths = {"header": os.path.join(out_dir, f"{name}.h"), "source": os.path.join(out_dir, f"{name}.c")}
     for key, text in (("header", header), ("source", source)):
         with open(paths[key], "w") as f:
             f.write(text)
-    return {**paths, "arena_bytes": gen.arena, "flash_bytes": gen.flash, "sram_bytes": gen.arena + gen.sram}
+    return {
+        **paths,
+        "arena_bytes": gen.arena,
+        "flash_bytes": gen.flash,
+        "sram_bytes": gen.arena + gen.sram,
+        "prefix_bytes": gen.prefix_bytes,
+    }
