@@ -153,6 +153,9 @@ SMOKE_ARGS = {
     },
     "experiments/bench_edge.py": {"--batch": "2", "--size": "8", "--steps": "1"},
     "experiments/vs_bp.py": {},  # reads the reports the smoke sweeps before it wrote: already small
+    "experiments/mcu_finetune.py": {"--steps": "2", "--batch": "8"},  # QEMU: 2 steps of 8 samples
+    "experiments/mcu_memory.py": {"--models": "small_cnn", "--boards": "mps2-an385"},
+    "experiments/mcu_cost.py": {"--batch": "8", "--steps": "1", "--infer": "2"},
 }
 #: Placeholder -> (the documented command that produces it, the glob its output matches, relative to the
 #: test directory).
