@@ -1,11 +1,14 @@
 """The generated C runtime (`fwdgrad.edge.cgen`) on an emulated Cortex-M (microcontroller runtime, phase 2).
 
-`run_mcu(bundle, out_dir, codes, ...)` generates ``model.h``/``model.c``, writes a bare-metal application
-around them (a 16-entry vector table and reset handler, a linker script with flash at 0x0 and SRAM at
-0x20000000, a main with the input codes and labels compiled in as ``const`` arrays), builds it with
-arm-none-eabi-gcc and runs it under ``qemu-system-arm -M <board> -semihosting``. The main runs `infer` on
-every sample, then `steps` QZO-FF `train_step`s of `batch` samples each, and prints logits codes, losses and
-the trained weights over semihosting (SYS_WRITE0), then exits through SYS_EXIT (status 0, or 1 on a fault).
+`build(bundle, out_dir, input_shape, batch, board, device=...)` generates ``model.h``/``model.c`` and writes a
+bare-metal application around them (a 16-entry vector table and reset handler, a linker script per board and
+device, a main), builds it with arm-none-eabi-gcc; `run(info, bundle, infer, train codes/labels, eval, ...)`
+writes the work as files (plan.bin, infer.bin, train.bin, eval.bin) and runs the ELF under
+``qemu-system-arm -M <board> -semihosting`` with the build folder as its working directory. The main streams
+the files in through semihosting (SYS_OPEN/SYS_READ): `infer` on each sample of infer.bin, one `train_step`
+per batch of train.bin, `infer` on eval.bin; it prints logits codes, losses, tick counts and the trained
+weights over semihosting (SYS_WRITE0), then exits through SYS_EXIT (status 0, or 1 on a fault or a short
+file). `run_mcu` is both in one call. `python -m fwdgrad.edge mcu` is the command line.
 
 Boards (`BOARDS`, `BOARD_MEMORY`): mps2-an385 (Cortex-M3) and mps2-an500 (Cortex-M7), 4 MiB of RAM at 0x0
 and at 0x20000000; mps3-an547 (Cortex-M55, SSE-300, built as plain integer code: +nofp+nomve), 512 KiB ITCM
