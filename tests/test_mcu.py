@@ -1,7 +1,8 @@
-"""Microcontroller runtime, phase 2 (fwdgrad.edge.mcu): the generated C built with arm-none-eabi-gcc for an
-emulated Cortex-M3 (mps2-an385) and Cortex-M7 (mps2-an500), run under qemu-system-arm with semihosting;
-logits codes, QZO-FF losses and trained weights bit-identical with the numpy runtime and
-`IntegerLossTrainer`. Also `fwdgrad export --target c`. The QEMU tests skip without the toolchain."""
+"""Microcontroller runtime (fwdgrad.edge.mcu): the generated C built with arm-none-eabi-gcc for an emulated
+Cortex-M3 (mps2-an385), M7 (mps2-an500) and M55 (mps3-an547), run under qemu-system-arm with semihosting;
+logits codes, QZO-FF losses and trained weights bit-identical with the numpy runtime, `IntegerLossTrainer` and
+the engine in integer mode with the integer loss. Also linker scripts, device fit, tick calibration and
+`fwdgrad export --target c`. The QEMU tests skip without the toolchain."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from fwdgrad.edge import Runtime, load_bundle, mcu
 from fwdgrad.edge import loss as EL
 from fwdgrad.engine import convert
 from fwdgrad.export import export_bundle, export_main, save_model
+from fwdgrad.ff import intloss as IL
+from fwdgrad.ff import qzo_ff
 from fwdgrad.models import build_model
 
 REASON = mcu.unavailable()
@@ -41,6 +44,18 @@ def _check_instructions(res, n, steps):
     assert min(res.step_instructions) > max(res.infer_instructions)
 
 
+def _check_steps(res, trainer, q, trainable, x, y, batch):
+    """Every step's 2m integer losses on the MCU == IntegerLossTrainer's == the engine's (`qzo_ff` with the
+    integer closure on `q`, the bundle's settings: lr 1e-2, eps 1e-2, m 2, seed 7): the MCU's weights then
+    equal the trainer's bundle and `q`'s weights."""
+    opt = qzo_ff(q, 1e-2, 1e-2, 2, 7, trainable=trainable)
+    closure = IL.integer_closure(q, lambda: trainable[0])
+    for k, losses in enumerate(res.losses):
+        xb, yb = x[k * batch : (k + 1) * batch], y[k * batch : (k + 1) * batch]
+        c_loss = sum(float(v) / (batch * 2.0**EL.LOSS_BITS) for v in losses) / len(losses)
+        assert trainer.step(xb.numpy(), yb.numpy()) == c_loss == opt.step(closure(xb, yb)), k
+
+
 @needs_qemu
 @pytest.mark.parametrize("board", ["mps2-an385", "mps2-an500"])
 def test_small_cnn_on_cortex_m(tmp_path, board):
@@ -58,13 +73,11 @@ def test_small_cnn_on_cortex_m(tmp_path, board):
     assert np.array_equal(ref, q.run(x[:n], mode="integer").numpy().astype(np.int64))
     assert len(np.unique(res.logits)) > 5
     assert len(res.losses) == steps
-    for k, losses in enumerate(res.losses):
-        xb, yb = x[k * batch : (k + 1) * batch].numpy(), y[k * batch : (k + 1) * batch].numpy()
-        c_loss = sum(float(v) / (batch * 2.0**EL.LOSS_BITS) for v in losses) / len(losses)
-        assert trainer.step(xb, yb) == c_loss
+    _check_steps(res, trainer, q, ["_8"], x, y, batch)
     name = bundle.training["tensors"][0]["name"]
     w = trained.arrays[f"{name}.weight"].reshape(-1).astype(np.int64)
     assert list(res.weights) == [0] and np.array_equal(res.weights[0], w)
+    assert np.array_equal(q.weight_nodes()[name].weight_q.reshape(-1).numpy(), w)  # the engine's
     assert not np.array_equal(w, bundle.arrays[f"{name}.weight"].reshape(-1))  # the steps moved weights
     # model.o: code + const arrays in flash; arena + head weights and their perturbed copy in SRAM
     assert res.model_sram_bytes >= 1536 + 2 * 2 * 10 * 32
@@ -128,16 +141,15 @@ def test_resnet8_on_cortex_m(tmp_path, board):
     codes = rt.quantize_input(x[:n].numpy())
     res = mcu.run_mcu(bundle, tmp_path / board, codes, y[:n].numpy(), steps, batch, board=board, timeout=80)
     assert np.array_equal(res.logits, rt.run(codes).astype(np.int64))
+    assert np.array_equal(res.logits, q.run(x[:n], mode="integer").numpy().astype(np.int64))
     assert len(res.losses) == steps
-    for k, losses in enumerate(res.losses):
-        xb, yb = x[k * batch : (k + 1) * batch].numpy(), y[k * batch : (k + 1) * batch].numpy()
-        c_loss = sum(float(v) / (batch * 2.0**EL.LOSS_BITS) for v in losses) / len(losses)
-        assert trainer.step(xb, yb) == c_loss
+    _check_steps(res, trainer, q, ["layer3_conv2", "fc"], x, y, batch)
     moved = 0
     assert sorted(res.weights) == [0, 1]
     for t, spec in enumerate(bundle.training["tensors"]):
         w = trained.arrays[f"{spec['name']}.weight"].reshape(-1).astype(np.int64)
         assert np.array_equal(res.weights[t], w), spec["name"]
+        assert np.array_equal(q.weight_nodes()[spec["name"]].weight_q.reshape(-1).numpy(), w), spec["name"]
         moved += int((w != bundle.arrays[f"{spec['name']}.weight"].reshape(-1)).sum())
     assert moved > 0
     _check_instructions(res, n, steps)
