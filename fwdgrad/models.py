@@ -588,6 +588,34 @@ def model_blocks(model: nn.Module) -> list[list[torch.fx.Node]]:
     return blocks
 
 
+def frozen_prefix(model: nn.Module, trainable: list[str]) -> tuple[Segment, Segment, str] | None:
+    """(prefix, suffix, first): the model's block chain (`model_blocks`) cut before the first block that
+    calls a module owning a `trainable` parameter or reads one as an attribute, and the name of that block.
+    Forward-only training runs the prefix once per batch and every perturbed pass from its output: the
+    prefix's parameters are never perturbed, and it runs the same modules in the same order, so the losses
+    are the same floats. None when the model is no chain or its first block trains."""
+    try:
+        blocks = model_blocks(model)
+    except ValueError:
+        return None
+    owners = {p.rpartition(".")[0] for p in trainable} | set(trainable)
+
+    def owns(target: str) -> bool:
+        return any(o == target or o.startswith(target + ".") or target.startswith(o + ".") for o in owners)
+
+    def trains(block: list[torch.fx.Node]) -> bool:
+        reads = [a for n in block for a in n.all_input_nodes if a.op == "get_attr"]
+        return any(n.op == "call_module" and owns(n.target) for n in block) or any(
+            owns(a.target) for a in reads
+        )
+
+    first = next((i for i, b in enumerate(blocks) if trains(b)), 0)
+    if first == 0:
+        return None
+    nodes = [tuple(x for b in part for x in b) for part in (blocks[:first], blocks[first:])]
+    return Segment(model, nodes[0]), Segment(model, nodes[1]), _block_name(blocks[first])
+
+
 def _block_name(block: list[torch.fx.Node]) -> str:
     return next((n.target for n in block if n.op == "call_module"), block[0].name)
 

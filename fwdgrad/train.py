@@ -22,8 +22,9 @@ statistics frozen, as in the folded integer model).
 Compute (the log's `compute` column): a step's cost in full-forward equivalents weighted by multiply-
 accumulates, S(a) being the fraction of a forward pass's MACs from node/module a to the output:
 
-    forward-only, prefix reuse from a (QZO-FF):   (1 − S(a)) + P·S(a)        P: its forward passes per step
-    forward-only, no prefix (float ZO, JVP):      P
+    forward-only, prefix reuse from a (QZO-FF, float ZO on a chain model):   (1 − S(a)) + P·S(a)
+                                                  P: its forward passes per step
+    forward-only, no prefix (JVP; float ZO when the first block trains):      P
     backprop, first trained layer b:              1 + 2·S(b)   (+ S(b) recomputed with checkpointing)
     hybrid:                                       QZO-FF's part + 1 + 2·S(first BP layer)
 
@@ -59,7 +60,7 @@ from .ff.optim import qzo_ff, zo_sgd
 from .files import atomic_open
 from .measure import measure_peak_memory
 from .methods import BP_FORWARD_EQUIVALENTS, METHOD_NAMES, MethodSpec, check_hyper, check_scope, spec
-from .models import SCOPE_PARTS, checkpoint_segments, scope_params
+from .models import SCOPE_PARTS, checkpoint_segments, frozen_prefix, scope_params
 from .quant import dequantize, fake_quantize, quantize
 from .signals import Interrupted, deferred_signals
 from .statefile import StateFileError, digest, load_state, save_state
@@ -383,11 +384,26 @@ def _forward_only_closure(model, frozen_upto: Callable[[], str] | None = None):
 
 
 def _build_zo(model, cfg, names, sparse) -> Built:
-    """zo_fp32 / sign_spsa_fp32: `ForwardGradient` on the float parameters."""
+    """zo_fp32 / sign_spsa_fp32: `ForwardGradient` on the float parameters. When the trained parameters sit
+    after a frozen prefix of the model's block chain (`fwdgrad.models.frozen_prefix`, e.g. linear probing),
+    the prefix runs once per batch and every pass from its output, as QZO-FF's passes do."""
     named = list(_float_params(model, names).items())
     overrides = {} if "m" in cfg.spec.fixed else {"m": cfg.m}
     opt = zo_sgd(named, cfg.lr, cfg.eps, cfg.spec.estimator, cfg.seed, sparse=sparse, **cfg.ff, **overrides)
-    return Built(opt, _forward_only_closure(model), opt.forwards_per_step)
+    cut = frozen_prefix(model, names)
+    if cut is None:
+        return Built(opt, _forward_only_closure(model), opt.forwards_per_step)
+    prefix, suffix, first = cut
+
+    def closure(x, y):
+        with torch.no_grad():
+            h = prefix(x)
+        return lambda: F.cross_entropy(suffix(h), y)
+
+    def compute(S) -> float:
+        return 1 - S(first) + opt.forwards_per_step * S(first)
+
+    return Built(opt, closure, opt.forwards_per_step, compute=compute)
 
 
 def _build_qzo(model, cfg, names, sparse) -> Built:

@@ -170,3 +170,49 @@ def test_qat_evaluations_see_the_trained_integers(digits_task):
     cfg = TrainConfig(method="bp_qat", lr=0.5, steps=4, eval_every=2, batch_size=32)
     r = train(q, cfg, train_xy, test_xy)
     assert r.log[-1]["test_acc"] == r.test_acc != before
+
+
+@pytest.mark.parametrize(
+    "name, kw, lp, block",
+    [
+        ("small_cnn", {}, 1, "8"),
+        ("resnet8", {"width": 0.25}, 3, "layer3"),  # layer3.conv2 trains: the cut is before its block
+        ("mobilenet_v2", {"width_mult": 0.25}, 1, "classifier.1"),
+        ("vit_tiny", {"image_size": 28, "patch_size": 7, "depth": 1}, 1, "head"),
+    ],
+)
+def test_frozen_prefix_gives_the_same_floats(name, kw, lp, block):
+    """The block chain cut before the first trained block: suffix(prefix(x)) == model(x) bit for bit, with the
+    trained parameters perturbed too; None when the first block trains."""
+    from fwdgrad.models import frozen_prefix, head_params
+
+    torch.manual_seed(0)
+    model = build_model(name, 10, 1, **kw).eval()
+    x = torch.randn(4, 1, 28, 28)
+    names = head_params(model, lp)
+    prefix, suffix, first = frozen_prefix(model, names)
+    params = dict(model.named_parameters())
+    assert first == block
+    with torch.no_grad():
+        for n in names:
+            params[n].add_(0.01 * torch.randn_like(params[n]))
+        assert torch.equal(suffix(prefix(x)), model(x))
+    assert frozen_prefix(model, [n for n, _ in model.named_parameters()]) is None
+
+
+def test_float_zo_prefix_reuse_trains_identically(digits_task, monkeypatch):
+    """sign_spsa_fp32 linear probing with the frozen prefix run once per batch == without (every pass the
+    whole model): the same losses and the same trained parameters; its compute counts the head's share."""
+    import fwdgrad.train as T
+
+    model, _, train_xy, test_xy = digits_task
+    cfg = TrainConfig(method="sign_spsa_fp32", scope="lp", lr=0.05, m=2, steps=4, eval_every=4, batch_size=32)
+    with_prefix = copy.deepcopy(model)
+    r1 = train(with_prefix, cfg, train_xy, test_xy)
+    monkeypatch.setattr(T, "frozen_prefix", lambda *a: None)
+    without = copy.deepcopy(model)
+    r2 = train(without, cfg, train_xy, test_xy)
+    assert [e["loss"] for e in r1.log] == [e["loss"] for e in r2.log]
+    for (n, a), (_, b) in zip(with_prefix.named_parameters(), without.named_parameters()):
+        assert torch.equal(a, b), n
+    assert r1.log[-1]["compute"] < r2.log[-1]["compute"]
