@@ -22,9 +22,9 @@ from fwdgrad.quant import QFormat, QParams, activation_format, requantize
 from fwdgrad.rng import reference, torch_port
 
 #: float32 planes (fan-in chunks where they save planes) + C epilogue; the same without chunks; oneDNN int8
-#: planes + C; the torch path
-PATHS = ("c", "c_whole", "onednn", "torch")
-KERNEL = {"c": "float", "c_whole": "float_whole", "onednn": "onednn", "torch": "float"}
+#: planes + C; the int16 GEMM (linear layers, patchify convs) + C; the torch path
+PATHS = ("c", "c_whole", "onednn", "int16", "torch")
+KERNEL = {"c": "float", "c_whole": "float_whole", "onednn": "onednn", "int16": "int16", "torch": "float"}
 
 
 @pytest.fixture(params=PATHS)
@@ -81,6 +81,8 @@ CONVS = {  # name: (cin, cout, kernel, stride, padding, dilation, groups, size)
     "grouped_dilated": (12, 18, 3, 2, 2, 2, 3, 11),
     "stem": (3, 8, 3, 1, 1, 1, 1, 10),
     "long_fanin": (256, 8, 3, 1, 1, 1, 1, 5),  # 16-bit weights: certified in fan-in chunks
+    "patchify": (3, 16, 4, 4, 0, 1, 1, 10),  # a ViT's patch embedding (the int16 GEMM), a remainder dropped
+    "one_patch": (3, 16, 5, 5, 0, 1, 1, 5),  # 1x1 outputs: NCHW and channels-last are the same layout
 }
 LINEAR_FANIN = {"linear": 300, "linear_3d": 300, "linear_long": 2048}
 
@@ -161,6 +163,25 @@ def test_the_float32_certificate_boundary(path, excess):
     ctx = ExecContext(acc=AccumulatorSpec(32), kernel=KERNEL[path])
     ref, _ = _reference(node, x, "single", ctx.acc, conv)
     assert torch.equal(node.int_forward(x, ctx), ref)
+
+
+@pytest.mark.parametrize("excess", [-1, 0])
+def test_the_int16_gemm_certificate_boundary(excess):
+    """x_bound·Σ|w| = 255·8421504 is the largest such sum below 2^31: the int16 GEMM takes it and stays exact
+    with all-255 inputs (int32 partial sums at their extremes, both signs); one more falls back to float."""
+    if kernels.library() is None:
+        pytest.skip("no C compiler on this machine")
+    cin, target = 300, (2**31 - 1) // 255 + 1 + excess
+    w = torch.full((4, cin), target // cin, dtype=torch.int64)
+    w[:, 0] += target - int(w[0].sum())
+    w[1::2] *= -1
+    node, _ = _node("linear", 16, 0, False, torch.Generator().manual_seed(0), bias=False, fanin=cin)
+    node.weight_q = w.to(torch.int16)
+    assert (node.exact_weights(node.weight_q, "int16") is None) == (255 * target >= 2**31)
+    x = torch.full((3, cin), 255.0)
+    ctx = ExecContext(acc=AccumulatorSpec(32), kernel="int16")
+    assert torch.equal(node.int_forward(x, ctx), _reference(node, x, "single", ctx.acc, None)[0])
+    assert node._last_kind == ("int16" if excess < 0 else "float")
 
 
 def test_stored_weights_are_prepared_once_per_version(path):

@@ -87,13 +87,16 @@ class ExactWeights:
     groups: int
     channels: int
     bound: int
-    kind: str = "float"  # "float": float32 planes / float64; "onednn": packed int8 planes (`onednn`)
+    kind: str = "float"  # "float": float32 planes / float64; "onednn": packed int8 planes (`onednn`);
+    # "int16": int16 weights packed for the int32 GEMM (`kernels.gemm_s16`)
     conv_groups: int = 1  # the layer's own groups
     chunks: int = 1  # fan-in chunks, each certified and summed on its own (see `prepare`)
 
     @property
     def kernel(self) -> str:
         """The kernel's name as `QModel.describe()` shows it."""
+        if self.kind == "int16":
+            return "int16 x int16 GEMM, int32 accumulators"
         if self.planes == 0:
             return "float64"
         name = "oneDNN u8 x s8" if self.kind == "onednn" else "float32"

@@ -8,6 +8,11 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 typedef int64_t i64;
 typedef __int128 i128;
@@ -55,6 +60,7 @@ static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (
     }
 GATHER(float)
 GATHER(double)
+GATHER(int32_t) /* the int16 GEMM's accumulators (one plane) */
 
 /* Bias, accumulator fit, requantization, zero point and clamp of one row of exact accumulators `a`. */
 static i64 finish_row(double *a, float *dst, i64 inner, i64 b, i64 m, int n, float fscale, const float *fbias,
@@ -130,6 +136,7 @@ static i64 finish_row(double *a, float *dst, i64 inner, i64 b, i64 m, int n, flo
 
 EPILOGUE(fw_epilogue_f32, float)
 EPILOGUE(fw_epilogue_f64, double)
+EPILOGUE(fw_epilogue_i32, int32_t)
 
 /* The same epilogue for channels-last accumulators (NHWC conv outputs, linear layers): `acc` is
  * [outer][groups][planes][C/groups], `out` is [outer][C]. Work goes in segments of at most SEG elements:
@@ -172,6 +179,7 @@ static inline void cl_single_f64(const double *restrict a, const double *restric
     }
 CL_GATHER(float)
 CL_GATHER(double)
+CL_GATHER(int32_t) /* the int16 GEMM's accumulators (one plane) */
 #define EPILOGUE_CL(NAME, T)                                                                                \
     i64 NAME(const T *acc, float *out, i64 outer, int groups, int planes, int C, int digit_bits,           \
              const i64 *bias, const i64 *mult, const int *n, const double *mhi, const double *mlo,          \
@@ -260,26 +268,42 @@ CL_GATHER(double)
 
 EPILOGUE_CL(fw_epilogue_cl_f32, float)
 EPILOGUE_CL(fw_epilogue_cl_f64, double)
+EPILOGUE_CL(fw_epilogue_cl_i32, int32_t)
 
 /* Residual add / one concat input: y = sat(((Σ_i (x_i - zp_i)·M_i) + 2^(S-1)) >> S) + zp_out). In float64
- * when every partial sum is an integer below 2^52 (`exact_f64`, checked by the caller), else in int64. */
+ * when every partial sum is an integer below 2^52 (`exact_f64`, checked by the caller), else in int64. With
+ * k = 2 the second input may repeat with period `period` (a broadcast over leading dims, e.g. a ViT's
+ * position embedding); otherwise period = count. */
+#define RESCALE_SEG 4096
 void fw_rescale_sum(const float **xs, int k, const i64 *zps, const i64 *mults, int shift, i64 zp_out, i64 lo,
-                    i64 hi, float *out, i64 count, int exact_f64, int nthreads) {
+                    i64 hi, float *out, i64 count, i64 period, int exact_f64, int nthreads) {
     i64 half = (i64)1 << (shift - 1);
+    if (exact_f64 && k <= 2) { /* one or two inputs: loops without an inner one vectorize */
+        double dhalf = (double)half, inv = ldexp(1.0, -shift), dzp = (double)zp_out, dlo = (double)lo,
+               dhi = (double)hi;
+        const float *x0 = xs[0], *x1 = xs[k - 1];
+        double m0 = (double)mults[0], z0 = (double)zps[0];
+        double m1 = k == 2 ? (double)mults[1] : 0.0, z1 = k == 2 ? (double)zps[1] : 0.0; /* k = 1: adds 0 */
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (count > 65536)
+        for (i64 s = 0; s < count; s += RESCALE_SEG) {
+            i64 end = count - s < RESCALE_SEG ? count : s + RESCALE_SEG;
+            for (i64 i = s; i < end;) { /* runs of x1 within one period */
+                i64 j = i % period, run = end - i < period - j ? end - i : period - j;
+                const float *a = x0 + i, *b = x1 + j;
+                float *o = out + i;
+                for (i64 t = 0; t < run; t++) {
+                    double v = (dhalf + ((double)a[t] - z0) * m0) + ((double)b[t] - z1) * m1;
+                    double y = floor(v * inv) + dzp;
+                    o[t] = (float)(y < dlo ? dlo : (y > dhi ? dhi : y));
+                }
+                i += run;
+            }
+        }
+        return;
+    }
     if (exact_f64) {
         double dhalf = (double)half, inv = ldexp(1.0, -shift), dzp = (double)zp_out, dlo = (double)lo,
                dhi = (double)hi;
-        if (k == 2) { /* a residual add: the loop without the inner one vectorizes */
-            const float *x0 = xs[0], *x1 = xs[1];
-            double m0 = (double)mults[0], m1 = (double)mults[1], z0 = (double)zps[0], z1 = (double)zps[1];
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (count > 65536)
-            for (i64 i = 0; i < count; i++) {
-                double a = (dhalf + ((double)x0[i] - z0) * m0) + ((double)x1[i] - z1) * m1;
-                double y = floor(a * inv) + dzp;
-                out[i] = (float)(y < dlo ? dlo : (y > dhi ? dhi : y));
-            }
-            return;
-        }
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (count > 65536)
         for (i64 i = 0; i < count; i++) {
             double a = dhalf;
@@ -295,6 +319,16 @@ void fw_rescale_sum(const float **xs, int k, const i64 *zps, const i64 *mults, i
         for (int j = 0; j < k; j++) a += ((i64)xs[j][i] - zps[j]) * mults[j];
         i64 y = ((a + half) >> shift) + zp_out;
         out[i] = (float)(y < lo ? lo : (y > hi ? hi : y));
+    }
+}
+
+/* Quantization of float32 inputs, as fwdgrad/quant.py quantize with round half to even and saturation:
+ * sat((i64)rint((double)x / s) + zp) (the same float64 division and rounding; float32 codes out). */
+void fw_quantize(const float *x, float *out, i64 count, double s, i64 zp, i64 qmin, i64 qmax, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (count > 65536)
+    for (i64 i = 0; i < count; i++) {
+        i64 q = (i64)rint((double)x[i] / s) + zp;
+        out[i] = (float)(q < qmin ? qmin : (q > qmax ? qmax : q));
     }
 }
 
@@ -319,8 +353,9 @@ static inline i64 floor_div(i64 a, i64 b) { /* b > 0 */
 
 /* LayerNorm's integer normalisation per row of `dim` codes (QLayerNorm.normalized):
  * mu = floor((2*sum(q) + D) / 2D), c = q - mu, r = isqrt((sum(c^2) + v_eps) * D),
- * xhat = floor((2*c*D*2^frac + r) / 2r), written as exact float64 integers. */
-void fw_ln_normalize(const float *x, double *out, i64 rows, int dim, i64 zp, int frac, i64 v_eps, int nthreads) {
+ * xhat = floor((2*c*D*2^frac + r) / 2r), written as exact float64 integers (times gamma[j] where given). */
+void fw_ln_normalize(const float *x, double *out, i64 rows, int dim, i64 zp, int frac, i64 v_eps, const double *gamma,
+                     int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 256)
     for (i64 row = 0; row < rows; row++) {
         const float *xr = x + row * dim;
@@ -338,6 +373,8 @@ void fw_ln_normalize(const float *x, double *out, i64 rows, int dim, i64 zp, int
         double scale = (double)((i64)dim << frac) * 2.0, dr = (double)r, den = 2.0 * (double)r;
         double dmu = (double)(zp + mu);
         for (int j = 0; j < dim; j++) o[j] = floor((((double)xr[j] - dmu) * scale + dr) / den);
+        if (gamma) /* γ_q·x̂: an integer below 2^31 (checked at conversion), exact */
+            for (int j = 0; j < dim; j++) o[j] *= gamma[j];
     }
 }
 
@@ -495,4 +532,88 @@ i64 fw_perturb(const void *w, int wbytes, i64 count, i64 per_channel, i64 one, i
         }
     }
     return sat;
+}
+
+/* ------------------------------------------------------------------------------------------ int16 GEMM */
+/* acc[m][n] = sum_k (x[m][k] - zp)·w[n][k] in int32, for codes |x - zp| <= 32767 and int8/int16 weights whose
+ * certificate x_bound·max_n sum_k |w[n][k]| < 2^31 the caller checked: every partial sum of integers is then
+ * below 2^31, so int32 arithmetic (AVX2 vpmaddwd: two int16 products summed into an int32 lane; AVX-512
+ * VNNI vpdpwssd: the same, accumulated) is exact whatever the order. Weights are packed once into panels of
+ * NR columns, [N/NR][K/2][NR][2] (odd K and the last panel padded with zeros); rows go MR at a time, their
+ * int16 pairs packed into int32 words [K/2][MR]. */
+#define GEMM_MR 6
+#define GEMM_NR 16
+
+void fw_pack_s16(const void *w, int wbytes, i64 N, i64 K, int16_t *out) {
+    i64 k2 = (K + 1) / 2, panels = (N + GEMM_NR - 1) / GEMM_NR;
+    memset(out, 0, (size_t)(panels * k2 * GEMM_NR * 2) * sizeof(int16_t));
+    for (i64 n = 0; n < N; n++)
+        for (i64 k = 0; k < K; k++)
+            out[(((n / GEMM_NR) * k2 + k / 2) * GEMM_NR + n % GEMM_NR) * 2 + k % 2] = (int16_t)load_int(w, wbytes, n * K + k);
+}
+
+/* One MR x NR block over the whole fan-in: a = packed rows [k2][MR], b = one weight panel [k2][NR][2]. */
+static inline void gemm_block(const int32_t *restrict a, const int16_t *restrict b, i64 k2, int32_t *restrict c) {
+#ifdef __AVX2__
+    __m256i acc[GEMM_MR][2];
+    for (int r = 0; r < GEMM_MR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    for (i64 kk = 0; kk < k2; kk++) {
+        __m256i b0 = _mm256_loadu_si256((const __m256i *)(b + kk * 2 * GEMM_NR));
+        __m256i b1 = _mm256_loadu_si256((const __m256i *)(b + kk * 2 * GEMM_NR + 16));
+        for (int r = 0; r < GEMM_MR; r++) {
+            __m256i ar = _mm256_set1_epi32(a[kk * GEMM_MR + r]);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+            acc[r][0] = _mm256_dpwssd_epi32(acc[r][0], ar, b0);
+            acc[r][1] = _mm256_dpwssd_epi32(acc[r][1], ar, b1);
+#else
+            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(ar, b0));
+            acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(ar, b1));
+#endif
+        }
+    }
+    for (int r = 0; r < GEMM_MR; r++) {
+        _mm256_storeu_si256((__m256i *)(c + r * GEMM_NR), acc[r][0]);
+        _mm256_storeu_si256((__m256i *)(c + r * GEMM_NR + 8), acc[r][1]);
+    }
+#else
+    for (int e = 0; e < GEMM_MR * GEMM_NR; e++) c[e] = 0;
+    for (i64 kk = 0; kk < k2; kk++)
+        for (int r = 0; r < GEMM_MR; r++) {
+            int32_t pair = a[kk * GEMM_MR + r];
+            int32_t a0 = (int16_t)(pair & 0xFFFF), a1 = (int16_t)((uint32_t)pair >> 16);
+            for (int j = 0; j < GEMM_NR; j++)
+                c[r * GEMM_NR + j] += a0 * b[(kk * GEMM_NR + j) * 2] + a1 * b[(kk * GEMM_NR + j) * 2 + 1];
+        }
+#endif
+}
+
+/* x: M rows of K float32 codes, row stride ldx; wp: fw_pack_s16's panels of N columns; acc: [M][N]. Rows go
+ * MR at a time: (x − zp) packed as int16 pairs [K/2][MR] (rows past M and an odd K's last half are zeros),
+ * then one MR x NR block per panel. */
+void fw_gemm_s16(const float *x, i64 M, i64 K, i64 ldx, i64 zp, const int16_t *wp, i64 N, int32_t *acc,
+                 int nthreads) {
+    i64 k2 = (K + 1) / 2, panels = (N + GEMM_NR - 1) / GEMM_NR;
+#pragma omp parallel num_threads(nthreads) if (M * N * K > (1 << 22))
+    {
+        int32_t *a = malloc((size_t)(k2 * GEMM_MR) * sizeof(int32_t)), c[GEMM_MR * GEMM_NR];
+#pragma omp for schedule(static)
+        for (i64 m0 = 0; m0 < M; m0 += GEMM_MR) {
+            int rows = M - m0 < GEMM_MR ? (int)(M - m0) : GEMM_MR;
+            for (int r = 0; r < GEMM_MR; r++) {
+                const float *xr = x + (m0 + (r < rows ? r : 0)) * ldx;
+                for (i64 kk = 0; kk < k2; kk++) {
+                    int32_t lo = r < rows ? (int32_t)xr[2 * kk] - (int32_t)zp : 0;
+                    int32_t hi = r < rows && 2 * kk + 1 < K ? (int32_t)xr[2 * kk + 1] - (int32_t)zp : 0;
+                    a[kk * GEMM_MR + r] = (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
+                }
+            }
+            for (i64 p = 0; p < panels; p++) {
+                gemm_block(a, wp + p * k2 * GEMM_NR * 2, k2, c);
+                int cols = N - p * GEMM_NR < GEMM_NR ? (int)(N - p * GEMM_NR) : GEMM_NR;
+                for (int r = 0; r < rows; r++)
+                    memcpy(acc + (m0 + r) * N + p * GEMM_NR, c + r * GEMM_NR, (size_t)cols * sizeof(int32_t));
+            }
+        }
+        free(a);
+    }
 }

@@ -10,6 +10,7 @@ Built and loaded by `fwdgrad.native` (``FWDGRAD_KERNELS=0`` or no C compiler: th
 from __future__ import annotations
 
 import ctypes
+import math
 from pathlib import Path
 
 import torch
@@ -34,15 +35,20 @@ _EPILOGUE_CL = (
 SIGNATURES = {
     "fw_epilogue_f32": _EPILOGUE,
     "fw_epilogue_f64": _EPILOGUE,
+    "fw_epilogue_i32": _EPILOGUE,
     "fw_epilogue_cl_f32": _EPILOGUE_CL,
     "fw_epilogue_cl_f64": _EPILOGUE_CL,
-    "fw_rescale_sum": (None, [_P, _INT, _P, _P, _INT, _I64, _I64, _I64, _P, _I64, _INT, _INT]),
+    "fw_epilogue_cl_i32": _EPILOGUE_CL,
+    "fw_rescale_sum": (None, [_P, _INT, _P, _P, _INT, _I64, _I64, _I64, _P, _I64, _I64, _INT, _INT]),
+    "fw_quantize": (None, [_P, _P, _I64, ctypes.c_double, _I64, _I64, _I64, _INT]),
     "fw_fake_quant": (None, [_P, _P, _I64, _F32, _F32, _F32, _F32, _INT]),
     "fw_plan_planes": (_INT, [_P, _INT, _I64, _I64, _INT, _I64, _INT, _INT, _P, _P]),
     "fw_fill_planes": (None, [_P, _INT, _I64, _I64, _INT, _INT, _INT, _INT, _P, _INT]),
-    "fw_ln_normalize": (None, [_P, _P, _I64, _INT, _I64, _INT, _I64, _INT]),
+    "fw_ln_normalize": (None, [_P, _P, _I64, _INT, _I64, _INT, _I64, _P, _INT]),
     "fw_softmax": (None, [_P, _P, _I64, _INT, _P, _I64, _I64, _INT]),
     "fw_lut": (None, [_P, _P, _I64, _P, _I64, _INT]),
+    "fw_pack_s16": (None, [_P, _INT, _I64, _I64, _P]),
+    "fw_gemm_s16": (None, [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _INT]),
     "fw_perturb": (_I64, [_P, _INT, _I64, _I64, _I64, _INT, _P, _P, _I64, _INT, _INT, _P, _I64, _I64, _P]),
 }
 _INT_BYTES = {torch.int8: 1, torch.int16: 2, torch.int32: 4}
@@ -69,8 +75,9 @@ def epilogue(
     wrap: bool,
     mode: str,
 ) -> tuple[torch.Tensor, int]:
-    """One pass from a raw kernel output to output codes (float32): planes recombined, bias added,
-    accumulator fitted to `acc_bits`, requantized with `mode`, zero point added, clamped.
+    """One pass from a raw kernel output (float32 / float64, or the int16 GEMM's int32) to output codes
+    (float32): planes recombined, bias added, accumulator fitted to `acc_bits`, requantized with `mode`, zero
+    point added, clamped.
 
     stack = (groups, planes, channels, digit_bits, chunks): along `channel_dim`, `raw` holds
     [groups][planes][channels/groups], or with fan-in chunks (groups 1) [chunks][planes][channels], summed
@@ -84,7 +91,6 @@ def epilogue(
     planes = max(planes, 1)
     shape = list(raw.shape)
     shape[channel_dim] = channels
-    f64 = raw.dtype == torch.float64
     last = channel_dim in (-1, raw.dim() - 1)
     if not last and raw.dim() == 4 and (chunks > 1 or not raw.is_contiguous()):
         last = raw.is_contiguous(memory_format=torch.channels_last)  # chunks: channels-last only
@@ -99,7 +105,9 @@ def epilogue(
             raw, out = raw.contiguous(), torch.empty(shape, dtype=torch.float32)
         else:
             out = torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)
-        fn = lib.fw_epilogue_cl_f64 if f64 else lib.fw_epilogue_cl_f32
+        fn = {torch.float64: lib.fw_epilogue_cl_f64, torch.int32: lib.fw_epilogue_cl_i32}.get(
+            raw.dtype, lib.fw_epilogue_cl_f32
+        )
         bad = fn(
             raw.data_ptr(), out.data_ptr(), rows, groups, planes, channels, bits,
             _ptr(ibias), consts.c_mult.data_ptr(), consts.c_n.data_ptr(), consts.c_mhi.data_ptr(),
@@ -111,7 +119,9 @@ def epilogue(
     raw = raw.contiguous()
     out = torch.empty(shape, dtype=torch.float32)
     outer, inner = raw.shape[0], raw[0, 0].numel() if raw.dim() > 2 else 1
-    fn = lib.fw_epilogue_f64 if f64 else lib.fw_epilogue_f32
+    fn = {torch.float64: lib.fw_epilogue_f64, torch.int32: lib.fw_epilogue_i32}.get(
+        raw.dtype, lib.fw_epilogue_f32
+    )
     bad = fn(
         raw.data_ptr(), out.data_ptr(), outer, groups, planes, channels, inner, bits,
         _ptr(ibias), consts.c_mult.data_ptr(), consts.c_n.data_ptr(), consts.c_fscale.data_ptr(),
@@ -127,29 +137,50 @@ REQUANT_CODES = {"single": 0, "gemmlowp": 1, "float": 2}
 def rescale_sum(
     xs: list[torch.Tensor], zps, mults, x_bound: int, shift: int, zp_out: int, lo: int, hi: int
 ) -> torch.Tensor:
-    """sat(((Σ_i (x_i - zp_i)·M_i) + 2^(S-1)) >> S) + zp_out) over same-shape float32 codes, each
-    |x_i - zp_i| <= x_bound."""
-    xs = _same_dense_layout(xs)
+    """sat(((Σ_i (x_i - zp_i)·M_i) + 2^(S-1)) >> S) + zp_out) over float32 codes broadcast together, each
+    |x_i - zp_i| <= x_bound. Two inputs where one broadcasts over leading dims only (a ViT's position
+    embedding) are read as they are, the smaller one repeating; other broadcasts are expanded first."""
+    same = all(x.shape == xs[0].shape for x in xs)
+    shape = xs[0].shape if same else torch.broadcast_shapes(*(x.shape for x in xs))
+    # every partial sum an integer below 2^52: float64 is exact (in any order of the terms)
+    exact_f64 = len(xs) * x_bound * max(abs(v) for v in mults) + (1 << shift) < 2**52
+    period = math.prod(shape)
+    if len(xs) == 2 and exact_f64 and xs[0].shape != shape and xs[1].shape == shape:
+        xs, zps, mults = xs[::-1], zps[::-1], mults[::-1]  # the repeating input goes second
+    if len(xs) == 2 and exact_f64 and xs[0].shape == shape and _repeats(xs[1].shape, shape):
+        xs, period = [xs[0].contiguous(), xs[1].contiguous()], xs[1].numel()
+    else:
+        xs = _same_dense_layout([x if x.shape == shape else x.expand(shape).contiguous() for x in xs])
     out = torch.empty_like(xs[0])
     ptrs = (ctypes.c_void_p * len(xs))(*[x.data_ptr() for x in xs])
     z = torch.tensor(zps, dtype=torch.int64)
     m = torch.tensor(mults, dtype=torch.int64)
-    # every partial sum an integer below 2^52: float64 is exact
-    exact_f64 = len(xs) * x_bound * max(abs(v) for v in mults) + (1 << shift) < 2**52
     library().fw_rescale_sum(
-        ptrs, len(xs), z.data_ptr(), m.data_ptr(), shift, zp_out, lo, hi, out.data_ptr(), out.numel(),
+        ptrs, len(xs), z.data_ptr(), m.data_ptr(), shift, zp_out, lo, hi, out.data_ptr(), out.numel(), period,
         int(exact_f64), torch.get_num_threads(),
     )  # fmt: skip
     return out
 
 
-def ln_normalize(x: torch.Tensor, zp: int, frac: int, v_eps: int) -> torch.Tensor:
-    """LayerNorm's integer x̂ over the last axis of float32 codes (`QLayerNorm.normalized`), float64."""
+def _repeats(dims, shape) -> bool:
+    """A tensor of `dims` broadcast to `shape` only over leading dims: its elements repeat in order."""
+    dims = (1,) * (len(shape) - len(dims)) + tuple(dims)
+    first = next((i for i, d in enumerate(dims) if d != 1), len(dims))
+    return dims[first:] == tuple(shape[first:])
+
+
+def ln_normalize(
+    x: torch.Tensor, zp: int, frac: int, v_eps: int, gamma: torch.Tensor | None = None
+) -> torch.Tensor:
+    """LayerNorm's integer x̂ over the last axis of float32 codes (`QLayerNorm.normalized`), float64; times
+    the float64 integers `gamma` (one per channel) where given, when every γ·x̂ is below 2^53."""
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=torch.float64)
     dim = x.shape[-1]
     threads = torch.get_num_threads()
-    library().fw_ln_normalize(x.data_ptr(), out.data_ptr(), x.numel() // dim, dim, zp, frac, v_eps, threads)
+    library().fw_ln_normalize(
+        x.data_ptr(), out.data_ptr(), x.numel() // dim, dim, zp, frac, v_eps, _ptr(gamma), threads
+    )
     return out
 
 
@@ -170,6 +201,17 @@ def lut(x: torch.Tensor, table: torch.Tensor, qmin: int) -> torch.Tensor:
     (x,) = _same_dense_layout([x])
     out = torch.empty_like(x)
     library().fw_lut(x.data_ptr(), out.data_ptr(), x.numel(), table.data_ptr(), qmin, torch.get_num_threads())
+    return out
+
+
+def quantize(x: torch.Tensor, scale: float, zp: int, qmin: int, qmax: int) -> torch.Tensor:
+    """`fwdgrad.quant.quantize` of float32 `x` for a per-tensor format rounding half to even with
+    saturation (the same float64 division and rounding), as float32 codes."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    library().fw_quantize(
+        x.data_ptr(), out.data_ptr(), x.numel(), scale, zp, qmin, qmax, torch.get_num_threads()
+    )
     return out
 
 
@@ -221,6 +263,40 @@ def digit_planes(
     args = (w.data_ptr(), nbytes, cout, k, groups, chunks, planes, bits.value, out.data_ptr())
     lib.fw_fill_planes(*args, 1 if digit_bits else 4)
     return out, planes, bits.value, bound.value
+
+
+#: The int16 GEMM's certificate: every partial sum of x·w is an integer below 2^31 (int32 lanes).
+I32_EXACT = 2**31
+I16_MAX = 2**15 - 1
+
+
+def pack_s16(w: torch.Tensor, x_bound: int) -> tuple[torch.Tensor, int] | None:
+    """Linear weights [N, K] (int8 / int16) packed for `gemm_s16` with their bound x_bound·max_n Σ_k |w[n, k]|
+    (every partial sum of Σ_k (x_k − zp)·w[n, k] is below it in magnitude), or None where the int16 GEMM is
+    not exact: other dtypes or shapes, inputs |x − zp| beyond int16, or the bound at 2^31 or more (an int32
+    partial sum could overflow)."""
+    if w.dtype not in (torch.int8, torch.int16) or w.dim() != 2 or x_bound > I16_MAX or not w.numel():
+        return None
+    bound = x_bound * int(w.to(torch.int64).abs().sum(1).max())
+    if bound >= I32_EXACT:
+        return None
+    n, k = w.shape
+    w = w.contiguous()
+    out = torch.empty(-(-n // 16) * -(-k // 2) * 32, dtype=torch.int16)  # [N/16][K/2][16][2] (C: GEMM_NR 16)
+    library().fw_pack_s16(w.data_ptr(), _INT_BYTES[w.dtype], n, k, out.data_ptr())
+    return out, bound
+
+
+def gemm_s16(x: torch.Tensor, zp: int, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Σ_k (x[..., k] − zp)·w[n, k] of float32 codes `x` with `pack_s16`'s weights: exact int32 [..., N]."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1 or rows.dtype != torch.float32:
+        rows = rows.float().contiguous()
+    out = torch.empty(rows.shape[0], n, dtype=torch.int32)
+    m, k = rows.shape
+    lib, threads = library(), torch.get_num_threads()
+    lib.fw_gemm_s16(rows.data_ptr(), m, k, rows.stride(0), zp, packed.data_ptr(), n, out.data_ptr(), threads)
+    return out.reshape(*x.shape[:-1], n)
 
 
 def perturb(

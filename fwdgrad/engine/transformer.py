@@ -116,7 +116,8 @@ class QLayerNorm(QTrainable):
     def int_forward(self, x, ctx: ExecContext):
         w = self.weight(ctx)
         if kernels.library() is not None and x.dtype == torch.float32:  # x̂ in C, then the C epilogue
-            acc = kernels.ln_normalize(x, self.zp_in, self.frac, self.v_eps).mul_(w.double())  # exact: < 2^31
+            gamma = w.double().contiguous()  # γ_q·x̂ in the same pass, exact: < 2^31
+            acc = kernels.ln_normalize(x, self.zp_in, self.frac, self.v_eps, gamma)
             bias = self.bias_q.to(torch.int64).expand(self.dim).contiguous()
             if ctx.requant == "float":  # the integer bias joins the accumulator, as on the torch path
                 acc.add_(bias.double())
@@ -192,7 +193,8 @@ class QMatmul(QNode):
     def int_forward(self, a, b, ctx: ExecContext):
         amax = a.shape[-1] * self.bound
         dtype = torch.float32 if amax < 2**24 else torch.float64 if amax < 2**53 else torch.int64
-        acc = torch.matmul((a - self.zps[0]).to(dtype), (b - self.zps[1]).to(dtype))
+        a, b = (t if z == 0 else t - z for t, z in zip((a, b), self.zps))  # softmax's probabilities: zp 0
+        acc = torch.matmul(a.to(dtype), b.to(dtype))
         if kernels.library() is not None and dtype is not torch.int64:  # one C pass to output codes
             cols = acc.shape[-1]
             if cols not in self._per_column:
