@@ -4,6 +4,8 @@ u8 inputs, ±127 / ±32767 weights, groups / depthwise / dilation / stride, ever
 accumulator overflow (saturate, wrap); and the C sampler, digit-plane split and perturbation against their
 numpy / torch references."""
 
+import os
+import re
 import warnings
 
 import pytest
@@ -23,8 +25,16 @@ from fwdgrad.rng import reference, torch_port
 
 #: float32 planes (fan-in chunks where they save planes) + C epilogue; the same without chunks; oneDNN int8
 #: planes + C; the int16 GEMM (linear layers, patchify convs) + C; the torch path
-PATHS = ("c", "c_whole", "onednn", "int16", "torch")
-KERNEL = {"c": "float", "c_whole": "float_whole", "onednn": "onednn", "int16": "int16", "torch": "float"}
+#: onednn: the CPU's digit width (8 bits where its self-test passes: VNNI/AMX); onednn7: forced to 7 bits
+PATHS = ("c", "c_whole", "onednn", "onednn7", "int16", "torch")
+KERNEL = {
+    "c": "float",
+    "c_whole": "float_whole",
+    "onednn": "onednn",
+    "onednn7": "onednn",
+    "int16": "int16",
+    "torch": "float",
+}
 
 
 @pytest.fixture(params=PATHS)
@@ -35,8 +45,10 @@ def path(request, monkeypatch):
     native.reset()
     if request.param != "torch" and kernels.library() is None:
         pytest.skip("no C compiler on this machine: only the torch path runs")
-    if request.param == "onednn" and not onednn.available():
+    if request.param.startswith("onednn") and not onednn.available():
         pytest.skip("oneDNN's int8 kernels are not usable on this CPU / torch build")
+    if request.param == "onednn7":
+        monkeypatch.setattr(onednn, "digit_bits", lambda: onednn.DIGIT_BITS)
     yield request.param
     native.reset()
 
@@ -289,9 +301,10 @@ def test_describe_names_each_layers_kernel(path):
     epilogue = "torch epilogue" if path == "torch" else "C epilogue"
     if path == "c_whole":
         pytest.skip("ResNet-8's fan-ins are short: nothing to chunk")
-    name = "oneDNN u8 x s8 x3 planes of 7 bits" if path == "onednn" else "float32"
+    bits = onednn.digit_bits() if path.startswith("onednn") else 0
+    name = rf"oneDNN u8 x s8 x\d planes of {bits} bits" if bits else "float32"
     assert all(v.endswith(epilogue) for v in table.values())
-    assert sum(v.startswith(name) for v in table.values()) >= len(table) - 1  # the stem may stay float
+    assert sum(bool(re.match(name, v)) for v in table.values()) >= len(table) - 1  # the stem may stay float
     assert any("planes" in v for v in table.values())  # 16-bit weights need digit planes somewhere
 
 
@@ -348,3 +361,19 @@ def test_a_failing_compiler_gives_one_warning_with_its_error_and_leaves_nothing(
     messages = [str(w.message) for w in caught if "kernels.c" in str(w.message)]
     assert len(messages) == 1 and "cc: error: boom" in messages[0]
     assert list(cache.iterdir()) == []  # no half-built library, no temp file
+
+
+def test_wide_digits_only_where_the_self_test_proves_them():
+    """8-bit digit planes need int32 accumulation of u8·s8 products (VNNI/AMX): the self-test decides. With
+    oneDNN held to AVX2 (ONEDNN_MAX_CPU_ISA, which pairs products in saturating int16) the 8-bit self-test
+    fails and the planes stay at 7 bits, while the 7-bit one still passes."""
+    import subprocess
+    import sys
+
+    if kernels.library() is None or not onednn.available():
+        pytest.skip("needs the C kernels and oneDNN's int8 kernels")
+    assert onednn.digit_bits() == (onednn.WIDE_DIGIT_BITS if onednn.self_test(8) else onednn.DIGIT_BITS)
+    code = "from fwdgrad.engine import onednn as o; print(o.available(), o.self_test(8), o.digit_bits())"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False", "7"], out.stdout + out.stderr

@@ -436,12 +436,13 @@ static inline void digits(i64 v, int planes, int b, i64 *d) {
  * x_bound·max_c Σ_k |d[c,k]| < 2^24), trying 1..max_planes planes with the same digit widths as the torch
  * path. With chunks > 1 the fan-in K is cut into that many contiguous chunks (of input channels), each
  * summed separately by the kernel, and the bound holds per chunk. With fixed_bits > 0 the digits have that
- * width and every plane must also satisfy |d| <= 2^(fixed_bits-1) (an int8 kernel's operand limit).
+ * width and every plane must also satisfy -2^(fixed_bits-1) <= d <= 2^(fixed_bits-1), capped at 127 (an
+ * int8 kernel's operand limit: 7-bit digits stay within ±64, 8-bit ones within [-128, 127]).
  * Returns the number of planes (0: none certifies), with the digit bits in *bits and the whole bound
  * x_bound·max_c Σ|w| in *bound. */
 int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, int chunks, i64 x_bound, int max_planes, int fixed_bits,
                    int *bits, i64 *bound) {
-    i64 smax = 0, cmax = 0, amax = 0, kg = K / chunks;
+    i64 smax = 0, cmax = 0, amax = 0, vmin = 0, vmax = 0, kg = K / chunks;
     for (i64 c = 0; c < C; c++) {
         i64 s = 0;
         for (int g = 0; g < chunks; g++) {
@@ -450,6 +451,8 @@ int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, int chunks, i64 x_bo
                 i64 v = load_int(w, wbytes, c * K + k), a = v < 0 ? -v : v;
                 sg += a;
                 amax = a > amax ? a : amax;
+                vmin = v < vmin ? v : vmin;
+                vmax = v > vmax ? v : vmax;
             }
             s += sg;
             cmax = sg > cmax ? sg : cmax;
@@ -458,8 +461,10 @@ int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, int chunks, i64 x_bo
     }
     *bound = x_bound * smax;
     *bits = 0;
-    i64 limit = fixed_bits > 0 ? (i64)1 << (fixed_bits - 1) : INT64_MAX;
-    if (x_bound * cmax < ((i64)1 << 24) && amax <= limit) return 1;
+    i64 lo = fixed_bits > 0 ? -((i64)1 << (fixed_bits - 1)) : INT64_MIN;
+    i64 hi = fixed_bits > 0 ? ((i64)1 << (fixed_bits - 1)) : INT64_MAX;
+    hi = hi > 127 && fixed_bits > 0 ? 127 : hi;
+    if (x_bound * cmax < ((i64)1 << 24) && vmin >= lo && vmax <= hi) return 1;
     int nbits = 1;
     while ((amax >> nbits) > 0) nbits++;
     nbits += 1; /* signed */
@@ -471,9 +476,8 @@ int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, int chunks, i64 x_bo
                 for (i64 k = g * kg; k < (g + 1) * kg && ok; k++) {
                     digits(load_int(w, wbytes, c * K + k), p, b, d);
                     for (int q = 0; q < p; q++) {
-                        i64 a = d[q] < 0 ? -d[q] : d[q];
-                        s[q] += a;
-                        ok &= a <= limit;
+                        s[q] += d[q] < 0 ? -d[q] : d[q];
+                        ok &= d[q] >= lo && d[q] <= hi;
                     }
                 }
                 for (int q = 0; q < p; q++) ok &= x_bound * s[q] < ((i64)1 << 24);

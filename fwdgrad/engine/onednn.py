@@ -8,12 +8,16 @@ kernels return Σ_k (x_k - zp)·w[c, k] exactly when the certificate holds:
   255·(|w_k| + |w_k+1|) <= 32767 must hold for every pair: |w| <= 64 guarantees it whatever the pairing.
 
 Weights therefore run as int8 digit planes of 7 bits (digits in [-64, 64): 8-bit weights take 2 planes,
-16-bit ones 3), stacked as extra output channels of one call and recombined by the epilogue. The same bound
-is used on VNNI/AMX CPUs (it is sufficient there too). A self-test at first use runs both limits (all-255
-inputs against ±64 weights, zero points 0 and 255, fan-ins whose sums reach 2^24 - 1) against float64; if
-torch lacks the ops, the C kernels are unavailable (they split the planes) or the self-test fails, layers
-keep the float32 path. Which path a layer takes is decided per input shape by timing both
-(`QWeighted.kernel_for`): they give the same integers.
+16-bit ones 3), stacked as extra output channels of one call and recombined by the epilogue. CPUs with VNNI
+(``vpdpbusd``) or AMX accumulate u8·s8 products in int32 without the int16 stage, so there full 8-bit digits
+([-128, 128): 8-bit weights in 1 plane, 16-bit ones in 2) are exact under the 2^24 bound alone
+(`digit_bits`). A self-test at first use runs the limits (all-255 inputs against weights at the digit
+extremes side by side, zero points 0 and 255, fan-ins whose sums reach 2^24 - 1) against float64: the 7-bit
+one decides whether the ops are usable at all, the 8-bit one (also through 3x3, strided, padded, grouped,
+depthwise and dilated convolutions and batch sizes 1 and 8, where oneDNN may dispatch other kernels) whether
+the wide digits are. If torch lacks the ops, the C kernels are unavailable (they split the planes) or the
+7-bit self-test fails, layers keep the float32 path. Which path a layer takes is decided per input shape by
+timing both (`QWeighted.kernel_for`): they give the same integers.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from . import kernels
 
 DIGIT_BITS = 7  # |d| <= 64: no int16 pair saturation on any x86 int8 path
+WIDE_DIGIT_BITS = 8  # |d| <= 128: exact where products accumulate in int32 directly (VNNI, AMX)
 MAX_PLANES = 4
 X_MAX = 255  # u8 inputs, whatever the zero point
 
@@ -61,33 +66,76 @@ def available() -> bool:
     return ok
 
 
-def self_test() -> bool:
-    """Both certificate limits at once, against float64: all-255 inputs, weights at ±64 in runs that put
-    two equal signs side by side (the saturating pair sums) and a fan-in of 1028: 255·64·1028 = 2^24 - 256."""
+@functools.cache
+def digit_bits() -> int:
+    """The digit width of the planes on this CPU: WIDE_DIGIT_BITS where its self-test passes, else
+    DIGIT_BITS."""
+    try:
+        return WIDE_DIGIT_BITS if available() and self_test(WIDE_DIGIT_BITS) else DIGIT_BITS
+    except RuntimeError:  # an op variant missing from this build: keep the narrow digits
+        return DIGIT_BITS
+
+
+def _weights(shape, hi: int, g: torch.Generator) -> torch.Tensor:
+    """Test weights at the digit extremes: all +hi, all -(hi + 1) (the most negative digit), alternating,
+    and random in the digit range, as the first four output channels (repeated)."""
+    w = torch.empty(shape, dtype=torch.int8)
+    flat = w.view(shape[0], -1)
+    for c in range(shape[0]):
+        row = flat[c]
+        if c % 4 == 0:
+            row.fill_(hi)
+        elif c % 4 == 1:
+            row.fill_(-hi - 1)
+        elif c % 4 == 2:
+            row[::2], row[1::2] = hi, -hi - 1
+        else:
+            row.random_(-hi - 1, hi + 1, generator=g)
+    return w
+
+
+def self_test(bits: int = DIGIT_BITS) -> bool:
+    """The certificate's limits for digits of `bits` bits, against float64: all-255 inputs (and random
+    ones), weights at the digit extremes with equal signs side by side (the saturating pair sums of CPUs
+    without VNNI) and a fan-in that brings 255·2^(bits-1)·n to 2^24 - 256, through a 1x1 conv and a GEMM;
+    for wide digits also through 3x3 / strided / padded / dilated / grouped / depthwise convs at batch 1
+    and 8, where oneDNN may pick other kernels."""
     g = torch.Generator().manual_seed(0)
+    hi = 2 ** (bits - 1) - 1
+    n = (2**24 - 256) // (X_MAX * (hi + 1))
+    # (batch, in channels, H, W), weight (out, in/groups, kh, kw), groups, stride, padding, dilation
+    cases = [((2, n, 3, 3), (4, n, 1, 1), 1, (1, 1), (0, 0), (1, 1))]
+    if bits > DIGIT_BITS:
+        c3 = n // 9
+        cases += [
+            ((8, c3, 9, 9), (8, c3, 3, 3), 1, (2, 2), (1, 1), (1, 1)),
+            ((1, c3, 7, 7), (8, c3, 3, 3), 1, (1, 1), (1, 1), (1, 1)),
+            ((8, 16, 8, 8), (16, 1, 3, 3), 16, (1, 1), (1, 1), (1, 1)),
+            ((8, 32, 8, 8), (32, 8, 3, 3), 4, (2, 2), (1, 1), (1, 1)),
+            ((1, 24, 9, 9), (8, 24, 3, 3), 1, (1, 1), (2, 2), (2, 2)),
+        ]
     for zp in (0, 255):
-        x = torch.full((2, 1028, 3, 3), 255.0)
-        x[1].random_(0, 256, generator=g)
-        w = torch.full((4, 1028, 1, 1), 64, dtype=torch.int8)
-        w[1] = -64
-        w[2, ::2], w[2, 1::2] = 64, -64
-        w[3].random_(-64, 65, generator=g)
-        ref = F.conv2d(x.double() - zp, w.double())
-        ew = prepare_conv(w, zp, 1, (1, 1), (0, 0), (1, 1))
-        got = conv(x, ew, zp, (1, 1), (0, 0), (1, 1))
-        if ew is None or not torch.equal(got.double(), ref):
-            return False
-        rows = x.permute(0, 2, 3, 1).reshape(-1, 1028)
-        lw = prepare_linear(w.reshape(4, 1028), zp)
-        if not torch.equal(linear(rows, lw, zp).double(), (rows.double() - zp) @ w.reshape(4, -1).double().T):
+        for xs, ws, groups, stride, padding, dilation in cases:
+            x = torch.full(xs, 255.0)
+            x[: xs[0] // 2].random_(0, 256, generator=g)
+            w = _weights(ws, hi, g)
+            ref = F.conv2d(x.double() - zp, w.double(), None, stride, padding, dilation, groups)
+            ew = prepare_conv(w, zp, groups, stride, padding, dilation, bits)
+            if ew is None or not torch.equal(conv(x, ew, zp, stride, padding, dilation).double(), ref):
+                return False
+        rows = torch.full((8, n), 255.0)
+        rows[:4].random_(0, 256, generator=g)
+        w = _weights((4, n), hi, g)
+        lw = prepare_linear(w, zp, bits)
+        if lw is None or not torch.equal(linear(rows, lw, zp).double(), (rows.double() - zp) @ w.double().T):
             return False
     return True
 
 
-def _planes(w: torch.Tensor, groups: int):
+def _planes(w: torch.Tensor, groups: int, bits: int | None = None):
     from .intops import ExactWeights
 
-    split = kernels.digit_planes(w, X_MAX, groups, MAX_PLANES, DIGIT_BITS)
+    split = kernels.digit_planes(w, X_MAX, groups, MAX_PLANES, bits or digit_bits())
     if split is None or split[1] == 0:
         return None
     planes, p, bits, bound = split
@@ -100,10 +148,10 @@ def _unit(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ones(n, dtype=torch.float32), torch.zeros(n, dtype=torch.int64)
 
 
-def prepare_conv(w: torch.Tensor, zp: int, groups: int, stride, padding, dilation):
-    """Weights certified and packed for `conv`, or None when no split into at most MAX_PLANES planes
-    certifies."""
-    split = _planes(w, groups)
+def prepare_conv(w: torch.Tensor, zp: int, groups: int, stride, padding, dilation, bits: int | None = None):
+    """Weights certified and packed for `conv` (digits of `bits` bits, default `digit_bits()`), or None when
+    no split into at most MAX_PLANES planes certifies."""
+    split = _planes(w, groups, bits)
     if split is None:
         return None
     planes, make = split
@@ -125,8 +173,8 @@ def conv(x: torch.Tensor, ew, zp: int, stride, padding, dilation) -> torch.Tenso
     )  # fmt: skip
 
 
-def prepare_linear(w: torch.Tensor, zp: int):
-    split = _planes(w, 1)
+def prepare_linear(w: torch.Tensor, zp: int, bits: int | None = None):
+    split = _planes(w, 1, bits)
     if split is None:
         return None
     planes, make = split
