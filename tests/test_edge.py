@@ -323,6 +323,7 @@ def _set(path, value):
         (_set(["arrays", "_3.bias", "dtype"], "float32"), None, "documented dtype"),
         (_set(["ops", 1, "kind"], "gru"), None, "unknown kind 'gru'"),
         (_set(["ops"], [1, 2]), None, "malformed header"),
+        (_set(["training", "loss"], "hinge"), None, "training.loss is 'hinge'"),
     ],
     ids=[
         "major",
@@ -333,6 +334,7 @@ def _set(path, value):
         "undocumented-dtype",
         "op-kind",
         "malformed",
+        "loss",
     ],
 )
 def test_invalid_bundles_rejected(bundle_file, tmp_path, header_fn, arrays_fn, match):
@@ -482,3 +484,26 @@ def test_cli_eval_and_errors(tmp_path, capsys):
         assert edge_main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("python -m fwdgrad.edge: error:") and "\n" not in err
+
+
+def test_finetune_takes_the_bundles_loss(tmp_path, capsys):
+    """A bundle exported with loss="integer" (header training.loss cross_entropy_q, as `fwdgrad export`
+    writes for a train.loss=integer run) fine-tunes on the integer loss without --loss: the same arrays as
+    `--loss integer` on a float-loss bundle."""
+    q, x, y = _model("small_cnn")
+    np.savez(tmp_path / "d.npz", x=x.numpy(), y=y.numpy().astype(np.int32))
+    data = str(tmp_path / "d.npz")
+    _export(q, tmp_path / "int.npz", loss="integer", lr=5e-2, eps=1e-2)
+    for name in ("flag.npz", "float.npz"):
+        _export(q, tmp_path / name, lr=5e-2, eps=1e-2)
+    assert load_bundle(tmp_path / "int.npz").training["loss"] == "cross_entropy_q"
+    common = [data, "--steps", "4", "--batch", "8"]
+    assert edge_main(["finetune", str(tmp_path / "int.npz"), *common]) == 0
+    assert "loss integer (from the bundle)" in capsys.readouterr().out
+    assert edge_main(["finetune", str(tmp_path / "flag.npz"), *common, "--loss", "integer"]) == 0
+    assert edge_main(["finetune", str(tmp_path / "float.npz"), *common]) == 0
+    a, b, c = (load_bundle(tmp_path / n) for n in ("int.npz", "flag.npz", "float.npz"))
+    assert all(np.array_equal(a.arrays[k], b.arrays[k]) for k in a.arrays)
+    with pytest.raises(ValueError, match="loss='hinge' is invalid; allowed: float, integer"):
+        _export(q, tmp_path / "x.npz", loss="hinge")
+    assert c.training["loss"] == "cross_entropy_f64" and c.training["step"] == 4

@@ -38,7 +38,7 @@ from ..files import remove_stale_temps, temp_path, write_json
 from ..rng.streams import DATA_STREAM
 from ..signals import deferred_signals
 from . import mcu
-from .bundle import load_bundle, save_bundle
+from .bundle import LOSS_NAMES, load_bundle, save_bundle
 from .loss import LOSS_BITS, IntegerLossTrainer
 from .runtime import Runtime
 from .train import Trainer, evaluate
@@ -134,7 +134,10 @@ def save(bundle, path: str) -> None:
 
 def finetune(args) -> int:
     bundle = load_bundle(args.bundle)
-    trainer = (IntegerLossTrainer if args.loss == "integer" else Trainer)(bundle)
+    loss = args.loss or ("integer" if bundle.training.get("loss") == LOSS_NAMES["integer"] else "float")
+    if loss != "float" or args.loss:
+        print(f"loss {loss} ({'--loss' if args.loss else 'from the bundle'})")
+    trainer = (IntegerLossTrainer if loss == "integer" else Trainer)(bundle)
     x, y = load_data(args.data, trainer.runtime)
     xe, ye = load_data(args.eval, trainer.runtime) if args.eval else (None, None)
     if args.batch > len(x):
@@ -326,8 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     ft.add_argument(
         "--loss",
         choices=["float", "integer"],
-        default="float",
-        help="decide each step's signs on the float64 or the integer cross-entropy (as the C runtime does)",
+        default=None,
+        help="decide each step's signs on the float64 or the integer cross-entropy (as the C runtime does); "
+        "default: the bundle's training.loss",
     )
     mc = sub.add_parser("mcu", help="QZO-FF fine-tuning in the C runtime on an emulated Cortex-M (QEMU)")
     mc.add_argument("bundle")

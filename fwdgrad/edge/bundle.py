@@ -80,6 +80,9 @@ OP_KINDS = tuple(OP_FIELDS)
 WEIGHTED_KINDS = ("conv2d", "linear", "layernorm", "tokens")
 DISTRIBUTIONS = ("qgaussian", "qrademacher")
 ROUNDINGS = ("nearest", "floor", "stochastic")
+#: training.loss: the cross-entropy each step's signs are decided on, by option name (`train.loss`,
+#: `finetune --loss`): the float64 one of the dequantized logits, or the integer one (`fwdgrad.edge.loss`)
+LOSS_NAMES = {"float": "cross_entropy_f64", "integer": "cross_entropy_q"}
 TRAINING_FIELDS = (
     "distribution",
     "eps",
@@ -202,6 +205,8 @@ def validate_training(tr: dict, ops: list[dict]) -> None:
         "training.distribution", tr["distribution"], tr["distribution"] in DISTRIBUTIONS, str(DISTRIBUTIONS)
     )
     _check("training.rounding", tr["rounding"], tr["rounding"] in ROUNDINGS, str(ROUNDINGS))
+    loss = tr.get("loss", LOSS_NAMES["float"])  # bundles written before the integer loss: float
+    _check("training.loss", loss, loss in LOSS_NAMES.values(), str(tuple(LOSS_NAMES.values())))
     layerwise = tr.get("layerwise", "off")
     _check("training.layerwise", layerwise, layerwise in rng.LAYERWISE, str(rng.LAYERWISE))
     _require(tr["perturb"], ("mult", "n"), "training.perturb")

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import __version__
-from ..edge.bundle import FORMAT, VERSION, Bundle, save_bundle
+from ..edge.bundle import FORMAT, LOSS_NAMES, VERSION, Bundle, save_bundle
 from ..engine.convert import MethodCall
 from ..engine.model import QModel
 from ..engine.nodes import (
@@ -398,7 +398,7 @@ def _training(
         "method": "qzo_ff",
         "difference": "sign",
         "distribution": fp.distribution,
-        "loss": "cross_entropy_f64",
+        "loss": hp["loss"],
         "trainable": names,
         "eps": float(eps),
         "lr": float(lr),
@@ -431,6 +431,7 @@ def export_bundle(
     meta: dict | None = None,
     masks: dict | None = None,
     step: int = 0,
+    loss: str = "float",
     **fixed_point,
 ) -> Bundle:
     """Write `qmodel` and its QZO-FF settings to one bundle file at `path`; returns the `Bundle`.
@@ -440,8 +441,12 @@ def export_bundle(
     (None: all), in the order that defines tensor ids (as `qzo_ff(trainable=...)`); masks: {name: bool tensor}
     sparse-update masks (e.g. from `make_masks`);
     input_preprocessing: {"mean": [...], "std": [...], "shape": [C, H, W]} applied by the runtime to float
-    inputs; step: the optimizer step the run continues from; meta: free JSON-serializable metadata.
+    inputs; step: the optimizer step the run continues from; loss: "float" or "integer", the cross-entropy
+    the device decides each step's signs on (header ``training.loss``: LOSS_NAMES); meta: free
+    JSON-serializable metadata.
     """
+    if loss not in LOSS_NAMES:
+        raise ValueError(f"loss={loss!r} is invalid; allowed: {', '.join(LOSS_NAMES)}")
     fallbacks = [f"{n.name} ({n.describe()})" for n in qmodel.nodes if isinstance(n, QFallback)]
     if fallbacks:
         raise ValueError(
@@ -453,7 +458,7 @@ def export_bundle(
     ops = [exporter.op(node) for node in qmodel.nodes]
     names = list(qmodel.weight_nodes()) if trainable is None else list(trainable)
     fp = settings or FixedPointSettings(**fixed_point)
-    hp = {"eps": eps, "lr": lr, "m": m, "seed": seed, "step": step}
+    hp = {"eps": eps, "lr": lr, "m": m, "seed": seed, "step": step, "loss": LOSS_NAMES[loss]}
     training = _training(qmodel, exporter, names, hp, fp, masks)
     first = next(op for op in ops if op["kind"] == "input")
     header = {

@@ -93,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         help=f"trainable node names: conv/linear, LayerNorm, tokens ({run_default}, else all)",
     )
+    ap.add_argument(
+        "--loss",
+        choices=("float", "integer"),
+        help=f"the cross-entropy the device decides signs on ({run_default}, else float)",
+    )
     ap.add_argument("--z-max", dest="z_max", type=float)
     ap.add_argument("--rounding", choices=ROUNDINGS)
     ap.add_argument("--perturb-scale", dest="perturb_scale", choices=PERTURB_SCALES)
@@ -174,6 +179,7 @@ def export_main(argv: list[str] | None = None) -> int:
             input_preprocessing=pre,
             meta=meta,
             step=hp["step"],
+            loss=hp["loss"],
         )
         if args.target == "c":
             c_lines = _write_c(

@@ -36,7 +36,8 @@ def run_settings(cfg: TrainConfig, model, steps: int) -> dict:
     step (the step count reached: the perturbation stream continues there); batch_size; scope and sparse
     ({kind, density} for mode=sparse); fixed_point (`FixedPointSettings` fields, qzo_ff only; its
     weight_headroom is already applied to the trained nodes' weight scales); unsupported (the qzo_ff options
-    the edge runtime cannot reproduce, as the run set them: momentum, kernel_norm, sharpness_rho)."""
+    the edge runtime cannot reproduce, as the run set them: momentum, kernel_norm, sharpness_rho); loss
+    (float or integer: the cross-entropy each step's signs were decided on)."""
     ff = _plain(dict(cfg.ff))
     fixed = None
     if cfg.method == "qzo_ff":
@@ -55,6 +56,7 @@ def run_settings(cfg: TrainConfig, model, steps: int) -> dict:
         "sparse": {"kind": cfg.sparse_kind, "density": cfg.sparse_density} if cfg.scope == "sparse" else None,
         "fixed_point": fixed,
         "unsupported": {k: ff.get(k) for k in UNSUPPORTED_FF},
+        "loss": cfg.loss,
     }
 
 
@@ -66,6 +68,7 @@ RUN_OPTIONS = (
     ("m", "m", 3),
     ("seed", "seed", 0),
     ("step", "step", 0),
+    ("loss", "loss", "float"),
     *((name, name, getattr(FixedPointSettings(), name)) for name in BUNDLE_FIXED_POINT),
 )
 
@@ -86,7 +89,9 @@ def choose(args, run: dict | None, where: str) -> tuple[dict, list[str]]:
     for opt, key, default in RUN_OPTIONS:
         value, origin = getattr(args, opt), "from the command line"
         if value is None and run is not None:
-            value, origin = run[key] if key in run else run["fixed_point"][key], "from the run"
+            value, origin = run[key] if key in run else run["fixed_point"].get(key), "from the run"
+            if key == "loss" and value is None:  # runs saved before the loss was recorded trained on float
+                value = default
         elif value is None:
             value, origin = default, "default"
         if opt == "lr" and value is None:
