@@ -212,6 +212,10 @@ def markdown(result: dict) -> str:
                 f"| {name} | {batch} | {p['n_params']:,} | {p['flash']:,} | {p['trainable_weights']:,} | "
                 f"{p['scratch']:,} | {p['gradients']:,} | {p['perturbation']:,} | {p['sram']:,} |"
             )
+    # the reference board's builds, each with the memory model's prediction at its batch
+    paired = [
+        (r, result["predicted"][r["model"]][str(r["batch"])]) for r in result["measured"] if r["board"] == ref
+    ]
     lines += [
         "",
         f"## Side by side: model.o ({ref}, -mcpu={result['boards'][ref]['mcpu']}) against the memory model, "
@@ -221,10 +225,7 @@ def markdown(result: dict) -> str:
         "app SRAM + stack |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["measured"]:
-        if r["board"] != ref:
-            continue
-        p = result["predicted"][r["model"]][str(r["batch"])]
+    for r, p in paired:
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['model_flash']:,} | {p['flash']:,} | "
             f"{r['model_flash'] / p['flash']:.2f} | {r['model_sram']:,} | {p['sram']:,} | "
@@ -246,10 +247,7 @@ def markdown(result: dict) -> str:
         "| scratch (model) | perturbed copy | gradients + perturbation (model) | prefix store | other |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["measured"]:
-        if r["board"] != ref:
-            continue
-        p = result["predicted"][r["model"]][str(r["batch"])]
+    for r, p in paired:
         code = r["model_text"] - r["cgen_flash_payload"]
         other = r["model_sram"] - r["arena_bytes"] - 2 * r["trainable_bytes"] - r["prefix_bytes"]
         lines.append(

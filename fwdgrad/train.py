@@ -383,6 +383,17 @@ def _forward_only_closure(model, frozen_upto: Callable[[], str] | None = None):
     return closure
 
 
+def _prefix_compute(first: Callable[[], str], opt) -> Callable[[Callable[[str], float]], float]:
+    """A forward-only step's compute with prefix reuse: one pass up to the first perturbed layer/block
+    (`first()`, for the coming step), then the step's passes from there: (1 − S(a)) + P·S(a)."""
+
+    def compute(S) -> float:
+        share = S(first())
+        return 1 - share + opt.forwards_per_step * share
+
+    return compute
+
+
 def _build_zo(model, cfg, names, sparse) -> Built:
     """zo_fp32 / sign_spsa_fp32: `ForwardGradient` on the float parameters. When the trained parameters sit
     after a frozen prefix of the model's block chain (`fwdgrad.models.frozen_prefix`, e.g. linear probing),
@@ -400,10 +411,7 @@ def _build_zo(model, cfg, names, sparse) -> Built:
             h = prefix(x)
         return lambda: F.cross_entropy(suffix(h), y)
 
-    def compute(S) -> float:
-        return 1 - S(first) + opt.forwards_per_step * S(first)
-
-    return Built(opt, closure, opt.forwards_per_step, compute=compute)
+    return Built(opt, closure, opt.forwards_per_step, compute=_prefix_compute(lambda: first, opt))
 
 
 def _build_qzo(model, cfg, names, sparse) -> Built:
@@ -417,10 +425,7 @@ def _build_qzo(model, cfg, names, sparse) -> Built:
 
     closure = integer_closure(model, first) if cfg.loss == "integer" else _forward_only_closure(model, first)
 
-    def compute(S) -> float:  # one pass up to the prefix's end, the step's passes from there
-        return 1 - S(first()) + opt.forwards_per_step * S(first())
-
-    return Built(opt, closure, opt.forwards_per_step, compute=compute)
+    return Built(opt, closure, opt.forwards_per_step, compute=_prefix_compute(first, opt))
 
 
 def _build_hybrid(model, cfg, names, sparse) -> Built:

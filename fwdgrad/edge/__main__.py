@@ -132,26 +132,42 @@ def save(bundle, path: str) -> None:
         ) from None
 
 
-def finetune(args) -> int:
-    bundle = load_bundle(args.bundle)
-    loss = args.loss or ("integer" if bundle.training.get("loss") == LOSS_NAMES["integer"] else "float")
-    if loss != "float" or args.loss:
-        print(f"loss {loss} ({'--loss' if args.loss else 'from the bundle'})")
-    trainer = (IntegerLossTrainer if loss == "integer" else Trainer)(bundle)
-    x, y = load_data(args.data, trainer.runtime)
-    xe, ye = load_data(args.eval, trainer.runtime) if args.eval else (None, None)
+def _inputs(args, runtime: Runtime) -> tuple:
+    """(x, y, xe, ye, out) of `finetune` and `mcu`, every check done before anything is written: the data
+    and --eval data against the bundle, --batch against the data, the output path (BUNDLE or --output)
+    writable; stale temp files of killed writers beside it removed."""
+    x, y = load_data(args.data, runtime)
+    xe, ye = load_data(args.eval, runtime) if args.eval else (None, None)
     if args.batch > len(x):
         raise ValueError(
             f"--batch {args.batch} is larger than the {len(x)} samples of {args.data!r}; allowed: 1..{len(x)}"
         )
     out = args.output or args.bundle
     check_writable(out)
+    if getattr(args, "json", None):
+        check_writable(args.json, "summary")
     remove_stale_temps(os.path.dirname(os.path.abspath(out)))  # temp files of killed writers
-    seed, start = bundle.training["seed"], trainer.step_count
-    if start >= args.steps:
-        print(f"bundle is already at step {start} >= --steps {args.steps}; nothing to do")
+    return x, y, xe, ye, out
+
+
+def _announce(start: int, steps: int) -> bool:
+    """Say where a run of `steps` steps starts from the bundle's `start`; whether there is work."""
+    if start >= steps:
+        print(f"bundle is already at step {start} >= --steps {steps}; nothing to do")
     elif start:
         print(f"resuming at step {start}")
+    return start < steps
+
+
+def finetune(args) -> int:
+    bundle = load_bundle(args.bundle)
+    loss = args.loss or ("integer" if bundle.training.get("loss") == LOSS_NAMES["integer"] else "float")
+    if loss != "float" or args.loss:
+        print(f"loss {loss} ({'--loss' if args.loss else 'from the bundle'})")
+    trainer = (IntegerLossTrainer if loss == "integer" else Trainer)(bundle)
+    x, y, xe, ye, out = _inputs(args, trainer.runtime)
+    seed, start = bundle.training["seed"], trainer.step_count
+    _announce(start, args.steps)
     t0 = time.perf_counter()
     with deferred_signals() as stop:
         for k in range(start, args.steps):
@@ -193,23 +209,10 @@ def mcu_cmd(args) -> int:
     if not (bundle.training or {}).get("tensors"):
         raise ValueError(f"bundle {args.bundle!r} has no trainable tensors; export it with training settings")
     runtime = Runtime(bundle)
-    x, y = load_data(args.data, runtime)
-    xe, ye = load_data(args.eval, runtime) if args.eval else (None, None)
-    if args.batch > len(x):
-        raise ValueError(
-            f"--batch {args.batch} is larger than the {len(x)} samples of {args.data!r}; allowed: 1..{len(x)}"
-        )
-    out = args.output or args.bundle
-    check_writable(out)
-    if args.json:
-        check_writable(args.json, "summary")
-    remove_stale_temps(os.path.dirname(os.path.abspath(out)))
+    x, y, xe, ye, out = _inputs(args, runtime)
     seed, start = bundle.training["seed"], bundle.training["step"]
-    if start >= args.steps:
-        print(f"bundle is already at step {start} >= --steps {args.steps}; nothing to do")
+    if not _announce(start, args.steps):
         return 0
-    if start:
-        print(f"resuming at step {start}")
     build_dir = args.build_dir or tempfile.mkdtemp(prefix="fwdgrad-mcu-")
     os.makedirs(build_dir, exist_ok=True)
     info = mcu.build(bundle, build_dir, x.shape[1:], args.batch, args.board, device=args.device)
@@ -238,7 +241,7 @@ def mcu_cmd(args) -> int:
         info,
         bundle,
         eval_codes,
-        runtime.quantize_input(x[idx]),
+        runtime.quantize_input(x)[idx],  # each sample quantized once, however many steps reuse it
         y[idx],
         eval_codes,
         args.batch,
@@ -252,9 +255,11 @@ def mcu_cmd(args) -> int:
     bundle.training["step"] = args.steps
     save(bundle, out)
     print(f"saved step {args.steps} -> {out}", flush=True)
+    evals = {}
     if xe is not None:
         for when, logits in (("before", res.logits), ("after", res.eval_logits)):
-            correct = int((logits.argmax(1) == ye).sum())
+            evals[when] = {"correct": int((logits.argmax(1) == ye).sum()), "n": len(ye)}
+            correct = evals[when]["correct"]
             print(f"eval accuracy {when} {correct / len(ye):.4f} ({correct}/{len(ye)})")
     step_i, infer_i = int(np.median(res.step_instructions)), int(np.median(res.infer_instructions or [0]))
     print(
@@ -262,10 +267,6 @@ def mcu_cmd(args) -> int:
         f"{infer_i:,} (QEMU -icount)"
     )
     if args.json:
-        evals = {}
-        for when, logits in (("before", res.logits), ("after", res.eval_logits)):
-            if xe is not None:
-                evals[when] = {"correct": int((logits.argmax(1) == ye).sum()), "n": len(ye)}
         summary = {
             "bundle": args.bundle,
             "output": out,
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     ft.add_argument("--log-every", type=_positive, default=10)
     ft.add_argument(
         "--loss",
-        choices=["float", "integer"],
+        choices=tuple(LOSS_NAMES),
         default=None,
         help="decide each step's signs on the float64 or the integer cross-entropy (as the C runtime does); "
         "default: the bundle's training.loss",

@@ -794,15 +794,16 @@ int64_t loss_q(const int32_t *logits_codes, int32_t label);
         ptrs = ", ".join(f"op{i}_weight" for _t, i, _op, _w in sorted(self.trained, key=lambda r: r[0]))
         seed = tr["seed"]
         first, roots = self.frontier()
-        self.prefix_bytes = self.prefix_samples * sum(self.env[r].nbytes for r in roots) if roots else 0
+        frontier_sizes = [self.env[r].nbytes for r in roots]
+        self.prefix_bytes = self.prefix_samples * sum(frontier_sizes)
         self.sram += self.prefix_bytes
         return "#include <string.h>\n" + TRAIN.format(
             first=first,
             n_ops=len(self.b.ops),
-            frontier_bytes=sum(self.env[r].nbytes for r in roots),
+            frontier_bytes=sum(frontier_sizes),
             prefix_samples=self.prefix_samples,
             frontier_offsets=", ".join(str(self.offsets[r]) for r in roots) or "0",
-            frontier_sizes=", ".join(str(self.env[r].nbytes) for r in roots) or "0",
+            frontier_sizes=", ".join(map(str, frontier_sizes)) or "0",
             consts="".join(consts) + "".join(self.consts[n0:]),
             seed_lo=seed & 0xFFFFFFFF,
             seed_hi=seed >> 32,

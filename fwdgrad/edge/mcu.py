@@ -351,15 +351,27 @@ class MCUResult:
     output: str = ""
 
 
-def _tool(cmd: list[str], what: str, timeout: float = 120, both: bool = False, cwd=None) -> str:
+def _tool(cmd: list[str], what: str, timeout: float = 120) -> str:
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise MCUError(f"{what} timed out after {timeout:g} s") from None
     if res.returncode != 0:
         tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or [""]
         raise MCUError(f"{what} failed (exit {res.returncode}): {tail[0][:300]}")
-    return res.stdout + (res.stderr if both else "")
+    return res.stdout
+
+
+def _arch(board: str) -> list[str]:
+    """The compiler and linker flags that select `board`'s core, Thumb code and newlib's semihosting."""
+    return [f"-mcpu={BOARDS[board]}", "-mthumb", "--specs=rdimon.specs"]
+
+
+def _write(out_dir, files: dict[str, str]) -> None:
+    """The generated sources (name -> text) into `out_dir`."""
+    for name, text in files.items():
+        with open(os.path.join(out_dir, name), "w") as f:
+            f.write(text)
 
 
 DEVICE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "device")
@@ -589,13 +601,11 @@ def calibrate(board: str, out_dir, iterations: int = 500_000) -> float:
         "mcu.h": MCU_H,
         "app.ld": linker_script(board),
     }
-    for name, text in files.items():
-        with open(os.path.join(out_dir, name), "w") as f:
-            f.write(text)
+    _write(out_dir, files)
     elf = os.path.join(out_dir, "calibrate.elf")
-    arch = [f"-mcpu={BOARDS[board]}", "-mthumb", "--specs=rdimon.specs"]
     srcs = [os.path.join(out_dir, s) for s in ("main.c", "startup.c")]
-    cmd = [CC, *CFLAGS, *arch, "-nostartfiles", "-T", os.path.join(out_dir, "app.ld"), *srcs, "-o", elf]
+    ld = os.path.join(out_dir, "app.ld")
+    cmd = [CC, *CFLAGS, *_arch(board), "-nostartfiles", "-T", ld, *srcs, "-o", elf]
     _tool(cmd, "arm-none-eabi-gcc calibrate")
     out = run_qemu(elf, board)
     ticks = next((line.split()[1:] for line in out.splitlines() if line.startswith("C ")), None)
@@ -642,11 +652,8 @@ def build(
         dt = bundle.arrays[f"{spec['name']}.weight"].dtype
         weights += WEIGHTS_MAIN.format(ctype=f"{dt.name}_t", t=t)
     main = MAIN.format(batch=batch, training=int(training), weights=weights)
-    files = {"main.c": main, "startup.c": STARTUP, "mcu.h": MCU_H, "app.ld": script}
-    for name, text in files.items():
-        with open(os.path.join(out_dir, name), "w") as f:
-            f.write(text)
-    arch = [f"-mcpu={BOARDS[board]}", "-mthumb", "--specs=rdimon.specs"]
+    _write(out_dir, {"main.c": main, "startup.c": STARTUP, "mcu.h": MCU_H, "app.ld": script})
+    arch = _arch(board)
     flags = [*CFLAGS, *arch]
     objs = []
     for src in ("model.c", "main.c", "startup.c"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..edge.bundle import BundleError
+from ..edge.bundle import LOSS_NAMES, BundleError
 from ..engine.model import QModel
 from ..files import atomic_open
 from ..fixed_point import PERTURB_SCALES, QUANT_DISTRIBUTIONS, ROUNDINGS, FixedPointSettings
@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--loss",
-        choices=("float", "integer"),
+        choices=tuple(LOSS_NAMES),
         help=f"the cross-entropy the device decides signs on ({run_default}, else float)",
     )
     ap.add_argument("--z-max", dest="z_max", type=float)
