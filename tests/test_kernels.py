@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fwdgrad import native
-from fwdgrad.engine import QConv2d, QLinear, convert, kernels, onednn
+from fwdgrad.engine import QConv2d, QLinear, convert, intmm, kernels, onednn
 from fwdgrad.engine.intops import F32_EXACT, AccumulatorSpec, prepare
 from fwdgrad.engine.nodes import ExecContext
 from fwdgrad.ff import qzo_ff
@@ -25,14 +25,17 @@ from fwdgrad.rng import reference, torch_port
 
 #: float32 planes (fan-in chunks where they save planes) + C epilogue; the same without chunks; oneDNN int8
 #: planes + C; the int16 GEMM (linear layers, patchify convs) + C; the torch path
-#: onednn: the CPU's digit width (8 bits where its self-test passes: VNNI/AMX); onednn7: forced to 7 bits
-PATHS = ("c", "c_whole", "onednn", "onednn7", "int16", "torch")
+#: onednn: the CPU's digit width (8 bits where its self-test passes: VNNI/AMX); onednn7: forced to 7 bits;
+#: int_mm: int8 planes through torch._int_mm (im2col) + C, at the CPU's digit width; int_mm7: 7 bits
+PATHS = ("c", "c_whole", "onednn", "onednn7", "int16", "int_mm", "int_mm7", "torch")
 KERNEL = {
     "c": "float",
     "c_whole": "float_whole",
     "onednn": "onednn",
     "onednn7": "onednn",
     "int16": "int16",
+    "int_mm": "int_mm",
+    "int_mm7": "int_mm",
     "torch": "float",
 }
 
@@ -49,6 +52,10 @@ def path(request, monkeypatch):
         pytest.skip("oneDNN's int8 kernels are not usable on this CPU / torch build")
     if request.param == "onednn7":
         monkeypatch.setattr(onednn, "digit_bits", lambda: onednn.DIGIT_BITS)
+    if request.param.startswith("int_mm") and not intmm.available():
+        pytest.skip("torch._int_mm is not exact (or missing) on this CPU / torch build")
+    if request.param == "int_mm7":
+        monkeypatch.setattr(intmm, "digit_bits", lambda: 7)
     yield request.param
     native.reset()
 
@@ -150,6 +157,10 @@ def test_every_kernel_path_equals_the_int64_reference(path, layer, wbits, requan
             ew = node.exact_weights(node.weight_q, node._last_kind)
             if path in ("onednn", "c_whole"):
                 assert node._last_kind == KERNEL[path] or ew is None or layer in ("long_fanin", "linear_long")
+            if path.startswith("int_mm"):  # grouped convs keep the other kernels
+                assert node._last_kind == "int_mm" or conv["groups"] > 1
+            if path in ("onednn", "int_mm") and wbits == 16 and layer == "3x3" and ew.digit_bits == 8:
+                assert ew.planes == 2 and ew.offset == 128  # 32767 in two 8-bit digits: the ones channel
             if path == "c" and wbits == 16 and layer in ("long_fanin", "linear_long"):
                 assert ew.chunks > 1 and ew.planes <= 2  # the fan-in chunks are exercised
             assert ctx.stats.overflow.get(node.name, 0) == bad
@@ -301,8 +312,12 @@ def test_describe_names_each_layers_kernel(path):
     epilogue = "torch epilogue" if path == "torch" else "C epilogue"
     if path == "c_whole":
         pytest.skip("ResNet-8's fan-ins are short: nothing to chunk")
-    bits = onednn.digit_bits() if path.startswith("onednn") else 0
-    name = rf"oneDNN u8 x s8 x\d planes of {bits} bits" if bits else "float32"
+    if path.startswith("onednn"):
+        name = rf"oneDNN u8 x s8 x\d planes of {onednn.digit_bits()} bits"
+    elif path.startswith("int_mm"):
+        name = rf"int8 x int8 GEMM \(_int_mm, im2col\)( x\d planes of {intmm.digit_bits()} bits)?"
+    else:
+        name = "float32"
     assert all(v.endswith(epilogue) for v in table.values())
     assert sum(bool(re.match(name, v)) for v in table.values()) >= len(table) - 1  # the stem may stay float
     assert any("planes" in v for v in table.values())  # 16-bit weights need digit planes somewhere
@@ -320,7 +335,7 @@ def test_auto_picks_a_certified_kernel_per_shape_with_the_same_integers():
         outs[kernel] = q.run(x)
     assert torch.equal(outs["float"], outs["onednn"]) and torch.equal(outs["float"], outs["auto"])
     node = next(iter(q.weight_nodes().values()))
-    assert set(node._timed.values()) <= {"float", "onednn"} and node._timed
+    assert set(node._timed.values()) <= {"float", "onednn", "int_mm"} and node._timed
     q.kernel = "vnni"
     with pytest.raises(ValueError, match="kernel 'vnni' is invalid"):
         q(x)
@@ -377,3 +392,18 @@ def test_wide_digits_only_where_the_self_test_proves_them():
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "False", "7"], out.stdout + out.stderr
+
+
+def test_int_mm_digits_only_where_its_self_test_proves_them():
+    """torch._int_mm sums int8 x int8 exactly in int32 on VNNI/AMX; held to AVX2, oneDNN's s8 x s8 path
+    saturates pairs of products: the 8-bit self-test catches it and 7-bit digits remain."""
+    import subprocess
+    import sys
+
+    if not intmm.available():
+        pytest.skip("torch._int_mm is not usable here")
+    assert intmm.digit_bits() == (8 if intmm.self_test(8) else 7)
+    code = "from fwdgrad.engine import intmm as m; print(m.self_test(8), m.self_test(7), m.digit_bits())"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "7"], out.stdout + out.stderr

@@ -78,7 +78,9 @@ class ExactWeights:
     weights when more than MAX_PLANES planes would be needed (`planes == 0`). The float32 path stacks
     planes first (`groups` 1) and runs a grouped conv (`conv_groups` > 1) once per plane: a depthwise conv
     with a channel multiplier of 2 is 6x slower in oneDNN than two plain ones. `bound` is the certified max
-    |Σ x·w| of any output: x_bound · max_c Σ_k |w[c, k]|.
+    |Σ x·w| of any output: x_bound · max_c Σ_k |w[c, k]|. With a nonzero `offset` the planes hold w - offset
+    and one more output channel of ones follows them (groups 1), Σ_k (x_k - zp), which the epilogue adds
+    `offset` times; `shift` is a per-channel int64 term of the accumulator a kernel leaves out (`intmm`).
     """
 
     weight: torch.Tensor
@@ -91,6 +93,13 @@ class ExactWeights:
     # "int16": int16 weights packed for the int32 GEMM (`kernels.gemm_s16`)
     conv_groups: int = 1  # the layer's own groups
     chunks: int = 1  # fan-in chunks, each certified and summed on its own (see `prepare`)
+    offset: int = 0
+    shift: torch.Tensor | None = None
+
+    @property
+    def outputs(self) -> int:
+        """Output channels of the stacked kernel: the planes' and the ones channel."""
+        return self.planes * self.channels + (self.offset != 0)
 
     @property
     def kernel(self) -> str:
@@ -99,8 +108,10 @@ class ExactWeights:
             return "int16 x int16 GEMM, int32 accumulators"
         if self.planes == 0:
             return "float64"
-        name = "oneDNN u8 x s8" if self.kind == "onednn" else "float32"
+        names = {"onednn": "oneDNN u8 x s8", "int_mm": "int8 x int8 GEMM (_int_mm, im2col)"}
+        name = names.get(self.kind, "float32")
         name = name if self.planes == 1 else f"{name} x{self.planes} planes of {self.digit_bits} bits"
+        name = name if not self.offset else f"{name} + ones channel"
         return name if self.chunks == 1 else f"{name}, fan-in in {self.chunks} chunks"
 
 

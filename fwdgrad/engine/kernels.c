@@ -62,11 +62,13 @@ GATHER(float)
 GATHER(double)
 GATHER(int32_t) /* the int16 GEMM's accumulators (one plane) */
 
-/* Bias, accumulator fit, requantization, zero point and clamp of one row of exact accumulators `a`. */
+/* Bias, accumulator fit, requantization, zero point and clamp of one row of exact accumulators `a`. The
+ * integer bias `b` joins the accumulator in every mode (with requant "float" the caller passes only a
+ * kernel's own integer terms there, the layer's bias goes in float as `fbias`). */
 static i64 finish_row(double *a, float *dst, i64 inner, i64 b, i64 m, int n, float fscale, const float *fbias,
                       float fout, i64 zp, i64 lo, i64 hi, int acc_bits, int wrap, int mode) {
     i64 alo = -((i64)1 << (acc_bits - 1)), ahi = ((i64)1 << (acc_bits - 1)) - 1, bad = 0;
-    double dlo = (double)alo, dhi = (double)ahi, db = mode == REQ_FLOAT ? 0.0 : (double)b;
+    double dlo = (double)alo, dhi = (double)ahi, db = (double)b;
     for (i64 i = 0; i < inner; i++) {
         double v = a[i] + db;
         bad += (v < dlo) | (v > dhi);
@@ -139,7 +141,8 @@ EPILOGUE(fw_epilogue_f64, double)
 EPILOGUE(fw_epilogue_i32, int32_t)
 
 /* The same epilogue for channels-last accumulators (NHWC conv outputs, linear layers): `acc` is
- * [outer][groups][planes][C/groups], `out` is [outer][C]. Work goes in segments of at most SEG elements:
+ * [outer][groups][planes][C/groups] (groups 1 with a nonzero `offset`: [outer][planes·C + 1], the last
+ * entry Σ_k (x_k - zp) of a ones channel, added offset times to every channel), `out` is [outer][C]. Work goes in segments of at most SEG elements:
  * SEG/C whole rows when C < SEG (so short rows of 16-64 channels still fill the vector loops), else one
  * row's SEG-channel chunk; per-channel constants are tiled over the segment. `f64` says the float64 form of
  * "single" is exact for every channel (n in 16..52, acc_bits small enough; checked by the caller), with
@@ -184,8 +187,10 @@ CL_GATHER(int32_t) /* the int16 GEMM's accumulators (one plane) */
     i64 NAME(const T *acc, float *out, i64 outer, int groups, int planes, int C, int digit_bits,           \
              const i64 *bias, const i64 *mult, const int *n, const double *mhi, const double *mlo,          \
              const double *half, const double *inv, const float *fscale, const float *fbias, float fout,    \
-             i64 zp, i64 lo, i64 hi, int acc_bits, int wrap, int mode, int f64, int chunks, int nthreads) { \
+             i64 zp, i64 lo, i64 hi, int acc_bits, int wrap, int mode, int f64, int chunks, i64 offset,      \
+             int nthreads) {                                                                                \
         int cg = C / groups, chunk = C < SEG ? C : SEG, k = C < SEG ? SEG / C : 1;                         \
+        i64 ld = (i64)planes * C + (offset != 0); /* a row: the planes, then the ones channel (offset) */  \
         i64 nchunks = (C + chunk - 1) / chunk, nblocks = ((outer + k - 1) / k) * nchunks, bad = 0;         \
         i64 alo = -((i64)1 << (acc_bits - 1)), ahi = ((i64)1 << (acc_bits - 1)) - 1;                       \
         double dlo = (double)alo, dhi = (double)ahi, base = (double)((i64)1 << digit_bits);                \
@@ -204,7 +209,7 @@ CL_GATHER(int32_t) /* the int16 GEMM's accumulators (one plane) */
                 if (tiled != c0) {                                                                          \
                     for (int e = 0; e < k * len; e++) {                                                     \
                         int c = c0 + e % len;                                                               \
-                        tb[e] = bias && mode != REQ_FLOAT ? (double)bias[c] : 0.0;                          \
+                        tb[e] = bias ? (double)bias[c] : 0.0;                                               \
                         tmh[e] = mhi[c], tml[e] = mlo[c], thf[e] = half[c], tiv[e] = inv[c];                \
                     }                                                                                       \
                     for (int j = 0; j < len; j++) {                                                         \
@@ -225,9 +230,13 @@ CL_GATHER(int32_t) /* the int16 GEMM's accumulators (one plane) */
                             for (int j = 0; j < len; j++) ar[j] += tmp[j];                                  \
                         }                                                                                   \
                     } else if (groups == 1 || planes == 1) {                                                \
-                        cl_gather_##T(acc + o * planes * C + c0, C, planes, len, base, ar);                 \
+                        cl_gather_##T(acc + o * ld + c0, C, planes, len, base, ar);                         \
+                        if (offset) {                                                                       \
+                            double s = (double)offset * (double)acc[o * ld + (i64)planes * C];              \
+                            for (int j = 0; j < len; j++) ar[j] += s;                                       \
+                        }                                                                                   \
                     } else { /* planes stacked per group: precomputed offsets of each channel's plane 0 */ \
-                        const T *src = acc + o * planes * C;                                                \
+                        const T *src = acc + o * ld;                                                        \
                         for (int j = 0; j < len; j++) ar[j] = (double)src[off[j] + (i64)(planes - 1) * cg]; \
                         for (int p = planes - 2; p >= 0; p--)                                               \
                             for (int j = 0; j < len; j++) ar[j] = ar[j] * base + (double)src[off[j] + (i64)p * cg]; \
@@ -432,29 +441,32 @@ static inline void digits(i64 v, int planes, int b, i64 *d) {
     d[planes - 1] = rest;
 }
 
-/* The certified digit-plane split of integer weights [C][K] (see fwdgrad/engine/intops.py: each plane's
- * x_bound·max_c Σ_k |d[c,k]| < 2^24), trying 1..max_planes planes with the same digit widths as the torch
+/* The certified digit-plane split of integer weights [C][K] minus `offset` (see fwdgrad/engine/intops.py: each plane's
+ * x_bound·max_c Σ_k |d[c,k]| < 2^limit_bits: 24 for float32 sums, 31 for int32 ones), trying 1..max_planes planes with the same digit widths as the torch
  * path. With chunks > 1 the fan-in K is cut into that many contiguous chunks (of input channels), each
  * summed separately by the kernel, and the bound holds per chunk. With fixed_bits > 0 the digits have that
  * width and every plane must also satisfy -2^(fixed_bits-1) <= d <= 2^(fixed_bits-1), capped at 127 (an
  * int8 kernel's operand limit: 7-bit digits stay within ±64, 8-bit ones within [-128, 127]).
+ * A nonzero `offset` splits w - offset (the kernel adds offset·Σ_k (x_k - zp) from a ones channel): 16-bit
+ * weights up to 32767 then fit two 8-bit digits, whose balanced range is [-32896, 32639].
  * Returns the number of planes (0: none certifies), with the digit bits in *bits and the whole bound
- * x_bound·max_c Σ|w| in *bound. */
+ * x_bound·max_c Σ|w| (of w itself) in *bound. */
 int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, int chunks, i64 x_bound, int max_planes, int fixed_bits,
-                   int *bits, i64 *bound) {
+                   i64 offset, int limit_bits, int *bits, i64 *bound) {
+    i64 limit = (i64)1 << limit_bits;
     i64 smax = 0, cmax = 0, amax = 0, vmin = 0, vmax = 0, kg = K / chunks;
     for (i64 c = 0; c < C; c++) {
         i64 s = 0;
         for (int g = 0; g < chunks; g++) {
             i64 sg = 0;
             for (i64 k = g * kg; k < (g + 1) * kg; k++) {
-                i64 v = load_int(w, wbytes, c * K + k), a = v < 0 ? -v : v;
+                i64 wk = load_int(w, wbytes, c * K + k), v = wk - offset, a = v < 0 ? -v : v;
+                s += wk < 0 ? -wk : wk;
                 sg += a;
                 amax = a > amax ? a : amax;
                 vmin = v < vmin ? v : vmin;
                 vmax = v > vmax ? v : vmax;
             }
-            s += sg;
             cmax = sg > cmax ? sg : cmax;
         }
         smax = s > smax ? s : smax;
@@ -464,7 +476,7 @@ int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, int chunks, i64 x_bo
     i64 lo = fixed_bits > 0 ? -((i64)1 << (fixed_bits - 1)) : INT64_MIN;
     i64 hi = fixed_bits > 0 ? ((i64)1 << (fixed_bits - 1)) : INT64_MAX;
     hi = hi > 127 && fixed_bits > 0 ? 127 : hi;
-    if (x_bound * cmax < ((i64)1 << 24) && vmin >= lo && vmax <= hi) return 1;
+    if (x_bound * cmax < limit && vmin >= lo && vmax <= hi) return 1;
     int nbits = 1;
     while ((amax >> nbits) > 0) nbits++;
     nbits += 1; /* signed */
@@ -474,13 +486,13 @@ int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, int chunks, i64 x_bo
             for (int g = 0; g < chunks && ok; g++) {
                 i64 s[8] = {0}, d[8];
                 for (i64 k = g * kg; k < (g + 1) * kg && ok; k++) {
-                    digits(load_int(w, wbytes, c * K + k), p, b, d);
+                    digits(load_int(w, wbytes, c * K + k) - offset, p, b, d);
                     for (int q = 0; q < p; q++) {
                         s[q] += d[q] < 0 ? -d[q] : d[q];
                         ok &= d[q] >= lo && d[q] <= hi;
                     }
                 }
-                for (int q = 0; q < p; q++) ok &= x_bound * s[q] < ((i64)1 << 24);
+                for (int q = 0; q < p; q++) ok &= x_bound * s[q] < limit;
             }
         }
         if (ok) {
@@ -491,16 +503,16 @@ int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, int chunks, i64 x_bo
     return 0;
 }
 
-/* The planes stacked as float32 (out_bytes 4) or int8 (out_bytes 1): [groups][planes][C/groups][K] (one
+/* The planes of w - offset stacked as float32 (out_bytes 4) or int8 (out_bytes 1): [groups][planes][C/groups][K] (one
  * kernel call runs them all), or with chunks > 1 (groups 1) [chunks][planes][C][K/chunks], the weight of
  * a conv grouped by fan-in chunk. */
-void fw_fill_planes(const void *w, int wbytes, i64 C, i64 K, int groups, int chunks, int planes, int b, void *out,
-                    int out_bytes) {
+void fw_fill_planes(const void *w, int wbytes, i64 C, i64 K, int groups, int chunks, int planes, int b, i64 offset,
+                    void *out, int out_bytes) {
     i64 cg = C / groups, kg = K / chunks;
     for (i64 c = 0; c < C; c++) {
         i64 g = c / cg, cc = c % cg, d[8];
         for (i64 k = 0; k < K; k++) {
-            i64 v = load_int(w, wbytes, c * K + k), ch = k / kg, kk = k - ch * kg;
+            i64 v = load_int(w, wbytes, c * K + k) - offset, ch = k / kg, kk = k - ch * kg;
             if (planes == 1) d[0] = v;
             else digits(v, planes, b, d);
             for (int q = 0; q < planes; q++) {

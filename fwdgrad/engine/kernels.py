@@ -30,7 +30,7 @@ _EPILOGUE = (
 )
 _EPILOGUE_CL = (
     _I64,
-    [_P, _P, _I64, _INT, _INT, _INT, _INT] + [_P] * 9 + [_F32, _I64, _I64, _I64] + [_INT] * 6,
+    [_P, _P, _I64, _INT, _INT, _INT, _INT] + [_P] * 9 + [_F32, _I64, _I64, _I64] + [_INT] * 5 + [_I64, _INT],
 )
 SIGNATURES = {
     "fw_epilogue_f32": _EPILOGUE,
@@ -42,8 +42,8 @@ SIGNATURES = {
     "fw_rescale_sum": (None, [_P, _INT, _P, _P, _INT, _I64, _I64, _I64, _P, _I64, _I64, _INT, _INT]),
     "fw_quantize": (None, [_P, _P, _I64, ctypes.c_double, _I64, _I64, _I64, _INT]),
     "fw_fake_quant": (None, [_P, _P, _I64, _F32, _F32, _F32, _F32, _INT]),
-    "fw_plan_planes": (_INT, [_P, _INT, _I64, _I64, _INT, _I64, _INT, _INT, _P, _P]),
-    "fw_fill_planes": (None, [_P, _INT, _I64, _I64, _INT, _INT, _INT, _INT, _P, _INT]),
+    "fw_plan_planes": (_INT, [_P, _INT, _I64, _I64, _INT, _I64, _INT, _INT, _I64, _INT, _P, _P]),
+    "fw_fill_planes": (None, [_P, _INT, _I64, _I64, _INT, _INT, _INT, _INT, _I64, _P, _INT]),
     "fw_ln_normalize": (None, [_P, _P, _I64, _INT, _I64, _INT, _I64, _P, _INT]),
     "fw_softmax": (None, [_P, _P, _I64, _INT, _P, _I64, _I64, _INT]),
     "fw_lut": (None, [_P, _P, _I64, _P, _I64, _INT]),
@@ -74,32 +74,38 @@ def epilogue(
     acc_bits: int,
     wrap: bool,
     mode: str,
+    offset: int = 0,
+    shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """One pass from a raw kernel output (float32 / float64, or the int16 GEMM's int32) to output codes
+    """One pass from a raw kernel output (float32 / float64, or an int32 GEMM's) to output codes
     (float32): planes recombined, bias added, accumulator fitted to `acc_bits`, requantized with `mode`, zero
     point added, clamped.
 
     stack = (groups, planes, channels, digit_bits, chunks): along `channel_dim`, `raw` holds
     [groups][planes][channels/groups], or with fan-in chunks (groups 1) [chunks][planes][channels], summed
-    (see `intops.prepare`). Channels-first (NCHW) and channels-last layouts are both read in place; the
-    output keeps the layout. `consts` is a `Requantizer` (its `c_*` arrays, zp, lo, hi); `bias` is per
-    channel: int64 added to the accumulator, or with mode "float" float32 added after scaling. Returns
-    (codes, number of accumulator misfits)."""
+    (see `intops.prepare`). With a nonzero `offset` (channels-last, groups 1, no chunks) the planes hold
+    w - offset and each row ends in one more channel, Σ_k (x_k - zp) of a ones channel, added `offset`
+    times. Channels-first (NCHW) and channels-last layouts are both read in place; the output keeps the
+    layout. `consts` is a `Requantizer` (its `c_*` arrays, zp, lo, hi); `bias` is per channel: int64 added
+    to the accumulator, or with mode "float" float32 added after scaling; `shift` (int64 per channel, any
+    mode) is a kernel's own term of the exact accumulator. Returns (codes, number of accumulator misfits)."""
     lib = library()
     ibias, fbias = (None, bias) if mode == "float" else (bias, None)
+    if shift is not None:
+        ibias = shift if ibias is None else ibias + shift
     groups, planes, channels, bits, chunks = stack
     planes = max(planes, 1)
     shape = list(raw.shape)
     shape[channel_dim] = channels
     last = channel_dim in (-1, raw.dim() - 1)
-    if not last and raw.dim() == 4 and (chunks > 1 or not raw.is_contiguous()):
-        last = raw.is_contiguous(memory_format=torch.channels_last)  # chunks: channels-last only
-        if chunks > 1 and not last:
+    if not last and raw.dim() == 4 and (chunks > 1 or offset or not raw.is_contiguous()):
+        last = raw.is_contiguous(memory_format=torch.channels_last)  # chunks, offset: channels-last only
+        if (chunks > 1 or offset) and not last:
             raw = raw.contiguous(memory_format=torch.channels_last)
             last = True
     threads = torch.get_num_threads()
     if last:
-        rows = raw.numel() // (chunks * planes * channels)
+        rows = raw.numel() // (chunks * planes * channels + (offset != 0))
         f64_single = mode == "single" and consts.f64_exact(acc_bits)
         if channel_dim in (-1, raw.dim() - 1):
             raw, out = raw.contiguous(), torch.empty(shape, dtype=torch.float32)
@@ -113,7 +119,7 @@ def epilogue(
             _ptr(ibias), consts.c_mult.data_ptr(), consts.c_n.data_ptr(), consts.c_mhi.data_ptr(),
             consts.c_mlo.data_ptr(), consts.c_half.data_ptr(), consts.c_inv.data_ptr(),
             consts.c_fscale.data_ptr(), _ptr(fbias), consts.c_fout, consts.zp, consts.lo, consts.hi,
-            acc_bits, int(wrap), REQUANT_CODES[mode], int(f64_single), chunks, threads,
+            acc_bits, int(wrap), REQUANT_CODES[mode], int(f64_single), chunks, offset, threads,
         )  # fmt: skip
         return out, bad
     raw = raw.contiguous()
@@ -147,7 +153,7 @@ def rescale_sum(
     period = math.prod(shape)
     if len(xs) == 2 and exact_f64 and xs[0].shape != shape and xs[1].shape == shape:
         xs, zps, mults = xs[::-1], zps[::-1], mults[::-1]  # the repeating input goes second
-    if len(xs) == 2 and exact_f64 and xs[0].shape == shape and _repeats(xs[1].shape, shape):
+    if len(xs) == 2 and exact_f64 and not same and xs[0].shape == shape and _repeats(xs[1].shape, shape):
         xs, period = [xs[0].contiguous(), xs[1].contiguous()], xs[1].numel()
     else:
         xs = _same_dense_layout([x if x.shape == shape else x.expand(shape).contiguous() for x in xs])
@@ -237,14 +243,23 @@ def _same_dense_layout(xs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def digit_planes(
-    w: torch.Tensor, x_bound: int, groups: int, max_planes: int, digit_bits: int = 0, chunks: int = 1
+    w: torch.Tensor,
+    x_bound: int,
+    groups: int,
+    max_planes: int,
+    digit_bits: int = 0,
+    chunks: int = 1,
+    offset: int = 0,
+    limit_bits: int = 24,
 ) -> tuple[torch.Tensor, int, int, int] | None:
     """`intops.prepare`'s split in C: (planes stacked along dim 0, planes (0: more than `max_planes`
     needed, no tensor), digit bits, bound), or None when `w` is not an 8/16/32-bit integer tensor. Float32
     planes stacked [groups][planes][C/groups]; with `chunks` > 1 (groups 1) the fan-in is cut into that many
     input-channel chunks, each certified on its own, stacked [chunks][planes][C] as the weight
     [chunks·planes·C, C_in/chunks, ...] of a conv grouped by chunk. With `digit_bits` > 0, int8 planes of
-    that digit width whose entries also stay within ±2^(digit_bits-1) (the operands of an int8 kernel)."""
+    that digit width whose entries also stay within ±2^(digit_bits-1) (the operands of an int8 kernel).
+    With `offset`, the planes split w - offset (the bound stays that of w). Each plane's x_bound·Σ|d| stays
+    below 2^limit_bits (24: exact float32 sums; 31: int32 accumulators)."""
     if w.dtype not in _INT_BYTES:
         return None
     lib, w = library(), w.contiguous()
@@ -252,15 +267,15 @@ def digit_planes(
     bits, bound = ctypes.c_int(), ctypes.c_int64()
     nbytes = _INT_BYTES[w.dtype]
     planes = lib.fw_plan_planes(
-        w.data_ptr(), nbytes, cout, k, chunks, x_bound, max_planes, digit_bits, ctypes.byref(bits),
-        ctypes.byref(bound),
+        w.data_ptr(), nbytes, cout, k, chunks, x_bound, max_planes, digit_bits, offset, limit_bits,
+        ctypes.byref(bits), ctypes.byref(bound),
     )  # fmt: skip
     if planes == 0:
         return torch.empty(0), 0, 0, bound.value
     dtype = torch.int8 if digit_bits else torch.float32
     shape = (chunks * planes * cout, w.shape[1] // chunks, *w.shape[2:]) if w.dim() > 1 else (planes * cout,)
     out = torch.empty(shape, dtype=dtype)
-    args = (w.data_ptr(), nbytes, cout, k, groups, chunks, planes, bits.value, out.data_ptr())
+    args = (w.data_ptr(), nbytes, cout, k, groups, chunks, planes, bits.value, offset, out.data_ptr())
     lib.fw_fill_planes(*args, 1 if digit_bits else 4)
     return out, planes, bits.value, bound.value
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..quant import QParams, dequantize, fake_quantize, quantize, quantize_multiplier, requantize
-from . import kernels, onednn
+from . import intmm, kernels, onednn
 from .intops import (
     AccumulatorSpec,
     ExactWeights,
@@ -52,8 +52,9 @@ class ExecContext:
 #: planes (of fan-in chunks where they save planes; float64 past MAX_PLANES); "float_whole": the same
 #: without fan-in chunks; "onednn": oneDNN's u8 x s8 kernels where certified, else "float"; "int16": the C
 #: int16 GEMM with int32 accumulators (`kernels.gemm_s16`) for linear layers and patchify convs where
-#: certified, else "float".
-KERNELS = ("auto", "float", "float_whole", "onednn", "int16")
+#: certified, else "float"; "int_mm": int8 planes through `torch._int_mm` with int32 accumulators (im2col for
+#: convs; `intmm`) where certified, else "float".
+KERNELS = ("auto", "float", "float_whole", "onednn", "int16", "int_mm")
 
 
 class Ref:
@@ -346,6 +347,10 @@ class QWeighted(QTrainable):
             return self.onednn_prepare(w)
         if kind == "int16":
             return self.int16_prepare(w)
+        if kind == "int_mm":
+            ok = onednn.supports(self.in_qp.fmt) and getattr(self, "groups", 1) == 1
+            ok = ok and not isinstance(getattr(self, "padding", ()), str) and intmm.available()
+            return intmm.prepare(w, int(self.zp_in)) if ok else None
         if kind == "dequantized":  # fake mode's float weights
             return dequantize(w, self.w_qp)
         return prepare(w, self.xb, getattr(self, "groups", 1), chunk=kind != "float_whole")
@@ -355,7 +360,7 @@ class QWeighted(QTrainable):
         "auto", the fastest of "float" (fan-in chunks where they save planes), "float_whole" (the same
         without chunks, where that differs: small batches), "onednn" and "int16" (where available), timed
         once per input shape (kernel and C epilogue), on the stored weights or, for weights `w` other than
-        them (perturbed per call), including their per-call preparation."""
+        them (perturbed per call), including their per-call preparation; "int_mm" (where available) too."""
         per_call = w is not None and w is not self.weight_q
         key = (tuple(x.shape), per_call)
         if choice == "auto" and key in self._timed:  # the hot path
@@ -365,7 +370,7 @@ class QWeighted(QTrainable):
             return "float" if choice == "onednn" and not usable else choice
         chunked = self.exact_weights(self.weight_q).chunks > 1
         kinds = ["float"] + ["float_whole"] * chunked
-        kinds += ["onednn"] * usable + ["int16"] * self.int16
+        kinds += ["onednn"] * usable + ["int16"] * self.int16 + ["int_mm"]
         if len(kinds) == 1:
             return "float"
         if key not in self._timed:
@@ -450,7 +455,7 @@ class QWeighted(QTrainable):
         stack = (ew.groups, ew.planes, ew.channels, ew.digit_bits, ew.chunks)
         out, n = kernels.epilogue(
             raw, self.channel_dim, stack, self.requant, bias, ctx.acc.bits, ctx.acc.overflow == "wrap",
-            ctx.requant,
+            ctx.requant, ew.offset, ew.shift,
         )  # fmt: skip
         ctx.stats.add(self.name, n)
         return out
@@ -484,6 +489,9 @@ class QConv2d(QWeighted):
         """Σ (x - zp_in)·w with the prepared weights: raw kernel output, planes stacked."""
         if ew.kind == "onednn":
             return onednn.conv(x, ew, int(self.zp_in), self.stride, self.padding, self.dilation)
+        if ew.kind == "int_mm":
+            k = self.weight_q.shape[2:]
+            return intmm.conv(x, ew, int(self.zp_in), k, self.stride, self.padding, self.dilation)
         if ew.kind == "int16":  # the patches as rows, then channels-last (B, C, OH, OW) int32
             (kh, kw), (b, c, h, w) = self.weight_q.shape[2:], x.shape
             oh, ow = h // kh, w // kw
@@ -510,6 +518,8 @@ class QLinear(QWeighted):
             return onednn.linear(x, ew, int(self.zp_in))
         if ew.kind == "int16":
             return kernels.gemm_s16(x, int(self.zp_in), ew.weight, ew.channels)
+        if ew.kind == "int_mm":
+            return intmm.linear(x, ew)
         return exact_linear(x if self.zp_in == 0 else x - self.zp_in, ew)
 
     def onednn_prepare(self, w):

@@ -10,14 +10,15 @@ kernels return Σ_k (x_k - zp)·w[c, k] exactly when the certificate holds:
 Weights therefore run as int8 digit planes of 7 bits (digits in [-64, 64): 8-bit weights take 2 planes,
 16-bit ones 3), stacked as extra output channels of one call and recombined by the epilogue. CPUs with VNNI
 (``vpdpbusd``) or AMX accumulate u8·s8 products in int32 without the int16 stage, so there full 8-bit digits
-([-128, 128): 8-bit weights in 1 plane, 16-bit ones in 2) are exact under the 2^24 bound alone
-(`digit_bits`). A self-test at first use runs the limits (all-255 inputs against weights at the digit
-extremes side by side, zero points 0 and 255, fan-ins whose sums reach 2^24 - 1) against float64: the 7-bit
-one decides whether the ops are usable at all, the 8-bit one (also through 3x3, strided, padded, grouped,
-depthwise and dilated convolutions and batch sizes 1 and 8, where oneDNN may dispatch other kernels) whether
-the wide digits are. If torch lacks the ops, the C kernels are unavailable (they split the planes) or the
-7-bit self-test fails, layers keep the float32 path. Which path a layer takes is decided per input shape by
-timing both (`QWeighted.kernel_for`): they give the same integers.
+([-128, 128): 8-bit weights in 1 plane, 16-bit ones in 2, as w - 128 plus a ones channel where a weight is
+above 32639: `planes_with_offset`) are exact under the 2^24 bound alone (`digit_bits`). A self-test at first
+use runs the limits (all-255 inputs against weights at the digit extremes side by side, zero points 0 and
+255, fan-ins whose sums reach 2^24 - 1) against float64: the 7-bit one decides whether the ops are usable at
+all, the 8-bit one (also through 3x3, strided, padded, grouped, depthwise and dilated convolutions and batch
+sizes 1 and 8, where oneDNN may dispatch other kernels) whether the wide digits are. If torch lacks the ops,
+the C kernels are unavailable (they split the planes) or the 7-bit self-test fails, layers keep the float32
+path. Which path a layer takes is decided per input shape by timing both (`QWeighted.kernel_for`): they give
+the same integers.
 """
 
 from __future__ import annotations
@@ -132,15 +133,32 @@ def self_test(bits: int = DIGIT_BITS) -> bool:
     return True
 
 
+def planes_with_offset(w: torch.Tensor, x_bound: int, groups: int, bits: int, limit_bits: int = 24):
+    """`kernels.digit_planes` of `w` in int8 digits of `bits` bits, (planes, count, bits, bound, offset), or
+    None. Where w - 2^(bits-1) takes fewer planes (16-bit weights up to 32767 in two 8-bit digits, groups
+    1) those planes come with a ones output channel appended (offset 2^(bits-1), see `ExactWeights`)."""
+    split = kernels.digit_planes(w, x_bound, groups, MAX_PLANES, bits, limit_bits=limit_bits)
+    if split is None:
+        return None
+    fan_in = w[0].numel() if w.dim() > 1 else 1
+    if groups == 1 and split[1] != 1 and x_bound * fan_in < 2**limit_bits:
+        offset = 1 << (bits - 1)
+        alt = kernels.digit_planes(w, x_bound, 1, MAX_PLANES, bits, offset=offset, limit_bits=limit_bits)
+        if alt[1] and (split[1] == 0 or alt[1] < split[1]):
+            ones = torch.ones((1, *alt[0].shape[1:]), dtype=alt[0].dtype)
+            return torch.cat([alt[0], ones]), alt[1], alt[2], alt[3], offset
+    return None if split[1] == 0 else (*split, 0)
+
+
 def _planes(w: torch.Tensor, groups: int, bits: int | None = None):
     from .intops import ExactWeights
 
-    split = kernels.digit_planes(w, X_MAX, groups, MAX_PLANES, bits or digit_bits())
-    if split is None or split[1] == 0:
+    split = planes_with_offset(w, X_MAX, groups, bits or digit_bits())
+    if split is None:
         return None
-    planes, p, bits, bound = split
+    planes, p, bits, bound, offset = split
     return planes, lambda packed: ExactWeights(
-        packed, p, bits, groups, w.shape[0], bound, kind="onednn", conv_groups=groups
+        packed, p, bits, groups, w.shape[0], bound, kind="onednn", conv_groups=groups, offset=offset
     )
 
 
@@ -166,7 +184,7 @@ def conv(x: torch.Tensor, ew, zp: int, stride, padding, dilation) -> torch.Tenso
     """Σ (x - zp)·d over the planes of `ew` for float32 codes `x` in [0, 255]: float32, channels-last,
     planes stacked as output channels (see `intops.combine`)."""
     xu8 = x.to(torch.uint8).contiguous(memory_format=torch.channels_last)
-    scales, zps = _unit(ew.planes * ew.channels)
+    scales, zps = _unit(ew.outputs)
     return _ops().qconv_pointwise(
         xu8, 1.0, zp, ew.weight, scales, zps, None, list(stride), list(padding), list(dilation), ew.groups,
         1.0, 0, torch.float32, "none", [], "",
@@ -184,7 +202,7 @@ def prepare_linear(w: torch.Tensor, zp: int, bits: int | None = None):
 def linear(x: torch.Tensor, ew, zp: int) -> torch.Tensor:
     """(x - zp) @ planesᵀ for float32 codes `x` in [0, 255] (any leading dims): float32, planes stacked."""
     rows = x.reshape(-1, x.shape[-1]).to(torch.uint8)
-    scales, zps = _unit(ew.planes * ew.channels)
+    scales, zps = _unit(ew.outputs)
     out = _ops().qlinear_pointwise(
         rows, 1.0, zp, ew.weight, scales, zps, None, 1.0, 0, torch.float32, "none", [], "none"
     )
