@@ -432,10 +432,9 @@ static inline void store_int(void *p, int bytes, i64 i, i64 v) {
 /* Digit d_q (q < planes-1) or top plane of v in base 2^b with digits in [-2^(b-1), 2^(b-1)):
  * d = ((rest + half) mod base) - half, rest = (rest - d) >> b. */
 static inline void digits(i64 v, int planes, int b, i64 *d) {
-    i64 base = (i64)1 << b, half = base >> 1, rest = v;
-    for (int q = 0; q < planes - 1; q++) {
-        i64 r = (rest + half) % base;
-        d[q] = (r < 0 ? r + base : r) - half;
+    i64 mask = ((i64)1 << b) - 1, half = (i64)1 << (b - 1), rest = v;
+    for (int q = 0; q < planes - 1; q++) { /* (rest + half) mod 2^b, two's complement */
+        d[q] = ((rest + half) & mask) - half;
         rest = (rest - d[q]) >> b;
     }
     d[planes - 1] = rest;

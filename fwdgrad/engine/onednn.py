@@ -137,17 +137,19 @@ def planes_with_offset(w: torch.Tensor, x_bound: int, groups: int, bits: int, li
     """`kernels.digit_planes` of `w` in int8 digits of `bits` bits, (planes, count, bits, bound, offset), or
     None. Where w - 2^(bits-1) takes fewer planes (16-bit weights up to 32767 in two 8-bit digits, groups
     1) those planes come with a ones output channel appended (offset 2^(bits-1), see `ExactWeights`)."""
-    split = kernels.digit_planes(w, x_bound, groups, MAX_PLANES, bits, limit_bits=limit_bits)
-    if split is None:
-        return None
     fan_in = w[0].numel() if w.dim() > 1 else 1
-    if groups == 1 and split[1] != 1 and x_bound * fan_in < 2**limit_bits:
-        offset = 1 << (bits - 1)
+    alt = None
+    if groups == 1 and w.dtype == torch.int16 and x_bound * fan_in < 2**limit_bits:
+        offset = 1 << (bits - 1)  # 16-bit weights: the offset split first, the plain one only to match it
         alt = kernels.digit_planes(w, x_bound, 1, MAX_PLANES, bits, offset=offset, limit_bits=limit_bits)
-        if alt[1] and (split[1] == 0 or alt[1] < split[1]):
-            ones = torch.ones((1, *alt[0].shape[1:]), dtype=alt[0].dtype)
-            return torch.cat([alt[0], ones]), alt[1], alt[2], alt[3], offset
-    return None if split[1] == 0 else (*split, 0)
+    most = alt[1] if alt and alt[1] else MAX_PLANES
+    split = kernels.digit_planes(w, x_bound, groups, most, bits, limit_bits=limit_bits)
+    if split is not None and split[1]:
+        return (*split, 0)
+    if alt and alt[1]:
+        ones = torch.ones((1, *alt[0].shape[1:]), dtype=alt[0].dtype)
+        return torch.cat([alt[0], ones]), alt[1], alt[2], alt[3], offset
+    return None
 
 
 def _planes(w: torch.Tensor, groups: int, bits: int | None = None):

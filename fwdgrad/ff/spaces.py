@@ -86,6 +86,7 @@ class Space:
         self.masks = {names.index(n): m for n, m in (masks or {}).items()}  # keyed by tensor id
         self.momentum, self.kernel_norm = momentum, kernel_norm
         self.history: dict[int, torch.Tensor] = {}
+        self._last_z: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}  # t: ((step, sample), z)
 
     def active(self, step: int) -> list[int]:
         """The tensor ids step `step` perturbs and updates: all, or the layer-wise one."""
@@ -99,12 +100,18 @@ class Space:
         raise NotImplementedError
 
     def z(self, step: int, sample: int, t: int, shape, device) -> torch.Tensor:
-        """The perturbation of tensor t for (step, sample): base noise, momentum mix, sparse mask."""
+        """The perturbation of tensor t for (step, sample): base noise, momentum mix, sparse mask. The last z
+        of each tensor is kept (one tensor's worth per trained tensor, never written to by the callers): the
+        + and - passes of a sample, and the update's last sample, reuse it instead of sampling it again."""
+        last = self._last_z.get(t)
+        if last is not None and last[0] == (step, sample):
+            return last[1]
         z = self._noise(step, sample, t, shape, device)
         if self.momentum is not None and t in self.history and step >= self.momentum.warmup:
             z = self._mix(z, self._noise(step, sample + (1 << 19), t, shape, device), self.history[t], step)
         if t in self.masks:
             z = z * self.masks[t].to(z.dtype)
+        self._last_z[t] = ((step, sample), z)
         return z
 
     def state_dict(self) -> dict:
@@ -116,6 +123,7 @@ class Space:
     def load_state_dict(self, state: dict) -> None:
         self.history = {int(k): v.clone() for k, v in state["history"].items()}
         self.masks = {int(k): v.clone() for k, v in state["masks"].items()}
+        self._last_z = {}
 
 
 # ------------------------------------------------------------------------------------------ float
