@@ -98,6 +98,7 @@ CONVS = {  # name: (cin, cout, kernel, stride, padding, dilation, groups, size)
     "stride2_1x1": (16, 32, 1, 2, 0, 1, 1, 8),
     "depthwise": (24, 24, 3, 1, 1, 1, 24, 7),
     "grouped_dilated": (12, 18, 3, 2, 2, 2, 3, 11),
+    "dilated": (12, 18, 3, 2, 2, 2, 1, 11),  # groups 1: also on _int_mm's im2col
     "stem": (3, 8, 3, 1, 1, 1, 1, 10),
     "long_fanin": (256, 8, 3, 1, 1, 1, 1, 5),  # 16-bit weights: certified in fan-in chunks
     "patchify": (3, 16, 4, 4, 0, 1, 1, 10),  # a ViT's patch embedding (the int16 GEMM), a remainder dropped
@@ -392,6 +393,38 @@ def test_wide_digits_only_where_the_self_test_proves_them():
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "False", "7"], out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, stride, padding, dilation",
+    [((2, 5, 9, 7), (3, 2), (2, 1), (1, 2), (1, 2)), ((1, 3, 6, 11), (1, 1), (1, 3), (0, 0), (1, 1))],
+)
+@pytest.mark.parametrize("zp", [0, 77, 255])
+def test_int_mm_columns_are_the_padded_windows(shape, kernel, stride, padding, dilation, zp):
+    """im2col of _int_mm: each row is one output position's window, (kh, kw, c) order, u = x - 128, the
+    padding the code zp; non-square inputs and kernels, asymmetric stride / padding / dilation, NCHW and
+    channels-last inputs alike."""
+    g = torch.Generator().manual_seed(zp)
+    x = torch.randint(0, 256, shape, generator=g).float()
+    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]), value=float(zp))
+    ref = F.unfold(padded, kernel, dilation=dilation, stride=stride)  # [B, C*kh*kw, L], (c, kh, kw) order
+    b, c = shape[:2]
+    ref = (
+        ref.reshape(b, c, kernel[0] * kernel[1], -1)
+        .permute(0, 3, 2, 1)
+        .reshape(-1, c * kernel[0] * kernel[1])
+    )
+    for layout in (torch.contiguous_format, torch.channels_last):
+        cols = intmm.columns(x.contiguous(memory_format=layout), kernel, zp, stride, padding, dilation)
+        assert cols.dtype == torch.int8 and torch.equal(cols.long(), ref.long() - 128)
+    if not intmm.available():
+        pytest.skip("torch._int_mm is not usable here")
+    w = torch.randint(-64, 64, (4, shape[1], *kernel), generator=g, dtype=torch.int8)
+    ew = intmm.prepare(w, zp)  # one plane at either digit width, no ones channel; the epilogue adds `shift`
+    raw = intmm.conv(x, ew, zp, kernel, stride, padding, dilation)
+    acc = raw.long() + ew.shift.reshape(1, -1, 1, 1)
+    ref = F.conv2d(x.double() - zp, w.double(), None, stride, padding, dilation).long()
+    assert ew.planes == 1 and not ew.offset and torch.equal(acc, ref)
 
 
 def test_int_mm_digits_only_where_its_self_test_proves_them():
