@@ -353,9 +353,10 @@ class FixedPointSpace(Space):
 
     # -- update -----------------------------------------------------------------------------------
     def gradient_q(self, step: int, t: int, coeffs: list[float], shape, device) -> torch.Tensor:
-        """g_q = round_half_away((1/m) Σ_i c_i z_q,i), 8 bits on Δ_z; z regenerated one sample at a time."""
+        """g_q = round_half_away((1/m) Σ_i c_i z_q,i), 8 bits on Δ_z; z regenerated one sample at a time, the
+        last sample first (the one `z` still holds; integer sums do not depend on the order)."""
         s = torch.zeros(shape, dtype=torch.int64, device=device)
-        for i, c in enumerate(coeffs):
+        for i, c in reversed(list(enumerate(coeffs))):
             if c:
                 s += int(c) * self.z(step, i, t, shape, device)
         m = len(coeffs)
@@ -398,7 +399,7 @@ class FixedPointSpace(Space):
         wn = w.reshape(w.shape[0], -1).double().norm(dim=1)
         acc = torch.zeros_like(w)
         g = torch.zeros_like(w)
-        for i, c in enumerate(coeffs):
+        for i, c in reversed(list(enumerate(coeffs))):  # the last sample first, as `gradient_q`
             if not c:
                 continue
             z = self.z(step, i, t, w.shape, w.device)
