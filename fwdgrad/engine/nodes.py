@@ -358,9 +358,9 @@ class QWeighted(QTrainable):
     def kernel_for(self, x: torch.Tensor, choice: str, w: torch.Tensor | None = None) -> str:
         """The kernel kind this layer runs on input `x` under the setting `choice` (see KERNELS): with
         "auto", the fastest of "float" (fan-in chunks where they save planes), "float_whole" (the same
-        without chunks, where that differs: small batches), "onednn" and "int16" (where available), timed
-        once per input shape (kernel and C epilogue), on the stored weights or, for weights `w` other than
-        them (perturbed per call), including their per-call preparation; "int_mm" (where available) too."""
+        without chunks, where that differs: small batches), "onednn", "int_mm" and "int16" (where available),
+        timed once per input shape (kernel and C epilogue), on the stored weights or, for weights `w` other
+        than them (perturbed per call), including their per-call preparation."""
         per_call = w is not None and w is not self.weight_q
         key = (tuple(x.shape), per_call)
         if choice == "auto" and key in self._timed:  # the hot path
