@@ -415,7 +415,8 @@ def test_int_mm_columns_are_the_padded_windows(shape, kernel, stride, padding, d
         .reshape(-1, c * kernel[0] * kernel[1])
     )
     for layout in (torch.contiguous_format, torch.channels_last):
-        cols = intmm.columns(x.contiguous(memory_format=layout), kernel, zp, stride, padding, dilation)
+        cols, size = intmm.columns(x.contiguous(memory_format=layout), kernel, zp, stride, padding, dilation)
+        assert cols.shape[0] == b * size[0] * size[1]
         assert cols.dtype == torch.int8 and torch.equal(cols.long(), ref.long() - 128)
     if not intmm.available():
         pytest.skip("torch._int_mm is not usable here")

@@ -91,9 +91,9 @@ def _signed(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.uint8).bitwise_xor_(128).view(torch.int8)
 
 
-def columns(x: torch.Tensor, kernel_size, zp: int, stride, padding, dilation) -> torch.Tensor:
+def columns(x: torch.Tensor, kernel_size, zp: int, stride, padding, dilation) -> tuple[torch.Tensor, tuple]:
     """im2col of float32 u8 codes [B, C, H, W] as int8 u = x - 128: rows (b, oh, ow), columns (kh, kw, c),
-    the padding filled with zp's u."""
+    the padding filled with zp's u; with the output size (oh, ow)."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     b, c, h, w = x.shape
     u = _signed(x.permute(0, 2, 3, 1))  # NHWC: a view where `x` is channels-last
@@ -105,17 +105,13 @@ def columns(x: torch.Tensor, kernel_size, zp: int, stride, padding, dilation) ->
     ow = (u.shape[2] - dw * (kw - 1) - 1) // sw + 1
     s = u.stride()
     windows = u.as_strided((b, oh, ow, kh, kw, c), (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3]))
-    return windows.reshape(b * oh * ow, kh * kw * c)
+    return windows.reshape(b * oh * ow, kh * kw * c), (oh, ow)
 
 
 def conv(x: torch.Tensor, ew, zp: int, kernel_size, stride, padding, dilation) -> torch.Tensor:
     """The int32 kernel output of a conv (groups 1): [B, outputs, OH, OW], channels-last."""
-    cols = columns(x, kernel_size, zp, stride, padding, dilation)
-    b = x.shape[0]
-    out = _gemm(cols, ew.weight)
-    oh_ow = out.shape[0] // b
-    oh = (x.shape[2] + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
-    return out.reshape(b, oh, oh_ow // oh, -1).permute(0, 3, 1, 2)
+    cols, (oh, ow) = columns(x, kernel_size, zp, stride, padding, dilation)
+    return _gemm(cols, ew.weight).reshape(x.shape[0], oh, ow, -1).permute(0, 3, 1, 2)
 
 
 def linear(x: torch.Tensor, ew) -> torch.Tensor:

@@ -90,7 +90,8 @@ class ExactWeights:
     channels: int
     bound: int
     kind: str = "float"  # "float": float32 planes / float64; "onednn": packed int8 planes (`onednn`);
-    # "int16": int16 weights packed for the int32 GEMM (`kernels.gemm_s16`)
+    # "int16": int16 weights packed for the int32 GEMM (`kernels.gemm_s16`); "int_mm": int8 planes
+    # [K, outputs] for `torch._int_mm` (`intmm`)
     conv_groups: int = 1  # the layer's own groups
     chunks: int = 1  # fan-in chunks, each certified and summed on its own (see `prepare`)
     offset: int = 0

@@ -60,7 +60,7 @@ static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (
     }
 GATHER(float)
 GATHER(double)
-GATHER(int32_t) /* the int16 GEMM's accumulators (one plane) */
+GATHER(int32_t) /* int32 GEMMs: the int16 GEMM (one plane), _int_mm (planes) */
 
 /* Bias, accumulator fit, requantization, zero point and clamp of one row of exact accumulators `a`. The
  * integer bias `b` joins the accumulator in every mode (with requant "float" the caller passes only a
@@ -141,12 +141,12 @@ EPILOGUE(fw_epilogue_f64, double)
 EPILOGUE(fw_epilogue_i32, int32_t)
 
 /* The same epilogue for channels-last accumulators (NHWC conv outputs, linear layers): `acc` is
- * [outer][groups][planes][C/groups] (groups 1 with a nonzero `offset`: [outer][planes·C + 1], the last
- * entry Σ_k (x_k - zp) of a ones channel, added offset times to every channel), `out` is [outer][C]. Work goes in segments of at most SEG elements:
- * SEG/C whole rows when C < SEG (so short rows of 16-64 channels still fill the vector loops), else one
- * row's SEG-channel chunk; per-channel constants are tiled over the segment. `f64` says the float64 form of
- * "single" is exact for every channel (n in 16..52, acc_bits small enough; checked by the caller), with
- * constants mhi/mlo/half/inv. */
+ * [outer][groups][planes][C/groups] (groups 1 with a nonzero `offset`: [outer][planes·C + 1], the last entry
+ * Σ_k (x_k - zp) of a ones channel, added offset times to every channel), `out` is [outer][C]. Work goes in
+ * segments of at most SEG elements: SEG/C whole rows when C < SEG (so short rows of 16-64 channels still fill
+ * the vector loops), else one row's SEG-channel chunk; per-channel constants are tiled over the segment.
+ * `f64` says the float64 form of "single" is exact for every channel (n in 16..52, acc_bits small enough;
+ * checked by the caller), with constants mhi/mlo/half/inv. */
 #define SEG 1024
 
 /* The vector loops of the channels-last epilogue, as functions so the compiler sees plain restrict loops. */
@@ -182,7 +182,7 @@ static inline void cl_single_f64(const double *restrict a, const double *restric
     }
 CL_GATHER(float)
 CL_GATHER(double)
-CL_GATHER(int32_t) /* the int16 GEMM's accumulators (one plane) */
+CL_GATHER(int32_t) /* int32 GEMMs: the int16 GEMM (one plane), _int_mm (planes) */
 #define EPILOGUE_CL(NAME, T)                                                                                \
     i64 NAME(const T *acc, float *out, i64 outer, int groups, int planes, int C, int digit_bits,           \
              const i64 *bias, const i64 *mult, const int *n, const double *mhi, const double *mlo,          \
@@ -440,16 +440,16 @@ static inline void digits(i64 v, int planes, int b, i64 *d) {
     d[planes - 1] = rest;
 }
 
-/* The certified digit-plane split of integer weights [C][K] minus `offset` (see fwdgrad/engine/intops.py: each plane's
- * x_bound·max_c Σ_k |d[c,k]| < 2^limit_bits: 24 for float32 sums, 31 for int32 ones), trying 1..max_planes planes with the same digit widths as the torch
- * path. With chunks > 1 the fan-in K is cut into that many contiguous chunks (of input channels), each
- * summed separately by the kernel, and the bound holds per chunk. With fixed_bits > 0 the digits have that
- * width and every plane must also satisfy -2^(fixed_bits-1) <= d <= 2^(fixed_bits-1), capped at 127 (an
- * int8 kernel's operand limit: 7-bit digits stay within ±64, 8-bit ones within [-128, 127]).
- * A nonzero `offset` splits w - offset (the kernel adds offset·Σ_k (x_k - zp) from a ones channel): 16-bit
- * weights up to 32767 then fit two 8-bit digits, whose balanced range is [-32896, 32639].
- * Returns the number of planes (0: none certifies), with the digit bits in *bits and the whole bound
- * x_bound·max_c Σ|w| (of w itself) in *bound. */
+/* The certified digit-plane split of integer weights [C][K] minus `offset` (see fwdgrad/engine/intops.py:
+ * each plane's x_bound·max_c Σ_k |d[c,k]| < 2^limit_bits: 24 for float32 sums, 31 for int32 ones), trying
+ * 1..max_planes planes with the same digit widths as the torch path. With chunks > 1 the fan-in K is cut into
+ * that many contiguous chunks (of input channels), each summed separately by the kernel, and the bound holds
+ * per chunk. With fixed_bits > 0 the digits have that width and every plane must also satisfy
+ * -2^(fixed_bits-1) <= d <= 2^(fixed_bits-1), capped at 127 (an int8 kernel's operand limit: 7-bit digits
+ * stay within ±64, 8-bit ones within [-128, 127]). A nonzero `offset` splits w - offset (the kernel adds
+ * offset·Σ_k (x_k - zp) from a ones channel): 16-bit weights up to 32767 then fit two 8-bit digits, whose
+ * balanced range is [-32896, 32639]. Returns the number of planes (0: none certifies), with the digit bits in
+ * *bits and the whole bound x_bound·max_c Σ|w| (of w itself) in *bound. */
 int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, int chunks, i64 x_bound, int max_planes, int fixed_bits,
                    i64 offset, int limit_bits, int *bits, i64 *bound) {
     i64 limit = (i64)1 << limit_bits;
@@ -502,7 +502,8 @@ int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, int chunks, i64 x_bo
     return 0;
 }
 
-/* The planes of w - offset stacked as float32 (out_bytes 4) or int8 (out_bytes 1): [groups][planes][C/groups][K] (one
+/* The planes of w - offset stacked as float32 (out_bytes 4) or int8 (out_bytes 1):
+ * [groups][planes][C/groups][K] (one
  * kernel call runs them all), or with chunks > 1 (groups 1) [chunks][planes][C][K/chunks], the weight of
  * a conv grouped by fan-in chunk. */
 void fw_fill_planes(const void *w, int wbytes, i64 C, i64 K, int groups, int chunks, int planes, int b, i64 offset,
