@@ -194,6 +194,8 @@ class MethodConfig:
         check_hyper(self.name, self.lr, self.eps, self.m, where="method.")
         seg = self.segments
         require(seg is None or seg >= 2, "method.segments", seg, "null or integers >= 2 (bp_ckpt)")
+        if (self.ff or {}).get("difference") == "median" and "m" in s.hyper and "m" not in s.fixed:
+            require(self.m >= 2, "method.m", self.m, "integers >= 2 with method.ff.difference=median")
         if self.ff and s.ff_options:
             for k in self.ff:
                 require(k in s.ff_options, f"method.ff.{k}", self.ff[k], f"keys {', '.join(s.ff_options)}")

@@ -2,6 +2,8 @@
 space, export and the edge bundle's header (docs/method.md#the-fixed-point-formulation). Torch-free, so the
 method registry and config validation can name its fields without importing torch.
 
+    difference     the coefficient c_i ∈ {-1, 0, 1} of z_i: sign (sign(L(w+εz_i) − L(w−εz_i)), two passes per
+                   sample; the paper's) | median (sign(L(w+εz_i) − median_j L(w+εz_j)), one pass per sample)
     distribution   8-bit perturbation z_q: qgaussian (Philox + Gaussian table) | qrademacher (±1_q)
     z_max          z's range; static scale Δ_z = z_max/127, unit 1_q = round(1/Δ_z)
     rounding       rounding of the perturbation and the update: nearest | floor | stochastic
@@ -18,6 +20,8 @@ from dataclasses import asdict, dataclass
 
 from .rng import LAYERWISE, check_z_max
 
+#: the differences whose coefficients lie in {-1, 0, 1}, which the integer update takes
+INTEGER_DIFFERENCES = ("sign", "median")
 QUANT_DISTRIBUTIONS = ("qgaussian", "qrademacher")
 ROUNDINGS = ("nearest", "floor", "stochastic")
 PERTURB_SCALES = ("one", "delta_z")
@@ -25,6 +29,7 @@ PERTURB_SCALES = ("one", "delta_z")
 
 @dataclass(frozen=True)
 class FixedPointSettings:
+    difference: str = "sign"
     distribution: str = "qgaussian"
     z_max: float = 3.5
     rounding: str = "nearest"
@@ -34,6 +39,11 @@ class FixedPointSettings:
     layerwise: str = "off"
 
     def __post_init__(self):
+        if self.difference not in INTEGER_DIFFERENCES:
+            raise ValueError(
+                f"difference {self.difference!r} is invalid for fixed-point training (its coefficients must "
+                f"be -1, 0 or 1); allowed: {', '.join(INTEGER_DIFFERENCES)}"
+            )
         if self.distribution not in QUANT_DISTRIBUTIONS:
             kind = "float" if self.distribution in ("gaussian", "rademacher", "sphere") else "unknown"
             raise ValueError(
@@ -54,3 +64,17 @@ class FixedPointSettings:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def median_signs(losses) -> list[int]:
+    """c_i = sign(L_i − median_j L_j) for the m one-sided losses L_i = L(w + εz_i) of a step (the `median`
+    difference): the directions on the worse half are pushed back, those on the better half followed, and a
+    loss equal to the median gives 0. With m even the median is the mean of the two middle losses; the test
+    is 2·L_i against their sum, exact for integer losses. Pure Python, so the engine and the numpy edge
+    runtime decide the same signs."""
+    ls = [float(v) for v in losses]
+    if not ls:
+        return []
+    s, n = sorted(ls), len(ls)
+    twice = 2 * s[n // 2] if n % 2 else s[n // 2 - 1] + s[n // 2]
+    return [(2 * v > twice) - (2 * v < twice) for v in ls]

@@ -6,11 +6,11 @@ model's format and sample count (fwdgrad.pipeline.steps), the landscape's runnab
 is one entry here plus its builder. Torch-free, so validating a config imports no torch.
 
 Forward passes per step (docs/method.md, estimators): a BP step counts as `BP_FORWARD_EQUIVALENTS` = 3
-forward passes (forward + backward ≈ 2 forwards); sign-m-SPSA and SPSA cost 2 per sample (2m), plus 2 for
-a sharpness-aware probe and 1 for the shared centre of a one-sided difference; a JVP costs one dual-number
-forward per tangent; hybrid costs 2m + 3; BP with activation checkpointing (bp_ckpt) recomputes its
-checkpointed segments in the backward, one forward more: `CKPT_FORWARD_EQUIVALENTS` = 4 (an upper bound:
-the last segment is not recomputed).
+forward passes (forward + backward ≈ 2 forwards); sign-m-SPSA and SPSA cost 2 per sample (2m), the
+median difference 1 per sample (m), plus 2 for a sharpness-aware probe and 1 for the shared centre of a
+one-sided difference; a JVP costs one dual-number forward per tangent; hybrid costs QZO-FF's passes + 3; BP
+with activation checkpointing (bp_ckpt) recomputes its checkpointed segments in the backward, one forward
+more: `CKPT_FORWARD_EQUIVALENTS` = 4 (an upper bound: the last segment is not recomputed).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, fields
 from .fixed_point import FixedPointSettings
 
 BP_FORWARD_EQUIVALENTS = 3
+#: differences that evaluate one perturbed point per sample (fwdgrad.ff.estimators)
+ONE_PASS_DIFFERENCES = ("one_sided", "median")
 CKPT_FORWARD_EQUIVALENTS = BP_FORWARD_EQUIVALENTS + 1
 #: what trains: everything (ft), the last layers (lp, linear probing), a mask (sparse), a transformer's deep
 #: prompts and head (dvpt, deep visual prompt tuning), its LayerNorm affine parameters and head (ln), the
@@ -82,9 +84,10 @@ class MethodSpec:
         if self.builder == "jvp":
             return m
         ff = ff or {}
-        one_sided = ff.get("difference") == "one_sided"
-        per_sample = 1 if one_sided else 2
-        return per_sample * m + (1 if one_sided else 0) + (2 if ff.get("sharpness_rho") else 0)
+        difference = ff.get("difference", "sign")
+        per_sample = 1 if difference in ONE_PASS_DIFFERENCES else 2
+        center = 1 if difference == "one_sided" else 0
+        return per_sample * m + center + (2 if ff.get("sharpness_rho") else 0)
 
     def memory_samples(self, m: int) -> int:
         """The m the memory model sees (a gradient-sum buffer exists only for m > 1)."""

@@ -188,6 +188,15 @@ def test_unsupported_op_is_a_one_line_error(tmp_path):
         )
 
 
+def test_median_difference_is_a_one_line_error(tmp_path):
+    x = torch.randn(8, 1, 6, 6)
+    q = convert(nn.Sequential(nn.Flatten(), nn.Linear(36, 3)).eval(), "w16a8", x)
+    export_bundle(q, tmp_path / "b.npz", None, eps=1e-3, lr=1e-3, m=4, seed=7, difference="median")
+    with pytest.raises(CExportError, match=r"training\.difference='median'.*allowed: 'sign'") as err:
+        generate_c(load_bundle(tmp_path / "b.npz"), tmp_path / "c", (1, 6, 6))
+    assert "\n" not in str(err.value)
+
+
 def test_arena_plan_reuses_dead_buffers():
     ops = [
         {"kind": "input", "name": "x", "inputs": []},

@@ -180,8 +180,22 @@ def test_training_bit_exact(tmp_path, name):
         dict(layerwise="sample", rounding="stochastic"),
         # 8-bit weights: ±1-LSB Rademacher perturbations, stochastic rounding of the update (the w8a8 preset)
         dict(scheme="w8a8", distribution="qrademacher", rounding="stochastic", eps_min_q=1),
+        # one-sided passes signed against the step's median loss, 16- and 8-bit weights
+        dict(difference="median"),
+        dict(
+            difference="median", scheme="w8a8", distribution="qrademacher", rounding="stochastic", eps_min_q=2
+        ),
     ],
-    ids=["stochastic", "floor-deltaz-rademacher", "sparse", "layerwise-cycle", "layerwise-sample", "w8-lsb"],
+    ids=[
+        "stochastic",
+        "floor-deltaz-rademacher",
+        "sparse",
+        "layerwise-cycle",
+        "layerwise-sample",
+        "w8-lsb",
+        "median",
+        "median-w8-lsb",
+    ],
 )
 def test_training_variants_bit_exact(tmp_path, kw):
     q, x, y = _model("small_cnn", per_channel=True, scheme=kw.pop("scheme", "w16a8"))
@@ -191,6 +205,7 @@ def test_training_variants_bit_exact(tmp_path, kw):
             n: torch.rand(node.weight_q.shape, generator=g) < 0.3 for n, node in q.weight_nodes().items()
         }
     bundle, _ = _train_both(tmp_path, q, x, y, None, steps=4, **kw)
+    assert bundle.training["difference"] == kw.get("difference", "sign")
     for t in bundle.training["tensors"]:
         assert bundle.arrays[t["eps_q"]].ndim == 1  # per-channel ε_q
 
@@ -324,6 +339,8 @@ def _set(path, value):
         (_set(["ops", 1, "kind"], "gru"), None, "unknown kind 'gru'"),
         (_set(["ops"], [1, 2]), None, "malformed header"),
         (_set(["training", "loss"], "hinge"), None, "training.loss is 'hinge'"),
+        (_set(["training", "difference"], "central"), None, "training.difference is 'central'"),
+        (lambda h: h["training"].update(difference="median", m=1), None, "training.m is 1"),
     ],
     ids=[
         "major",
@@ -335,6 +352,8 @@ def _set(path, value):
         "op-kind",
         "malformed",
         "loss",
+        "difference",
+        "median-m1",
     ],
 )
 def test_invalid_bundles_rejected(bundle_file, tmp_path, header_fn, arrays_fn, match):

@@ -60,14 +60,14 @@ def test_every_estimator_points_downhill_and_is_reproducible(difference, distrib
     q = Quadratic()
     true = q.grad()
     cos = {}
-    for m in (1, 32):
+    for m in (2, 32):  # the median difference needs two losses
         est = make_estimator(difference, distribution, m)
         gs = []
         for seed in range(4):
             opt = zo_sgd([("w", q.w)], lr=1.0, eps=1e-4, estimator=est, seed=seed)
             gs.append(estimate(opt, q, [q.w]))
         cos[m] = float(np.mean([cosine(g, true) for g in gs]))
-    assert cos[1] > 0.0 and cos[32] > cos[1] and cos[32] > 0.5, cos
+    assert cos[2] > 0.0 and cos[32] > cos[2] and cos[32] > 0.5, cos
     est = make_estimator(difference, distribution, 3)
     a = estimate(zo_sgd([("w", q.w)], 1.0, 1e-4, est, seed=11), q, [q.w])
     b = estimate(zo_sgd([("w", q.w)], 1.0, 1e-4, est, seed=11), q, [q.w])
@@ -104,6 +104,26 @@ def test_jvp_forward_gradient_is_unbiased():
     assert cosine(flat, ref) > 0.93
     assert torch.allclose(flat, ref, atol=0.25 * ref.abs().max())
     assert abs(loss - float(F.cross_entropy(mlp(x), y))) < 1e-12
+
+
+def test_median_signs():
+    from fwdgrad.fixed_point import median_signs
+
+    assert median_signs([3.0, 1.0, 2.0]) == [1, -1, 0]  # odd m: the middle loss itself gives 0
+    assert median_signs([4.0, 1.0, 2.0, 3.0]) == [1, -1, -1, 1]  # even m: the mean of the two middle ones
+    assert median_signs([5, 5, 5, 7]) == [0, 0, 0, 1]  # ties at the median give no direction
+    assert median_signs([2.0, 2.0]) == [0, 0] and median_signs([]) == []
+    big = 2**40  # integer losses: 2·L against the sum of the middle two, no rounding
+    assert median_signs([big, big + 1, big + 2, big + 3]) == [-1, -1, 1, 1]
+
+
+def test_median_needs_two_samples_and_signs_fixed_point():
+    with pytest.raises(ValueError, match="m=1 is invalid for the median difference; allowed: integers >= 2"):
+        make_estimator("median", "gaussian", 1)
+    from fwdgrad.fixed_point import FixedPointSettings
+
+    with pytest.raises(ValueError, match="difference 'central' is invalid for fixed-point training"):
+        FixedPointSettings(difference="central")
 
 
 # ------------------------------------------------------------------------------------ fixed point

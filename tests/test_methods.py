@@ -19,12 +19,15 @@ def _model(s):
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-@pytest.mark.parametrize("m, ff", [(1, {}), (3, {}), (2, {"sharpness_rho": 1e-2})])
+@pytest.mark.parametrize(
+    "m, ff", [(1, {}), (3, {}), (2, {"sharpness_rho": 1e-2}), (4, {"difference": "median"})]
+)
 def test_spec_matches_what_its_builder_makes(name, m, ff):
     s = spec(name)
     assert s.builder in BUILDERS and s.trains in ("float", "qmodel") and s.default_quant in ("fp32", "w16a8")
     assert set(s.hyper) <= {"lr", "eps", "m"} and "lr" in s.hyper
-    ff = ff if "sharpness_rho" in s.ff_options else {}
+    takes = set(ff) <= set(s.ff_options) and not (ff.get("difference") and "m" in s.fixed)
+    ff = ff if takes else {}
     model = _model(s)
     layers = 2 if name == "hybrid" else 1  # hybrid needs a layer below its BP-trained head
     cfg = TrainConfig(method=name, scope="lp", lp_layers=layers, lr=0.01, eps=1e-2, m=m, steps=1, ff=ff)
@@ -58,6 +61,8 @@ def test_hyperparameters_a_method_pins_or_ignores():
         check_hyper("qzo_ff", 0.1, 0, 3)
     with pytest.raises(ValueError, match="method 'adam' is invalid; allowed: bp, "):
         spec("adam")
+    qzo = spec("qzo_ff")
+    assert qzo.forwards_per_step(12, {"difference": "median"}) == qzo.forwards_per_step(6) == 12
     assert SCOPES == ("ft", "lp", "sparse", "dvpt", "ln", "bias")
 
 

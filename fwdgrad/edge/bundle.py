@@ -79,6 +79,7 @@ OP_KINDS = tuple(OP_FIELDS)
 #: the op kinds holding a `weight` array that QZO-FF can train (perturb and update)
 WEIGHTED_KINDS = ("conv2d", "linear", "layernorm", "tokens")
 DISTRIBUTIONS = ("qgaussian", "qrademacher")
+DIFFERENCES = ("sign", "median")
 ROUNDINGS = ("nearest", "floor", "stochastic")
 #: training.loss: the cross-entropy each step's signs are decided on, by option name (`train.loss`,
 #: `finetune --loss`): the float64 one of the dequantized logits, or the integer one (`fwdgrad.edge.loss`)
@@ -209,6 +210,10 @@ def validate_training(tr: dict, ops: list[dict]) -> None:
     _check("training.loss", loss, loss in LOSS_NAMES.values(), str(tuple(LOSS_NAMES.values())))
     layerwise = tr.get("layerwise", "off")
     _check("training.layerwise", layerwise, layerwise in rng.LAYERWISE, str(rng.LAYERWISE))
+    difference = tr.get("difference", "sign")  # bundles written before the median difference: sign
+    _check("training.difference", difference, difference in DIFFERENCES, str(DIFFERENCES))
+    if difference == "median":
+        _int_in("training.m", tr["m"], 2, 2**32)
     _require(tr["perturb"], ("mult", "n"), "training.perturb")
     _int_in("training.perturb.mult", tr["perturb"]["mult"], 1, 2**31)
     _int_in("training.perturb.n", tr["perturb"]["n"], 1, 63)

@@ -842,6 +842,12 @@ def generate_c(
             f"cannot export to C: unsupported op(s) {', '.join(unsupported)}; "
             f"the C runtime covers {', '.join(SUPPORTED)}"
         )
+    difference = bundle.training.get("difference", "sign")
+    if difference != "sign":
+        raise CExportError(
+            f"cannot export to C: training.difference={difference!r}; the C runtime decides sign-m-SPSA's "
+            "signs; allowed: 'sign' (the numpy runtime runs the median difference)"
+        )
     layerwise = bundle.training.get("layerwise", "off")
     if layerwise != "off":
         raise CExportError(

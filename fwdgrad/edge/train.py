@@ -6,6 +6,7 @@ Step k; trainable tensor t (its index in the header's trainable list); sample i 
     z_q   = gaussian_q(seed, k, i, t, shape, z_max) · mask                  int8 on Δ_z = z_max/127
     w_q±  = sat_b( round( (w_q·1_q ± ε_q·z_q) · M_p·2^-n_p ) )              made layer by layer, then freed
     c_i   = sign( L(w_q+) − L(w_q−) )        L: float64 cross-entropy of the dequantized logits
+            (header ``difference`` median: only w_q+ is evaluated, c_i = sign(L(w_q+,i) − median_j L(w_q+,j)))
     s     = Σ_i c_i·z_q,i,    g_q = clamp( sign(s)·⌊(2|s| + m) / 2m⌋, ±127 )   (1/m, half away from zero)
     w_q  ← sat_b( w_q − round( g_q · M_u·2^-(31+shift_u) ) )                 M_u·2^-(31+shift_u) ≈ η·Δ_z/Δ_w
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import rng
+from ..fixed_point import median_signs
 from ..rng.streams import SR_STREAM
 from .bundle import Bundle
 from .runtime import Prefix, Runtime
@@ -75,6 +77,7 @@ class Trainer:
         ops = {op["name"]: op for op in bundle.ops}
         self.weight_names = [ops[t["name"]]["arrays"]["weight"] for t in self.tensors]
         self.layerwise = tr.get("layerwise", "off")  # bundles written before layer-wise training: off
+        self.difference = tr.get("difference", "sign")  # bundles written before the median difference: sign
         self.op_index = {op["name"]: i for i, op in enumerate(bundle.ops)}
 
     @property
@@ -126,15 +129,19 @@ class Trainer:
         return cross_entropy(self.runtime.logits(x, self.weights_at(step, sample, sign), prefix)[1], y)
 
     def step(self, x: np.ndarray, y: np.ndarray) -> float:
-        """One QZO-FF step on batch (x, y); returns the mean of the 2m perturbed losses."""
+        """One QZO-FF step on batch (x, y); returns the mean of the perturbed losses (2m, or m for median)."""
         k = self.step_count
         first = min(self.op_index[self.tensors[t]["name"]] for t in self.active(k))
         prefix = self.runtime.run_prefix(x, first)  # the layers before the first one this step perturbs
-        coeffs, losses = [], []
-        for i in range(self.m):
-            plus, minus = self.loss(x, y, k, i, +1, prefix), self.loss(x, y, k, i, -1, prefix)
-            coeffs.append(int(plus > minus) - int(plus < minus))
-            losses += [plus, minus]
+        if self.difference == "median":
+            losses = [self.loss(x, y, k, i, +1, prefix) for i in range(self.m)]
+            coeffs = median_signs(losses)
+        else:
+            coeffs, losses = [], []
+            for i in range(self.m):
+                plus, minus = self.loss(x, y, k, i, +1, prefix), self.loss(x, y, k, i, -1, prefix)
+                coeffs.append(int(plus > minus) - int(plus < minus))
+                losses += [plus, minus]
         self.update(k, coeffs)
         self.bundle.training["step"] = k + 1
         return sum(losses) / len(losses)

@@ -396,7 +396,7 @@ def _training(
         )
     return {
         "method": "qzo_ff",
-        "difference": "sign",
+        "difference": fp.difference,
         "distribution": fp.distribution,
         "loss": hp["loss"],
         "trainable": names,

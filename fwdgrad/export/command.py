@@ -14,7 +14,13 @@ import torch
 from ..edge.bundle import LOSS_NAMES, BundleError
 from ..engine.model import QModel
 from ..files import atomic_open
-from ..fixed_point import PERTURB_SCALES, QUANT_DISTRIBUTIONS, ROUNDINGS, FixedPointSettings
+from ..fixed_point import (
+    INTEGER_DIFFERENCES,
+    PERTURB_SCALES,
+    QUANT_DISTRIBUTIONS,
+    ROUNDINGS,
+    FixedPointSettings,
+)
 from ..rng import LAYERWISE
 from .bundle import BUNDLE_FIXED_POINT, export_bundle
 from .settings import choose, load_model, unsupported
@@ -103,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--perturb-scale", dest="perturb_scale", choices=PERTURB_SCALES)
     ap.add_argument("--eps-min-q", dest="eps_min_q", type=int)
     ap.add_argument("--distribution", choices=QUANT_DISTRIBUTIONS)
+    ap.add_argument("--difference", choices=INTEGER_DIFFERENCES, help="sign (2m passes) | median (m passes)")
     ap.add_argument("--layerwise", choices=LAYERWISE, help="one trained tensor per step: cycle | sample")
     ap.add_argument(
         "--ignore-unsupported",

@@ -90,8 +90,8 @@ def choose(args, run: dict | None, where: str) -> tuple[dict, list[str]]:
         value, origin = getattr(args, opt), "from the command line"
         if value is None and run is not None:
             value, origin = run[key] if key in run else run["fixed_point"].get(key), "from the run"
-            if key == "loss" and value is None:  # runs saved before the loss was recorded trained on float
-                value = default
+            if key in ("loss", "difference") and value is None:  # runs saved before these were recorded
+                value = default  # trained on the float loss, with sign differences
         elif value is None:
             value, origin = default, "default"
         if opt == "lr" and value is None:

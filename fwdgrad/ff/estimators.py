@@ -9,6 +9,7 @@ with the per-sample coefficient c_i given by the difference formula (docs/method
 * ``central``  c = [L(w+εz) − L(w−εz)] / (2ε)          SPSA, two forwards per sample
 * ``one_sided`` c = [L(w+εz) − L(w)] / ε                one forward per sample + one shared L(w)
 * ``sign``     c = sign(L(w+εz) − L(w−εz))              sign-m-SPSA (the paper's); ĝ has z's range
+* ``median``   c_i = sign(L(w+εz_i) − median_j L(w+εz_j)) one forward per sample; ĝ has z's range
 
 Perturbations are never stored for the whole model: every distribution regenerates z for one tensor from
 its key, in float (`sample`) or, for the integer ones, as 8-bit codes (`sample_q`, scale Δ_z = z_max/127)
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import rng
+from ..fixed_point import median_signs
 from ..methods import check_count
 from ..rng import torch_port
 
@@ -67,6 +69,13 @@ class Difference:
     def coefficient(self, l_plus: float, l_minus: float | None, l_center: float | None, eps: float) -> float:
         raise NotImplementedError
 
+    def coefficients(
+        self, plus: list[float], minus: list[float] | None, center: float | None, eps: float
+    ) -> list[float]:
+        """c_1..c_m of one step from its losses (minus is None for one-sided differences)."""
+        minus = minus or [None] * len(plus)
+        return [self.coefficient(p, q, center, eps) for p, q in zip(plus, minus)]
+
 
 class Central(Difference):
     name = "central"
@@ -93,7 +102,23 @@ class Sign(Difference):
         return float((d > 0) - (d < 0))
 
 
-DIFFERENCES = {"central": Central, "one_sided": OneSided, "sign": Sign}
+class Median(Difference):
+    """One-sided sign against the step's median loss: c_i = sign(L(w+εz_i) − median_j L(w+εz_j)).
+
+    One forward per sample and no centre pass, so m = 12 costs the passes of sign-m-SPSA at m = 6 and sees
+    twice the directions. The median of the perturbed losses is the baseline instead of L(w) (the idea of
+    rank-based fitness shaping in evolution strategies: only the order of the losses is used, so the
+    coefficients are -1, 0, 1 and the fixed-point update takes them as it takes sign-m-SPSA's)."""
+
+    name = "median"
+    two_sided = False
+    integer_ready = True
+
+    def coefficients(self, plus, minus, center, eps):
+        return [float(c) for c in median_signs(plus)]
+
+
+DIFFERENCES = {"central": Central, "one_sided": OneSided, "sign": Sign, "median": Median}
 
 
 # --------------------------------------------------------------------------------- distributions
@@ -195,6 +220,8 @@ class Estimator:
 
     def __post_init__(self):
         check_count("m", self.m)
+        if isinstance(self.difference, Median) and self.m < 2:
+            raise ValueError(f"m={self.m!r} is invalid for the median difference; allowed: integers >= 2")
 
     @property
     def forwards_per_step(self) -> int:

@@ -6,7 +6,7 @@ QZO-FF); what differs lives in the strategy objects it holds (estimator, space).
 
     0. (sharpness-aware) probe ±ρ·z_s, keep the worse neighbour w' = w + s*·ρ·z_s as the base   [+2 forwards]
     1. (one-sided) L0 = L(w')                                                                  [+1 forward]
-    2. for i in 1..m:  L_i± = L(w' ± ε·z_i)   →  c_i = difference(L_i+, L_i−, L0)             [2m forwards]
+    2. for i in 1..m:  L_i± = L(w' ± ε·z_i)   →  c = difference(L+, L−, L0)   [2m forwards; m one-sided]
     3. update  w ← w − η · (1/m) Σ_i c_i · z_i   (z_i regenerated tensor by tensor, never stored)
 
 Feng et al., "Stepping Forward on the Last Mile", NeurIPS 2024 (QZO-FF); Malladi et al. 2023 (MeZO).
@@ -107,16 +107,16 @@ class ForwardGradient(OneGroupOptimizer):
             down = self._loss(closure, [Term(SAM_STREAM, rho, -1)])
             base = [Term(SAM_STREAM, rho, +1 if up >= down else -1)]
         center = self._loss(closure, base) if diff.needs_center else None
-        coeffs, losses, ties = [], [], 0
+        plus, minus = [], []
         for i in range(self.estimator.m):
-            plus = self._loss(closure, base + [Term(i, eps, +1)])
-            minus = self._loss(closure, base + [Term(i, eps, -1)]) if diff.two_sided else None
-            coeffs.append(diff.coefficient(plus, minus, center, eps))
-            ties += plus == (center if minus is None else minus)
-            losses += [plus] if minus is None else [plus, minus]
+            plus.append(self._loss(closure, base + [Term(i, eps, +1)]))
+            if diff.two_sided:
+                minus.append(self._loss(closure, base + [Term(i, eps, -1)]))
+        coeffs = diff.coefficients(plus, minus if diff.two_sided else None, center, eps)
         self.space.update(self.step_count, coeffs, group["lr"])
         self.last_coeffs = coeffs
-        self._count_ties(ties, len(coeffs))
+        self._count_ties(sum(c == 0 for c in coeffs), len(coeffs))
+        losses = plus + minus
         self.step_count += 1
         return sum(losses) / len(losses)
 
@@ -180,6 +180,7 @@ def qzo_ff(
     m: int = 3,
     seed: int = 0,
     trainable: list[str] | None = None,
+    difference: str = "sign",
     distribution: str = "qgaussian",
     z_max: float = 3.5,
     rounding: str = "nearest",
@@ -195,6 +196,8 @@ def qzo_ff(
     """QZO-FF on a QModel: sign-m-SPSA with 8-bit z, integer perturbation and update
     (docs/method.md#the-fixed-point-formulation).
 
+    difference: "sign" (the paper's, 2m passes) or "median" (m one-sided passes, each signed against the
+    step's median loss; `fwdgrad.fixed_point.median_signs`).
     trainable: names of the nodes to train (`model.weight_nodes()`: conv/linear, LayerNorm, tokens; default:
     all); everything else is never perturbed.
     sparse: e.g. {"kind": "topk", "density": 0.1} (see `fwdgrad.ff.masks`).
@@ -208,9 +211,9 @@ def qzo_ff(
             'convert it first: q = fwdgrad.engine.convert(model, "w16a8", calib) (calib: a batch of inputs)'
         )
     settings = FixedPointSettings(
-        distribution, z_max, rounding, perturb_scale, eps_min_q, weight_headroom, layerwise
+        difference, distribution, z_max, rounding, perturb_scale, eps_min_q, weight_headroom, layerwise
     )
-    est = preset("qzo_ff", m=m, distribution=distribution, z_max=z_max)
+    est = preset("qzo_ff", m=m, difference=difference, distribution=distribution, z_max=z_max)
     names = list(model.weight_nodes()) if trainable is None else list(trainable)
     if weight_headroom != 1.0:
         for n in names:
