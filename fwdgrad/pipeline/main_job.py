@@ -1,6 +1,7 @@
 """The main job (`fwdgrad main`): small_cnn pretrained on digits 0-4 (cached), adapted to digits 5-9 for the
 same 1000 steps with fp32 BP, the memory-matched BP (fixed point, w16a8), fp32 sign-SPSA and QZO-FF w16a8
-(integer engine); prints the comparison and writes plots, results.json and results.md."""
+(integer engine; sign and median differences); prints the comparison and writes plots, results.json and
+results.md."""
 
 from __future__ import annotations
 
@@ -35,6 +36,19 @@ MAIN_ARMS = (
             "method.eps=1e-2",
             "method.m=6",
             "train.steps=1000",
+        ],
+    ),
+    (  # the median difference: m = 12 one-sided passes, the same 12 forward passes per step as m = 6 above
+        "qzo_ff_w16a8_median",
+        [
+            "method=qzo_ff",
+            "quant=w16a8",
+            "method.lr=0.05",
+            "method.eps=1e-2",
+            "method.m=12",
+            "method.ff.difference=median",
+            "train.steps=1000",
+            "variant=median",
         ],
     ),
     (  # m = 24: 16x BP's forward passes, but each of the 48 runs the head alone (prefix reuse): at equal
