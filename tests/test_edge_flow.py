@@ -65,6 +65,7 @@ def test_model_pt_stores_the_run_settings(run_dir):
         128,
     )
     assert s["fixed_point"] == {
+        "difference": "sign",
         "distribution": "qgaussian",
         "z_max": 3.5,
         "rounding": "nearest",
@@ -168,6 +169,24 @@ def test_export_refuses_what_the_runtime_cannot_reproduce(run_dir, root, capsys,
     assert std.out == "" and not out.exists() and not (root / f"{option}_data").exists()
     assert fwdgrad(["export", str(ckpt), str(out), "--ignore-unsupported"]) == 0
     assert f"ignored (--ignore-unsupported): {named}" in capsys.readouterr().out and out.exists()
+
+
+def test_median_run_exports_its_difference_and_old_runs_mean_sign(root, run_dir, capsys):
+    """A run with the median difference carries it into the bundle, and the numpy runtime continues it; a
+    model.pt saved before the difference was recorded exports as sign (what it trained with)."""
+    d = pipeline_run(root, "median", "method.m=4", "method.ff.difference=median", steps=3)
+    assert fwdgrad(["export", str(d / "model.pt"), str(root / "median.npz"), "--data", str(root / "md")]) == 0
+    assert re.search(r"^difference +median +\(from the run", capsys.readouterr().out, re.M)
+    assert load_bundle(root / "median.npz").training["difference"] == "median"
+    args = ["finetune", str(root / "median.npz"), str(root / "md" / "train.npz"), "--steps", "5"]
+    assert edge([*args, "--batch", "32"]) == 0
+    assert load_bundle(root / "median.npz").training["step"] == 5
+    old = load_state(run_dir / "model.pt", "model")
+    del old["training"]["fixed_point"]["difference"]
+    save_state(root / "old.pt", "model", old)
+    assert fwdgrad(["export", str(root / "old.pt"), str(root / "old.npz")]) == 0
+    assert re.search(r"^difference +sign +\(from the run", capsys.readouterr().out, re.M)
+    assert load_bundle(root / "old.npz").training["difference"] == "sign"
 
 
 def test_real_run_with_enhancements_is_refused(root, run_dir, capsys):
