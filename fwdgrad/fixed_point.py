@@ -64,17 +64,3 @@ class FixedPointSettings:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def median_signs(losses) -> list[int]:
-    """c_i = sign(L_i − median_j L_j) for the m one-sided losses L_i = L(w + εz_i) of a step (the `median`
-    difference): the directions on the worse half are pushed back, those on the better half followed, and a
-    loss equal to the median gives 0. With m even the median is the mean of the two middle losses; the test
-    is 2·L_i against their sum, exact for integer losses. Pure Python, so the engine and the numpy edge
-    runtime decide the same signs."""
-    ls = [float(v) for v in losses]
-    if not ls:
-        return []
-    s, n = sorted(ls), len(ls)
-    twice = 2 * s[n // 2] if n % 2 else s[n // 2 - 1] + s[n // 2]
-    return [(2 * v > twice) - (2 * v < twice) for v in ls]

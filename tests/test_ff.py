@@ -107,7 +107,7 @@ def test_jvp_forward_gradient_is_unbiased():
 
 
 def test_median_signs():
-    from fwdgrad.fixed_point import median_signs
+    from fwdgrad.edge.train import median_signs
 
     assert median_signs([3.0, 1.0, 2.0]) == [1, -1, 0]  # odd m: the middle loss itself gives 0
     assert median_signs([4.0, 1.0, 2.0, 3.0]) == [1, -1, -1, 1]  # even m: the mean of the two middle ones

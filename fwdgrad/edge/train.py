@@ -22,7 +22,6 @@ from __future__ import annotations
 import numpy as np
 
 from .. import rng
-from ..fixed_point import median_signs
 from ..rng.streams import SR_STREAM
 from .bundle import Bundle
 from .runtime import Prefix, Runtime
@@ -41,6 +40,20 @@ def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
     z = logits - logits.max(axis=1, keepdims=True)
     lse = np.log(np.exp(z).sum(axis=1))
     return float(np.mean(lse - z[np.arange(len(z)), y]))
+
+
+def median_signs(losses) -> list[int]:
+    """c_i = sign(L_i − median_j L_j) for the m one-sided losses L_i = L(w + εz_i) of a step (the `median`
+    difference): the directions on the worse half are pushed back, those on the better half followed, and a
+    loss equal to the median gives 0. With m even the median is the mean of the two middle losses; the test
+    is 2·L_i against their sum, exact for integer losses. Pure Python, so the engine and the numpy edge
+    runtime decide the same signs."""
+    ls = [float(v) for v in losses]
+    if not ls:
+        return []
+    s, n = sorted(ls), len(ls)
+    twice = 2 * s[n // 2] if n % 2 else s[n // 2 - 1] + s[n // 2]
+    return [(2 * v > twice) - (2 * v < twice) for v in ls]
 
 
 def shift_round(x: np.ndarray, mult, n, rounding: str, words: np.ndarray | None = None) -> np.ndarray:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import rng
-from ..fixed_point import median_signs
+from ..edge.train import median_signs
 from ..methods import check_count
 from ..rng import torch_port
 

@@ -197,7 +197,7 @@ def qzo_ff(
     (docs/method.md#the-fixed-point-formulation).
 
     difference: "sign" (the paper's, 2m passes) or "median" (m one-sided passes, each signed against the
-    step's median loss; `fwdgrad.fixed_point.median_signs`).
+    step's median loss; `fwdgrad.edge.train.median_signs`).
     trainable: names of the nodes to train (`model.weight_nodes()`: conv/linear, LayerNorm, tokens; default:
     all); everything else is never perturbed.
     sparse: e.g. {"kind": "topk", "density": 0.1} (see `fwdgrad.ff.masks`).
