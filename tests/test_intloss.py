@@ -95,15 +95,16 @@ def _small_cnn():
     return convert(m, "w16a8", x), x, y
 
 
-def test_qzo_ff_steps_engine_equals_edge(tmp_path):
+@pytest.mark.parametrize("difference, m", [("sign", 2), ("median", 4)])
+def test_qzo_ff_steps_engine_equals_edge(tmp_path, difference, m):
     """5 QZO-FF steps deciding signs by the integer loss: the engine and the numpy runtime agree on every
-    loss and every weight."""
+    loss and every weight (sign-m-SPSA, and the median difference)."""
     q, x, y = _small_cnn()
     trainable = list(q.weight_nodes())[-1:]
-    export_bundle(q, tmp_path / "b.npz", trainable, eps=1e-2, lr=1e-2, m=2, seed=7)
+    export_bundle(q, tmp_path / "b.npz", trainable, eps=1e-2, lr=1e-2, m=m, seed=7, difference=difference)
     bundle = load_bundle(tmp_path / "b.npz")
     trainer = EL.IntegerLossTrainer(bundle)
-    opt = qzo_ff(q, 1e-2, 1e-2, 2, 7, trainable=trainable)
+    opt = qzo_ff(q, 1e-2, 1e-2, m, 7, trainable=trainable, difference=difference)
     closure = IL.integer_closure(q, lambda: trainable[0])
     start = {n: node.weight_q.clone() for n, node in q.weight_nodes().items()}
     for k in range(5):
