@@ -8,8 +8,9 @@ For each model, batch and scheme, the median forward time over interleaved repet
   fake          fake-quant mode
 and, for the first model and batch at w16a8, training steps (m perturbations):
   ft step       QZO-FF, every layer trained / (2m forwards in the same mode), integer and fake
-  lp step       QZO-FF on the last layer, a fresh batch each step (frozen prefix once, 2m head passes,
-                the update) / one full forward of that batch
+  lp step       QZO-FF on the last layer, a fresh batch each step (frozen prefix once, the 2m head passes
+                stacked into one, the update) / one full forward of that batch; and the same step with
+                the 2m head passes one by one (`sequential`)
 It records the CPU's ISA flags, torch's CPU capability, whether the C kernels were built and the kernel
 each layer chose, and times the perturbation sampler (C against the numpy reference). Prints JSON; with
 --out DIR also writes DIR/bench.json and DIR/bench.md (`--render JSON` rewrites the Markdown of an earlier
@@ -34,7 +35,7 @@ from timing import timed
 
 from fwdgrad import native
 from fwdgrad.engine import convert, kernels
-from fwdgrad.ff import qzo_ff
+from fwdgrad.ff import PassLoss, qzo_ff
 from fwdgrad.models import build_model
 from fwdgrad.provenance import provenance_line
 from fwdgrad.rng import reference, torch_port
@@ -124,17 +125,22 @@ def step_rows(model, batch: int, m: int, reps: int, g) -> dict:
     lp = qzo_ff(q, lr=1e-3, eps=1e-3, m=m, trainable=[head])
     batches = iter(range(10**9))
 
-    def lp_step():
+    def lp_step(stacked: bool):
         i = next(batches) % len(xs)
         prefix = q.run_prefix(xs[i], head)
-        lp.step(lambda: F.cross_entropy(q(xs[i], prefix=prefix), ys[i]))
+        closure = PassLoss(lambda: q(xs[i], prefix=prefix), ys[i], F.cross_entropy)  # as `fwdgrad.train`
+        lp.step(closure if stacked else lambda: closure())  # a plain closure runs pass by pass
 
     def lp_forward():
         q(xs[next(batches) % len(xs)])
 
-    fns["lp_forward"], fns["lp_step"] = (lp_forward, nullcontext), (lp_step, nullcontext)
-    with torch.no_grad():
-        med = interleaved(fns, reps)
+    lp_fns = {
+        "lp_forward": (lp_forward, nullcontext),
+        "lp_step": (lambda: lp_step(True), nullcontext),
+        "lp_step_sequential": (lambda: lp_step(False), nullcontext),
+    }
+    with torch.no_grad():  # two groups, each interleaved: the ft steps' large buffers stay out of the lp one
+        med = interleaved(fns, reps) | interleaved(lp_fns, 2 * reps)
     for mode in ("integer", "fake"):
         out[f"ft_{mode}"] = {
             "forward_ms": round(med[f"{mode}_forward"] * 1e3, 2),
@@ -145,6 +151,8 @@ def step_rows(model, batch: int, m: int, reps: int, g) -> dict:
         "forward_ms": round(med["lp_forward"] * 1e3, 2),
         "step_ms": round(med["lp_step"] * 1e3, 2),
         "step_over_forward": round(med["lp_step"] / med["lp_forward"], 3),
+        "sequential_step_ms": round(med["lp_step_sequential"] * 1e3, 2),
+        "sequential_step_over_forward": round(med["lp_step_sequential"] / med["lp_forward"], 3),
         "trained": head,
     }
     return out
@@ -216,6 +224,11 @@ def markdown(result: dict) -> str:
             ("lp_integer", "QZO-FF lp (fresh batch), integer / one forward", "step_over_forward"),
         ):
             lines.append(_row(label, s[key]["forward_ms"], s[key]["step_ms"], s[key][ratio]))
+        lp = s["lp_integer"]
+        if "sequential_step_ms" in lp:  # JSON written before the passes were stacked lacks it
+            label = "QZO-FF lp, head passes one by one (not stacked)"
+            cells = lp["forward_ms"], lp["sequential_step_ms"], lp["sequential_step_over_forward"]
+            lines.append(_row(label, *cells))
     if result.get("sampler"):
         lines += ["", "Perturbation sampler (`gaussian_q`, int8), median ms:", ""]
         lines += [_row("elements", "C", "numpy reference"), _row("---", "---", "---")]

@@ -56,7 +56,7 @@ from .engine.transformer import QLayerNorm, QTokens
 from .ff.intloss import integer_closure
 from .ff.jvp import JVPForwardGradient, closure_for
 from .ff.masks import make_masks
-from .ff.optim import qzo_ff, zo_sgd
+from .ff.optim import PassLoss, qzo_ff, zo_sgd
 from .files import atomic_open
 from .measure import measure_peak_memory
 from .methods import BP_FORWARD_EQUIVALENTS, METHOD_NAMES, MethodSpec, check_hyper, check_scope, spec
@@ -371,14 +371,14 @@ def _forward_only_closure(model, frozen_upto: Callable[[], str] | None = None):
     """closure(x, y) for forward-only optimizers (never calls backward). With `frozen_upto` (returning a
     QModel node: the first one the coming step perturbs), the frozen prefix before it runs once per batch and
     every pass of the step resumes from it (`QModel.run_prefix`): prefix weights are never perturbed, so this
-    is bit-identical."""
+    is bit-identical. The closure is a `PassLoss`, so a QModel's passes may also run stacked."""
     if frozen_upto is None:
-        return lambda x, y: lambda: F.cross_entropy(model(x), y)
+        return lambda x, y: PassLoss(lambda: model(x), y, F.cross_entropy)
 
     def closure(x, y):
         with torch.no_grad():
             prefix = model.run_prefix(x, frozen_upto())
-        return lambda: F.cross_entropy(model(x, prefix=prefix), y)
+        return PassLoss(lambda: model(x, prefix=prefix), y, F.cross_entropy)
 
     return closure
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..quant import dequantize
 from .intops import AccumulatorSpec, OverflowStats
-from .nodes import KERNELS, ExecContext, QNode, QTrainable
+from .nodes import KERNELS, ExecContext, QLinear, QNode, QTrainable
 
 ENGINE_MODES = ("integer", "fake")  # how the engine computes: exact integers, or fake-quant float
 
@@ -65,16 +65,33 @@ class QModel(nn.Module):
         self.stats = OverflowStats()
         self._last_use = self._liveness()
         self._weight_fn: Callable | None = None
+        self._stack = 1
 
     @contextmanager
-    def using_weights(self, weight_fn: Callable):
+    def using_weights(self, weight_fn: Callable, stack: int = 1):
         """Within the block, every forward takes its integer weights from `weight_fn(name, node)` — how an
-        optimizer perturbs weights on the fly inside a closure without touching the stored integers."""
-        previous, self._weight_fn = self._weight_fn, weight_fn
+        optimizer perturbs weights on the fly inside a closure without touching the stored integers. With
+        stack = P > 1, `weight_fn` gives one layer P weights [P, *shape] (a linear layer `stackable` names)
+        and a forward returns the P passes' outputs stacked along the batch (pass p in rows p·B..p·B+B−1)."""
+        previous, self._weight_fn, self._stack = (self._weight_fn, self._stack), weight_fn, stack
         try:
             yield self
         finally:
-            self._weight_fn = previous
+            self._weight_fn, self._stack = previous
+
+    def stackable(self, name: str) -> bool:
+        """Whether P perturbations of node `name` alone can run as one stacked pass (`using_weights`): it is
+        a linear layer and every node after it reads only values computed from its output, so the passes'
+        rows never meet a value shared by all passes."""
+        names = [n.name for n in self.nodes]
+        if name not in names or not isinstance(self.nodes[names.index(name)], QLinear):
+            return False
+        derived = {name}
+        for node in list(self.nodes)[names.index(name) + 1 :]:
+            if not set(node.inputs) <= derived:
+                return False
+            derived.add(node.name)
+        return self.output in derived
 
     @property
     def mode(self) -> str:
@@ -150,8 +167,9 @@ class QModel(nn.Module):
 
     def _context(self, mode: str | None, weight_fn: Callable | None) -> ExecContext:
         ctx = ExecContext(
-            mode or self.mode, weight_fn or self._weight_fn, self.acc, self.requant, self.stats, self.kernel
-        )
+            mode or self.mode, weight_fn or self._weight_fn, self.acc, self.requant, self.stats, self.kernel,
+            self._stack if weight_fn is None else 1,
+        )  # fmt: skip
         if ctx.mode not in ENGINE_MODES:
             raise ValueError(f"execution mode {ctx.mode!r} is invalid; allowed: {ENGINE_MODES}")
         if ctx.kernel not in KERNELS:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -46,6 +46,7 @@ class ExecContext:
     requant: str = "single"
     stats: OverflowStats = field(default_factory=OverflowStats)
     kernel: str = "auto"  # KERNELS: which exact kernel conv/linear layers use
+    stack: int = 1  # P > 1: P passes stacked along the batch; weight_fn may return [P, *shape] weights
 
 
 #: "auto": per layer and input shape the fastest of the certified paths (timed once); "float": float32 digit
@@ -306,6 +307,7 @@ class QWeighted(QTrainable):
         self._prepared: dict[str, tuple[torch.Tensor, int, ExactWeights | None]] = {}
         self._timed: dict[tuple, str] = {}  # (input shape, per-call weights) -> the faster kind ("auto")
         self._last_kind = "float"
+        self._stacks: dict[int, QWeighted] = {}  # P -> this layer with its output channels repeated P times
 
     channel_dim = 1
 
@@ -325,7 +327,7 @@ class QWeighted(QTrainable):
         """Copies and pickles leave the caches behind (packed oneDNN weights cannot be copied; a copy
         prepares its own weights and times its own kernels)."""
         state = dict(self.__dict__)
-        state["_prepared"], state["_timed"] = {}, {}
+        state["_prepared"], state["_timed"], state["_stacks"] = {}, {}, {}
         return state
 
     def exact_weights(self, w: torch.Tensor, kind: str = "float") -> ExactWeights | None:
@@ -533,6 +535,35 @@ class QLinear(QWeighted):
 
     def float_op(self, x, w, b):
         return F.linear(x, w, b)
+
+    def forward(self, x, ctx: ExecContext):
+        """One pass, or P passes at once when `ctx.weight_fn` gives this layer P stacked weights
+        [P, N, K] (`ExecContext.stack`): integer mode runs them as one layer of P·N output channels (one
+        GEMM, one epilogue; `stacked`), fake mode one float pass each; the outputs come back stacked along
+        the batch, pass p in rows p·B..p·B+B−1, each equal to its own pass bit for bit."""
+        w = self.weight(ctx) if ctx.stack > 1 else None
+        if w is None or w.dim() == self.weight_q.dim():
+            return super().forward(x, ctx=ctx)
+        if ctx.mode != "integer":  # float GEMMs of different widths may sum in different orders
+            ys = [super(QLinear, self).forward(x, ctx=replace(ctx, weight_fn=lambda n, _, v=v: v)) for v in w]
+            return torch.cat(ys)
+        p, n = w.shape[:2]
+        flat = w.reshape(p * n, -1)
+        y = self.stacked(p)(x, ctx=replace(ctx, weight_fn=lambda name, node: flat, stack=1))
+        y = y.unflatten(-1, (p, n)).movedim(-2, 0)
+        return y.reshape(-1, *y.shape[2:])
+
+    def stacked(self, p: int) -> QLinear:
+        """This layer with its output channels (weights, bias, scales, requantization) repeated p times,
+        built once per weight scale: P perturbed copies of the weights run through it as one layer."""
+        if p not in self._stacks:
+            tile = lambda t: None if t is None else (t if t.numel() == 1 else t.repeat(p))  # noqa: E731
+            w_qp = QParams(self.w_qp.fmt, tile(self.w_qp.scale), tile(self.w_qp.zero_point))
+            self._stacks[p] = QLinear(
+                self.name, self.inputs, self.in_qp, w_qp, self.out_qp, self.weight_q.repeat(p, 1),
+                tile(self.bias_q), self.act, tile(self.bias_float),
+            )  # fmt: skip
+        return self._stacks[p]
 
 
 # ------------------------------------------------------------------------------------------ other ops

@@ -3,7 +3,7 @@
 from .estimators import DIFFERENCES, DISTRIBUTIONS, PRESETS, Estimator, Key, make_estimator, preset
 from .jvp import JVPForwardGradient, closure_for, jvp_gradient
 from .masks import make_masks
-from .optim import ForwardGradient, TieWarning, qzo_ff, zo_sgd
+from .optim import ForwardGradient, PassLoss, TieWarning, qzo_ff, zo_sgd
 from .spaces import FixedPointSpace, FloatSpace, MomentumGuided, Term
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "closure_for",
     "make_masks",
     "ForwardGradient",
+    "PassLoss",
     "TieWarning",
     "qzo_ff",
     "zo_sgd",

@@ -15,6 +15,7 @@ import torch
 
 from ..edge.loss import LN2_MULT, MANT_BITS, LossSpec, loss_spec
 from ..engine.model import QModel
+from .optim import PassLoss
 
 __all__ = ["LossSpec", "loss_spec", "model_loss_spec", "cross_entropy_q", "mean_loss", "integer_closure"]
 
@@ -74,15 +75,18 @@ def mean_loss(per_sample: torch.Tensor, spec: LossSpec) -> float:
 
 
 def integer_closure(model: QModel, frozen_upto: Callable[[], str] | None = None):
-    """closure(x, y) for forward-only optimizers on a QModel in integer mode, the loss being
-    `mean_loss(cross_entropy_q(...))`. With `frozen_upto` (returning the first node the coming step
-    perturbs), the frozen prefix runs once per batch and every pass resumes from it (`QModel.run_prefix`),
-    as the float closure does."""
+    """closure(x, y) for forward-only optimizers on a QModel in integer mode (a `PassLoss`: its
+    passes may run stacked), the loss being `mean_loss(cross_entropy_q(...))`. With `frozen_upto`
+    (returning the first node the coming step perturbs), the frozen prefix runs once per batch and every
+    pass resumes from it (`QModel.run_prefix`), as the float closure does."""
     spec = model_loss_spec(model)
+
+    def loss(codes, y) -> float:
+        return mean_loss(cross_entropy_q(codes, y, spec), spec)
 
     def closure(x, y):
         with torch.no_grad():
             prefix = None if frozen_upto is None else model.run_prefix(x, frozen_upto(), mode="integer")
-        return lambda: mean_loss(cross_entropy_q(model.run(x, mode="integer", prefix=prefix), y, spec), spec)
+        return PassLoss(lambda: model.run(x, mode="integer", prefix=prefix), y, loss)
 
     return closure

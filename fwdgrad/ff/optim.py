@@ -9,6 +9,10 @@ QZO-FF); what differs lives in the strategy objects it holds (estimator, space).
     2. for i in 1..m:  L_i± = L(w' ± ε·z_i)   →  c = difference(L+, L−, L0)   [2m forwards; m one-sided]
     3. update  w ← w − η · (1/m) Σ_i c_i · z_i   (z_i regenerated tensor by tensor, never stored)
 
+The passes of 1–2 run one by one, or as one stacked forward when a `PassLoss` closure meets a step that
+perturbs a single linear layer feeding the rest of the model (linear probing): `FixedPointSpace.stacked`,
+bit-identical to the passes one by one.
+
 Feng et al., "Stepping Forward on the Last Mile", NeurIPS 2024 (QZO-FF); Malladi et al. 2023 (MeZO).
 `qzo_ff(...)` and `zo_sgd(...)` build the usual configurations.
 """
@@ -16,6 +20,8 @@ Feng et al., "Stepping Forward on the Last Mile", NeurIPS 2024 (QZO-FF); Malladi
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +33,25 @@ from .estimators import Estimator, preset
 from .group import OneGroupOptimizer
 from .masks import make_masks
 from .spaces import FixedPointSpace, FloatSpace, MomentumGuided, Space, Term
+
+
+@dataclass
+class PassLoss:
+    """The closure of a forward-only step, `loss(forward(), y)`, that can also give the losses of P passes
+    run at once: under a stacked perturbation (`FixedPointSpace.stacked`) `forward()` returns the passes'
+    outputs stacked along the batch (P·B rows for the B labels) and `losses()` splits them, each pass's
+    loss computed on exactly the rows its own forward returns, so the losses equal the sequential ones."""
+
+    forward: Callable[[], torch.Tensor]
+    y: torch.Tensor
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | float]
+
+    def __call__(self) -> torch.Tensor | float:
+        return self.loss(self.forward(), self.y)
+
+    def losses(self) -> list[float]:
+        out, b = self.forward(), len(self.y)
+        return [float(self.loss(out[i : i + b], self.y)) for i in range(0, len(out), b)]
 
 
 class TieWarning(UserWarning):
@@ -85,11 +110,19 @@ class ForwardGradient(OneGroupOptimizer):
         """The fraction of perturbation pairs with equal losses over all steps (None before the first)."""
         return self.ties / self.pairs if self.pairs else None
 
-    def _loss(self, closure, terms: list[Term]) -> float:
-        with self.space.perturbed(self.step_count, terms):
-            loss = closure()
-        self.forward_passes += 1
-        return float(loss)
+    def _losses(self, closure, passes: list[list[Term]]) -> list[float]:
+        """The loss of each pass (its perturbation terms), in order: one stacked forward where the space
+        and the closure (a `PassLoss`) allow it, bit-identical to one forward per pass, which runs
+        otherwise."""
+        self.forward_passes += len(passes)
+        if isinstance(closure, PassLoss) and len(passes) > 1 and self.space.can_stack(self.step_count):
+            with self.space.stacked(self.step_count, passes):
+                return closure.losses()
+        losses = []
+        for terms in passes:
+            with self.space.perturbed(self.step_count, terms):
+                losses.append(float(closure()))
+        return losses
 
     @torch.no_grad()
     def step(self, closure=None) -> float:
@@ -103,15 +136,13 @@ class ForwardGradient(OneGroupOptimizer):
         base: list[Term] = []
         if self.sharpness_rho:
             rho = self.sharpness_rho
-            up = self._loss(closure, [Term(SAM_STREAM, rho, +1)])
-            down = self._loss(closure, [Term(SAM_STREAM, rho, -1)])
+            up, down = self._losses(closure, [[Term(SAM_STREAM, rho, +1)], [Term(SAM_STREAM, rho, -1)]])
             base = [Term(SAM_STREAM, rho, +1 if up >= down else -1)]
-        center = self._loss(closure, base) if diff.needs_center else None
-        plus, minus = [], []
-        for i in range(self.estimator.m):
-            plus.append(self._loss(closure, base + [Term(i, eps, +1)]))
-            if diff.two_sided:
-                minus.append(self._loss(closure, base + [Term(i, eps, -1)]))
+        signs = (+1, -1) if diff.two_sided else (+1,)
+        passes = [base + [Term(i, eps, s)] for i in range(self.estimator.m) for s in signs]
+        losses = self._losses(closure, [base] * diff.needs_center + passes)
+        center = losses.pop(0) if diff.needs_center else None
+        plus, minus = (losses[::2], losses[1::2]) if diff.two_sided else (losses, [])
         coeffs = diff.coefficients(plus, minus if diff.two_sided else None, center, eps)
         self.space.update(self.step_count, coeffs, group["lr"])
         self.last_coeffs = coeffs

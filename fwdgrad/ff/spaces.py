@@ -39,6 +39,10 @@ from ..rng import torch_port
 from ..rng.streams import LAYERWISE, SR_STREAM, active_tensor
 from .estimators import Distribution, Key, QuantDistribution, make_distribution
 
+#: A stacked step perturbs its layer's weights for all P passes at once in torch up to this many elements
+#: (P × the layer's weights); larger layers take the C kernel once per pass (`FixedPointSpace.stacked`).
+STACK_TORCH_ELEMENTS = 1 << 16
+
 
 @dataclass(frozen=True)
 class Term:
@@ -87,11 +91,16 @@ class Space:
         self.momentum, self.kernel_norm = momentum, kernel_norm
         self.history: dict[int, torch.Tensor] = {}
         self._last_z: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}  # t: ((step, sample), z)
+        self._step_z: dict[tuple[int, int, int], torch.Tensor] = {}  # (step, sample, t): z of a stacked step
 
     def active(self, step: int) -> list[int]:
         """The tensor ids step `step` perturbs and updates: all, or the layer-wise one."""
         t = active_tensor(self.layerwise, self.seed, step, len(self.names))
         return list(range(len(self.names))) if t is None else [t]
+
+    def can_stack(self, step: int) -> bool:
+        """Whether the passes of step `step` can run as one stacked pass (`FixedPointSpace.stacked`)."""
+        return False
 
     def key(self, step: int, sample: int, t: int) -> Key:
         return Key(self.seed, step, sample, t)
@@ -99,19 +108,25 @@ class Space:
     def _noise(self, step, sample, t, shape, device) -> torch.Tensor:
         raise NotImplementedError
 
-    def z(self, step: int, sample: int, t: int, shape, device) -> torch.Tensor:
+    def z(self, step: int, sample: int, t: int, shape, device, keep: bool = False) -> torch.Tensor:
         """The perturbation of tensor t for (step, sample): base noise, momentum mix, sparse mask. The last z
         of each tensor is kept (one tensor's worth per trained tensor, never written to by the callers): the
-        + and - passes of a sample, and the update's last sample, reuse it instead of sampling it again."""
+        + and - passes of a sample, and the update's last sample, reuse it instead of sampling it again.
+        With keep (a stacked step: one tensor), every sample's z of the step is kept for the update."""
         last = self._last_z.get(t)
         if last is not None and last[0] == (step, sample):
             return last[1]
+        kept = self._step_z.get((step, sample, t))
+        if kept is not None:
+            return kept
         z = self._noise(step, sample, t, shape, device)
         if self.momentum is not None and t in self.history and step >= self.momentum.warmup:
             z = self._mix(z, self._noise(step, sample + (1 << 19), t, shape, device), self.history[t], step)
         if t in self.masks:
             z = z * self.masks[t].to(z.dtype)
         self._last_z[t] = ((step, sample), z)
+        if keep:
+            self._step_z[(step, sample, t)] = z
         return z
 
     def state_dict(self) -> dict:
@@ -123,7 +138,7 @@ class Space:
     def load_state_dict(self, state: dict) -> None:
         self.history = {int(k): v.clone() for k, v in state["history"].items()}
         self.masks = {int(k): v.clone() for k, v in state["masks"].items()}
-        self._last_z = {}
+        self._last_z, self._step_z = {}, {}
 
 
 # ------------------------------------------------------------------------------------------ float
@@ -267,6 +282,7 @@ class FixedPointSpace(Space):
         # weights clamped at the format's limits, per layer: by a perturbation, by an update
         self.saturations: dict[str, dict[str, int]] = {"perturb": {}, "update": {}}
         self.weights_seen = {"perturb": 0, "update": 0}  # weights perturbed / updated (the rates' base)
+        self._consts: dict[tuple, tuple] = {}  # size_q and update_multiplier, by tensor (see there)
 
     # -- per-tensor constants ---------------------------------------------------------------------
     def _channel_view(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -276,8 +292,22 @@ class FixedPointSpace(Space):
         return self.nodes[t].w_qp.scale
 
     def size_q(self, t: int, size: float) -> torch.Tensor:
-        """A real perturbation size (ε or ρ) in tensor t's weight LSBs (`size_lsb`)."""
-        return size_lsb(size, self.delta_w(t), self.settings.eps_min_q)
+        """A real perturbation size (ε or ρ) in tensor t's weight LSBs (`size_lsb`), kept per (t, ε, Δ_w)."""
+        key = (t, size, self.delta_w(t))
+        hit = self._consts.get(("size", key[:2]))
+        if hit is None or hit[0] is not key[2]:
+            hit = (key[2], size_lsb(size, key[2], self.settings.eps_min_q))
+            self._consts[("size", key[:2])] = hit
+        return hit[1]
+
+    def update_multiplier(self, t: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`update_requant(η, Δ_z, Δ_w)` of tensor t, kept for the last η (a constant η computes it once)."""
+        delta_w = self.delta_w(t)
+        hit = self._consts.get(("update", t))
+        if hit is None or hit[0] != lr or hit[1] is not delta_w:
+            hit = (lr, delta_w, update_requant(lr, self.dist.delta, delta_w))
+            self._consts[("update", t)] = hit
+        return hit[2]
 
     def check_size(self, key: str, size: float) -> None:
         """One-line ValueError unless `size` in weight LSBs fits every trained tensor's weight range (a larger
@@ -332,12 +362,27 @@ class FixedPointSpace(Space):
             if done is not None:
                 self._saturated("perturb", t, done[1])
                 return done[0]
+        return self._perturbed_torch(step, t, [terms], words)[0]
+
+    def _perturbed_torch(self, step: int, t: int, passes: list[list[Term]], words) -> torch.Tensor:
+        """`perturbed_weight` of each pass in torch int64, all passes in one [P, *shape] tensor."""
+        node, fmt = self.nodes[t], self.nodes[t].w_qp.fmt
         w = node.weight_q.to(torch.int64)
-        acc = w * self.dist.one_q
-        for z, size in zip(zs, sizes):
-            acc = acc + self._channel_view(size, w.dim()) * z.to(torch.int64)
-        out = shift_round(acc, self.p_mult, torch.as_tensor(self.p_n), self.rounding, words)
-        self._saturated("perturb", t, int(((out < fmt.qmin) | (out > fmt.qmax)).sum()))
+        base = w * self.dist.one_q
+        zs: dict[int, torch.Tensor] = {}  # sample -> z (int64)
+        accs = []
+        for terms in passes:
+            acc = base
+            for term in terms:
+                if term.sample not in zs:
+                    z = self.z(step, term.sample, t, w.shape, w.device, keep=len(passes) > 1)
+                    zs[term.sample] = z.to(torch.int64)
+                size = self._channel_view(self.size_q(t, term.size), w.dim())
+                acc = acc + (size * zs[term.sample] if term.sign > 0 else -size * zs[term.sample])
+            accs.append(acc)
+        out = shift_round(torch.stack(accs), self.p_mult, torch.as_tensor(self.p_n), self.rounding, words)
+        for n in ((out < fmt.qmin) | (out > fmt.qmax)).flatten(1).sum(1).tolist():
+            self._saturated("perturb", t, n)
         return out.clamp(fmt.qmin, fmt.qmax).to(node.weight_q.dtype)
 
     @contextmanager
@@ -349,6 +394,36 @@ class FixedPointSpace(Space):
             return node.weight_q if t not in active else self.perturbed_weight(step, t, terms)
 
         with self.model.using_weights(weight_fn):
+            yield
+
+    def can_stack(self, step: int) -> bool:
+        active = self.active(step)
+        return len(active) == 1 and self.model.stackable(self.names[active[0]])
+
+    @contextmanager
+    def stacked(self, step: int, passes: list[list[Term]]):
+        """All passes of a step at once (`can_stack`: one tensor t is active, a linear layer whose output
+        alone feeds the rest of the model): its P perturbed weights [P, *shape], each exactly
+        `perturbed_weight(step, t, terms)` in pass order, run as one layer of P·N outputs, and a forward
+        returns the P passes' outputs stacked along the batch (`QModel.using_weights`). Costs P copies of
+        that one layer's weights (and keeps the step's m perturbations of it for the update)."""
+        (t,) = self.active(step)
+        name, weight_q = self.names[t], self.nodes[t].weight_q
+        self._step_z = {}
+        if weight_q.numel() * len(passes) <= STACK_TORCH_ELEMENTS:  # small: torch, all passes at once
+            words = (
+                self._words(step, 2 * t, t, weight_q.numel(), weight_q.device).reshape(weight_q.shape)
+                if self.rounding == "stochastic"
+                else None
+            )
+            w = self._perturbed_torch(step, t, passes, words)
+        else:  # large: one C pass over the weights per pass
+            w = torch.stack([self.perturbed_weight(step, t, terms) for terms in passes])
+
+        def weight_fn(n, node):
+            return w if n == name else node.weight_q
+
+        with self.model.using_weights(weight_fn, stack=len(passes)):
             yield
 
     # -- update -----------------------------------------------------------------------------------
@@ -377,7 +452,7 @@ class FixedPointSpace(Space):
                 upd, g = self._kernel_norm_update(step, t, coeffs, lr, w, words)
             else:
                 g = self.gradient_q(step, t, coeffs, w.shape, w.device)
-                mult, shift = update_requant(lr, self.dist.delta, self.delta_w(t))
+                mult, shift = self.update_multiplier(t, lr)
                 upd = shift_round(
                     g,
                     self._channel_view(mult, w.dim()),
@@ -391,6 +466,7 @@ class FixedPointSpace(Space):
             node.weight_q.copy_(new.clamp(fmt.qmin, fmt.qmax).to(node.weight_q.dtype))
             if self.momentum is not None:
                 self.history[t] = self._rescale_history(g)
+        self._step_z = {}
 
     def _kernel_norm_update(self, step, t, coeffs, lr, w, words):
         """upd_q = round(η/m · Σ_i c_i · z_q,i · ‖w_q^k‖/‖z_q,i^k‖) per kernel k: per-kernel multipliers on a

@@ -133,6 +133,8 @@ _DEC_PREC = 50
 # ----------------------------------------------------------------------------------------------
 def _check_int(name: str, value, lo: int, hi: int) -> int:
     """Return ``value`` as a Python int in ``[lo, hi)`` or raise a one-line error."""
+    if type(value) is int and lo <= value < hi:  # the common case, without the ABC checks below
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer in [{lo}, {hi}), got {value!r}")
     v = operator.index(value)
