@@ -110,15 +110,19 @@ def step_rows(model, batch: int, m: int, reps: int, g) -> dict:
     ys = [torch.randint(0, 10, (batch,), generator=g) for _ in xs]
     x, y = xs[0], ys[0]
     out = {}
-    fns = {}
+    groups = []  # each group interleaved on its own: a step beside the forward it is compared with
     for mode in ("integer", "fake"):
         q = convert(model, "w16a8", x)
         q.mode = mode
         opt = qzo_ff(q, lr=1e-3, eps=1e-3, m=m)
-        fns[f"{mode}_forward"] = (lambda q=q: q(x), nullcontext)
-        fns[f"{mode}_ft_step"] = (
-            lambda q=q, opt=opt: opt.step(lambda: F.cross_entropy(q(x), y)),
-            nullcontext,
+        groups.append(
+            {
+                f"{mode}_forward": (lambda q=q: q(x), nullcontext),
+                f"{mode}_ft_step": (
+                    lambda q=q, opt=opt: opt.step(lambda: F.cross_entropy(q(x), y)),
+                    nullcontext,
+                ),
+            }
         )
     q = convert(model, "w16a8", x)
     head = list(q.weight_nodes())[-1]
@@ -134,13 +138,17 @@ def step_rows(model, batch: int, m: int, reps: int, g) -> dict:
     def lp_forward():
         q(xs[next(batches) % len(xs)])
 
-    lp_fns = {
-        "lp_forward": (lp_forward, nullcontext),
-        "lp_step": (lambda: lp_step(True), nullcontext),
-        "lp_step_sequential": (lambda: lp_step(False), nullcontext),
-    }
-    with torch.no_grad():  # two groups, each interleaved: the ft steps' large buffers stay out of the lp one
-        med = interleaved(fns, reps) | interleaved(lp_fns, 2 * reps)
+    groups.append(
+        {
+            "lp_forward": (lp_forward, nullcontext),
+            "lp_step": (lambda: lp_step(True), nullcontext),
+            "lp_step_sequential": (lambda: lp_step(False), nullcontext),
+        }
+    )
+    med = {}
+    with torch.no_grad():
+        for fns, n in zip(groups, (reps, reps, 2 * reps)):
+            med |= interleaved(fns, n)
     for mode in ("integer", "fake"):
         out[f"ft_{mode}"] = {
             "forward_ms": round(med[f"{mode}_forward"] * 1e3, 2),
