@@ -17,7 +17,7 @@ each layer chose, and times the perturbation sampler (C against the numpy refere
 JSON without measuring).
 
     uv run python experiments/bench_engine.py [--models resnet8 resnet18 mobilenet_v2] [--batches 16 64]
-        [--schemes w8a8 w16a8] [--reps 7] [--threads 1] [--m 3] [--out DIR]
+        [--schemes w8a8 w16a8] [--reps 15] [--threads 1] [--m 3] [--out DIR]
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--models", nargs="+", default=["resnet8", "resnet18", "mobilenet_v2"])
     ap.add_argument("--batches", nargs="+", type=int, default=[16, 64])
     ap.add_argument("--schemes", nargs="+", default=["w8a8", "w16a8"])
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--m", type=int, default=3)
     bench_results.add_arguments(ap, "bench")
