@@ -45,6 +45,9 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 RESUME_MODES = ("auto", "must", "never")
 #: the training loss: float cross-entropy of the logits, or the integer one (qzo_ff; fwdgrad.ff.intloss)
 LOSSES = ("float", "integer")
+#: the target head before training: the source model's (a fresh random one when the class count differs), or
+#: imprinted from the target training set's class means (fwdgrad.pipeline.steps.imprint_head)
+HEAD_INITS = ("source", "imprint")
 FF_OPTIONS = {"qzo_ff": QZO_FF_OPTIONS, "zo_sgd": ZO_SGD_OPTIONS}
 ENGINE_MODES = ("integer", "fake")  # how the engine computes (fwdgrad.engine.ENGINE_MODES)
 QUANTS = ("auto", "fp32", "w16a8", "w8a8", "w8a16", "w16a16")
@@ -271,6 +274,7 @@ class TrainSettings:
     resume: str = "auto"  # auto | must | never (fwdgrad.train.RESUME_MODES)
     strict: bool = False  # faults (accumulator overflows, saturated weights) stop the run
     loss: str = "float"  # float | integer (qzo_ff: the integer cross-entropy, fwdgrad.ff.intloss)
+    head_init: str = "source"  # source | imprint (HEAD_INITS)
 
     def check(self) -> None:
         if (self.steps is None) == (self.forward_budget is None):
@@ -286,6 +290,7 @@ class TrainSettings:
         require(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", self.lr_schedule, schedules)
         require(self.resume in RESUME_MODES, "train.resume", self.resume, ", ".join(RESUME_MODES))
         require(self.loss in LOSSES, "train.loss", self.loss, ", ".join(LOSSES))
+        require(self.head_init in HEAD_INITS, "train.head_init", self.head_init, ", ".join(HEAD_INITS))
 
 
 @dataclass
@@ -380,6 +385,11 @@ class Config(TaskConfig):
             require(name in METHODS, "method_lr key", name, ", ".join(METHODS))
             require(lr > 0, f"method_lr.{name}", lr, "> 0")
         check_scope(self.method.name, self.mode.name, where="mode=")
+        if self.data.fewshot and self.train.head_init != "source":
+            raise ValueError(
+                f"train.head_init={self.train.head_init!r} is invalid with few-shot data (each episode's "
+                "head is built from its support set); allowed: source"
+            )
         scheme = self.scheme
         trains = spec(self.method.name).trains
         if trains == "float" and scheme != "fp32":

@@ -143,7 +143,7 @@ class TrainConfig:
             ff=dict(c.method.ff),
             segments=c.method.segments,
             **scope,
-            **vars(c.train),
+            **{k: v for k, v in vars(c.train).items() if k != "head_init"},  # applied before training
         )
 
     @property

@@ -125,6 +125,8 @@ def test_ood_severity_and_auto_quant():
         (["data.fewshot.n_way=0", "data=fewshot_digits"], "data.fewshot.n_way=0 is invalid"),
         (["+method.ff.bogus=1"], "method.ff.bogus=1 is invalid"),
         (["method.ff.difference=median", "method.m=1"], "method.m=1 is invalid; allowed: integers >= 2"),
+        (["train.head_init=means"], "train.head_init='means' is invalid; allowed: source, imprint"),
+        (["train.head_init=imprint", "data=fewshot_digits"], "head_init='imprint' is invalid with few-shot"),
         (["+method_lr.sgd=0.1"], "method_lr key='sgd' is invalid"),
         (["experiment=ood", "method_lr.bp=0"], "method_lr.bp=0.0 is invalid"),
     ],

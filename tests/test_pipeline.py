@@ -100,6 +100,15 @@ def test_metrics_and_source_cache(tmp_path):
     assert not c["source_cached"] and len(list((tmp_path / "cache" / "models").glob("*.pt"))) == 2
 
 
+def test_imprinted_head_starts_every_method_from_the_class_means(tmp_path):
+    a = run(tmp_path, "method=bp", out="a")
+    b = run(tmp_path, "method=bp", "train.head_init=imprint", out="b")
+    c = run(tmp_path, "method=qzo_ff", "train.head_init=imprint", out="c")
+    assert a["head_init_passes"] == 0 and b["head_init_passes"] == c["head_init_passes"] >= 1
+    assert b["zero_shot_acc"] == c["zero_shot_acc"] > a["zero_shot_acc"]  # the source head knows 0-4
+    assert b["config"]["train"]["head_init"] == "imprint"
+
+
 @pytest.mark.parametrize(
     "enhancement", ["momentum", "sharpness", "sparse", "kernel_norm", "sharpness_kernel_norm"]
 )

@@ -87,6 +87,7 @@ def _run(cfg: DictConfig, c, out, tracker: Tracker, t_start: float) -> dict:
             "quant": vars(c.quant),
             "data": d.name,
             "source_model": source_key(c, src.num_classes, in_channels),
+            **({"head_init": c.train.head_init} if c.train.head_init != "source" else {}),
         }
         target = (tgt_train, tgt_test)
         res = run_transfer(cfg, c, model, src_train, target, n_target, out, tracker.log_step, identity)

@@ -170,6 +170,63 @@ def fit_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
     return model
 
 
+#: The imprinted head's logit margin between two class means, in nats (averaged over class pairs).
+IMPRINT_MARGIN = 3.0
+
+
+@torch.no_grad()
+def imprint_head(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> int:
+    """Weight imprinting (Qi et al., CVPR 2018; the Edge TPU's on-device retraining): the head (the last
+    linear layer) becomes the nearest-class-mean classifier of its own input features f on (x, y):
+
+        W_k = τ·(μ_k − μ̄),   b_k = −τ·(‖μ_k‖² − mean_j ‖μ_j‖²)/2,   μ_k = mean of f over class k's examples
+
+    (μ̄ the mean of the μ_k), so argmax_k (W f + b)_k is the class whose mean is nearest to f: the logits are
+    τ·(μ_k·f − ‖μ_k‖²/2) less a term all classes share, which softmax ignores and which, left in, would widen
+    the range an 8-bit output format must cover. τ is set so that the logit margin
+    between two class means, τ·‖μ_i − μ_j‖²/2, is IMPRINT_MARGIN nats on average. Forward passes only, one
+    per batch of `batch_size` examples, whose number it returns. Classes without examples keep their row."""
+    name = head_layers(model, 1)[0]
+    head = model.get_submodule(name)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(
+            f"train.head_init='imprint' needs a linear head; {name!r} is a {type(head).__name__}; allowed: "
+            "models whose last parametrized layer is an nn.Linear, or train.head_init=source"
+        )
+    k = head.out_features
+    sums, counts = torch.zeros(k, head.in_features, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+
+    def hook(module, inputs, output):
+        f = inputs[0].reshape(-1, head.in_features).double()
+        sums.index_add_(0, batch_y, f)
+        counts.index_add_(0, batch_y, torch.ones(len(f), dtype=torch.float64))
+
+    handle, was_training = head.register_forward_hook(hook), model.training
+    model.eval()
+    try:
+        passes = 0
+        for i in range(0, len(x), batch_size):
+            batch_y = y[i : i + batch_size].long()
+            model(x[i : i + batch_size])
+            passes += 1
+    finally:
+        handle.remove()
+        model.train(was_training)
+    seen = counts > 0
+    if int(seen.sum()) < 2:
+        got = int(seen.sum())
+        raise ValueError(f"train.head_init='imprint' needs examples of at least 2 classes, got {got}")
+    mu = sums[seen] / counts[seen, None]
+    pairs = torch.cdist(mu, mu).pow(2) / 2
+    n = len(mu)
+    tau = IMPRINT_MARGIN / float(pairs.sum() / (n * (n - 1))) if float(pairs.sum()) > 0 else 1.0
+    sq = mu.pow(2).sum(1) / 2
+    head.weight[seen] = (tau * (mu - mu.mean(0))).to(head.weight.dtype)  # softmax ignores what all classes
+    if head.bias is not None:  # share: centred, the logits span only their differences (finer 8-bit codes)
+        head.bias[seen] = (-tau * (sq - sq.mean())).to(head.bias.dtype)
+    return passes
+
+
 # ------------------------------------------------------------------------------------------ adapt
 def convert_model(model: nn.Module, c: Config, calib: torch.Tensor) -> nn.Module:
     """The whole model converted to a QModel in c.scheme, calibrated on `calib`; the float model itself

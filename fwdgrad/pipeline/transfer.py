@@ -15,7 +15,7 @@ from ..models import add_prompts
 from ..tracking import tee
 from ..train import TrainConfig, train
 from .progress import evaluate_shown
-from .steps import convert_model, fit_head, progress_bar
+from .steps import convert_model, fit_head, imprint_head, progress_bar
 
 
 def run_transfer(
@@ -34,6 +34,7 @@ def run_transfer(
     joins the checkpoint's run fingerprint (fwdgrad.train.fingerprint)."""
     tgt_train, tgt_test = target
     model = fit_head(model, n_target, c.seed)
+    imprint_passes = imprint_head(model, *tgt_train) if c.train.head_init == "imprint" else 0
     model_config = dict(c.model)
     if c.mode.name == "dvpt":  # the prompts join the model (a saved run rebuilds it with them)
         add_prompts(model, c.mode.prompts, c.mode.prompt_init, c.seed)
@@ -59,6 +60,7 @@ def run_transfer(
     return {
         "steps": r.steps,
         "forward_passes": r.forward_passes,
+        "head_init_passes": imprint_passes,  # train.head_init=imprint: its forward passes (batches of 512)
         "compute": round(r.compute, 3),  # MAC-weighted forward-pass equivalents (fwdgrad.train)
         "zero_shot_acc": zero_shot,
         "zero_shot_acc_quant": zero_shot_quant,
