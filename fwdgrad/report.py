@@ -444,6 +444,13 @@ def plot_memory(records: list[dict], out: str | Path) -> list[Path]:
     return paths
 
 
+def with_head_init(runs: list[dict], by: tuple[str, ...]) -> tuple[str, ...]:
+    """`by` plus train.head_init when any run started from an imprinted head: runs from different starting
+    heads are different groups, and each is compared with the BP group that started from its head."""
+    imprinted = any(_value(r, "train.head_init") not in ("", "source") for r in runs)
+    return (*by, "train.head_init") if imprinted and "train.head_init" not in by else by
+
+
 def report(
     sweep_dir: str | Path,
     out: str | Path | None = None,
@@ -452,14 +459,16 @@ def report(
     command: str | None = None,
 ) -> str:
     """Aggregate a sweep; write report.md, report.csv and report.png to out (default: sweep_dir).
-    `by`: extra grouping keys, metrics fields or dotted config paths (e.g. ("lr", "train.batch_size"));
+    `by`: extra grouping keys, metrics fields or dotted config paths (e.g. ("lr", "train.batch_size"); with
+    runs from an imprinted head, train.head_init joins them, `with_head_init`);
     `title`: the report's heading; `command`: the command line recorded with the commit and CPU."""
     runs = collect(sweep_dir)
     if not runs:
         raise FileNotFoundError(f"no metrics.json below {str(sweep_dir)!r}; allowed: a run or sweep folder")
     out = Path(out or sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = aggregate(runs, tuple(by))
+    by = with_head_init(runs, tuple(by))
+    rows = aggregate(runs, by)
     table = markdown(rows, tuple(by))
     text = (
         f"# Report: {title or sweep_dir}\n\n{provenance_line(provenance(command))}\n{sources(runs)}\n\n"

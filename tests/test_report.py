@@ -58,6 +58,21 @@ def sweep(tmp_path):
     return tmp_path
 
 
+def test_runs_from_an_imprinted_head_are_their_own_groups_against_bp_from_it(sweep):
+    imprint = {"config": {"train": {"head_init": "imprint"}}}
+    write_run(sweep, "5", test_acc=0.95, **imprint)
+    write_run(sweep, "6", method="qzo_ff", quant="w16a8", test_acc=0.85, **imprint)
+    report(sweep)
+    rows = {
+        (r["method"], r["mode"], r["train.head_init"]): r
+        for r in aggregate(collect(sweep), ("train.head_init",))
+    }
+    assert rows["qzo_ff", "lp", "imprint"]["gap_vs_bp"] == pytest.approx(-10.0)  # against BP from its head
+    assert rows["qzo_ff", "lp", ""]["gap_vs_bp"] == pytest.approx(-10.0)  # against BP from the source head
+    text = (sweep / "report.md").read_text()
+    assert "train.head_init" in text and "| imprint |" in text  # the column joined without --by
+
+
 def test_aggregate_mean_std_and_gap(sweep):
     rows = {(r["method"], r["mode"]): r for r in aggregate(collect(sweep))}
     bp, ff, ft = rows["bp", "lp"], rows["qzo_ff", "lp"], rows["qzo_ff", "ft"]
