@@ -267,6 +267,27 @@ def test_c_sampler_equals_the_reference(n, offset):
     )
 
 
+@pytest.mark.parametrize("flip", [0, 128])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows", "strided"])
+def test_codes_as_bytes_equal_torchs_conversion_in_every_layout(layout, flip):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (3, 5, 7, 9), generator=g).float()
+    x.view(-1)[:2] = torch.tensor([0.0, 255.0])  # both ends of the range
+    x = {
+        "nchw": x,
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "rows": x.reshape(-1, 9),
+        "strided": x.permute(0, 2, 3, 1),
+    }[layout]
+    got = kernels.codes_u8(x, flip)
+    want = x.to(torch.uint8).bitwise_xor_(flip)
+    assert got.dtype == torch.uint8 and torch.equal(got, want)
+    if layout == "channels_last":  # the layout oneDNN reads stays as it is
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    with native.disabled():
+        assert torch.equal(kernels.codes_u8(x, flip), want)
+
+
 @pytest.mark.parametrize("rounding", ["nearest", "floor", "stochastic"])
 def test_c_perturbation_equals_the_torch_path(monkeypatch, rounding):
     """QZO-FF's perturbed weights (two terms, per-channel ε) and a step's update: same integers and same

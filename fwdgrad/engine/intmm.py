@@ -88,7 +88,7 @@ def prepare(w: torch.Tensor, zp: int):
 
 def _signed(x: torch.Tensor) -> torch.Tensor:
     """Float32 u8 codes as int8 u = x - 128."""
-    return x.to(torch.uint8).bitwise_xor_(128).view(torch.int8)
+    return kernels.codes_u8(x, 128).view(torch.int8)
 
 
 def columns(x: torch.Tensor, kernel_size, zp: int, stride, padding, dilation) -> tuple[torch.Tensor, tuple]:

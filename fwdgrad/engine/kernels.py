@@ -42,6 +42,7 @@ SIGNATURES = {
     "fw_rescale_sum": (None, [_P, _INT, _P, _P, _INT, _I64, _I64, _I64, _P, _I64, _I64, _INT, _INT]),
     "fw_quantize": (None, [_P, _P, _I64, ctypes.c_double, _I64, _I64, _I64, _INT]),
     "fw_fake_quant": (None, [_P, _P, _I64, _F32, _F32, _F32, _F32, _INT]),
+    "fw_codes_u8": (None, [_P, _P, _I64, _INT, _INT]),
     "fw_plan_planes": (_INT, [_P, _INT, _I64, _I64, _INT, _I64, _INT, _INT, _I64, _INT, _P, _P]),
     "fw_fill_planes": (None, [_P, _INT, _I64, _I64, _INT, _INT, _INT, _INT, _I64, _P, _INT]),
     "fw_ln_normalize": (None, [_P, _P, _I64, _INT, _I64, _INT, _I64, _P, _INT]),
@@ -218,6 +219,19 @@ def quantize(x: torch.Tensor, scale: float, zp: int, qmin: int, qmax: int) -> to
     library().fw_quantize(
         x.data_ptr(), out.data_ptr(), x.numel(), scale, zp, qmin, qmax, torch.get_num_threads()
     )
+    return out
+
+
+def codes_u8(x: torch.Tensor, flip: int = 0) -> torch.Tensor:
+    """float32 u8 codes (integers in [0, 255]) as torch.uint8 in `x`'s dense layout (NCHW or channels-last),
+    each XORed with `flip` (128 gives the int8 x − 128 as bytes); torch's conversion without the C kernels."""
+    lib = library()
+    if lib is None or x.dtype != torch.float32:
+        u = x.to(torch.uint8)
+        return u.bitwise_xor_(flip) if flip else u
+    (x,) = _same_dense_layout([x])
+    out = torch.empty_like(x, dtype=torch.uint8)
+    lib.fw_codes_u8(x.data_ptr(), out.data_ptr(), x.numel(), flip, torch.get_num_threads())
     return out
 
 

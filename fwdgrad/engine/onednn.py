@@ -185,7 +185,7 @@ def prepare_conv(w: torch.Tensor, zp: int, groups: int, stride, padding, dilatio
 def conv(x: torch.Tensor, ew, zp: int, stride, padding, dilation) -> torch.Tensor:
     """Σ (x - zp)·d over the planes of `ew` for float32 codes `x` in [0, 255]: float32, channels-last,
     planes stacked as output channels (see `intops.combine`)."""
-    xu8 = x.to(torch.uint8).contiguous(memory_format=torch.channels_last)
+    xu8 = kernels.codes_u8(x).contiguous(memory_format=torch.channels_last)
     scales, zps = _unit(ew.outputs)
     return _ops().qconv_pointwise(
         xu8, 1.0, zp, ew.weight, scales, zps, None, list(stride), list(padding), list(dilation), ew.groups,
@@ -203,7 +203,7 @@ def prepare_linear(w: torch.Tensor, zp: int, bits: int | None = None):
 
 def linear(x: torch.Tensor, ew, zp: int) -> torch.Tensor:
     """(x - zp) @ planesᵀ for float32 codes `x` in [0, 255] (any leading dims): float32, planes stacked."""
-    rows = x.reshape(-1, x.shape[-1]).to(torch.uint8)
+    rows = kernels.codes_u8(x.reshape(-1, x.shape[-1]))
     scales, zps = _unit(ew.outputs)
     out = _ops().qlinear_pointwise(
         rows, 1.0, zp, ew.weight, scales, zps, None, 1.0, 0, torch.float32, "none", [], "none"
