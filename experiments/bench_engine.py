@@ -1,6 +1,7 @@
 """Speed of the exact integer engine against the float32 model, measured side by side in one process.
 
-For each model, batch and scheme, the median forward time over interleaved repetitions of:
+For each model, batch and scheme, the forward time over interleaved rounds (each runs every variant once;
+ratios are the median over rounds of each round's ratio, times the median ms) of:
   float32       the model as given (the baseline of every ratio)
   integer       the exact integer mode: certified float kernels + the fused C epilogue
   integer_torch the same integers on the torch fallback path (no C compiler, or FWDGRAD_KERNELS=0)
@@ -64,8 +65,9 @@ def isa() -> dict:
     }
 
 
-def interleaved(fns: dict, reps: int) -> dict[str, float]:
-    """Median seconds of each (function, context) in `fns`, repetitions interleaved so drift hits all."""
+def interleaved(fns: dict, reps: int) -> dict[str, list[float]]:
+    """Seconds of each (function, context) in `fns`, one per round: every round runs each once, so drift hits
+    them all alike (the warm-up round is dropped)."""
     times = {k: [] for k in fns}
     for _ in range(reps + 1):  # the first round warms up
         for k, (fn, ctx) in fns.items():
@@ -73,7 +75,18 @@ def interleaved(fns: dict, reps: int) -> dict[str, float]:
                 t = timed(fn, 1)
             kernels.library()  # reload outside the timed call after a torch-path round
             times[k] += t
-    return {k: statistics.median(v[1:]) for k, v in times.items()}
+    return {k: v[1:] for k, v in times.items()}
+
+
+def ms(times: dict[str, list[float]], k: str) -> float:
+    """The median milliseconds of `k`."""
+    return round(statistics.median(times[k]) * 1e3, 2)
+
+
+def ratio(times: dict[str, list[float]], k: str, base: str, scale: float = 1.0) -> float:
+    """The median over rounds of k's time / (scale · base's time) in the same round: a slow spell of the
+    machine (this VM's speed drifts by tens of % within seconds) cancels in each round's ratio."""
+    return round(statistics.median(a / (scale * b) for a, b in zip(times[k], times[base])), 3)
 
 
 def forward_row(model, name: str, batch: int, scheme: str, reps: int, g) -> dict:
@@ -86,10 +99,10 @@ def forward_row(model, name: str, batch: int, scheme: str, reps: int, g) -> dict
         "integer_float": (lambda: _with_requant(q, "float", x), nullcontext),
         "fake": (lambda: q(x, mode="fake"), nullcontext),
     }
-    med = interleaved(fns, reps)
+    t = interleaved(fns, reps)
     row = {"model": name, "batch": batch, "scheme": scheme}
-    row |= {f"{k}_ms": round(v * 1e3, 2) for k, v in med.items()}
-    row |= {f"{k}_over_float32": round(v / med["float32"], 3) for k, v in med.items() if k != "float32"}
+    row |= {f"{k}_ms": ms(t, k) for k in t}
+    row |= {f"{k}_over_float32": ratio(t, k, "float32") for k in t if k != "float32"}
     row["kernels"] = q.describe()
     with native.disabled():
         row["kernels_torch_path"] = q.describe()
@@ -145,22 +158,22 @@ def step_rows(model, batch: int, m: int, reps: int, g) -> dict:
             "lp_step_sequential": (lambda: lp_step(False), nullcontext),
         }
     )
-    med = {}
+    t = {}
     with torch.no_grad():
         for fns, n in zip(groups, (reps, reps, 2 * reps)):
-            med |= interleaved(fns, n)
+            t |= interleaved(fns, n)
     for mode in ("integer", "fake"):
         out[f"ft_{mode}"] = {
-            "forward_ms": round(med[f"{mode}_forward"] * 1e3, 2),
-            "step_ms": round(med[f"{mode}_ft_step"] * 1e3, 2),
-            "step_over_2m_forwards": round(med[f"{mode}_ft_step"] / (2 * m * med[f"{mode}_forward"]), 3),
+            "forward_ms": ms(t, f"{mode}_forward"),
+            "step_ms": ms(t, f"{mode}_ft_step"),
+            "step_over_2m_forwards": ratio(t, f"{mode}_ft_step", f"{mode}_forward", 2 * m),
         }
     out["lp_integer"] = {
-        "forward_ms": round(med["lp_forward"] * 1e3, 2),
-        "step_ms": round(med["lp_step"] * 1e3, 2),
-        "step_over_forward": round(med["lp_step"] / med["lp_forward"], 3),
-        "sequential_step_ms": round(med["lp_step_sequential"] * 1e3, 2),
-        "sequential_step_over_forward": round(med["lp_step_sequential"] / med["lp_forward"], 3),
+        "forward_ms": ms(t, "lp_forward"),
+        "step_ms": ms(t, "lp_step"),
+        "step_over_forward": ratio(t, "lp_step", "lp_forward"),
+        "sequential_step_ms": ms(t, "lp_step_sequential"),
+        "sequential_step_over_forward": ratio(t, "lp_step_sequential", "lp_forward"),
         "trained": head,
     }
     return out
@@ -178,8 +191,8 @@ def sampler_rows(reps: int) -> dict:
             "c": (lambda n=n: torch_port.gaussian_q(1, 2, 3, 4, (n,)), nullcontext),
             "numpy": (lambda n=n: reference.gaussian_q(1, 2, 3, 4, (n,)), nullcontext),
         }
-        med = interleaved(fns, reps)
-        out[str(n)] = {f"{k}_ms": round(v * 1e3, 3) for k, v in med.items()}
+        t = interleaved(fns, reps)
+        out[str(n)] = {f"{k}_ms": round(statistics.median(v) * 1e3, 3) for k, v in t.items()}
     return out
 
 
@@ -192,8 +205,8 @@ def markdown(result: dict) -> str:
         provenance_line(prov),
         "",
         f"CPU: {prov['cpu']}; ISA flags: {flags}; torch CPU capability {cpu['torch_cpu_capability']}; "
-        f"C kernels built: {cpu['c_kernels']}; {result['threads']} thread(s), medians of {result['reps']} "
-        "interleaved repetitions.",
+        f"C kernels built: {cpu['c_kernels']}; {result['threads']} thread(s), {result['reps']} interleaved "
+        "rounds: ratios are the median of each round's ratio, times the median ms.",
         "",
         "Forward time relative to the float32 model (lower is faster):",
         "",
