@@ -45,7 +45,10 @@ def _model(name, scheme="w16a8", per_channel=False):
     torch.manual_seed(0)
     x = torch.randn(96, 1, 8, 8)
     y = torch.randint(0, 5, (96,))
-    model = build_model("small_cnn", num_classes=5, in_channels=1) if name == "small_cnn" else _MLP()
+    if name == "vit":  # an integer-only transformer: the head reads the class token
+        model = build_model("vit_tiny", 5, 1, image_size=8, patch_size=4, hidden_dim=16, depth=1, heads=2)
+    else:
+        model = build_model("small_cnn", num_classes=5, in_channels=1) if name == "small_cnn" else _MLP()
     return convert(model.eval(), scheme, x[:64], per_channel=per_channel), x, y
 
 
@@ -57,6 +60,7 @@ CASES = {  # id: (model, scheme, train, mode, loss, difference, extra)
     "lp-sharpness": ("small_cnn", "w16a8", "last", "integer", "float", "sign", {"sharpness_rho": 2e-3}),
     "lp-stochastic": ("small_cnn", "w8a8", "last", "integer", "float", "sign", {"rounding": "stochastic"}),
     "mlp-first-linear": ("mlp", "w16a8", "fc1", "integer", "float", "sign", {}),
+    "vit-head": ("vit", "w16a8", "last", "integer", "float", "sign", {}),
 }
 
 
