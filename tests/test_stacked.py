@@ -161,3 +161,9 @@ def test_stacked_context_leaves_the_stored_weights_and_other_layers_alone():
         plain = q(x[:8])
     assert plain.shape == (8, 5)  # the stack ends with the block
     copy.deepcopy(q)  # the stacked layer cache does not travel with copies
+    node = q.weight_nodes()[head]
+    first = node.stacked(4)
+    assert node.stacked(4) is first and node.stacked(2) is not first and node.stacked(4) is first
+    node.bias_q.add_(1)  # a changed bias builds the copy again, with the new bias repeated
+    again = node.stacked(4)
+    assert again is not first and torch.equal(again.bias_q, node.bias_q.repeat(4))

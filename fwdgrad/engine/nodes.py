@@ -307,7 +307,7 @@ class QWeighted(QTrainable):
         self._prepared: dict[str, tuple[torch.Tensor, int, ExactWeights | None]] = {}
         self._timed: dict[tuple, str] = {}  # (input shape, per-call weights) -> the faster kind ("auto")
         self._last_kind = "float"
-        self._stacks: dict[int, QWeighted] = {}  # P -> this layer with its output channels repeated P times
+        self._stacks: dict[tuple, QWeighted] = {}  # this layer with its output channels repeated (`stacked`)
 
     channel_dim = 1
 
@@ -545,7 +545,10 @@ class QLinear(QWeighted):
         if w is None or w.dim() == self.weight_q.dim():
             return super().forward(x, ctx=ctx)
         if ctx.mode != "integer":  # float GEMMs of different widths may sum in different orders
-            ys = [super(QLinear, self).forward(x, ctx=replace(ctx, weight_fn=lambda n, _, v=v: v)) for v in w]
+            ys = [
+                super(QLinear, self).forward(x, ctx=replace(ctx, weight_fn=lambda n, _, v=v: v, stack=1))
+                for v in w
+            ]
             return torch.cat(ys)
         p, n = w.shape[:2]
         flat = w.reshape(p * n, -1)
@@ -555,15 +558,18 @@ class QLinear(QWeighted):
 
     def stacked(self, p: int) -> QLinear:
         """This layer with its output channels (weights, bias, scales, requantization) repeated p times,
-        built once per weight scale: P perturbed copies of the weights run through it as one layer."""
-        if p not in self._stacks:
+        built once per weight scale and bias version: P perturbed copies of the weights run through it as
+        one layer."""
+        key = (p, None if self.bias_q is None else self.bias_q._version)
+        if key not in self._stacks:
             tile = lambda t: None if t is None else (t if t.numel() == 1 else t.repeat(p))  # noqa: E731
             w_qp = QParams(self.w_qp.fmt, tile(self.w_qp.scale), tile(self.w_qp.zero_point))
-            self._stacks[p] = QLinear(
+            self._stacks = {k: v for k, v in self._stacks.items() if k[1] == key[1]}  # drop a changed bias's
+            self._stacks[key] = QLinear(
                 self.name, self.inputs, self.in_qp, w_qp, self.out_qp, self.weight_q.repeat(p, 1),
                 tile(self.bias_q), self.act, tile(self.bias_float),
             )  # fmt: skip
-        return self._stacks[p]
+        return self._stacks[key]
 
 
 # ------------------------------------------------------------------------------------------ other ops
