@@ -293,11 +293,12 @@ class FixedPointSpace(Space):
 
     def size_q(self, t: int, size: float) -> torch.Tensor:
         """A real perturbation size (ε or ρ) in tensor t's weight LSBs (`size_lsb`), kept per (t, ε, Δ_w)."""
-        key = (t, size, self.delta_w(t))
-        hit = self._consts.get(("size", key[:2]))
-        if hit is None or hit[0] is not key[2]:
-            hit = (key[2], size_lsb(size, key[2], self.settings.eps_min_q))
-            self._consts[("size", key[:2])] = hit
+        delta_w, key = self.delta_w(t), ("size", t, size)
+        hit = self._consts.get(key)
+        if hit is None or hit[0] is not delta_w:
+            if len(self._consts) > 64:  # sizes that change every step (an ε schedule) are not kept forever
+                self._consts = {}
+            hit = self._consts[key] = (delta_w, size_lsb(size, delta_w, self.settings.eps_min_q))
         return hit[1]
 
     def update_multiplier(self, t: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,8 +306,7 @@ class FixedPointSpace(Space):
         delta_w = self.delta_w(t)
         hit = self._consts.get(("update", t))
         if hit is None or hit[0] != lr or hit[1] is not delta_w:
-            hit = (lr, delta_w, update_requant(lr, self.dist.delta, delta_w))
-            self._consts[("update", t)] = hit
+            hit = self._consts[("update", t)] = (lr, delta_w, update_requant(lr, self.dist.delta, delta_w))
         return hit[2]
 
     def check_size(self, key: str, size: float) -> None:
@@ -377,8 +377,8 @@ class FixedPointSpace(Space):
                 if term.sample not in zs:
                     z = self.z(step, term.sample, t, w.shape, w.device, keep=len(passes) > 1)
                     zs[term.sample] = z.to(torch.int64)
-                size = self._channel_view(self.size_q(t, term.size), w.dim())
-                acc = acc + (size * zs[term.sample] if term.sign > 0 else -size * zs[term.sample])
+                size = self._channel_view(term.sign * self.size_q(t, term.size), w.dim())
+                acc = acc + size * zs[term.sample]
             accs.append(acc)
         out = shift_round(torch.stack(accs), self.p_mult, torch.as_tensor(self.p_n), self.rounding, words)
         for n in ((out < fmt.qmin) | (out > fmt.qmax)).flatten(1).sum(1).tolist():
