@@ -147,6 +147,17 @@ def test_stacked_linear_is_exact_at_the_extremes(scheme, per_channel, kernel):
             assert torch.equal(got[16 * p : 16 * p + 16], one), (mode, p)
 
 
+def test_a_pass_loss_whose_forward_does_not_run_the_batch_once_is_an_error():
+    q, x, y = _model("small_cnn")
+    head = list(q.weight_nodes())[-1]
+    opt = qzo_ff(q, 0.05, 2e-3, m=2, seed=1, trainable=[head])
+    with pytest.raises(ValueError, match="returned 15 rows for 8 labels"):
+        PassLoss(lambda: q(x[:15]), y[:8], F.cross_entropy).losses()
+    twice = PassLoss(lambda: torch.cat([q(x[:8]), q(x[:8])]), y[:8], F.cross_entropy)  # 2 passes' rows each
+    with pytest.raises(ValueError, match="gave 8 losses for 4 passes"):
+        opt.step(twice)
+
+
 def test_stacked_context_leaves_the_stored_weights_and_other_layers_alone():
     q, x, y = _model("small_cnn")
     head = list(q.weight_nodes())[-1]

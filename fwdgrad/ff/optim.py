@@ -51,6 +51,9 @@ class PassLoss:
 
     def losses(self) -> list[float]:
         out, b = self.forward(), len(self.y)
+        if not b or len(out) % b:
+            rows = f"the forward returned {len(out)} rows for {b} labels"
+            raise ValueError(f"{rows}; allowed: a multiple of {b} (one block of rows per pass)")
         return [float(self.loss(out[i : i + b], self.y)) for i in range(0, len(out), b)]
 
 
@@ -117,7 +120,13 @@ class ForwardGradient(OneGroupOptimizer):
         self.forward_passes += len(passes)
         if isinstance(closure, PassLoss) and len(passes) > 1 and self.space.can_stack(self.step_count):
             with self.space.stacked(self.step_count, passes):
-                return closure.losses()
+                losses = closure.losses()
+            if len(losses) != len(passes):
+                raise ValueError(
+                    f"the stacked forward gave {len(losses)} losses for {len(passes)} passes; allowed: one "
+                    "per pass (a PassLoss whose forward runs the model once on the batch)"
+                )
+            return losses
         losses = []
         for terms in passes:
             with self.space.perturbed(self.step_count, terms):
