@@ -107,6 +107,8 @@ def markdown(records: list[dict]) -> str:
             if r["met"] is None
             else ("yes" if r["met"] else f"**no** (missed by {-r['gap'] - r['goal']:.1f})")
         )
+        if r["met"] is not None and not r["within_4x"]:  # the goals are stated for at most 4x BP's passes
+            met = f"not counted: over 4x passes (gap {'within' if r['met'] else 'beyond'} the goal)"
         lines.append(
             f"| {r['task']} | {r['mode']} | {r['group']} | {r['n']} | {r['bp']:.1f} ± {r['bp_std']:.1f}"
             + (f" ({r['head_init']} head)" if r["head_init"] != "source" else "")

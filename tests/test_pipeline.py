@@ -133,7 +133,14 @@ def test_main_job_tiny(tmp_path, capsys):
 
     assert main(["main", "--out", str(tmp_path / "main"), *TINY, f"cache_dir={tmp_path / 'cache'}"]) == 0
     res = json.loads((tmp_path / "main" / "results.json").read_text())
-    labels = ["bp_fp32", "bp_w16a8", "zo_fp32", "qzo_ff_w16a8", "qzo_ff_w16a8_median", "qzo_ff_w16a8_m24"]
+    labels = [
+        "bp_fp32",
+        "bp_w16a8",
+        "zo_fp32",
+        "qzo_ff_w16a8",
+        "qzo_ff_w16a8_median",
+        "qzo_ff_w16a8_median_m48",
+    ]
     assert [r["label"] for r in res["runs"]] == labels
     assert [r["quant"] for r in res["runs"]] == ["fp32", "w16a8", "fp32", "w16a8", "w16a8", "w16a8"]
     assert [r["forward_passes"] for r in res["runs"]][3:5] == [2 * 12, 2 * 12]  # 2 tiny steps, 12 passes each

@@ -51,17 +51,19 @@ MAIN_ARMS = (
             "variant=median",
         ],
     ),
-    (  # m = 24: 16x BP's forward passes, but each of the 48 runs the head alone (prefix reuse): at equal
-        # MAC-weighted compute (1.09 forward equivalents per step, BP 1.004) it costs about a BP step
-        "qzo_ff_w16a8_m24",
+    (  # the median difference at m = 48: 16x BP's forward passes, but each of the 48 runs the head alone
+        # (prefix reuse) and all 48 run as one stacked pass: at equal MAC-weighted compute (1.09 forward
+        # equivalents per step, BP 1.004) and about BP's wall time
+        "qzo_ff_w16a8_median_m48",
         [
             "method=qzo_ff",
             "quant=w16a8",
-            "method.lr=0.1",
+            "method.lr=0.2",
             "method.eps=1e-2",
-            "method.m=24",
+            "method.m=48",
+            "method.ff.difference=median",
             "train.steps=1000",
-            "variant=m24",  # its own group in reports (the same method and format as qzo_ff_w16a8)
+            "variant=median_m48",  # its own group in reports
         ],
     ),
 )
