@@ -289,27 +289,35 @@ def test_codes_as_bytes_equal_torchs_conversion_in_every_layout(layout, flip):
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "floor", "stochastic"])
-def test_c_perturbation_equals_the_torch_path(monkeypatch, rounding):
-    """QZO-FF's perturbed weights (two terms, per-channel ε) and a step's update: same integers and same
-    saturation counts in C and in torch."""
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_c_perturbation_equals_the_torch_path(monkeypatch, rounding, per_channel):
+    """QZO-FF's perturbed weights (two terms, per-channel ε) and the updates of a step and of a huge η that
+    saturates weights: same integers and same saturation counts in C and in torch."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 3, 12, 12, generator=g)
     model = build_model("small_cnn", num_classes=4, in_channels=3).eval()
-    results = []
+    results, in_c = [], []
+    c_update = kernels.update
+    monkeypatch.setattr(kernels, "update", lambda *a: in_c.append(c_update(*a)) or in_c[-1])
     for enabled in ("1", "0"):
         monkeypatch.setenv(native.ENV, enabled)
         native.reset()
-        q = convert(model, "w16a8", x)
-        opt = qzo_ff(q, lr=0.5, eps=0.05, m=2, rounding=rounding)
+        q = convert(model, "w16a8", x, per_channel=per_channel)
+        opt = qzo_ff(q, lr=0.5, eps=0.05, m=3, rounding=rounding)
         space = opt.space
         weights = [space.perturbed_weight(3, t, [Term(0, 0.05, +1), Term(1, 0.02, -1)]) for t in range(3)]
         with torch.no_grad():
             opt.step(lambda: q(x).sum())
-        results.append((weights, space.saturations, [n.weight_q.clone() for n in q.weight_nodes().values()]))
+            q(x)  # the stored weights prepared for their kernels
+            space.update(7, [1.0, -1.0, 0.0], 1e4)  # far past the weight range: saturates
+            out = q(x)  # the forward after the update reads the new integers (prepared copies are stale)
+        nodes = q.weight_nodes().values()
+        results.append((weights, space.saturations, [n.weight_q.clone() for n in nodes], out))
     native.reset()
-    (wc, sc, uc), (wt, st, ut) = results
-    assert all(torch.equal(a, b) for a, b in zip(wc, wt)) and sc == st
-    assert all(torch.equal(a, b) for a, b in zip(uc, ut))
+    (wc, sc, uc, oc), (wt, st, ut, ot) = results
+    assert all(torch.equal(a, b) for a, b in zip(wc, wt)) and sc == st and sum(sc["update"].values()) > 0
+    assert all(torch.equal(a, b) for a, b in zip(uc, ut)) and torch.equal(oc, ot)
+    assert len(in_c) == 2 * 3 and None not in in_c  # both updates of the 3 layers ran in C
 
 
 def test_without_a_compiler_the_torch_path_runs_and_says_so(monkeypatch, tmp_path):

@@ -557,6 +557,34 @@ i64 fw_perturb(const void *w, int wbytes, i64 count, i64 per_channel, i64 one, i
     return sat;
 }
 
+/* QZO-FF's fixed-point update of integer weights w (in place) from s = sum_i c_i z_i (c_i = +-1, m samples):
+ * g = sign(s)·floor((2|s| + m) / 2m) clamped to +-127, r = round(g·M_c / 2^n_c) (nearest: + 2^(n-1); floor;
+ * stochastic: + the word's top n bits), w <- sat(w - r); as fwdgrad/ff/spaces.py FixedPointSpace.update
+ * (1 <= n_c <= 62). Returns the number of saturated weights. */
+i64 fw_update(void *w, int wbytes, i64 count, i64 per_channel, const int16_t *s, i64 m, const i64 *mult,
+              const i64 *nshift, int rounding, const i64 *words, i64 qmin, i64 qmax) {
+    i64 sat = 0, channels = count / per_channel;
+    for (i64 c = 0; c < channels; c++) {
+        i64 M = mult[channels > 1 ? c : 0], n = nshift[channels > 1 ? c : 0], half = (i64)1 << (n - 1);
+        for (i64 i = c * per_channel; i < (c + 1) * per_channel; i++) {
+            i64 a = s[i] < 0 ? -(i64)s[i] : s[i], g = (2 * a + m) / (2 * m);
+            if (g > 127) g = 127;
+            if (s[i] < 0) g = -g;
+            i64 prod = g * M, r;
+            if (rounding == 0) r = (prod + half) >> n;
+            else if (rounding == 1) r = prod >> n;
+            else r = (prod + (n <= 32 ? words[i] >> (32 - n) : words[i] << (n - 32))) >> n;
+            i64 v = load_int(w, wbytes, i) - r;
+            if (v < qmin || v > qmax) {
+                sat++;
+                v = v < qmin ? qmin : qmax;
+            }
+            store_int(w, wbytes, i, v);
+        }
+    }
+    return sat;
+}
+
 /* ------------------------------------------------------------------------------------------ int16 GEMM */
 /* acc[m][n] = sum_k (x[m][k] - zp)·w[n][k] in int32, for codes |x - zp| <= 32767 and int8/int16 weights whose
  * certificate x_bound·max_n sum_k |w[n][k]| < 2^31 the caller checked: every partial sum of integers is then

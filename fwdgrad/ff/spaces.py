@@ -427,13 +427,19 @@ class FixedPointSpace(Space):
             yield
 
     # -- update -----------------------------------------------------------------------------------
-    def gradient_q(self, step: int, t: int, coeffs: list[float], shape, device) -> torch.Tensor:
-        """g_q = round_half_away((1/m) Σ_i c_i z_q,i), 8 bits on Δ_z; z regenerated one sample at a time, the
-        last sample first (the one `z` still holds; integer sums do not depend on the order)."""
-        s = torch.zeros(shape, dtype=torch.int64, device=device)
+    def coefficient_sum(self, step: int, t: int, coeffs: list[float], shape, device) -> torch.Tensor:
+        """s = Σ_i c_i z_q,i (int16: |s| <= 127·m); z regenerated one sample at a time, the last sample first
+        (the one `z` still holds; integer sums do not depend on the order)."""
+        s = torch.zeros(shape, dtype=torch.int16, device=device)
         for i, c in reversed(list(enumerate(coeffs))):
             if c:
-                s += int(c) * self.z(step, i, t, shape, device)
+                z = self.z(step, i, t, shape, device)
+                s.add_(z) if c > 0 else s.sub_(z)
+        return s
+
+    def gradient_q(self, step: int, t: int, coeffs: list[float], shape, device) -> torch.Tensor:
+        """g_q = round_half_away((1/m) Σ_i c_i z_q,i), 8 bits on Δ_z (int64)."""
+        s = self.coefficient_sum(step, t, coeffs, shape, device).to(torch.int64)
         m = len(coeffs)
         return (torch.sign(s) * ((s.abs() * 2 + m) // (2 * m))).clamp(-127, 127)
 
@@ -448,6 +454,8 @@ class FixedPointSpace(Space):
                 if self.rounding == "stochastic"
                 else None
             )
+            if self._update_in_c(step, t, coeffs, lr, words):
+                continue
             if self.kernel_norm:
                 upd, g = self._kernel_norm_update(step, t, coeffs, lr, w, words)
             else:
@@ -467,6 +475,23 @@ class FixedPointSpace(Space):
             if self.momentum is not None:
                 self.history[t] = self._rescale_history(g)
         self._step_z = {}
+
+    def _update_in_c(self, step: int, t: int, coeffs: list[float], lr: float, words) -> bool:
+        """The plain update (no kernel-wise normalisation, no momentum history) of tensor t in one C pass
+        (`kernels.update`, the same integers); False where it does not apply."""
+        w = self.nodes[t].weight_q
+        plain = not self.kernel_norm and self.momentum is None
+        if not plain or w.device.type != "cpu" or kernels.library() is None:
+            return False
+        mult, shift = self.update_multiplier(t, lr)
+        s = self.coefficient_sum(step, t, coeffs, w.shape, w.device)
+        fmt = self.nodes[t].w_qp.fmt
+        sat = kernels.update(w, s, len(coeffs), mult, 31 + shift, self.rounding, words, fmt.qmin, fmt.qmax)
+        if sat is None:
+            return False
+        torch.autograd.graph.increment_version(w)  # written through its pointer: prepared copies are stale
+        self._saturated("update", t, sat)
+        return True
 
     def _kernel_norm_update(self, step, t, coeffs, lr, w, words):
         """upd_q = round(η/m · Σ_i c_i · z_q,i · ‖w_q^k‖/‖z_q,i^k‖) per kernel k: per-kernel multipliers on a
