@@ -531,27 +531,35 @@ void fw_fill_planes(const void *w, int wbytes, i64 C, i64 K, int groups, int chu
     }
 }
 
+/* round(prod / 2^n) as fwdgrad.ff.spaces.shift_round: rounding 0 nearest (half up), 1 floor, 2 stochastic
+ * (adds the top n bits of the 32-bit hash word). */
+static inline i64 shift_round(i64 prod, i64 n, int rounding, const i64 *words, i64 i) {
+    if (rounding == 0) return (prod + ((i64)1 << (n - 1))) >> n;
+    if (rounding == 1) return prod >> n;
+    return (prod + (n <= 32 ? words[i] >> (32 - n) : words[i] << (n - 32))) >> n;
+}
+
+/* v clamped to [qmin, qmax], counting a clamp in *sat. */
+static inline i64 saturate(i64 v, i64 qmin, i64 qmax, i64 *sat) {
+    if (v >= qmin && v <= qmax) return v;
+    ++*sat;
+    return v < qmin ? qmin : qmax;
+}
+
 /* QZO-FF's perturbed weights: w± = sat(round((w·one + Σ_t size[t][c]·z_t) · M / 2^n)), channel
  * c = element / per_channel; rounding 0 nearest (half up), 1 floor, 2 stochastic (adds the top n bits of a
  * 32-bit hash word, as fwdgrad.ff.spaces.shift_round). Returns the number of saturated weights. */
 i64 fw_perturb(const void *w, int wbytes, i64 count, i64 per_channel, i64 one, int nterms, const int8_t **zs,
                const i64 *sizes, i64 mult, int n, int rounding, const i64 *words, i64 qmin, i64 qmax, void *out) {
-    i64 sat = 0, half = (i64)1 << (n - 1), channels = count / per_channel;
+    i64 sat = 0, channels = count / per_channel;
     for (i64 c = 0; c < channels; c++) {
         i64 sz[16];
         for (int t = 0; t < nterms; t++) sz[t] = sizes[t * channels + c];
         for (i64 i = c * per_channel; i < (c + 1) * per_channel; i++) {
             i64 acc = load_int(w, wbytes, i) * one;
             for (int t = 0; t < nterms; t++) acc += sz[t] * zs[t][i];
-            i64 prod = acc * mult, r;
-            if (rounding == 0) r = (prod + half) >> n;
-            else if (rounding == 1) r = prod >> n;
-            else r = (prod + (n <= 32 ? words[i] >> (32 - n) : words[i] << (n - 32))) >> n;
-            if (r < qmin || r > qmax) {
-                sat++;
-                r = r < qmin ? qmin : qmax;
-            }
-            store_int(out, wbytes, i, r);
+            i64 r = shift_round(acc * mult, n, rounding, words, i);
+            store_int(out, wbytes, i, saturate(r, qmin, qmax, &sat));
         }
     }
     return sat;
@@ -565,21 +573,13 @@ i64 fw_update(void *w, int wbytes, i64 count, i64 per_channel, const int16_t *s,
               const i64 *nshift, int rounding, const i64 *words, i64 qmin, i64 qmax) {
     i64 sat = 0, channels = count / per_channel;
     for (i64 c = 0; c < channels; c++) {
-        i64 M = mult[channels > 1 ? c : 0], n = nshift[channels > 1 ? c : 0], half = (i64)1 << (n - 1);
+        i64 M = mult[channels > 1 ? c : 0], n = nshift[channels > 1 ? c : 0];
         for (i64 i = c * per_channel; i < (c + 1) * per_channel; i++) {
             i64 a = s[i] < 0 ? -(i64)s[i] : s[i], g = (2 * a + m) / (2 * m);
             if (g > 127) g = 127;
             if (s[i] < 0) g = -g;
-            i64 prod = g * M, r;
-            if (rounding == 0) r = (prod + half) >> n;
-            else if (rounding == 1) r = prod >> n;
-            else r = (prod + (n <= 32 ? words[i] >> (32 - n) : words[i] << (n - 32))) >> n;
-            i64 v = load_int(w, wbytes, i) - r;
-            if (v < qmin || v > qmax) {
-                sat++;
-                v = v < qmin ? qmin : qmax;
-            }
-            store_int(w, wbytes, i, v);
+            i64 r = shift_round(g * M, n, rounding, words, i);
+            store_int(w, wbytes, i, saturate(load_int(w, wbytes, i) - r, qmin, qmax, &sat));
         }
     }
     return sat;

@@ -337,8 +337,15 @@ class FixedPointSpace(Space):
         n1, n2, h = n1.to(torch.int64), n2.to(torch.int64), h.to(torch.int64)
         return ((a * n1 + b * h + c * n2 + (1 << 14)) >> 15).clamp(-127, 127).to(torch.int8)
 
-    def _words(self, step, stream, t, n, device):
-        return torch_port.hash_words(self.seed, step, SR_STREAM + stream, t, n, device=device)
+    def _words(self, step: int, stream: int, t: int) -> torch.Tensor | None:
+        """The 32-bit hash words of stochastic rounding for tensor t's weights (shaped like them), from
+        stream 2t (perturbation) or 2t + 1 (update); None with another rounding."""
+        if self.rounding != "stochastic":
+            return None
+        w = self.nodes[t].weight_q
+        return torch_port.hash_words(
+            self.seed, step, SR_STREAM + stream, t, w.numel(), device=w.device
+        ).reshape(w.shape)
 
     # -- perturbation -----------------------------------------------------------------------------
     def perturbed_weight(self, step: int, t: int, terms: list[Term]) -> torch.Tensor:
@@ -347,11 +354,7 @@ class FixedPointSpace(Space):
         shape, device = node.weight_q.shape, node.weight_q.device
         zs = [self.z(step, term.sample, t, shape, device) for term in terms]
         sizes = [term.sign * self.size_q(t, term.size).reshape(-1) for term in terms]
-        words = (
-            self._words(step, 2 * t, t, node.weight_q.numel(), device).reshape(shape)
-            if self.rounding == "stochastic"
-            else None
-        )
+        words = self._words(step, 2 * t, t)
         if kernels.library() is not None and device.type == "cpu" and terms:  # one pass in C
             c = max(s.numel() for s in sizes)
             table = torch.stack([s.expand(c) for s in sizes])
@@ -411,12 +414,7 @@ class FixedPointSpace(Space):
         name, weight_q = self.names[t], self.nodes[t].weight_q
         self._step_z = {}
         if weight_q.numel() * len(passes) <= STACK_TORCH_ELEMENTS:  # small: torch, all passes at once
-            words = (
-                self._words(step, 2 * t, t, weight_q.numel(), weight_q.device).reshape(weight_q.shape)
-                if self.rounding == "stochastic"
-                else None
-            )
-            w = self._perturbed_torch(step, t, passes, words)
+            w = self._perturbed_torch(step, t, passes, self._words(step, 2 * t, t))
         else:  # large: one C pass over the weights per pass
             w = torch.stack([self.perturbed_weight(step, t, terms) for terms in passes])
 
@@ -449,11 +447,7 @@ class FixedPointSpace(Space):
         for t in self.active(step):
             node = self.nodes[t]
             w = node.weight_q.to(torch.int64)
-            words = (
-                self._words(step, 2 * t + 1, t, w.numel(), w.device).reshape(w.shape)
-                if self.rounding == "stochastic"
-                else None
-            )
+            words = self._words(step, 2 * t + 1, t)
             if self._update_in_c(step, t, coeffs, lr, words):
                 continue
             if self.kernel_norm:

@@ -213,12 +213,11 @@ def imprint_head(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size:
         handle.remove()
         model.train(was_training)
     seen = counts > 0
-    if int(seen.sum()) < 2:
-        got = int(seen.sum())
-        raise ValueError(f"train.head_init='imprint' needs examples of at least 2 classes, got {got}")
+    n = int(seen.sum())
+    if n < 2:
+        raise ValueError(f"train.head_init='imprint' needs examples of at least 2 classes, got {n}")
     mu = sums[seen] / counts[seen, None]
     pairs = torch.cdist(mu, mu).pow(2) / 2
-    n = len(mu)
     tau = IMPRINT_MARGIN / float(pairs.sum() / (n * (n - 1))) if float(pairs.sum()) > 0 else 1.0
     sq = mu.pow(2).sum(1) / 2
     head.weight[seen] = (tau * (mu - mu.mean(0))).to(head.weight.dtype)  # softmax ignores what all classes
