@@ -18,7 +18,16 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .methods import METHOD_NAMES, QZO_FF_OPTIONS, SCOPES, ZO_SGD_OPTIONS, check_hyper, check_scope, spec
+from .methods import (
+    METHOD_NAMES,
+    PERTURB_TARGETS,
+    QZO_FF_OPTIONS,
+    SCOPES,
+    ZO_SGD_OPTIONS,
+    check_hyper,
+    check_scope,
+    spec,
+)
 from .methods import METHODS as REGISTRY
 
 # Choices, spelled out so that validating a config imports no torch (a bad value fails in about a second);
@@ -202,6 +211,8 @@ class MethodConfig:
         if self.ff and s.ff_options:
             for k in self.ff:
                 require(k in s.ff_options, f"method.ff.{k}", self.ff[k], f"keys {', '.join(s.ff_options)}")
+            perturb = self.ff.get("perturb", "weights")
+            require(perturb in PERTURB_TARGETS, "method.ff.perturb", perturb, ", ".join(PERTURB_TARGETS))
         elif self.ff:
             takes = ", ".join(n for n, x in REGISTRY.items() if x.ff_options)
             raise ValueError(

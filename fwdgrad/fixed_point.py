@@ -4,6 +4,8 @@ method registry and config validation can name its fields without importing torc
 
     difference     the coefficient c_i ∈ {-1, 0, 1} of z_i: sign (sign(L(w+εz_i) − L(w−εz_i)), two passes per
                    sample; the paper's) | median (sign(L(w+εz_i) − median_j L(w+εz_j)), one pass per sample)
+                   | central (the integer loss difference L+ − L−; only with perturbed outputs,
+                   `fwdgrad.ff.activity`)
     distribution   8-bit perturbation z_q: qgaussian (Philox + Gaussian table) | qrademacher (±1_q)
     z_max          z's range; static scale Δ_z = z_max/127, unit 1_q = round(1/Δ_z)
     rounding       rounding of the perturbation and the update: nearest | floor | stochastic
@@ -16,12 +18,14 @@ method registry and config validation can name its fields without importing torc
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from .rng import LAYERWISE, check_z_max
 
-#: the differences whose coefficients lie in {-1, 0, 1}, which the integer update takes
+#: the differences whose coefficients lie in {-1, 0, 1}, which the integer update of the weights takes
 INTEGER_DIFFERENCES = ("sign", "median")
+#: ... and the integer loss difference L+ − L− itself, which the output-perturbed update takes (`perturb`)
+OUTPUT_DIFFERENCES = (*INTEGER_DIFFERENCES, "central")
 QUANT_DISTRIBUTIONS = ("qgaussian", "qrademacher")
 ROUNDINGS = ("nearest", "floor", "stochastic")
 PERTURB_SCALES = ("one", "delta_z")
@@ -39,10 +43,10 @@ class FixedPointSettings:
     layerwise: str = "off"
 
     def __post_init__(self):
-        if self.difference not in INTEGER_DIFFERENCES:
+        if self.difference not in OUTPUT_DIFFERENCES:
             raise ValueError(
-                f"difference {self.difference!r} is invalid for fixed-point training (its coefficients must "
-                f"be -1, 0 or 1); allowed: {', '.join(INTEGER_DIFFERENCES)}"
+                f"difference {self.difference!r} is invalid for fixed-point training; allowed: "
+                f"{', '.join(INTEGER_DIFFERENCES)}, or central with perturb=outputs"
             )
         if self.distribution not in QUANT_DISTRIBUTIONS:
             kind = "float" if self.distribution in ("gaussian", "rademacher", "sphere") else "unknown"
@@ -64,3 +68,6 @@ class FixedPointSettings:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+FIXED_POINT_KEYS = tuple(f.name for f in fields(FixedPointSettings))

@@ -31,7 +31,15 @@ SCOPES = ("ft", "lp", "sparse", "dvpt", "ln", "bias")
 FLOAT_SCOPES = ("bias",)
 
 #: `method.ff` keys of the fixed-point optimizer (fwdgrad.ff.optim.qzo_ff) and of the float one (zo_sgd).
-QZO_FF_OPTIONS = (*(f.name for f in fields(FixedPointSettings)), "momentum", "kernel_norm", "sharpness_rho")
+QZO_FF_OPTIONS = (
+    *(f.name for f in fields(FixedPointSettings)),
+    "momentum",
+    "kernel_norm",
+    "sharpness_rho",
+    "perturb",
+)
+#: what QZO-FF perturbs: its weights (the paper's) or a linear layer's outputs (`fwdgrad.ff.activity`)
+PERTURB_TARGETS = ("weights", "outputs")
 #: hybrid: QZO-FF's keys plus how many of the top trained layers backprop trains, and their learning rate
 HYBRID_OPTIONS = (*QZO_FF_OPTIONS, "bp_layers", "bp_lr")
 ZO_SGD_OPTIONS = (

@@ -53,6 +53,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import LOSSES, LR_SCHEDULES, RESUME_MODES
 from .engine.model import QModel, chunk_rows
 from .engine.transformer import QLayerNorm, QTokens
+from .ff.activity import ActivityGradient, example_closure
 from .ff.intloss import integer_closure
 from .ff.jvp import JVPForwardGradient, closure_for
 from .ff.masks import make_masks
@@ -416,8 +417,13 @@ def _build_zo(model, cfg, names, sparse) -> Built:
 
 def _build_qzo(model, cfg, names, sparse) -> Built:
     """qzo_ff: QZO-FF on the QModel's integer weights; with loss "integer" each step compares the integer
-    cross-entropy of the integer logits (`fwdgrad.ff.intloss`, as the edge runtimes do)."""
+    cross-entropy of the integer logits (`fwdgrad.ff.intloss`, as the edge runtimes do). With
+    `method.ff.perturb=outputs`, activity-perturbed forward gradients on one linear layer
+    (`fwdgrad.ff.activity`)."""
     opt = qzo_ff(model, cfg.lr, cfg.eps, cfg.m, cfg.seed, trainable=names, sparse=sparse, **cfg.ff)
+    if isinstance(opt, ActivityGradient):  # every pass resumes after the one layer it trains
+        closure = example_closure(model, cfg.loss)
+        return Built(opt, closure, opt.forwards_per_step, compute=_prefix_compute(lambda: names[0], opt))
     space = opt.space
 
     def first() -> str:  # the frozen prefix of the coming step ends at the first tensor it perturbs

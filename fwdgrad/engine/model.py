@@ -165,6 +165,12 @@ class QModel(nn.Module):
         stop = names.index(upto)
         return Prefix(self._execute({}, x, ctx, 0, stop, keep=False), stop, ctx.mode)
 
+    def run_node(self, x: torch.Tensor, prefix: Prefix) -> torch.Tensor:
+        """The output of the node `prefix` stops at (`run_prefix(x, upto)`: node `upto`), from that prefix."""
+        ctx = self._context(prefix.mode, None)
+        env = self._execute(dict(prefix.values), x, ctx, prefix.start, prefix.start + 1, keep=True)
+        return env[self.nodes[prefix.start].name]
+
     def _context(self, mode: str | None, weight_fn: Callable | None) -> ExecContext:
         ctx = ExecContext(
             mode or self.mode, weight_fn or self._weight_fn, self.acc, self.requant, self.stats, self.kernel,

@@ -22,17 +22,21 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..engine.model import QModel
 from ..fixed_point import FixedPointSettings
-from ..methods import check_positive
+from ..methods import PERTURB_TARGETS, check_positive
 from ..rng.streams import SAM_STREAM
 from .estimators import Estimator, preset
 from .group import OneGroupOptimizer
 from .masks import make_masks
 from .spaces import FixedPointSpace, FloatSpace, MomentumGuided, Space, Term
+
+if TYPE_CHECKING:
+    from .activity import ActivityGradient
 
 
 @dataclass
@@ -213,6 +217,15 @@ def _momentum(momentum: dict | bool | None) -> MomentumGuided | None:
     return MomentumGuided(**(momentum if isinstance(momentum, dict) else {}))
 
 
+def apply_headroom(model: QModel, names: list[str], headroom: float) -> None:
+    """Multiply the Δ_w of the named trainable nodes by `headroom`, once before training (1: unchanged)."""
+    if headroom != 1.0:
+        for n in names:
+            node = model.weight_nodes().get(n)
+            if node is not None:
+                node.set_weight_scale(node.w_qp.scale * headroom)
+
+
 def qzo_ff(
     model: QModel,
     lr: float,
@@ -232,7 +245,8 @@ def qzo_ff(
     sharpness_rho: float | None = None,
     weight_headroom: float = 1.0,
     layerwise: str = "off",
-) -> ForwardGradient:
+    perturb: str = "weights",
+) -> ForwardGradient | ActivityGradient:
     """QZO-FF on a QModel: sign-m-SPSA with 8-bit z, integer perturbation and update
     (docs/method.md#the-fixed-point-formulation).
 
@@ -244,6 +258,9 @@ def qzo_ff(
     weight_headroom: the trainable layers' Δ_w is multiplied by this once before training, so weights can
     grow by that factor before saturating (costs log2(headroom) bits of precision; 1 = the paper).
     layerwise: "cycle" / "sample" perturb and update one trainable tensor per step (`fwdgrad.ff.spaces`).
+    perturb: "weights" (the paper's) or "outputs": activity-perturbed forward gradients on the one linear
+    layer `trainable` names (`fwdgrad.ff.activity.ActivityGradient`, which is returned; difference may then
+    also be "central").
     """
     if not isinstance(model, QModel):
         raise ValueError(
@@ -253,13 +270,32 @@ def qzo_ff(
     settings = FixedPointSettings(
         difference, distribution, z_max, rounding, perturb_scale, eps_min_q, weight_headroom, layerwise
     )
-    est = preset("qzo_ff", m=m, difference=difference, distribution=distribution, z_max=z_max)
     names = list(model.weight_nodes()) if trainable is None else list(trainable)
-    if weight_headroom != 1.0:
-        for n in names:
-            node = model.weight_nodes().get(n)
-            if node is not None:
-                node.set_weight_scale(node.w_qp.scale * weight_headroom)
+    if perturb not in PERTURB_TARGETS:
+        raise ValueError(f"perturb={perturb!r} is invalid; allowed: {', '.join(PERTURB_TARGETS)}")
+    if perturb == "outputs":
+        refused = dict(sparse=sparse, momentum=momentum, kernel_norm=kernel_norm, sharpness_rho=sharpness_rho)
+        refused |= {
+            "layerwise": layerwise != "off" and layerwise,
+            "perturb_scale": perturb_scale != "one" and perturb_scale,
+        }
+        for key, value in refused.items():
+            if value:
+                raise ValueError(
+                    f"method.ff.{key}={value!r} is invalid with method.ff.perturb=outputs; allowed: unset "
+                    "(it applies to perturbed weights)"
+                )
+        if len(names) != 1:
+            raise ValueError(
+                f"method.ff.perturb=outputs trains one linear layer, not {len(names)} layers {names}; "
+                "allowed: mode=lp with mode.lp_layers=1"
+            )
+        from .activity import ActivityGradient  # here: activity imports intloss, which imports this module
+
+        apply_headroom(model, names, weight_headroom)
+        return ActivityGradient(model, names[0], lr, eps, m, seed, settings)
+    est = preset("qzo_ff", m=m, difference=difference, distribution=distribution, z_max=z_max)
+    apply_headroom(model, names, weight_headroom)
     weights = {n: model.weight_nodes()[n].weight_q for n in names if n in model.weight_nodes()}
     masks = make_masks(weights, seed=seed, **sparse) if sparse else None
     space = FixedPointSpace(model, names, settings, seed, masks, _momentum(momentum), kernel_norm)

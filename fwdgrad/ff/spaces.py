@@ -33,7 +33,7 @@ import torch
 
 from ..engine import kernels
 from ..engine.model import QModel
-from ..fixed_point import ROUNDINGS, FixedPointSettings
+from ..fixed_point import INTEGER_DIFFERENCES, ROUNDINGS, FixedPointSettings
 from ..quant import quantize_multiplier
 from ..rng import torch_port
 from ..rng.streams import LAYERWISE, SR_STREAM, active_tensor
@@ -266,6 +266,12 @@ class FixedPointSpace(Space):
         kernel_norm=False,
     ):
         settings = settings or FixedPointSettings()
+        if settings.difference not in INTEGER_DIFFERENCES:
+            raise ValueError(
+                f"difference {settings.difference!r} is invalid for perturbed weights (the integer update "
+                f"takes coefficients -1, 0, 1); allowed: {', '.join(INTEGER_DIFFERENCES)}, or "
+                "method.ff.perturb=outputs for central"
+            )
         distribution = make_distribution(settings.distribution, settings.z_max)
         super().__init__(names, distribution, seed, masks, momentum, kernel_norm, settings.layerwise)
         nodes = model.weight_nodes()
