@@ -182,3 +182,19 @@ def test_pipeline_runs_and_refuses_what_it_cannot_train(tmp_path):
         tmp_path, "mode=lp", "method.ff.perturb=outputs", "+method.ff.momentum=true"
     )
     assert "method.ff.perturb" in _cfg_error(tmp_path, "method.ff.perturb=inputs")
+
+
+def test_memory_model_counts_the_outputs_perturbation():
+    """Perturbed outputs keep one pass's u over the head's outputs, a ± pair's per-example losses and the
+    int64 sum G; the activations and weights are the weight perturbation's."""
+    from fwdgrad.analysis.memory import memory_breakdown
+
+    model = build_model("small_cnn", num_classes=5, in_channels=1)
+    kw = dict(method="ff", mode="lp", fmt="w16a8", m=6)
+    weights = memory_breakdown(model, (32, 1, 8, 8), **kw)
+    outputs = memory_breakdown(model, (32, 1, 8, 8), **kw, perturb="outputs")
+    assert outputs.perturbation == 32 * 5 * 1 + 2 * 32 * 8 + 16
+    assert outputs.gradients == weights.n_updated * 8 and weights.gradients == weights.n_updated * 2
+    assert (outputs.scratch, outputs.weights) == (weights.scratch, weights.weights)
+    with pytest.raises(ValueError, match="perturb"):
+        memory_breakdown(model, (32, 1, 8, 8), **kw, perturb="inputs")

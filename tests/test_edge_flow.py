@@ -149,12 +149,15 @@ def test_bare_qmodel_keeps_the_defaults_and_needs_lr(run_dir, root, capsys):
         ("sharpness_rho", 0.01, "sharpness_rho=0.01"),
         ("scope", "sparse", "mode=sparse"),
         ("lr_schedule", "cosine", "lr_schedule='cosine'"),
+        ("perturb", "outputs", "perturb='outputs'"),  # activity perturbation: its central difference too
     ],
 )
 def test_export_refuses_what_the_runtime_cannot_reproduce(run_dir, root, capsys, option, value, named):
     obj = load_state(run_dir / "model.pt", "model")
     s = obj["training"]
-    if option in s["unsupported"]:
+    if option == "perturb":
+        s["fixed_point"]["difference"] = "central"
+    if option in s["unsupported"] or option == "perturb":
         s["unsupported"][option] = value
     else:
         s[option] = value
@@ -168,7 +171,11 @@ def test_export_refuses_what_the_runtime_cannot_reproduce(run_dir, root, capsys,
     assert named in err and "the edge runtime cannot reproduce" in err and "--ignore-unsupported" in err
     assert std.out == "" and not out.exists() and not (root / f"{option}_data").exists()
     assert fwdgrad(["export", str(ckpt), str(out), "--ignore-unsupported"]) == 0
-    assert f"ignored (--ignore-unsupported): {named}" in capsys.readouterr().out and out.exists()
+    shown = capsys.readouterr().out
+    assert f"ignored (--ignore-unsupported): {named}" in shown and out.exists()
+    if option == "perturb":  # exported for plain sign-m-SPSA
+        assert "difference       sign  (default: the run's 'central' needs perturbed outputs)" in shown
+        assert load_bundle(out).training["difference"] == "sign"
 
 
 def test_median_run_exports_its_difference_and_old_runs_mean_sign(root, run_dir, capsys):

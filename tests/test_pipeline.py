@@ -139,11 +139,13 @@ def test_main_job_tiny(tmp_path, capsys):
         "zo_fp32",
         "qzo_ff_w16a8",
         "qzo_ff_w16a8_median",
+        "qzo_ff_w16a8_outputs",
         "qzo_ff_w16a8_median_m48",
     ]
     assert [r["label"] for r in res["runs"]] == labels
-    assert [r["quant"] for r in res["runs"]] == ["fp32", "w16a8", "fp32", "w16a8", "w16a8", "w16a8"]
-    assert [r["forward_passes"] for r in res["runs"]][3:5] == [2 * 12, 2 * 12]  # 2 tiny steps, 12 passes each
+    assert [r["quant"] for r in res["runs"]] == ["fp32", "w16a8", "fp32", "w16a8", "w16a8", "w16a8", "w16a8"]
+    passes = [2 * 12, 2 * 12, 2 * 12]  # 2 tiny steps, 12 passes each
+    assert [r["forward_passes"] for r in res["runs"]][3:6] == passes
     assert "| qzo_ff_w16a8 | qzo_ff | w16a8 |" in capsys.readouterr().out
     for f in ("results.md", "curves_step.png", "curves_forward_passes.png"):
         assert (tmp_path / "main" / f).exists()

@@ -43,6 +43,9 @@ Byte counts (n = element count, b_w/b_a = weight/activation bytes of the format,
   applied in place (exact restore in integer arithmetic): max_layer_upd * b_z (b_z = 1 for fixed
   point, b_w for float) + 16 bytes of counter-based RNG state. With ``z_storage="full"`` z is stored
   for every updated weight instead: n_upd * b_z (what the QZO-FF paper's FF figure counts, docs/memory.md).
+  With perturbed outputs (``perturb="outputs"``, `fwdgrad.ff.activity`, one trained layer):
+  ``perturbation`` = the layer's outputs over the batch * b_z (one pass's u) + 2 * batch * 8 (the examples'
+  int64 losses of a ± pair) + 16; ``gradients`` = n_upd * 8 (the int64 sum G, for any m).
 - ``masks``         sparse: a bitmap, 1 bit per candidate weight: ceil(n_trainable / 8) (an index list
   costs 4 bytes per selected weight, smaller only below a density of 1/32). ``mask_storage="seeded"``:
   0, a random mask regenerated from a seed like z (top-k or threshold masks need the bitmap).
@@ -83,6 +86,8 @@ from ..models import add_prompts, checkpoint_segments, scope_params
 METHODS = ("bp", "bp_ckpt", "ff")
 OPTIMIZERS = {"sgd": 0, "momentum": 1, "adam": 2}
 Z_STORAGE = ("layer", "full")
+#: what FF perturbs: weights, or (activity perturbation, one linear layer) that layer's outputs
+PERTURB = ("weights", "outputs")
 MASK_STORAGE = ("bitmap", "seeded")
 RNG_STATE_BYTES = 16
 #: deep prompts per encoder layer when "dvpt" adds them (fwdgrad/conf/mode/dvpt.yaml's default)
@@ -470,10 +475,11 @@ def breakdown_from_trace(
     model_name: str = "model",
     input_shape: tuple[int, ...] = (),
     segments: Sequence[Sequence[str]] = (),
+    perturb: str = "weights",
 ) -> MemoryBreakdown:
     """Byte breakdown for a trace: BP needs a ``backward=True`` trace, FF an inference one. bp_ckpt: BP with
     activation checkpointing in ``segments`` (the module names of each, `fwdgrad.models.checkpoint_segments`;
-    scratch: `ModelTrace.checkpointed_peak`)."""
+    scratch: `ModelTrace.checkpointed_peak`); perturb: FF's "weights" or "outputs" (module docstring)."""
     _check("method", method, METHODS)
     bp = method != "ff"
     if trace.backward != bp:
@@ -486,6 +492,7 @@ def breakdown_from_trace(
     _check("optimizer", optimizer, OPTIMIZERS)
     _check("z_storage", z_storage, Z_STORAGE)
     _check("mask_storage", mask_storage, MASK_STORAGE)
+    _check("perturb", perturb, PERTURB)
     f = get_format(fmt)
     if mode == "sparse" and not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
@@ -502,6 +509,16 @@ def breakdown_from_trace(
         scratch = trace.peak_live_bytes(f.act_bytes)
         grads = 0 if m == 1 else layer_upd * f.acc_bytes
         pert = (n_upd if z_storage == "full" else layer_upd) * f.z_bytes + RNG_STATE_BYTES
+        if perturb == "outputs":  # one pass's u over the layer's outputs, a ± pair's losses, the int64 G
+            layers = {name.rpartition(".")[0] for name in trace.trainable}  # parameter -> module names
+            outputs = max(
+                (trace.storages[w].nbytes // trace.storages[w].itemsize for op in trace.ops
+                 if op.module in layers for w in op.writes),
+                default=0,
+            )  # fmt: skip
+            batch = input_shape[0] if input_shape else 1
+            pert = outputs * f.z_bytes + 2 * batch * 8 + RNG_STATE_BYTES
+            grads = n_upd * 8
     return MemoryBreakdown(
         model=model_name,
         input_shape=tuple(input_shape),
@@ -541,6 +558,7 @@ def memory_breakdown(
     model_name: str | None = None,
     prompts: int = DEFAULT_PROMPTS,
     segments: int | None = None,
+    perturb: str = "weights",
 ) -> MemoryBreakdown:
     """Training-memory breakdown of ``model`` on a batch of ``input_shape`` (formulas: module docstring).
 
@@ -555,7 +573,7 @@ def memory_breakdown(
     groups = ckpt_groups(model, segments) if method == "bp_ckpt" else []
     trace = trace_model(model, input_shape, names, method != "ff")
     kw = dict(density=density, optimizer=optimizer, m=m, z_storage=z_storage, mask_storage=mask_storage)
-    kw["segments"] = groups
+    kw["segments"], kw["perturb"] = groups, perturb
     return breakdown_from_trace(
         trace, method, fmt, mode, model_name=model_name or type(model).__name__, input_shape=input_shape, **kw
     )

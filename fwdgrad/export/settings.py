@@ -12,7 +12,7 @@ from torchvision.models import list_models
 
 from ..config import BUILD_MODEL
 from ..engine import QModel, qmodel_state, rebuild_qmodel
-from ..fixed_point import FixedPointSettings
+from ..fixed_point import INTEGER_DIFFERENCES, FixedPointSettings
 from ..models import build_from_config
 from ..statefile import StateFileError, load_state, save_state
 from ..train import TrainConfig, trainable_names
@@ -36,7 +36,8 @@ def run_settings(cfg: TrainConfig, model, steps: int) -> dict:
     step (the step count reached: the perturbation stream continues there); batch_size; scope and sparse
     ({kind, density} for mode=sparse); fixed_point (`FixedPointSettings` fields, qzo_ff only; its
     weight_headroom is already applied to the trained nodes' weight scales); unsupported (the qzo_ff options
-    the edge runtime cannot reproduce, as the run set them: momentum, kernel_norm, sharpness_rho); loss
+    the edge runtime cannot reproduce, as the run set them: momentum, kernel_norm, sharpness_rho, and perturb
+    when it is not "weights"); loss
     (float or integer: the cross-entropy each step's signs were decided on)."""
     ff = _plain(dict(cfg.ff))
     fixed = None
@@ -55,7 +56,8 @@ def run_settings(cfg: TrainConfig, model, steps: int) -> dict:
         "scope": cfg.scope,
         "sparse": {"kind": cfg.sparse_kind, "density": cfg.sparse_density} if cfg.scope == "sparse" else None,
         "fixed_point": fixed,
-        "unsupported": {k: ff.get(k) for k in UNSUPPORTED_FF},
+        "unsupported": {k: ff.get(k) for k in UNSUPPORTED_FF}
+        | ({"perturb": ff["perturb"]} if ff.get("perturb", "weights") != "weights" else {}),
         "loss": cfg.loss,
     }
 
@@ -92,6 +94,8 @@ def choose(args, run: dict | None, where: str) -> tuple[dict, list[str]]:
             value, origin = run[key] if key in run else run["fixed_point"].get(key), "from the run"
             if key in ("loss", "difference") and value is None:  # runs saved before these were recorded
                 value = default  # trained on the float loss, with sign differences
+            if key == "difference" and value not in INTEGER_DIFFERENCES:  # perturbed outputs' central
+                value, origin = default, f"default: the run's {value!r} needs perturbed outputs"
         elif value is None:
             value, origin = default, "default"
         if opt == "lr" and value is None:

@@ -1,7 +1,7 @@
 """The main job (`fwdgrad main`): small_cnn pretrained on digits 0-4 (cached), adapted to digits 5-9 for the
 same 1000 steps with fp32 BP, the memory-matched BP (fixed point, w16a8), fp32 sign-SPSA and QZO-FF w16a8
-(integer engine; sign and median differences); prints the comparison and writes plots, results.json and
-results.md."""
+(integer engine; sign and median differences, and perturbed outputs); prints the comparison and writes
+plots, results.json and results.md."""
 
 from __future__ import annotations
 
@@ -49,6 +49,22 @@ MAIN_ARMS = (
             "method.ff.difference=median",
             "train.steps=1000",
             "variant=median",
+        ],
+    ),
+    (  # activity perturbation: the head's outputs perturbed per example (±1 LSB), the central integer loss
+        # difference; m = 6: 12 forward passes per step (4x BP's), each of what follows the head (nothing)
+        "qzo_ff_w16a8_outputs",
+        [
+            "method=qzo_ff",
+            "quant=w16a8",
+            "method.lr=1.0",
+            "method.m=6",
+            "method.ff.perturb=outputs",
+            "method.ff.difference=central",
+            "method.ff.distribution=qrademacher",
+            "train.lr_schedule=cosine",
+            "train.steps=1000",
+            "variant=outputs",
         ],
     ),
     (  # the median difference at m = 48: 16x BP's forward passes, but each of the 48 runs the head alone

@@ -270,6 +270,7 @@ def memory_model(model: nn.Module, c: Config, input_shape: tuple[int, ...]):
             model_name=model_label(c.model),
             prompts=c.mode.prompts,  # dvpt: the prompts run_transfer adds, so the longer sequence is counted
             segments=c.method.segments,
+            perturb=(c.method.ff or {}).get("perturb", "weights") if s.name == "qzo_ff" else "weights",
         )
     except RuntimeError as e:  # the memory model runs the model on meta tensors (shapes, no values)
         raise ValueError(
