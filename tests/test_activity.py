@@ -198,3 +198,20 @@ def test_memory_model_counts_the_outputs_perturbation():
     assert (outputs.scratch, outputs.weights) == (weights.scratch, weights.weights)
     with pytest.raises(ValueError, match="perturb"):
         memory_breakdown(model, (32, 1, 8, 8), **kw, perturb="inputs")
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_tiny_updates_stay_unbiased(rounding):
+    """An update far below one LSB (a shift past 62 bits) changes nothing rounded to nearest and almost
+    nothing stochastically: no overflow turns it into ±1 steps (8-bit weights, where it happened)."""
+    q, x, y = _model(scheme="w8a8")
+    node = q.weight_nodes()[list(q.weight_nodes())[-1]]
+    settings = FixedPointSettings(difference="central", distribution="qrademacher", rounding=rounding)
+    opt = ActivityGradient(q, node.name, lr=1e-9, eps=1e-3, m=2, seed=0, settings=settings)
+    g = torch.Generator().manual_seed(0)
+    coeffs = torch.randint(-3000, 3000, (2, 16), generator=g)
+    u = torch.randint(-1, 2, (2, 16, 5), generator=g) * opt.dist.one_q
+    x_q = torch.randint(0, 256, (16, node.weight_q.shape[1]), generator=g)
+    w0 = node.weight_q.clone()
+    opt.update(coeffs, u, x_q, 16, lr=1e-9, eps_q=1)
+    assert (node.weight_q != w0).float().mean() <= 0.01

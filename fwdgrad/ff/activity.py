@@ -20,8 +20,8 @@ the weight gradient, dL/dW = (1/B) Σ_b (dl_b/dy_b)·x_bᵀ, without a backward 
        w_q ← sat( w_q − round( G · r ) ),  per output channel
            r = η·Δ_z·Δ_x / (m·B·Δ_w)                                  (sign, median: ĝ has u's range)
            r = η·2^-Q·Δ_x / (2·ε_q·Δ_y·1_q·m·B·Δ_w)                   (central: SPSA's (L+ − L−)/(2ε)·u)
-       as an integer multiplier and shift (G first shifted right, rounding, until it fits 32 bits), with
-       the run's rounding: nearest, floor or stochastic.
+       as an integer multiplier M and shift n (G first shifted right, rounding, until it fits 31 bits; a
+       shift past 62 bits moves into M), with the run's rounding: nearest, floor or stochastic.
 
 Sign coefficients weigh every example alike however well it is already classified, so on a head whose
 logits saturate at the ends of their 8-bit range they keep pushing the weights; the central difference
@@ -239,10 +239,12 @@ class ActivityGradient(OneGroupOptimizer):
             per_g = self.dist.delta * dx
         real = lr * per_g / (self.m * batch * node.w_qp.scale.double())
         mult, shift = quantize_multiplier(real)
-        k = max(0, int(g.abs().max()).bit_length() - 32)  # G·M must fit 63 bits: drop G's low bits first
-        if k:
+        k = max(0, int(g.abs().max()).bit_length() - 31)  # G·M + rounding must fit 63 bits: drop G's low
+        if k:  # bits first (rounding half up)
             g = (g + (1 << (k - 1))) >> k
         n = 31 + shift - k
+        over = (n - 62).clamp_min(0)  # a shift past 62 bits: M loses those bits instead (0 when all of them)
+        mult, n = mult >> over, n - over
         if int(n.min()) < 1:
             raise ValueError(
                 f"lr={lr!r} moves {node.name!r} by {float(real.max()):.3g} weight LSBs per unit of G, beyond "
