@@ -215,3 +215,30 @@ def test_tiny_updates_stay_unbiased(rounding):
     w0 = node.weight_q.clone()
     opt.update(coeffs, u, x_q, 16, lr=1e-9, eps_q=1)
     assert (node.weight_q != w0).float().mean() <= 0.01
+
+
+def test_state_dict_resumes_bit_for_bit():
+    """4 steps in one go equal 2 steps, the state (weights and optimizer) carried to a fresh model and
+    optimizer, and 2 more."""
+    settings = FixedPointSettings(difference="central", distribution="qrademacher", rounding="stochastic")
+
+    def build():
+        q, x, y = _model()
+        head = list(q.weight_nodes())[-1]
+        return q, x, y, ActivityGradient(q, head, lr=2.0, eps=1e-3, m=3, seed=5, settings=settings)
+
+    q, x, y, opt = build()
+    for k in range(4):
+        opt.step(example_closure(q)(x[16 * k : 16 * k + 16], y[16 * k : 16 * k + 16]))
+    q2, _, _, opt2 = build()
+    for k in range(2):
+        opt2.step(example_closure(q2)(x[16 * k : 16 * k + 16], y[16 * k : 16 * k + 16]))
+    state, weights = copy.deepcopy(opt2.state_dict()), copy.deepcopy(q2.state_dict())
+    q3, _, _, opt3 = build()
+    q3.load_state_dict(weights)
+    opt3.load_state_dict(state)
+    for k in range(2, 4):
+        opt3.step(example_closure(q3)(x[16 * k : 16 * k + 16], y[16 * k : 16 * k + 16]))
+    assert opt3.step_count == 4 and opt3.forward_passes == opt.forward_passes == 24
+    head = opt.names[0]
+    assert torch.equal(q3.weight_nodes()[head].weight_q, q.weight_nodes()[head].weight_q)

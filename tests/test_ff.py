@@ -122,8 +122,10 @@ def test_median_needs_two_samples_and_signs_fixed_point():
         make_estimator("median", "gaussian", 1)
     from fwdgrad.fixed_point import FixedPointSettings
 
-    with pytest.raises(ValueError, match="difference 'central' is invalid for fixed-point training"):
-        FixedPointSettings(difference="central")
+    with pytest.raises(ValueError, match="difference 'one_sided' is invalid for fixed-point training"):
+        FixedPointSettings(difference="one_sided")
+    with pytest.raises(ValueError, match="'central' is invalid for perturbed weights"):
+        qzo_ff(one_layer(torch.zeros(2, 3, dtype=torch.int16), 0.01)[0], 0.1, difference="central")
 
 
 # ------------------------------------------------------------------------------------ fixed point

@@ -39,6 +39,10 @@ from ..rng import torch_port
 from ..rng.streams import LAYERWISE, SR_STREAM, active_tensor
 from .estimators import Distribution, Key, QuantDistribution, make_distribution
 
+#: The step's perturbations a fixed-point step keeps for its update instead of sampling them again, at most
+#: this many elements (16 MB of 8-bit z); a device regenerates them (`Space.z`).
+KEEP_Z_ELEMENTS = 1 << 24
+
 #: A stacked step perturbs its layer's weights for all P passes at once in torch up to this many elements
 #: (P × the layer's weights); larger layers take the C kernel once per pass (`FixedPointSpace.stacked`).
 STACK_TORCH_ELEMENTS = 1 << 16
@@ -112,7 +116,8 @@ class Space:
         """The perturbation of tensor t for (step, sample): base noise, momentum mix, sparse mask. The last z
         of each tensor is kept (one tensor's worth per trained tensor, never written to by the callers): the
         + and - passes of a sample, and the update's last sample, reuse it instead of sampling it again.
-        With keep (a stacked step: one tensor), every sample's z of the step is kept for the update."""
+        With keep, every sample's z of the step is kept for the update (up to KEEP_Z_ELEMENTS elements in all;
+        past them the update samples z again, the same integers)."""
         last = self._last_z.get(t)
         if last is not None and last[0] == (step, sample):
             return last[1]
@@ -125,7 +130,7 @@ class Space:
         if t in self.masks:
             z = z * self.masks[t].to(z.dtype)
         self._last_z[t] = ((step, sample), z)
-        if keep:
+        if keep and sum(v.numel() for v in self._step_z.values()) + z.numel() <= KEEP_Z_ELEMENTS:
             self._step_z[(step, sample, t)] = z
         return z
 
@@ -358,7 +363,7 @@ class FixedPointSpace(Space):
         """w_q± for tensor t: sat_b(round((w_q·1_q + Σ s·a_q·z_q) · r_p))."""
         node, fmt = self.nodes[t], self.nodes[t].w_qp.fmt
         shape, device = node.weight_q.shape, node.weight_q.device
-        zs = [self.z(step, term.sample, t, shape, device) for term in terms]
+        zs = [self.z(step, term.sample, t, shape, device, keep=True) for term in terms]
         sizes = [term.sign * self.size_q(t, term.size).reshape(-1) for term in terms]
         words = self._words(step, 2 * t, t)
         if kernels.library() is not None and device.type == "cpu" and terms:  # one pass in C
