@@ -95,7 +95,8 @@ class Space:
         self.momentum, self.kernel_norm = momentum, kernel_norm
         self.history: dict[int, torch.Tensor] = {}
         self._last_z: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}  # t: ((step, sample), z)
-        self._step_z: dict[tuple[int, int, int], torch.Tensor] = {}  # (step, sample, t): z of a stacked step
+        self._step_z: dict[tuple[int, int, int], torch.Tensor] = {}  # (step, sample, t): the step's z
+        self._kept = 0  # elements in _step_z
 
     def active(self, step: int) -> list[int]:
         """The tensor ids step `step` perturbs and updates: all, or the layer-wise one."""
@@ -130,9 +131,14 @@ class Space:
         if t in self.masks:
             z = z * self.masks[t].to(z.dtype)
         self._last_z[t] = ((step, sample), z)
-        if keep and sum(v.numel() for v in self._step_z.values()) + z.numel() <= KEEP_Z_ELEMENTS:
+        if keep and self._kept + z.numel() <= KEEP_Z_ELEMENTS:
             self._step_z[(step, sample, t)] = z
+            self._kept += z.numel()
         return z
+
+    def forget_step_z(self) -> None:
+        """Drop the z kept for the update (after it, or before a stacked step)."""
+        self._step_z, self._kept = {}, 0
 
     def state_dict(self) -> dict:
         return {
@@ -143,7 +149,8 @@ class Space:
     def load_state_dict(self, state: dict) -> None:
         self.history = {int(k): v.clone() for k, v in state["history"].items()}
         self.masks = {int(k): v.clone() for k, v in state["masks"].items()}
-        self._last_z, self._step_z = {}, {}
+        self._last_z = {}
+        self.forget_step_z()
 
 
 # ------------------------------------------------------------------------------------------ float
@@ -423,7 +430,7 @@ class FixedPointSpace(Space):
         that one layer's weights (and keeps the step's m perturbations of it for the update)."""
         (t,) = self.active(step)
         name, weight_q = self.names[t], self.nodes[t].weight_q
-        self._step_z = {}
+        self.forget_step_z()
         if weight_q.numel() * len(passes) <= STACK_TORCH_ELEMENTS:  # small: torch, all passes at once
             w = self._perturbed_torch(step, t, passes, self._words(step, 2 * t, t))
         else:  # large: one C pass over the weights per pass
@@ -479,7 +486,7 @@ class FixedPointSpace(Space):
             node.weight_q.copy_(new.clamp(fmt.qmin, fmt.qmax).to(node.weight_q.dtype))
             if self.momentum is not None:
                 self.history[t] = self._rescale_history(g)
-        self._step_z = {}
+        self.forget_step_z()
 
     def _update_in_c(self, step: int, t: int, coeffs: list[float], lr: float, words) -> bool:
         """The plain update (no kernel-wise normalisation, no momentum history) of tensor t in one C pass
