@@ -242,3 +242,20 @@ def test_state_dict_resumes_bit_for_bit():
     assert opt3.step_count == 4 and opt3.forward_passes == opt.forward_passes == 24
     head = opt.names[0]
     assert torch.equal(q3.weight_nodes()[head].weight_q, q.weight_nodes()[head].weight_q)
+
+
+def test_the_documented_python_loop_runs():
+    """docs/training.md's snippet, as written, on a small model."""
+    from fwdgrad.ff import example_closure, qzo_ff
+
+    q, x, y = _model()
+    batches = [(x[:32], y[:32]), (x[32:], y[32:])]
+    head = list(q.weight_nodes())[-1]
+    opt = qzo_ff(q, lr=1.0, eps=1e-3, m=6, trainable=[head], perturb="outputs",
+                 difference="central", distribution="qrademacher", weight_headroom=4)  # fmt: skip
+    before = q.weight_nodes()[head].weight_q.clone()  # after the headroom rescaled it
+    closure = example_closure(q)
+    for x, y in batches:
+        opt.step(closure(x, y))
+    assert isinstance(opt, ActivityGradient) and opt.forward_passes == 24
+    assert not torch.equal(q.weight_nodes()[head].weight_q, before)

@@ -1,5 +1,6 @@
 """Forward-gradient training: estimators, perturbation spaces (float / fixed point), optimizers."""
 
+from .activity import ActivityGradient, ExampleLoss, example_closure
 from .estimators import DIFFERENCES, DISTRIBUTIONS, PRESETS, Estimator, Key, make_estimator, preset
 from .jvp import JVPForwardGradient, closure_for, jvp_gradient
 from .masks import make_masks
@@ -27,4 +28,7 @@ __all__ = [
     "FloatSpace",
     "MomentumGuided",
     "Term",
+    "ActivityGradient",
+    "ExampleLoss",
+    "example_closure",
 ]

@@ -101,8 +101,9 @@ class ActivityGradient(OneGroupOptimizer):
     the layer's real output units, at least one output LSB) live in the parameter group, so every
     `torch.optim.lr_scheduler` drives them.
 
-    settings: the fixed-point options it reads: difference (sign | median), distribution (qgaussian |
-    qrademacher: u = ±1_q, so δ = ±ε_q exactly), z_max, rounding (of the update)."""
+    settings: the fixed-point options it reads: difference (central, the one to use | sign | median),
+    distribution (qgaussian | qrademacher: u = ±1_q, so δ = ±ε_q exactly), z_max, rounding (of the update),
+    eps_min_q (in output LSBs here)."""
 
     def __init__(
         self,
@@ -152,9 +153,6 @@ class ActivityGradient(OneGroupOptimizer):
     @property
     def tie_fraction(self) -> float | None:
         return self.ties / self.pairs if self.pairs else None
-
-    def active(self, step: int) -> list[int]:
-        return [0]
 
     # -- the step, top to bottom ---------------------------------------------------------------------
     @torch.no_grad()
