@@ -150,7 +150,7 @@ def test_refusals():
     with pytest.raises(ValueError, match="one linear layer whose output alone feeds"):
         ActivityGradient(q, "nope", 1.0, 1e-3, settings=settings)
     opt = ActivityGradient(q, "fc2", 1.0, 1e-3, settings=settings)
-    with pytest.raises(ValueError, match="beyond its 255-code output range"):
+    with pytest.raises(ValueError, match="beyond the 255-code output range"):
         opt.step(example_closure(q)(x, y)) if opt.eps_q(1e6) else None
     with pytest.raises(ValueError, match="ExampleLoss"):
         opt.step(lambda: 0.0)

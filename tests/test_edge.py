@@ -22,6 +22,7 @@ from fwdgrad.edge.__main__ import main as edge_main
 from fwdgrad.engine import convert
 from fwdgrad.export import export_bundle, export_main, save_model
 from fwdgrad.ff import qzo_ff
+from fwdgrad.fixed_point import FixedPointSettings
 from fwdgrad.models import build_model
 from fwdgrad.quant import dequantize
 from fwdgrad.rng.streams import SR_STREAM
@@ -208,6 +209,63 @@ def test_training_variants_bit_exact(tmp_path, kw):
     assert bundle.training["difference"] == kw.get("difference", "sign")
     for t in bundle.training["tensors"]:
         assert bundle.arrays[t["eps_q"]].ndim == 1  # per-channel ε_q
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(difference="central"),
+        dict(difference="central", loss="integer"),
+        dict(difference="central", rounding="stochastic", scheme="w8a8"),
+        dict(difference="central", distribution="qgaussian", per_channel=True),
+        dict(difference="sign"),
+        dict(difference="median", m=3),
+    ],
+    ids=["central", "central-integer-loss", "central-w8-stochastic", "central-qgaussian", "sign", "median"],
+)
+def test_perturbed_outputs_bit_exact(tmp_path, kw):
+    """Perturbed outputs (`method.ff.perturb=outputs`): the numpy runtime's steps equal the engine's
+    `ActivityGradient` to the last weight bit, from the same exported head."""
+    from fwdgrad.edge.loss import IntegerLossTrainer
+    from fwdgrad.ff import ActivityGradient, example_closure
+
+    kw = dict(kw)
+    loss, m = kw.pop("loss", "float"), kw.pop("m", 2)
+    q, x, y = _model("small_cnn", scheme=kw.pop("scheme", "w16a8"), per_channel=kw.pop("per_channel", False))
+    head = list(q.weight_nodes())[-1]
+    settings = FixedPointSettings(**{"distribution": "qrademacher", **kw})
+    _export(q, tmp_path / "o.npz", [head], lr=2.0, m=m, settings=settings, loss=loss, perturb="outputs")
+    bundle = load_bundle(tmp_path / "o.npz")
+    assert bundle.training["target"] == "outputs"
+    trainer = (IntegerLossTrainer if loss == "integer" else Trainer)(bundle)
+    opt = ActivityGradient(q, head, lr=2.0, eps=1e-3, m=m, seed=7, settings=settings)
+    closure = example_closure(q, loss)
+    start = q.weight_nodes()[head].weight_q.clone()
+    for k in range(4):
+        xb, yb = x[k * 12 : (k + 1) * 12], y[k * 12 : (k + 1) * 12]
+        ref = opt.step(closure(xb, yb))
+        got = trainer.step(xb.numpy(), yb.numpy())
+        assert got == pytest.approx(ref, rel=1e-9)
+        assert np.array_equal(bundle.arrays[f"{head}.weight"], q.weight_nodes()[head].weight_q.numpy()), k
+    assert not torch.equal(q.weight_nodes()[head].weight_q, start)
+    assert bundle.training["step"] == 4
+
+
+def test_perturbed_outputs_export_refusals(tmp_path):
+    q, x, y = _model("small_cnn")
+    head = list(q.weight_nodes())[-1]
+    with pytest.raises(ValueError, match="perturb=outputs trains one linear layer whose output is the model"):
+        _export(q, tmp_path / "a.npz", list(q.weight_nodes())[-2:], perturb="outputs")
+    with pytest.raises(ValueError, match="difference='central' needs perturb=outputs"):
+        _export(q, tmp_path / "b.npz", [head], difference="central")
+    bundle = _export(q, tmp_path / "c.npz", [head], perturb="outputs", difference="central")
+    from fwdgrad.edge.cgen import CExportError, generate_c
+
+    with pytest.raises(CExportError, match="training.difference='central'"):
+        generate_c(bundle, tmp_path / "c_out")
+    bundle.training["difference"] = "sign"
+    with pytest.raises(CExportError, match="training.target='outputs'"):
+        generate_c(bundle, tmp_path / "c_out")
 
 
 def test_sr_stream_matches_engine():

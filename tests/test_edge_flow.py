@@ -149,15 +149,12 @@ def test_bare_qmodel_keeps_the_defaults_and_needs_lr(run_dir, root, capsys):
         ("sharpness_rho", 0.01, "sharpness_rho=0.01"),
         ("scope", "sparse", "mode=sparse"),
         ("lr_schedule", "cosine", "lr_schedule='cosine'"),
-        ("perturb", "outputs", "perturb='outputs'"),  # activity perturbation: its central difference too
     ],
 )
 def test_export_refuses_what_the_runtime_cannot_reproduce(run_dir, root, capsys, option, value, named):
     obj = load_state(run_dir / "model.pt", "model")
     s = obj["training"]
-    if option == "perturb":
-        s["fixed_point"]["difference"] = "central"
-    if option in s["unsupported"] or option == "perturb":
+    if option in s["unsupported"]:
         s["unsupported"][option] = value
     else:
         s[option] = value
@@ -171,11 +168,7 @@ def test_export_refuses_what_the_runtime_cannot_reproduce(run_dir, root, capsys,
     assert named in err and "the edge runtime cannot reproduce" in err and "--ignore-unsupported" in err
     assert std.out == "" and not out.exists() and not (root / f"{option}_data").exists()
     assert fwdgrad(["export", str(ckpt), str(out), "--ignore-unsupported"]) == 0
-    shown = capsys.readouterr().out
-    assert f"ignored (--ignore-unsupported): {named}" in shown and out.exists()
-    if option == "perturb":  # exported for plain sign-m-SPSA
-        assert "difference       sign  (default: the run's 'central' needs perturbed outputs)" in shown
-        assert load_bundle(out).training["difference"] == "sign"
+    assert f"ignored (--ignore-unsupported): {named}" in capsys.readouterr().out and out.exists()
 
 
 def test_median_run_exports_its_difference_and_old_runs_mean_sign(root, run_dir, capsys):
@@ -194,6 +187,35 @@ def test_median_run_exports_its_difference_and_old_runs_mean_sign(root, run_dir,
     assert fwdgrad(["export", str(root / "old.pt"), str(root / "old.npz")]) == 0
     assert re.search(r"^difference +sign +\(from the run", capsys.readouterr().out, re.M)
     assert load_bundle(root / "old.npz").training["difference"] == "sign"
+
+
+def test_perturbed_outputs_run_exports_and_continues_on_the_runtime(root, run_dir, capsys):
+    """A run with perturbed outputs carries them (and its central difference) into the bundle, the numpy
+    runtime continues it, and `--perturb weights` falls back to sign-m-SPSA on the weights."""
+    d = pipeline_run(
+        root, "outputs", "method.m=2", "method.ff.perturb=outputs", "method.ff.difference=central", steps=3
+    )
+    assert (
+        fwdgrad(["export", str(d / "model.pt"), str(root / "outputs.npz"), "--data", str(root / "od")]) == 0
+    )
+    shown = capsys.readouterr().out
+    assert re.search(r"^perturb +outputs +\(from the run", shown, re.M)
+    assert re.search(r"^difference +central +\(from the run", shown, re.M)
+    tr = load_bundle(root / "outputs.npz").training
+    assert (tr["target"], tr["difference"], tr["outputs"]["eps_q"]) == ("outputs", "central", 1)
+    args = ["finetune", str(root / "outputs.npz"), str(root / "od" / "train.npz"), "--steps", "5"]
+    assert edge([*args, "--batch", "32"]) == 0
+    assert load_bundle(root / "outputs.npz").training["step"] == 5
+    out = root / "outputs_w.npz"
+    assert fwdgrad(["export", str(d / "model.pt"), str(out), "--perturb", "weights"]) == 0
+    assert (
+        "difference       sign  (default: the run's 'central' needs --perturb outputs)"
+        in capsys.readouterr().out
+    )
+    assert (load_bundle(out).training["target"], load_bundle(out).training["difference"]) == (
+        "weights",
+        "sign",
+    )
 
 
 def test_real_run_with_enhancements_is_refused(root, run_dir, capsys):

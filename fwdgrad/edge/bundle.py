@@ -80,6 +80,11 @@ OP_KINDS = tuple(OP_FIELDS)
 WEIGHTED_KINDS = ("conv2d", "linear", "layernorm", "tokens")
 DISTRIBUTIONS = ("qgaussian", "qrademacher")
 DIFFERENCES = ("sign", "median")
+#: training.target: what a step perturbs, the trained weights or (one linear layer's) outputs; perturbed
+#: outputs also take the central difference (`fwdgrad.edge.train.Trainer.outputs_step`)
+TARGETS = ("weights", "outputs")
+OUTPUT_DIFFERENCES = (*DIFFERENCES, "central")
+OUTPUTS_FIELDS = ("eps_q", "in_scale", "in_zp", "out_scale", "out_zp", "lo", "hi")
 ROUNDINGS = ("nearest", "floor", "stochastic")
 #: training.loss: the cross-entropy each step's signs are decided on, by option name (`train.loss`,
 #: `finetune --loss`): the float64 one of the dequantized logits, or the integer one (`fwdgrad.edge.loss`)
@@ -210,8 +215,18 @@ def validate_training(tr: dict, ops: list[dict]) -> None:
     _check("training.loss", loss, loss in LOSS_NAMES.values(), str(tuple(LOSS_NAMES.values())))
     layerwise = tr.get("layerwise", "off")
     _check("training.layerwise", layerwise, layerwise in rng.LAYERWISE, str(rng.LAYERWISE))
+    target = tr.get("target", "weights")  # bundles written before perturbed outputs: weights
+    _check("training.target", target, target in TARGETS, str(TARGETS))
     difference = tr.get("difference", "sign")  # bundles written before the median difference: sign
-    _check("training.difference", difference, difference in DIFFERENCES, str(DIFFERENCES))
+    allowed = OUTPUT_DIFFERENCES if target == "outputs" else DIFFERENCES
+    _check("training.difference", difference, difference in allowed, f"{allowed} (target {target!r})")
+    if target == "outputs":
+        _require(tr.get("outputs") or {}, OUTPUTS_FIELDS, "training.outputs")
+        _int_in("training.outputs.eps_q", tr["outputs"]["eps_q"], 1, 2**31)
+        _positive("training.outputs.in_scale", tr["outputs"]["in_scale"])
+        _positive("training.outputs.out_scale", tr["outputs"]["out_scale"])
+        n = len(tr["tensors"]) if isinstance(tr["tensors"], list) else 0
+        _check("training.tensors", f"{n} tensors", n == 1, "one tensor with target 'outputs'")
     if difference == "median":
         _int_in("training.m", tr["m"], 2, 2**32)
     _require(tr["perturb"], ("mult", "n"), "training.perturb")

@@ -848,6 +848,12 @@ def generate_c(
             f"cannot export to C: training.difference={difference!r}; the C runtime decides sign-m-SPSA's "
             "signs; allowed: 'sign' (the numpy runtime runs the median difference)"
         )
+    target = bundle.training.get("target", "weights")
+    if target != "weights":
+        raise CExportError(
+            f"cannot export to C: training.target={target!r}; the C runtime perturbs weights; allowed: "
+            "'weights' (the numpy runtime runs perturbed outputs)"
+        )
     layerwise = bundle.training.get("layerwise", "off")
     if layerwise != "off":
         raise CExportError(

@@ -140,3 +140,7 @@ class IntegerLossTrainer(Trainer):
     def loss(self, x, y, step: int, sample: int, sign: int, prefix=None) -> float:
         codes = self.runtime.run(x, self.weights_at(step, sample, sign), prefix)
         return mean_loss(cross_entropy_q(codes, y, self.spec), self.spec)
+
+    def example_losses(self, codes: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Each example's integer cross-entropy (int64, on 2^-Q nats)."""
+        return cross_entropy_q(codes, y, self.spec)

@@ -24,6 +24,7 @@ import numpy as np
 from .. import rng
 from ..rng.streams import SR_STREAM
 from .bundle import Bundle
+from .ops import quantize_multiplier
 from .runtime import Prefix, Runtime
 
 #: z samplers by name: the distributions `bundle.DISTRIBUTIONS` allows
@@ -70,6 +71,71 @@ def shift_round(x: np.ndarray, mult, n, rounding: str, words: np.ndarray | None 
     raise ValueError(f"rounding {rounding!r} is invalid; allowed: nearest, floor, stochastic")
 
 
+# --------------------------------------------------------------------------- perturbed outputs
+def loss_bits() -> int:
+    """Q of the integer loss (2^-Q nats), the grid central coefficients are counted on."""
+    from .loss import LOSS_BITS  # here: fwdgrad.edge.loss builds on this module's Trainer
+
+    return LOSS_BITS
+
+
+def output_eps_q(eps: float, out_scale: float, span: int, eps_min_q: int = 0) -> int:
+    """ε in output LSBs for perturbed outputs: max(1, eps_min_q, round(ε/Δ_y)); one-line ValueError beyond the
+    output's `span` codes."""
+    q = max(1, int(eps_min_q), round(eps / out_scale))
+    if q > span:
+        raise ValueError(
+            f"eps={eps!r} is {q} output LSBs, beyond the {span}-code output range; allowed: eps <= "
+            f"{span * out_scale:.3g}"
+        )
+    return q
+
+
+def output_update_factor(
+    lr: float, difference: str, m: int, batch: int, dx: float, dy: float, eps_q: int, one_q: int,
+    delta_z: float, weight_scale: np.ndarray,
+) -> np.ndarray:  # fmt: skip
+    """r per output channel (float64): η·2^-Q·Δ_x/(2·ε_q·Δ_y·1_q·m·B·Δ_w) for the central difference,
+    η·Δ_z·Δ_x/(m·B·Δ_w) for sign and median coefficients (`fwdgrad.ff.activity`)."""
+    per_g = 2.0 ** -loss_bits() * dx / (2 * eps_q * dy * one_q) if difference == "central" else delta_z * dx
+    return lr * per_g / (m * batch * np.asarray(weight_scale, dtype=np.float64))
+
+
+def output_update(
+    w: np.ndarray,
+    g: np.ndarray,
+    real: np.ndarray,
+    rounding: str,
+    words: np.ndarray | None,
+    qmin: int,
+    qmax: int,
+) -> tuple[np.ndarray, int]:
+    """(sat(w − round(G·r)), saturated count) for G [N, K] int64 and r per output channel: r as M·2^-n
+    (`quantize_multiplier`), G first shifted right (rounding half up) until it fits 31 bits so that G·M plus
+    the rounding term fits 63, and a shift past 62 moved into M (whose bits it drops). The engine's
+    `ActivityGradient` calls this too, so both runtimes update alike."""
+    mult, shift = quantize_multiplier(np.asarray(real, dtype=np.float64).reshape(-1))
+    k = max(0, int(np.abs(g).max(initial=0)).bit_length() - 31)
+    if k:
+        g = (g + (1 << (k - 1))) >> k
+    n = 31 + shift - k
+    over = np.maximum(n - 62, 0)
+    mult, n = mult >> over, n - over
+    if int(n.min()) < 1:
+        raise ValueError(
+            f"lr moves the layer by {float(np.max(real)):.3g} weight LSBs per unit of G, beyond the update's "
+            "multiplier; allowed: a smaller lr"
+        )
+    col = (lambda v: v.reshape(-1, 1)) if mult.size > 1 else (lambda v: v.reshape(()))
+    new = w.astype(np.int64) - shift_round(g, col(mult), col(n), rounding, words)
+    return np.clip(new, qmin, qmax), int(((new < qmin) | (new > qmax)).sum())
+
+
+def output_step(u: np.ndarray, eps_q: int, one_q: int) -> np.ndarray:
+    """δ = round(ε_q·u_q/1_q), half away from zero."""
+    return np.sign(u) * ((np.abs(u) * eps_q * 2 + one_q) // (2 * one_q))
+
+
 def _channel_view(v: np.ndarray, ndim: int) -> np.ndarray:
     return v.reshape(()) if v.size == 1 else v.reshape([-1] + [1] * (ndim - 1))
 
@@ -92,6 +158,7 @@ class Trainer:
         self.layerwise = tr.get("layerwise", "off")  # bundles written before layer-wise training: off
         self.difference = tr.get("difference", "sign")  # bundles written before the median difference: sign
         self.op_index = {op["name"]: i for i, op in enumerate(bundle.ops)}
+        self.target = tr.get("target", "weights")  # bundles written before perturbed outputs: weights
 
     @property
     def step_count(self) -> int:
@@ -143,6 +210,8 @@ class Trainer:
 
     def step(self, x: np.ndarray, y: np.ndarray) -> float:
         """One QZO-FF step on batch (x, y); returns the mean of the perturbed losses (2m, or m for median)."""
+        if self.target == "outputs":
+            return self.outputs_step(x, y)
         k = self.step_count
         first = min(self.op_index[self.tensors[t]["name"]] for t in self.active(k))
         prefix = self.runtime.run_prefix(x, first)  # the layers before the first one this step perturbs
@@ -158,6 +227,53 @@ class Trainer:
         self.update(k, coeffs)
         self.bundle.training["step"] = k + 1
         return sum(losses) / len(losses)
+
+    def example_losses(self, codes: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Each example's float64 cross-entropy of its output codes, dequantized through float32 as the
+        engine's closure does."""
+        out = self.bundle.header["output"]
+        logits = ((codes.astype(np.int64) - out["zero_point"]) * out["scale"]).astype(np.float32)
+        z = logits.astype(np.float64)
+        z = z - z.max(axis=1, keepdims=True)
+        return np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(z)), y]
+
+    def outputs_step(self, x: np.ndarray, y: np.ndarray) -> float:
+        """One step with perturbed outputs (header ``target: outputs``, `fwdgrad.ff.activity`): the trained
+        layer (the model's output) runs once, each example's outputs are perturbed by ±δ_i, and the update
+        comes from G = Σ_i Σ_b c_i,b·u_i,b ⊗ (x_b − zp_x)."""
+        k, tr, o = self.step_count, self.bundle.training, self.bundle.training["outputs"]
+        y = np.asarray(y, dtype=np.int64)
+        index = self.op_index[self.tensors[0]["name"]]
+        env, _ = self.runtime.run_prefix(x, index)
+        x_q = env[self.bundle.ops[index]["inputs"][0]].astype(np.int64)
+        y_q = self.runtime.run(x, prefix=(env, index)).astype(np.int64)
+        u = np.stack([self.sample_q(self.seed, k, i, 0, y_q.shape, z_max=self.z_max) for i in range(self.m)])
+        delta = output_step(u.astype(np.int64), o["eps_q"], self.one_q)
+        signs = (+1,) if self.difference == "median" else (+1, -1)
+        losses = np.stack(
+            [self.example_losses(np.clip(y_q + s * d, o["lo"], o["hi"]), y) for d in delta for s in signs]
+        )
+        if self.difference == "central":
+            lq = (
+                losses if losses.dtype == np.int64 else np.round(losses * 2.0 ** loss_bits()).astype(np.int64)
+            )
+            coeffs = lq[0::2] - lq[1::2]
+        elif self.difference == "sign":
+            coeffs = np.sign(losses[0::2] - losses[1::2]).astype(np.int64)
+        else:
+            coeffs = np.array([median_signs(losses[:, b]) for b in range(len(y))], dtype=np.int64).T
+        cu = (coeffs[:, :, None] * u.astype(np.int64)).sum(0)
+        g = cu.T @ (x_q - o["in_zp"])
+        spec, w = self.tensors[0], self.arrays[self.weight_names[0]]
+        real = output_update_factor(
+            tr["lr"], self.difference, self.m, len(y), o["in_scale"], o["out_scale"], o["eps_q"], self.one_q,
+            tr["delta_z"], spec["weight_scale"],
+        )  # fmt: skip
+        new, _ = output_update(w, g, real, self.rounding, self._words(k, 1, 0, w), spec["qmin"], spec["qmax"])
+        w[...] = new
+        self.bundle.training["step"] = k + 1
+        unit = 2.0 ** -loss_bits() if losses.dtype == np.int64 else 1.0
+        return float(losses.astype(np.float64).mean()) * unit
 
     def gradient_q(self, step: int, t: int, coeffs: list[int], shape) -> np.ndarray:
         """g_q = clamp(round_half_away((1/m) Σ_i c_i z_q,i), ±127), z regenerated one sample at a time."""

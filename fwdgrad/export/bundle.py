@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..edge.bundle import FORMAT, LOSS_NAMES, VERSION, Bundle, save_bundle
+from ..edge.train import output_eps_q
 from ..engine.convert import MethodCall
 from ..engine.model import QModel
 from ..engine.nodes import (
@@ -45,7 +46,7 @@ from ..engine.nodes import (
 from ..engine.transformer import QLayerNorm, QMatmul, QSoftmax, QTokens
 from ..ff.estimators import make_distribution
 from ..ff.spaces import perturb_requant, size_lsb, update_requant
-from ..fixed_point import FixedPointSettings
+from ..fixed_point import INTEGER_DIFFERENCES, FixedPointSettings
 from ..methods import check_hyper
 from ..quant import QParams
 
@@ -351,9 +352,11 @@ def _training(
     hp: dict,
     fp: FixedPointSettings,
     masks: dict | None,
+    perturb: str = "weights",
 ) -> dict:
     """The header's training section: the constants of `fwdgrad.ff.spaces` (the same pure functions the
-    fixed-point space uses)."""
+    fixed-point space uses); with perturb="outputs" (`fwdgrad.ff.activity`) also the trained layer's input
+    and output formats and ε in output LSBs, under "outputs"."""
     eps, lr, m = hp["eps"], hp["lr"], hp["m"]
     check_hyper("qzo_ff", lr, eps, m)
     nodes = qmodel.weight_nodes()
@@ -394,8 +397,17 @@ def _training(
                 "weight_scale": node.w_qp.scale.reshape(-1).tolist(),
             }
         )
+    outputs = _outputs(qmodel, names, eps, fp) if perturb == "outputs" else None
+    if perturb not in ("weights", "outputs"):
+        raise ValueError(f"perturb={perturb!r} is invalid; allowed: weights, outputs")
+    if perturb == "weights" and fp.difference not in INTEGER_DIFFERENCES:
+        raise ValueError(
+            f"difference={fp.difference!r} needs perturb=outputs; allowed: {', '.join(INTEGER_DIFFERENCES)}"
+        )
     return {
         "method": "qzo_ff",
+        "target": perturb,
+        **({"outputs": outputs} if outputs else {}),
         "difference": fp.difference,
         "distribution": fp.distribution,
         "loss": hp["loss"],
@@ -417,6 +429,27 @@ def _training(
     }
 
 
+def _outputs(qmodel: QModel, names: list[str], eps: float, fp: FixedPointSettings) -> dict:
+    """The "outputs" section of perturbed outputs: the one trained layer, which must be a linear layer whose
+    output is the model's, its input and output formats, and ε in output LSBs."""
+    node = qmodel.weight_nodes().get(names[0]) if len(names) == 1 else None
+    if node is None or names[0] != qmodel.output or not qmodel.stackable(names[0]):
+        raise ValueError(
+            f"perturb=outputs trains one linear layer whose output is the model's ({qmodel.output!r}); got "
+            f"{names}; allowed: --trainable {qmodel.output}"
+        )
+    out_scale = float(node.out_qp.scale.reshape(-1)[0])
+    return {
+        "eps_q": output_eps_q(eps, out_scale, int(node.hi - node.lo), fp.eps_min_q),
+        "in_scale": float(node.in_qp.scale.reshape(-1)[0]),
+        "in_zp": int(node.zp_in),
+        "out_scale": out_scale,
+        "out_zp": int(node.out_qp.zero_point.reshape(-1)[0]),
+        "lo": int(node.lo),
+        "hi": int(node.hi),
+    }
+
+
 def export_bundle(
     qmodel: QModel,
     path,
@@ -432,6 +465,7 @@ def export_bundle(
     masks: dict | None = None,
     step: int = 0,
     loss: str = "float",
+    perturb: str = "weights",
     **fixed_point,
 ) -> Bundle:
     """Write `qmodel` and its QZO-FF settings to one bundle file at `path`; returns the `Bundle`.
@@ -442,7 +476,8 @@ def export_bundle(
     sparse-update masks (e.g. from `make_masks`);
     input_preprocessing: {"mean": [...], "std": [...], "shape": [C, H, W]} applied by the runtime to float
     inputs; step: the optimizer step the run continues from; loss: "float" or "integer", the cross-entropy
-    the device decides each step's signs on (header ``training.loss``: LOSS_NAMES); meta: free
+    the device decides each step's signs on (header ``training.loss``: LOSS_NAMES); perturb: "weights" or
+    "outputs" (the trained layer's outputs, `fwdgrad.ff.activity`; header ``training.target``); meta: free
     JSON-serializable metadata.
     """
     if loss not in LOSS_NAMES:
@@ -459,7 +494,7 @@ def export_bundle(
     names = list(qmodel.weight_nodes()) if trainable is None else list(trainable)
     fp = settings or FixedPointSettings(**fixed_point)
     hp = {"eps": eps, "lr": lr, "m": m, "seed": seed, "step": step, "loss": LOSS_NAMES[loss]}
-    training = _training(qmodel, exporter, names, hp, fp, masks)
+    training = _training(qmodel, exporter, names, hp, fp, masks, perturb)
     first = next(op for op in ops if op["kind"] == "input")
     header = {
         "format": FORMAT,

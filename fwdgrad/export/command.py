@@ -109,7 +109,16 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--perturb-scale", dest="perturb_scale", choices=PERTURB_SCALES)
     ap.add_argument("--eps-min-q", dest="eps_min_q", type=int)
     ap.add_argument("--distribution", choices=QUANT_DISTRIBUTIONS)
-    ap.add_argument("--difference", choices=INTEGER_DIFFERENCES, help="sign (2m passes) | median (m passes)")
+    ap.add_argument(
+        "--difference",
+        choices=(*INTEGER_DIFFERENCES, "central"),
+        help="sign (2m passes) | median (m passes) | central (with --perturb outputs)",
+    )
+    ap.add_argument(
+        "--perturb",
+        choices=("weights", "outputs"),
+        help=f"what a step perturbs: the weights, or the head's outputs ({run_default}, else weights)",
+    )
     ap.add_argument("--layerwise", choices=LAYERWISE, help="one trained tensor per step: cycle | sample")
     ap.add_argument(
         "--ignore-unsupported",
@@ -187,6 +196,7 @@ def export_main(argv: list[str] | None = None) -> int:
             meta=meta,
             step=hp["step"],
             loss=hp["loss"],
+            perturb=hp["perturb"],
         )
         if args.target == "c":
             c_lines = _write_c(

@@ -36,8 +36,8 @@ def run_settings(cfg: TrainConfig, model, steps: int) -> dict:
     step (the step count reached: the perturbation stream continues there); batch_size; scope and sparse
     ({kind, density} for mode=sparse); fixed_point (`FixedPointSettings` fields, qzo_ff only; its
     weight_headroom is already applied to the trained nodes' weight scales); unsupported (the qzo_ff options
-    the edge runtime cannot reproduce, as the run set them: momentum, kernel_norm, sharpness_rho, and perturb
-    when it is not "weights"); loss
+    the edge runtime cannot reproduce, as the run set them: momentum, kernel_norm, sharpness_rho); perturb
+    (weights, or outputs: `fwdgrad.ff.activity`); loss
     (float or integer: the cross-entropy each step's signs were decided on)."""
     ff = _plain(dict(cfg.ff))
     fixed = None
@@ -56,8 +56,8 @@ def run_settings(cfg: TrainConfig, model, steps: int) -> dict:
         "scope": cfg.scope,
         "sparse": {"kind": cfg.sparse_kind, "density": cfg.sparse_density} if cfg.scope == "sparse" else None,
         "fixed_point": fixed,
-        "unsupported": {k: ff.get(k) for k in UNSUPPORTED_FF}
-        | ({"perturb": ff["perturb"]} if ff.get("perturb", "weights") != "weights" else {}),
+        "unsupported": {k: ff.get(k) for k in UNSUPPORTED_FF},
+        "perturb": ff.get("perturb", "weights") if cfg.method == "qzo_ff" else "weights",
         "loss": cfg.loss,
     }
 
@@ -71,6 +71,7 @@ RUN_OPTIONS = (
     ("seed", "seed", 0),
     ("step", "step", 0),
     ("loss", "loss", "float"),
+    ("perturb", "perturb", "weights"),
     *((name, name, getattr(FixedPointSettings(), name)) for name in BUNDLE_FIXED_POINT),
 )
 
@@ -92,10 +93,11 @@ def choose(args, run: dict | None, where: str) -> tuple[dict, list[str]]:
         value, origin = getattr(args, opt), "from the command line"
         if value is None and run is not None:
             value, origin = run[key] if key in run else run["fixed_point"].get(key), "from the run"
-            if key in ("loss", "difference") and value is None:  # runs saved before these were recorded
-                value = default  # trained on the float loss, with sign differences
-            if key == "difference" and value not in INTEGER_DIFFERENCES:  # perturbed outputs' central
-                value, origin = default, f"default: the run's {value!r} needs perturbed outputs"
+            if key in ("loss", "difference", "perturb") and value is None:  # runs saved before these were
+                value = default  # recorded: trained on the float loss, with sign differences, on weights
+            central = key == "difference" and value not in INTEGER_DIFFERENCES  # perturbed outputs' central
+            if central and chosen.get("perturb") != "outputs":
+                value, origin = default, f"default: the run's {value!r} needs --perturb outputs"
         elif value is None:
             value, origin = default, "default"
         if opt == "lr" and value is None:

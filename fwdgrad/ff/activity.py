@@ -43,16 +43,16 @@ import torch
 import torch.nn.functional as F
 
 from ..edge.loss import LOSS_BITS
+from ..edge.train import output_eps_q, output_update, output_update_factor
 from ..engine.model import Prefix, QModel
 from ..fixed_point import FixedPointSettings
 from ..methods import check_positive
-from ..quant import dequantize, quantize_multiplier
+from ..quant import dequantize
 from ..rng import torch_port
 from ..rng.streams import SR_STREAM
 from .estimators import Key, make_distribution
 from .group import OneGroupOptimizer
 from .intloss import cross_entropy_q, model_loss_spec
-from .spaces import shift_round
 
 
 @dataclass
@@ -206,15 +206,9 @@ class ActivityGradient(OneGroupOptimizer):
         return self.dist.sample_q(key, shape, self.node.weight_q.device).to(torch.int64)
 
     def eps_q(self, eps: float) -> int:
-        """ε in output LSBs: max(1, eps_min_q, round(ε/Δ_y)); one-line ValueError beyond the output range."""
-        q = max(1, self.settings.eps_min_q, round(eps / float(self.node.out_qp.scale.reshape(-1)[0])))
-        span = int(self.node.hi - self.node.lo)
-        if q > span:
-            raise ValueError(
-                f"eps={eps!r} is {q} output LSBs of layer {self.node.name!r}, beyond its {span}-code output "
-                f"range; allowed: eps <= {span * float(self.node.out_qp.scale.reshape(-1)[0]):.3g}"
-            )
-        return q
+        """ε in output LSBs: max(1, eps_min_q, round(ε/Δ_y)) (`fwdgrad.edge.train.output_eps_q`)."""
+        scale = float(self.node.out_qp.scale.reshape(-1)[0])
+        return output_eps_q(eps, scale, int(self.node.hi - self.node.lo), self.settings.eps_min_q)
 
     def output_step(self, u: torch.Tensor, eps_q: int) -> torch.Tensor:
         """δ = round(ε_q·u_q / 1_q), half away from zero (integers)."""
@@ -229,37 +223,22 @@ class ActivityGradient(OneGroupOptimizer):
         n_out, k_in = node.weight_q.shape
         cu = (coeffs.reshape(*coeffs.shape, *[1] * (u.dim() - 2)) * u).sum(0).reshape(-1, n_out)
         g = cu.T @ (x_q - int(node.zp_in)).reshape(-1, k_in)  # int64, exact
-        dx = float(node.in_qp.scale.reshape(-1)[0])
-        if self.settings.difference == "central":
-            dy = float(node.out_qp.scale.reshape(-1)[0])
-            per_g = 2.0**-LOSS_BITS * dx / (2 * eps_q * dy * self.dist.one_q)
-        else:
-            per_g = self.dist.delta * dx
-        real = lr * per_g / (self.m * batch * node.w_qp.scale.double())
-        mult, shift = quantize_multiplier(real)
-        k = max(0, int(g.abs().max()).bit_length() - 31)  # G·M + rounding must fit 63 bits: drop G's low
-        if k:  # bits first (rounding half up)
-            g = (g + (1 << (k - 1))) >> k
-        n = 31 + shift - k
-        over = (n - 62).clamp_min(0)  # a shift past 62 bits: M loses those bits instead (0 when all of them)
-        mult, n = mult >> over, n - over
-        if int(n.min()) < 1:
-            raise ValueError(
-                f"lr={lr!r} moves {node.name!r} by {float(real.max()):.3g} weight LSBs per unit of G, beyond "
-                "the update's multiplier; allowed: a smaller lr"
-            )
+        real = output_update_factor(
+            lr, self.settings.difference, self.m, batch, float(node.in_qp.scale.reshape(-1)[0]),
+            float(node.out_qp.scale.reshape(-1)[0]), eps_q, self.dist.one_q, self.dist.delta,
+            node.w_qp.scale.double().reshape(-1).numpy(),
+        )  # fmt: skip
         words = None
         if self.settings.rounding == "stochastic":
             words = torch_port.hash_words(self.seed, self.step_count, SR_STREAM + 1, 0, node.weight_q.numel())
-            words = words.reshape(node.weight_q.shape)
-        col = lambda v: v.reshape(-1, 1) if v.numel() > 1 else v.reshape(())  # noqa: E731
-        upd = shift_round(g, col(mult), col(n), self.settings.rounding, words)
-        new = node.weight_q.to(torch.int64) - upd
-        saturated = int(((new < fmt.qmin) | (new > fmt.qmax)).sum())
+            words = words.reshape(node.weight_q.shape).numpy()
+        new, saturated = output_update(  # the numpy edge runtime's arithmetic, so both update alike
+            node.weight_q.numpy(), g.numpy(), real, self.settings.rounding, words, fmt.qmin, fmt.qmax
+        )
         self.weights_seen["update"] += node.weight_q.numel()
         if saturated:
             self.saturations["update"][node.name] = self.saturations["update"].get(node.name, 0) + saturated
-        node.weight_q.copy_(new.clamp(fmt.qmin, fmt.qmax).to(node.weight_q.dtype))
+        node.weight_q.copy_(torch.from_numpy(new).to(node.weight_q.dtype))
 
     @staticmethod
     def _codes(v: torch.Tensor, qp, mode: str) -> torch.Tensor:
