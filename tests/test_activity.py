@@ -5,14 +5,15 @@ reproducible, median coefficients equal the edge runtime's, and what it cannot t
 import copy
 import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fwdgrad.edge.train import median_signs
+from fwdgrad.edge.train import median_signs, output_coefficients
 from fwdgrad.engine import convert
-from fwdgrad.ff.activity import ActivityGradient, example_closure, median_coefficients
+from fwdgrad.ff.activity import ActivityGradient, example_closure
 from fwdgrad.fixed_point import FixedPointSettings
 from fwdgrad.models import build_model
 from fwdgrad.quant import dequantize
@@ -135,13 +136,22 @@ def test_update_is_the_stated_rounding_of_G_times_r(rounding, scale):
     assert (w0 != node.weight_q).float().mean() > 0.5
 
 
-def test_median_coefficients_equal_the_edge_runtimes():
+def test_coefficients_per_sample_and_example():
+    """Rows are the passes (+, − per sample; + only for the median), columns the examples: the median
+    signs each column as the weight path's `median_signs` does, sign and central pair rows 2i and 2i+1,
+    and a float loss is rounded onto the integer loss's 2^-16 grid."""
     rng = random.Random(0)
     for m in (2, 3, 4, 7, 8):
-        losses = torch.tensor([[rng.randint(0, 5) for _ in range(9)] for _ in range(m)])  # many ties
-        got = median_coefficients(losses)
+        losses = np.array([[rng.randint(0, 5) for _ in range(9)] for _ in range(m)])  # many ties
+        got = output_coefficients(losses, "median")
+        assert got.shape == (m, 9)
         for b in range(9):
             assert got[:, b].tolist() == median_signs(losses[:, b].tolist())
+    pairs = np.array([[3, 1, 2], [1, 1, 5], [0, 9, 9], [4, 2, 9]])  # samples 0 and 1, three examples
+    assert output_coefficients(pairs, "sign").tolist() == [[1, 0, -1], [-1, 1, 0]]
+    assert output_coefficients(pairs, "central").tolist() == [[2, 0, -3], [-4, 7, 0]]
+    floats = np.array([[1.0, 0.5], [1.0 - 2**-17, 0.5 - 3 * 2**-16]])
+    assert output_coefficients(floats, "central").tolist() == [[0, 3]]  # 2^-17 rounds to an even 0
 
 
 def test_refusals():

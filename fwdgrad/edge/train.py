@@ -31,8 +31,8 @@ from .runtime import Prefix, Runtime
 SAMPLERS = {"qgaussian": rng.gaussian_q, "qrademacher": rng.rademacher_q}
 
 
-def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
-    """Mean cross-entropy in float64: mean_n( log Σ_c exp(l_nc − max_n) − (l_ny − max_n) )."""
+def example_cross_entropy(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Each example's cross-entropy in float64: log Σ_c exp(l_nc − max_n) − (l_ny − max_n)."""
     logits, y = np.asarray(logits, dtype=np.float64), np.asarray(y, dtype=np.int64)
     if y.size and (y.min() < 0 or y.max() >= logits.shape[1]):
         raise ValueError(
@@ -40,7 +40,12 @@ def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
         )
     z = logits - logits.max(axis=1, keepdims=True)
     lse = np.log(np.exp(z).sum(axis=1))
-    return float(np.mean(lse - z[np.arange(len(z)), y]))
+    return lse - z[np.arange(len(z)), y]
+
+
+def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean cross-entropy in float64 (`example_cross_entropy` averaged)."""
+    return float(np.mean(example_cross_entropy(logits, y)))
 
 
 def median_signs(losses) -> list[int]:
@@ -133,7 +138,30 @@ def output_update(
 
 def output_step(u: np.ndarray, eps_q: int, one_q: int) -> np.ndarray:
     """δ = round(ε_q·u_q/1_q), half away from zero."""
+    u = np.asarray(u, dtype=np.int64)
     return np.sign(u) * ((np.abs(u) * eps_q * 2 + one_q) // (2 * one_q))
+
+
+def output_coefficients(losses: np.ndarray, difference: str) -> np.ndarray:
+    """c_i,b (int64 [m, B]) from the per-example losses of the P passes (rows: +1, −1 per sample, or +1
+    only for the median): central, the loss difference on the integer loss's grid (a float loss rounded
+    onto it, half to even); sign, its sign; median, `median_signs` of each example's m losses."""
+    losses = np.asarray(losses)
+    if difference == "central":
+        lq = losses if losses.dtype == np.int64 else np.round(losses * 2.0 ** loss_bits())
+        return (lq[0::2] - lq[1::2]).astype(np.int64)
+    if difference == "sign":
+        return np.sign(losses[0::2] - losses[1::2]).astype(np.int64)
+    return np.array([median_signs(losses[:, b]) for b in range(losses.shape[1])], dtype=np.int64).T
+
+
+def output_gradient(coeffs: np.ndarray, u: np.ndarray, x_q: np.ndarray, zp_in: int) -> np.ndarray:
+    """G = Σ_i Σ_b c_i,b · u_q,i,b ⊗ (x_q,b − zp_x), int64 [N, K] (rows of x and of u beyond the batch,
+    e.g. a sequence, count as examples)."""
+    u = np.asarray(u, dtype=np.int64)
+    n_out, k_in = u.shape[-1], x_q.shape[-1]
+    cu = (coeffs.reshape(*coeffs.shape, *[1] * (u.ndim - 2)) * u).sum(0).reshape(-1, n_out)
+    return cu.T @ (np.asarray(x_q, dtype=np.int64) - zp_in).reshape(-1, k_in)
 
 
 def _channel_view(v: np.ndarray, ndim: int) -> np.ndarray:
@@ -233,9 +261,7 @@ class Trainer:
         engine's closure does."""
         out = self.bundle.header["output"]
         logits = ((codes.astype(np.int64) - out["zero_point"]) * out["scale"]).astype(np.float32)
-        z = logits.astype(np.float64)
-        z = z - z.max(axis=1, keepdims=True)
-        return np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(z)), y]
+        return example_cross_entropy(logits, y)
 
     def outputs_step(self, x: np.ndarray, y: np.ndarray) -> float:
         """One step with perturbed outputs (header ``target: outputs``, `fwdgrad.ff.activity`): the trained
@@ -248,22 +274,12 @@ class Trainer:
         x_q = env[self.bundle.ops[index]["inputs"][0]].astype(np.int64)
         y_q = self.runtime.run(x, prefix=(env, index)).astype(np.int64)
         u = np.stack([self.sample_q(self.seed, k, i, 0, y_q.shape, z_max=self.z_max) for i in range(self.m)])
-        delta = output_step(u.astype(np.int64), o["eps_q"], self.one_q)
+        delta = output_step(u, o["eps_q"], self.one_q)
         signs = (+1,) if self.difference == "median" else (+1, -1)
         losses = np.stack(
             [self.example_losses(np.clip(y_q + s * d, o["lo"], o["hi"]), y) for d in delta for s in signs]
         )
-        if self.difference == "central":
-            lq = (
-                losses if losses.dtype == np.int64 else np.round(losses * 2.0 ** loss_bits()).astype(np.int64)
-            )
-            coeffs = lq[0::2] - lq[1::2]
-        elif self.difference == "sign":
-            coeffs = np.sign(losses[0::2] - losses[1::2]).astype(np.int64)
-        else:
-            coeffs = np.array([median_signs(losses[:, b]) for b in range(len(y))], dtype=np.int64).T
-        cu = (coeffs[:, :, None] * u.astype(np.int64)).sum(0)
-        g = cu.T @ (x_q - o["in_zp"])
+        g = output_gradient(output_coefficients(losses, self.difference), u, x_q, o["in_zp"])
         spec, w = self.tensors[0], self.arrays[self.weight_names[0]]
         real = output_update_factor(
             tr["lr"], self.difference, self.m, len(y), o["in_scale"], o["out_scale"], o["eps_q"], self.one_q,

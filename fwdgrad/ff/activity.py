@@ -16,6 +16,7 @@ the weight gradient, dL/dW = (1/B) Σ_b (dl_b/dy_b)·x_bᵀ, without a backward 
                                          integer loss as it is, the float one rounded onto that grid)
        c_i,b = sign(l_b(y_i+) − l_b(y_i−))   (sign: P = 2m)
        c_i,b = sign(l_b(y_i+) − median_j l_b(y_j+))   (median: P = m; `fwdgrad.edge.train.median_signs`)
+       (`fwdgrad.edge.train.output_coefficients`: the numpy runtime's own functions, from δ to the update)
     3. G = Σ_i Σ_b c_i,b · u_q,i,b ⊗ (x_q,b − zp_x)                                    (int64, exact)
        w_q ← sat( w_q − round( G · r ) ),  per output channel
            r = η·Δ_z·Δ_x / (m·B·Δ_w)                                  (sign, median: ĝ has u's range)
@@ -39,11 +40,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..edge.loss import LOSS_BITS
-from ..edge.train import output_eps_q, output_update, output_update_factor
+from ..edge.train import (
+    output_coefficients,
+    output_eps_q,
+    output_gradient,
+    output_step,
+    output_update,
+    output_update_factor,
+)
 from ..engine.model import Prefix, QModel
 from ..fixed_point import FixedPointSettings
 from ..methods import check_positive
@@ -84,15 +92,6 @@ def example_closure(model: QModel, loss: str = "float") -> Callable[..., Example
         return F.cross_entropy(logits.double(), t.long(), reduction="none")
 
     return lambda x, y: ExampleLoss(model, x, y, per_example, model.mode)
-
-
-def median_coefficients(losses: torch.Tensor) -> torch.Tensor:
-    """c_i,b = sign(l_i,b − median_j l_j,b) for losses [m, B], column by column exactly as
-    `fwdgrad.edge.train.median_signs` (m even: the mean of the two middle losses, compared as 2·l to their
-    sum, exact for integer losses)."""
-    s, m = losses.sort(dim=0).values, len(losses)
-    twice = 2 * s[m // 2] if m % 2 else s[m // 2 - 1] + s[m // 2]
-    return torch.sign(2 * losses - twice).to(torch.int64)
 
 
 class ActivityGradient(OneGroupOptimizer):
@@ -172,7 +171,7 @@ class ActivityGradient(OneGroupOptimizer):
         # 1. P perturbed copies of the outputs, run through the rest of the model as one stacked batch
         u = torch.stack([self.direction(i, y_q.shape) for i in range(self.m)])  # [m, *y]
         eps_q = self.eps_q(group["eps"])
-        delta = self.output_step(u, eps_q)
+        delta = torch.from_numpy(output_step(u.numpy(), eps_q, self.dist.one_q))
         signs = (+1, -1) if self.two_sided else (+1,)
         ys = torch.stack([y_q + s * d for d in delta for s in signs]).clamp_(node.lo, node.hi)
         values = {node.name: self._from_codes(ys.flatten(0, 1), node.out_qp, closure.mode, y_out.dtype)}
@@ -181,21 +180,12 @@ class ActivityGradient(OneGroupOptimizer):
         b = len(closure.y)
         losses = closure.per_example(out, closure.y.repeat(len(ys))).reshape(len(ys), b)
         self.forward_passes += len(ys)
-        # 2. one coefficient per sample and example
-        difference = self.settings.difference
-        if difference == "central":
-            # the float loss rounded onto the integer loss's grid
-            lq = losses if not losses.is_floating_point() else torch.round(losses * 2.0**LOSS_BITS)
-            coeffs = (lq[0::2] - lq[1::2]).to(torch.int64)
-        elif difference == "sign":
-            coeffs = torch.sign(losses[0::2] - losses[1::2]).to(torch.int64)
-        else:
-            coeffs = median_coefficients(losses)
-        # 3. the fixed-point update from G = Σ_i Σ_b c_i,b · u_i,b ⊗ (x_b − zp_x)
+        # 2. one coefficient per sample and example; 3. the fixed-point update from G
+        coeffs = output_coefficients(losses.numpy(), self.settings.difference)
         self.update(coeffs, u, x_q, b, group["lr"], eps_q)
         ties = int((coeffs == 0).sum())
-        self.last_ties, self.last_pairs = ties, coeffs.numel()
-        self.ties, self.pairs = self.ties + ties, self.pairs + coeffs.numel()
+        self.last_ties, self.last_pairs = ties, coeffs.size
+        self.ties, self.pairs = self.ties + ties, self.pairs + coeffs.size
         self.step_count += 1
         return float(losses.double().mean()) * closure.unit
 
@@ -210,19 +200,11 @@ class ActivityGradient(OneGroupOptimizer):
         scale = float(self.node.out_qp.scale.reshape(-1)[0])
         return output_eps_q(eps, scale, int(self.node.hi - self.node.lo), self.settings.eps_min_q)
 
-    def output_step(self, u: torch.Tensor, eps_q: int) -> torch.Tensor:
-        """δ = round(ε_q·u_q / 1_q), half away from zero (integers)."""
-        one = self.dist.one_q
-        return torch.sign(u) * ((u.abs() * eps_q * 2 + one) // (2 * one))
-
-    def update(
-        self, coeffs: torch.Tensor, u: torch.Tensor, x_q: torch.Tensor, batch: int, lr: float, eps_q: int
-    ) -> None:
-        """w_q ← sat(w_q − round(G·r)) with G = Σ_i Σ_b c_i,b·u_i,b ⊗ (x_b − zp_x) (module docstring)."""
+    def update(self, coeffs, u: torch.Tensor, x_q: torch.Tensor, batch: int, lr: float, eps_q: int) -> None:
+        """w_q ← sat(w_q − round(G·r)) with G = Σ_i Σ_b c_i,b·u_i,b ⊗ (x_b − zp_x) (module docstring), in the
+        numpy edge runtime's arithmetic (`fwdgrad.edge.train`), so both runtimes update alike."""
         node, fmt = self.node, self.node.w_qp.fmt
-        n_out, k_in = node.weight_q.shape
-        cu = (coeffs.reshape(*coeffs.shape, *[1] * (u.dim() - 2)) * u).sum(0).reshape(-1, n_out)
-        g = cu.T @ (x_q - int(node.zp_in)).reshape(-1, k_in)  # int64, exact
+        g = output_gradient(np.asarray(coeffs), u.numpy(), x_q.numpy(), int(node.zp_in))
         real = output_update_factor(
             lr, self.settings.difference, self.m, batch, float(node.in_qp.scale.reshape(-1)[0]),
             float(node.out_qp.scale.reshape(-1)[0]), eps_q, self.dist.one_q, self.dist.delta,
@@ -232,8 +214,8 @@ class ActivityGradient(OneGroupOptimizer):
         if self.settings.rounding == "stochastic":
             words = torch_port.hash_words(self.seed, self.step_count, SR_STREAM + 1, 0, node.weight_q.numel())
             words = words.reshape(node.weight_q.shape).numpy()
-        new, saturated = output_update(  # the numpy edge runtime's arithmetic, so both update alike
-            node.weight_q.numpy(), g.numpy(), real, self.settings.rounding, words, fmt.qmin, fmt.qmax
+        new, saturated = output_update(
+            node.weight_q.numpy(), g, real, self.settings.rounding, words, fmt.qmin, fmt.qmax
         )
         self.weights_seen["update"] += node.weight_q.numel()
         if saturated:
