@@ -20,7 +20,7 @@ from fwdgrad.engine.nodes import ExecContext
 from fwdgrad.ff import qzo_ff
 from fwdgrad.ff.spaces import Term
 from fwdgrad.models import build_model
-from fwdgrad.quant import QFormat, QParams, activation_format, requantize
+from fwdgrad.quant import QFormat, QParams, activation_format, dequantize, requantize
 from fwdgrad.rng import reference, torch_port
 
 #: float32 planes (fan-in chunks where they save planes) + C epilogue; the same without chunks; oneDNN int8
@@ -318,6 +318,172 @@ def test_c_perturbation_equals_the_torch_path(monkeypatch, rounding, per_channel
     assert all(torch.equal(a, b) for a, b in zip(wc, wt)) and sc == st and sum(sc["update"].values()) > 0
     assert all(torch.equal(a, b) for a, b in zip(uc, ut)) and torch.equal(oc, ot)
     assert len(in_c) == 2 * 3 and None not in in_c  # both updates of the 3 layers ran in C
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w16a8"])
+@pytest.mark.parametrize("rounding", ["nearest", "floor", "stochastic"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_c_one_term_perturbation_equals_the_torch_path(monkeypatch, scheme, rounding, per_channel):
+    """The passes of a step (one term, either sign; nearest and floor take the vectorized C loop) at a
+    small ε and at one that saturates weights: same integers and saturation counts in C and in torch."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, 12, 12, generator=g)
+    model = build_model("small_cnn", num_classes=4, in_channels=3).eval()
+    results = []
+    for enabled in ("1", "0"):
+        monkeypatch.setenv(native.ENV, enabled)
+        native.reset()
+        q = convert(model, scheme, x, per_channel=per_channel)
+        space = qzo_ff(q, lr=0.5, eps=0.05, m=2, rounding=rounding).space
+        weights = [
+            space.perturbed_weight(5, t, [Term(i, eps, sign)])
+            for eps in (1e-3, 0.3)
+            for i in (0, 1)
+            for sign in (+1, -1)
+            for t in range(3)
+        ]
+        results.append((weights, space.saturations))
+    native.reset()
+    (wc, sc), (wt, st) = results
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(wc, wt))
+    assert sc == st and sum(sc["perturb"].values()) > 0
+
+
+def _digit_planes_reference(w, x_bound, max_planes, fixed_bits, chunks, offset, limit_bits):
+    """`kernels.digit_planes` in int64 torch (the planner of `fw_plan_planes`, groups 1): planes stacked
+    [chunks][planes][C][K/chunks] (None when none certifies), digit bits, bound."""
+    c = w.shape[0]
+    w64 = w.reshape(c, -1).to(torch.int64)
+    v, limit = w64 - offset, 1 << limit_bits
+    bound = x_bound * int(w64.abs().sum(1).max())
+    lo, hi = (-(1 << (fixed_bits - 1)), min(1 << (fixed_bits - 1), 127)) if fixed_bits else (-(2**62), 2**62)
+
+    def certified(d):  # every chunk's x_bound·Σ|d| below the limit, every digit in range
+        sums = d.reshape(c, chunks, -1).abs().sum(2)
+        return bool((x_bound * sums < limit).all()) and int(d.min()) >= lo and int(d.max()) <= hi
+
+    def stacked(planes):
+        return torch.stack([p.reshape(c, chunks, -1) for p in planes]).permute(2, 0, 1, 3)
+
+    if certified(v):
+        return stacked([v]), 0, bound
+    nbits = int(v.abs().max()).bit_length() + 1
+    for p in range(2, max_planes + 1):
+        b = fixed_bits or -(-nbits // p) + 1
+        planes, rest = [], v
+        for _ in range(p - 1):
+            d = torch.remainder(rest + (1 << (b - 1)), 1 << b) - (1 << (b - 1))
+            planes.append(d)
+            rest = (rest - d) >> b
+        planes.append(rest)
+        if all(certified(d) for d in planes):
+            return stacked(planes), b, bound
+    return None, 0, bound
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16])
+@pytest.mark.parametrize("fixed_bits", [0, 7, 8])
+@pytest.mark.parametrize("offset", [0, 128])
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_c_digit_planes_equal_the_reference_around_each_certificate(dtype, fixed_bits, offset, chunks):
+    """The C digit-plane split (its vectorized 1- and 2-plane paths and the general one) against the int64
+    reference: full-range and small weights, x_bound set just below and just above the bound of each
+    plane count, so every certificate is met on one side and fails on the other."""
+    if kernels.library() is None:
+        pytest.skip("no C compiler on this machine")
+    g = torch.Generator().manual_seed(fixed_bits + offset + chunks)
+    info = torch.iinfo(dtype)
+    cases = [
+        torch.randint(info.min, info.max + 1, (6, 8, 3, 3), generator=g, dtype=torch.int64),
+        torch.randint(-40, 41, (5, 24), generator=g, dtype=torch.int64),
+    ]
+    cases[0][0].fill_(info.max)
+    cases[0][1, :, 0].fill_(info.min)
+    seen = set()
+    for w in cases:
+        w = w.to(dtype)
+        for planes in (1, 2, 3):  # x_bound at each plan's edge: the largest digit-sum of that many planes
+            ref, *_ = _digit_planes_reference(w, 1, planes, fixed_bits, chunks, offset, 62)
+            if ref is None:
+                continue
+            edge = int(ref.reshape(*ref.shape[:2], w.shape[0], -1).abs().sum(-1).max())
+            for x_bound in ((1 << 24) // edge - 1, (1 << 24) // edge, (1 << 24) // edge + 1):
+                if x_bound < 1:
+                    continue
+                args = (x_bound, 4, fixed_bits, chunks, offset, 24)
+                want, bits, bound = _digit_planes_reference(w, *args)
+                got = kernels.digit_planes(w, x_bound, 1, 4, fixed_bits, chunks, offset, 24)
+                n = 0 if want is None else want.shape[1]
+                assert got[1:] == (n, bits, bound), (w.shape, args)
+                if n:
+                    assert torch.equal(got[0].reshape(-1).double(), want.reshape(-1).double())
+                seen.add(n)
+    assert len(seen) >= 2  # the x_bounds crossed a certificate boundary
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_c_dequantized_weights_equal_the_torch_expression(dtype, per_channel):
+    """Fake mode's float weights from C: the float64 product rounded once to float32, as
+    `fwdgrad.quant.dequantize`, on extreme codes and awkward scales."""
+    if kernels.library() is None:
+        pytest.skip("no C compiler on this machine")
+    g = torch.Generator().manual_seed(0)
+    info = torch.iinfo(dtype)
+    w = torch.randint(info.min, info.max, (7, 5, 3, 3), generator=g, dtype=torch.int64).to(dtype)
+    w[0], w[1] = info.max, info.min
+    scale = torch.rand(7 if per_channel else 1, generator=g, dtype=torch.float64) * 1e-3 + 1e-9
+    fmt = QFormat(bits=info.bits, signed=True, symmetric=True, axis=0 if per_channel else None)
+    qp = QParams(fmt, scale if per_channel else scale.reshape(()), None)
+    got = kernels.dequantize(w, qp)
+    assert got.dtype == torch.float32 and torch.equal(got, dequantize(w, qp))
+    assert kernels.dequantize(w, QParams(fmt, qp.scale, torch.ones_like(qp.scale, dtype=torch.int64))) is None
+
+
+@pytest.mark.parametrize("mode", ["integer", "fake"])
+def test_a_steps_perturbed_weights_are_prepared_before_its_forwards(monkeypatch, mode):
+    """Each pass prepares every perturbed layer once, for the kernel it ran on, before the forward (none
+    inside it), and the step's integers are those of preparing them inside the forward."""
+    from fwdgrad.engine.nodes import QTrainable, QWeighted
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 12, 12, generator=g)
+    model = build_model("small_cnn", num_classes=4, in_channels=3).eval()
+    calls, inside = [], [False]
+    prepare = QWeighted._prepare
+
+    def counted(self, w, kind):
+        if w is not self.weight_q:
+            calls.append((self.name, kind, inside[0]))
+        return prepare(self, w, kind)
+
+    def closure():
+        inside[0] = True
+        try:
+            return F.cross_entropy(q(x), torch.arange(8) % 4)
+        finally:
+            inside[0] = False
+
+    weights = []
+    for ahead in (True, False):
+        if not ahead:
+            monkeypatch.setattr(QWeighted, "prepare_ahead", QTrainable.prepare_ahead)
+        q = convert(model, "w16a8", x)
+        q.mode = mode
+        opt = qzo_ff(q, lr=0.5, eps=0.05, m=2)
+        with torch.no_grad():
+            opt.step(closure)  # the first pass of a layer picks its kernel inside the forward
+            monkeypatch.setattr(QWeighted, "_prepare", counted)
+            calls.clear()
+            opt.step(closure)
+            monkeypatch.setattr(QWeighted, "_prepare", prepare)
+        if ahead:
+            layers = len(q.weight_nodes())
+            assert len(calls) == 4 * layers and not any(c[2] for c in calls)  # 2m passes, all ahead
+        else:
+            assert len(calls) == 4 * layers and all(c[2] for c in calls)
+        weights.append([n.weight_q.clone() for n in q.weight_nodes().values()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
 
 
 def test_without_a_compiler_the_torch_path_runs_and_says_so(monkeypatch, tmp_path):

@@ -447,6 +447,33 @@ static inline void digits(i64 v, int planes, int b, i64 *d) {
     d[planes - 1] = rest;
 }
 
+/* The two-plane digits of 8/16-bit weights, vectorizable (int32 lanes: |w - offset| < 2^17 and the digits
+ * are those of `digits`): whether every digit lies in [lo, hi] and x_bound·Σ|d| < limit per plane, per
+ * channel and fan-in chunk (the per-plane check of fw_plan_planes for p = 2). */
+#define TWO_PLANES_OK(T)                                                                                      \
+    static int two_planes_ok_##T(const T *w, i64 C, i64 K, int chunks, int b, i64 offset, i64 lo, i64 hi,    \
+                                 i64 x_bound, i64 limit) {                                                    \
+        i64 kg = K / chunks;                                                                                  \
+        int32_t mask = (1 << b) - 1, half = 1 << (b - 1), off = (int32_t)offset;                             \
+        int32_t lo32 = lo < -(1 << 20) ? -(1 << 20) : (int32_t)lo, hi32 = hi > (1 << 20) ? 1 << 20 : (int32_t)hi; \
+        for (i64 c = 0; c < C; c++)                                                                           \
+            for (int g = 0; g < chunks; g++) {                                                                \
+                const T *row = w + c * K + g * kg;                                                            \
+                i64 s0 = 0, s1 = 0;                                                                           \
+                int32_t bad = 0;                                                                              \
+                for (i64 k = 0; k < kg; k++) {                                                                \
+                    int32_t v = (int32_t)row[k] - off, d0 = ((v + half) & mask) - half, d1 = (v - d0) >> b;   \
+                    s0 += d0 < 0 ? -d0 : d0;                                                                  \
+                    s1 += d1 < 0 ? -d1 : d1;                                                                  \
+                    bad |= (d0 < lo32) | (d0 > hi32) | (d1 < lo32) | (d1 > hi32);                             \
+                }                                                                                             \
+                if (bad || x_bound * s0 >= limit || x_bound * s1 >= limit) return 0;                          \
+            }                                                                                                 \
+        return 1;                                                                                             \
+    }
+TWO_PLANES_OK(int8_t)
+TWO_PLANES_OK(int16_t)
+
 /* The certified digit-plane split of integer weights [C][K] minus `offset` (see fwdgrad/engine/intops.py:
  * each plane's x_bound·max_c Σ_k |d[c,k]| < 2^limit_bits: 24 for float32 sums, 31 for int32 ones), trying
  * 1..max_planes planes with the same digit widths as the torch path. With chunks > 1 the fan-in K is cut into
@@ -488,6 +515,15 @@ int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, int chunks, i64 x_bo
     nbits += 1; /* signed */
     for (int p = 2; p <= max_planes; p++) {
         int b = fixed_bits > 0 ? fixed_bits : (nbits + p - 1) / p + 1, ok = 1;
+        if (p == 2 && wbytes <= 2) { /* the common split, in int32 lanes */
+            ok = wbytes == 1 ? two_planes_ok_int8_t(w, C, K, chunks, b, offset, lo, hi, x_bound, limit)
+                             : two_planes_ok_int16_t(w, C, K, chunks, b, offset, lo, hi, x_bound, limit);
+            if (ok) {
+                *bits = b;
+                return p;
+            }
+            continue;
+        }
         for (i64 c = 0; c < C && ok; c++) {
             for (int g = 0; g < chunks && ok; g++) {
                 i64 s[8] = {0}, d[8];
@@ -513,9 +549,37 @@ int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, int chunks, i64 x_bo
  * [groups][planes][C/groups][K] (one
  * kernel call runs them all), or with chunks > 1 (groups 1) [chunks][planes][C][K/chunks], the weight of
  * a conv grouped by fan-in chunk. */
+#define FILL_FAST(T, O)                                                                                       \
+    static void fill_fast_##T##_##O(const T *w, i64 C, i64 K, int planes, int b, i64 offset, O *out) {          \
+        int32_t mask = (1 << b) - 1, half = 1 << (b - 1), off = (int32_t)offset;                             \
+        for (i64 c = 0; c < C; c++) {                                                                         \
+            const T *row = w + c * K;                                                                         \
+            O *o0 = out + c * K, *o1 = out + (C + c) * K;                                                     \
+            if (planes == 1)                                                                                  \
+                for (i64 k = 0; k < K; k++) o0[k] = (O)((int32_t)row[k] - off);                                \
+            else                                                                                              \
+                for (i64 k = 0; k < K; k++) {                                                                 \
+                    int32_t v = (int32_t)row[k] - off, d0 = ((v + half) & mask) - half;                       \
+                    o0[k] = (O)d0;                                                                            \
+                    o1[k] = (O)((v - d0) >> b);                                                               \
+                }                                                                                             \
+        }                                                                                                     \
+    }
+FILL_FAST(int8_t, int8_t)
+FILL_FAST(int8_t, float)
+FILL_FAST(int16_t, int8_t)
+FILL_FAST(int16_t, float)
+
 void fw_fill_planes(const void *w, int wbytes, i64 C, i64 K, int groups, int chunks, int planes, int b, i64 offset,
                     void *out, int out_bytes) {
     i64 cg = C / groups, kg = K / chunks;
+    if (wbytes <= 2 && planes <= 2 && chunks == 1 && groups == 1) { /* the common layouts, vectorizable */
+        if (wbytes == 1 && out_bytes == 1) fill_fast_int8_t_int8_t(w, C, K, planes, b, offset, out);
+        else if (wbytes == 1) fill_fast_int8_t_float(w, C, K, planes, b, offset, out);
+        else if (out_bytes == 1) fill_fast_int16_t_int8_t(w, C, K, planes, b, offset, out);
+        else fill_fast_int16_t_float(w, C, K, planes, b, offset, out);
+        return;
+    }
     for (i64 c = 0; c < C; c++) {
         i64 g = c / cg, cc = c % cg, d[8];
         for (i64 k = 0; k < K; k++) {
@@ -549,9 +613,29 @@ static inline i64 saturate(i64 v, i64 qmin, i64 qmax, i64 *sat) {
 /* QZO-FF's perturbed weights: w± = sat(round((w·one + Σ_t size[t][c]·z_t) · M / 2^n)), channel
  * c = element / per_channel; rounding 0 nearest (half up), 1 floor, 2 stochastic (adds the top n bits of a
  * 32-bit hash word, as fwdgrad.ff.spaces.shift_round). Returns the number of saturated weights. */
+#define PERTURB_ONE(T)                                                                                        \
+    static i64 perturb_one_##T(const T *w, i64 count, i64 per_channel, i64 one, const int8_t *z, const i64 *sizes, \
+                               i64 mult, int n, int rounding, i64 qmin, i64 qmax, T *out) {                  \
+        i64 sat = 0, channels = count / per_channel, half = rounding == 0 ? (i64)1 << (n - 1) : 0;           \
+        for (i64 c = 0; c < channels; c++) {                                                                  \
+            i64 sz = sizes[c];                                                                                \
+            for (i64 i = c * per_channel; i < (c + 1) * per_channel; i++) {                                   \
+                i64 r = (((i64)w[i] * one + sz * z[i]) * mult + half) >> n;                                   \
+                sat += (r < qmin) | (r > qmax);                                                               \
+                out[i] = (T)(r < qmin ? qmin : r > qmax ? qmax : r);                                          \
+            }                                                                                                 \
+        }                                                                                                     \
+        return sat;                                                                                           \
+    }
+PERTURB_ONE(int8_t)
+PERTURB_ONE(int16_t)
+
 i64 fw_perturb(const void *w, int wbytes, i64 count, i64 per_channel, i64 one, int nterms, const int8_t **zs,
                const i64 *sizes, i64 mult, int n, int rounding, const i64 *words, i64 qmin, i64 qmax, void *out) {
     i64 sat = 0, channels = count / per_channel;
+    if (nterms == 1 && rounding != 2 && wbytes <= 2) /* one term, nearest or floor: vectorizable */
+        return wbytes == 1 ? perturb_one_int8_t(w, count, per_channel, one, zs[0], sizes, mult, n, rounding, qmin, qmax, out)
+                           : perturb_one_int16_t(w, count, per_channel, one, zs[0], sizes, mult, n, rounding, qmin, qmax, out);
     for (i64 c = 0; c < channels; c++) {
         i64 sz[16];
         for (int t = 0; t < nterms; t++) sz[t] = sizes[t * channels + c];
@@ -563,6 +647,25 @@ i64 fw_perturb(const void *w, int wbytes, i64 count, i64 per_channel, i64 one, i
         }
     }
     return sat;
+}
+
+/* Integer weights as float32 (fwdgrad.quant.dequantize with zero point 0): the float64 product
+ * (double)w·scale[c] rounded once to float32, c = element / per_channel. */
+#define DEQUANTIZE(T)                                                                                         \
+    static void dequantize_##T(const T *w, i64 count, i64 per_channel, const double *scale, float *out) {   \
+        for (i64 c = 0; c < count / per_channel; c++) {                                                       \
+            double sc = scale[c];                                                                             \
+            for (i64 i = c * per_channel; i < (c + 1) * per_channel; i++) out[i] = (float)((double)w[i] * sc); \
+        }                                                                                                     \
+    }
+DEQUANTIZE(int8_t)
+DEQUANTIZE(int16_t)
+DEQUANTIZE(int32_t)
+
+void fw_dequantize(const void *w, int wbytes, i64 count, i64 per_channel, const double *scale, float *out) {
+    if (wbytes == 1) dequantize_int8_t(w, count, per_channel, scale, out);
+    else if (wbytes == 2) dequantize_int16_t(w, count, per_channel, scale, out);
+    else dequantize_int32_t(w, count, per_channel, scale, out);
 }
 
 /* QZO-FF's fixed-point update of integer weights w (in place) from s = sum_i c_i z_i (c_i = +-1, m samples):

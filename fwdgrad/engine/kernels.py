@@ -52,6 +52,7 @@ SIGNATURES = {
     "fw_pack_s16": (None, [_P, _INT, _I64, _I64, _P]),
     "fw_gemm_s16": (None, [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _INT]),
     "fw_perturb": (_I64, [_P, _INT, _I64, _I64, _I64, _INT, _P, _P, _I64, _INT, _INT, _P, _I64, _I64, _P]),
+    "fw_dequantize": (None, [_P, _INT, _I64, _I64, _P, _P]),
 }
 _INT_BYTES = {torch.int8: 1, torch.int16: 2, torch.int32: 4}
 ROUNDING_CODES = {"nearest": 0, "floor": 1, "stochastic": 2}
@@ -366,6 +367,28 @@ def update(
         w.data_ptr(), _INT_BYTES[w.dtype], w.numel(), per_channel, s.data_ptr(), m, mult.data_ptr(),
         n.data_ptr(), ROUNDING_CODES[rounding], _ptr(words), qmin, qmax,
     )  # fmt: skip
+
+
+def dequantize(w: torch.Tensor, qp) -> torch.Tensor | None:
+    """Integer weights [C, ...] as float32 in one pass: `fwdgrad.quant.dequantize(w, qp)`'s values (the
+    float64 product w·scale rounded once to float32), for a scale per tensor or per output channel (axis 0)
+    and zero point 0; None where that does not apply."""
+    scale = qp.scale
+    if (
+        w.dtype not in _INT_BYTES
+        or w.device.type != "cpu"
+        or not (scale.numel() == 1 or (qp.fmt.axis == 0 and scale.numel() == w.shape[0]))
+        or bool(qp.zero_point.ne(0).any())
+        or library() is None
+    ):
+        return None
+    w, scale = w.contiguous(), scale.reshape(-1).to(torch.float64).contiguous()
+    out = torch.empty(w.shape, dtype=torch.float32)
+    per_channel = w.numel() // scale.numel()
+    library().fw_dequantize(
+        w.data_ptr(), _INT_BYTES[w.dtype], w.numel(), per_channel, scale.data_ptr(), out.data_ptr()
+    )
+    return out
 
 
 def perturb(

@@ -252,6 +252,9 @@ class QTrainable(QNode):
     def weight(self, ctx: ExecContext) -> torch.Tensor:
         return ctx.weight_fn(self.name, self) if ctx.weight_fn is not None else self.weight_q
 
+    def prepare_ahead(self, w: torch.Tensor) -> None:
+        """Prepare perturbed weights `w` before the forward that takes them (`QWeighted`; nothing here)."""
+
     def _derive_scales(self) -> None:
         raise NotImplementedError
 
@@ -308,6 +311,8 @@ class QWeighted(QTrainable):
         self._timed: dict[tuple, str] = {}  # (input shape, per-call weights) -> the faster kind ("auto")
         self._last_kind = "float"
         self._stacks: dict[tuple, QWeighted] = {}  # this layer with its output channels repeated (`stacked`)
+        self._ahead: tuple | None = None  # (w, version, kind, prepared): `prepare_ahead`
+        self._ahead_kind: str | None = None  # the kind perturbed weights were last prepared for
 
     channel_dim = 1
 
@@ -328,6 +333,7 @@ class QWeighted(QTrainable):
         prepares its own weights and times its own kernels)."""
         state = dict(self.__dict__)
         state["_prepared"], state["_timed"], state["_stacks"] = {}, {}, {}
+        state["_ahead"], state["_ahead_kind"] = None, None
         return state
 
     def exact_weights(self, w: torch.Tensor, kind: str = "float") -> ExactWeights | None:
@@ -342,7 +348,18 @@ class QWeighted(QTrainable):
             ew = self._prepare(w, kind)
             self._prepared[kind] = (w, w._version, ew)
             return ew
+        ahead, self._ahead_kind = self._ahead, kind
+        if ahead is not None and ahead[0] is w and ahead[1] == w._version and ahead[2] == kind:
+            return ahead[3]
         return self._prepare(w, kind)
+
+    def prepare_ahead(self, w: torch.Tensor) -> None:
+        """Prepare perturbed weights `w` (not the stored ones) now for the kernel this layer's last perturbed
+        forward ran on (nothing before one ran), where `exact_weights` finds them: a pass's preparation then
+        runs before its forward, with warm caches, instead of between its layers."""
+        if self._ahead_kind is not None and w is not self.weight_q:
+            self._ahead = None  # the previous pass's are not needed any more
+            self._ahead = (w, w._version, self._ahead_kind, self._prepare(w, self._ahead_kind))
 
     def _prepare(self, w, kind):
         if kind == "onednn":
@@ -354,7 +371,8 @@ class QWeighted(QTrainable):
             ok = ok and not isinstance(getattr(self, "padding", ()), str) and intmm.available()
             return intmm.prepare(w, int(self.zp_in)) if ok else None
         if kind == "dequantized":  # fake mode's float weights
-            return dequantize(w, self.w_qp)
+            fast = kernels.dequantize(w, self.w_qp)
+            return dequantize(w, self.w_qp) if fast is None else fast
         return prepare(w, self.xb, getattr(self, "groups", 1), chunk=kind != "float_whole")
 
     def kernel_for(self, x: torch.Tensor, choice: str, w: torch.Tensor | None = None) -> str:

@@ -300,7 +300,7 @@ class FixedPointSpace(Space):
         # weights clamped at the format's limits, per layer: by a perturbation, by an update
         self.saturations: dict[str, dict[str, int]] = {"perturb": {}, "update": {}}
         self.weights_seen = {"perturb": 0, "update": 0}  # weights perturbed / updated (the rates' base)
-        self._consts: dict[tuple, tuple] = {}  # size_q and update_multiplier, by tensor (see there)
+        self._consts: dict[tuple, tuple] = {}  # per-tensor constants (`_const`)
 
     # -- per-tensor constants ---------------------------------------------------------------------
     def _channel_view(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -309,23 +309,35 @@ class FixedPointSpace(Space):
     def delta_w(self, t: int) -> torch.Tensor:
         return self.nodes[t].w_qp.scale
 
-    def size_q(self, t: int, size: float) -> torch.Tensor:
-        """A real perturbation size (ε or ρ) in tensor t's weight LSBs (`size_lsb`), kept per (t, ε, Δ_w)."""
-        delta_w, key = self.delta_w(t), ("size", t, size)
-        hit = self._consts.get(key)
+    def _const(self, key: tuple, make):
+        """`make()`, a constant of tensor t = key[1] (the key holds what it depends on besides Δ_w), kept
+        while t's Δ_w is the same tensor; all are dropped when many accumulate (an ε or η schedule makes
+        new ones)."""
+        delta_w, hit = self.delta_w(key[1]), self._consts.get(key)
         if hit is None or hit[0] is not delta_w:
-            if len(self._consts) > 64:  # sizes that change every step (an ε schedule) are not kept forever
+            if len(self._consts) > 8 * len(self.names):
                 self._consts = {}
-            hit = self._consts[key] = (delta_w, size_lsb(size, delta_w, self.settings.eps_min_q))
+            hit = self._consts[key] = (delta_w, make())
         return hit[1]
 
+    def size_q(self, t: int, size: float) -> torch.Tensor:
+        """A real perturbation size (ε or ρ) in tensor t's weight LSBs (`size_lsb`)."""
+        eps_min_q = self.settings.eps_min_q
+        return self._const(("size", t, size), lambda: size_lsb(size, self.delta_w(t), eps_min_q))
+
+    def size_table(self, t: int, terms: list[Term]) -> torch.Tensor:
+        """The signed sizes s·a_q of `terms` for tensor t, int64 [terms, channels or 1]."""
+
+        def make():
+            sizes = [term.sign * self.size_q(t, term.size).reshape(-1) for term in terms]
+            c = max(s.numel() for s in sizes)
+            return torch.stack([s.expand(c) for s in sizes]).to(torch.int64).contiguous()
+
+        return self._const(("table", t, tuple((term.size, term.sign) for term in terms)), make)
+
     def update_multiplier(self, t: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """`update_requant(η, Δ_z, Δ_w)` of tensor t, kept for the last η (a constant η computes it once)."""
-        delta_w = self.delta_w(t)
-        hit = self._consts.get(("update", t))
-        if hit is None or hit[0] != lr or hit[1] is not delta_w:
-            hit = self._consts[("update", t)] = (lr, delta_w, update_requant(lr, self.dist.delta, delta_w))
-        return hit[2]
+        """`update_requant(η, Δ_z, Δ_w)` of tensor t."""
+        return self._const(("update", t, lr), lambda: update_requant(lr, self.dist.delta, self.delta_w(t)))
 
     def check_size(self, key: str, size: float) -> None:
         """One-line ValueError unless `size` in weight LSBs fits every trained tensor's weight range (a larger
@@ -371,14 +383,11 @@ class FixedPointSpace(Space):
         node, fmt = self.nodes[t], self.nodes[t].w_qp.fmt
         shape, device = node.weight_q.shape, node.weight_q.device
         zs = [self.z(step, term.sample, t, shape, device, keep=True) for term in terms]
-        sizes = [term.sign * self.size_q(t, term.size).reshape(-1) for term in terms]
         words = self._words(step, 2 * t, t)
         if kernels.library() is not None and device.type == "cpu" and terms:  # one pass in C
-            c = max(s.numel() for s in sizes)
-            table = torch.stack([s.expand(c) for s in sizes])
             done = kernels.perturb(
-                node.weight_q, self.dist.one_q, zs, table, self.p_mult, self.p_n, self.rounding, words,
-                fmt.qmin, fmt.qmax,
+                node.weight_q, self.dist.one_q, zs, self.size_table(t, terms), self.p_mult, self.p_n,
+                self.rounding, words, fmt.qmin, fmt.qmax,
             )  # fmt: skip
             if done is not None:
                 self._saturated("perturb", t, done[1])
@@ -408,11 +417,16 @@ class FixedPointSpace(Space):
 
     @contextmanager
     def perturbed(self, step: int, terms: list[Term]):
-        active = set(self.active(step))
+        """The pass with `terms`: every active tensor's perturbed weights computed and prepared for their
+        kernels up front, one after the other before the forward (`QWeighted.prepare_ahead`; inside the
+        forward, between layers, the same work runs several times slower on cold caches)."""
+        weights = {t: self.perturbed_weight(step, t, terms) for t in self.active(step)}
+        for t, w in weights.items():
+            self.nodes[t].prepare_ahead(w)
 
         def weight_fn(name, node):
-            t = self.index.get(name)
-            return node.weight_q if t not in active else self.perturbed_weight(step, t, terms)
+            w = weights.get(self.index.get(name))
+            return node.weight_q if w is None else w
 
         with self.model.using_weights(weight_fn):
             yield
