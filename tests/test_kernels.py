@@ -421,6 +421,30 @@ def test_c_digit_planes_equal_the_reference_around_each_certificate(dtype, fixed
     assert len(seen) >= 2  # the x_bounds crossed a certificate boundary
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16])
+@pytest.mark.parametrize("offset", [0, 128])
+@pytest.mark.parametrize("shape", [(6, 5, 3, 3), (7, 4, 1, 1), (5, 11)])
+def test_c_digit_columns_are_the_planes_in_im2col_order(dtype, offset, shape):
+    """`_int_mm`'s weights straight from C (1-2 planes vectorized, 3 the general way): the planes of the
+    fan-in taken in (kh, kw, C_in) order, transposed, with a ones column where there is an offset."""
+    if kernels.library() is None:
+        pytest.skip("no C compiler on this machine")
+    info = torch.iinfo(dtype)
+    w = torch.randint(info.min, info.max + 1, shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    flat = (w.permute(0, 2, 3, 1) if w.dim() == 4 else w).reshape(shape[0], -1)
+    made = set()
+    for digit_bits in (8, 7):  # 7-bit digits of 16-bit weights take 3 planes
+        ref, bits, _ = _digit_planes_reference(flat, 1, 3, digit_bits, 1, offset, 62)
+        planes = ref.shape[1]
+        want = ref.reshape(planes * shape[0], -1).t()
+        if offset:
+            want = torch.cat([want, torch.ones(want.shape[0], 1, dtype=want.dtype)], 1)
+        got = kernels.digit_columns(w, planes, bits, offset)
+        assert got.dtype == torch.int8 and torch.equal(got.long(), want)
+        made.add(planes)
+    assert made == ({1, 2} if dtype == torch.int8 and not offset else {2, 3} if dtype == torch.int16 else {2})
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_c_dequantized_weights_equal_the_torch_expression(dtype, per_channel):

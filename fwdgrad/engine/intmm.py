@@ -75,15 +75,12 @@ def prepare(w: torch.Tensor, zp: int):
     certifies."""
     from .intops import ExactWeights
 
-    flat = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1) if w.dim() == 4 else w
-    split = planes_with_offset(flat.contiguous(), U_BOUND, 1, digit_bits(), LIMIT_BITS)
+    split = planes_with_offset(w, U_BOUND, 1, digit_bits(), LIMIT_BITS, columns=True)
     if split is None:
         return None
-    planes, p, bits, bound, offset = split
-    shift = (128 - zp) * flat.to(torch.int64).sum(1)
-    return ExactWeights(
-        planes.t().contiguous(), p, bits, 1, w.shape[0], bound, kind="int_mm", offset=offset, shift=shift
-    )
+    columns, p, bits, bound, offset = split
+    shift = (128 - zp) * w.reshape(w.shape[0], -1).to(torch.int64).sum(1)
+    return ExactWeights(columns, p, bits, 1, w.shape[0], bound, kind="int_mm", offset=offset, shift=shift)
 
 
 def _signed(x: torch.Tensor) -> torch.Tensor:

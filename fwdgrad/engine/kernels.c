@@ -595,6 +595,47 @@ void fw_fill_planes(const void *w, int wbytes, i64 C, i64 K, int groups, int chu
     }
 }
 
+/* The int8 planes of w - offset as the columns of a GEMM (fwdgrad/engine/intmm.py): out[k][q·C + c], row
+ * stride planes·C + ones, for weights [C][cin][khw] whose fan-in the GEMM takes in (kh, kw, cin) order
+ * (im2col's: k = s·cin + ci), with `ones` a last column of 1s (the offset's channel). */
+#define FILL_COLUMNS_FAST(T)                                                                                  \
+    static void fill_columns_##T(const T *w, i64 C, i64 cin, i64 khw, int planes, int b, i64 offset, i64 ld,      \
+                                 int8_t *out) {                                                               \
+        int32_t mask = (1 << b) - 1, half = 1 << (b - 1), off = (int32_t)offset;                             \
+        i64 K = cin * khw;                                                                                    \
+        for (i64 sp = 0; sp < khw; sp++)                                                                      \
+            for (i64 ci = 0; ci < cin; ci++) {                                                                \
+                const T *src = w + ci * khw + sp;                                                             \
+                int8_t *row = out + (sp * cin + ci) * ld;                                                     \
+                for (i64 c = 0; c < C; c++) {                                                                 \
+                    int32_t v = (int32_t)src[c * K] - off, d0 = planes == 1 ? v : ((v + half) & mask) - half; \
+                    row[c] = (int8_t)d0;                                                                      \
+                    if (planes == 2) row[C + c] = (int8_t)((v - d0) >> b);                                    \
+                }                                                                                             \
+            }                                                                                                 \
+    }
+FILL_COLUMNS_FAST(int8_t)
+FILL_COLUMNS_FAST(int16_t)
+
+void fw_fill_columns(const void *w, int wbytes, i64 C, i64 cin, i64 khw, int planes, int b, i64 offset, int ones,
+                     int8_t *out) {
+    i64 ld = planes * C + ones, K = cin * khw, d[8];
+    if (ones)
+        for (i64 k = 0; k < K; k++) out[k * ld + ld - 1] = 1;
+    if (wbytes <= 2 && planes <= 2) { /* the common case, in int32 */
+        if (wbytes == 1) fill_columns_int8_t(w, C, cin, khw, planes, b, offset, ld, out);
+        else fill_columns_int16_t(w, C, cin, khw, planes, b, offset, ld, out);
+        return;
+    }
+    for (i64 c = 0; c < C; c++)
+        for (i64 ci = 0; ci < cin; ci++)
+            for (i64 sp = 0; sp < khw; sp++) {
+                digits(load_int(w, wbytes, c * K + ci * khw + sp) - offset, planes, b, d);
+                int8_t *row = out + (sp * cin + ci) * ld + c;
+                for (int q = 0; q < planes; q++) row[q * C] = (int8_t)d[q];
+            }
+}
+
 /* round(prod / 2^n) as fwdgrad.ff.spaces.shift_round: rounding 0 nearest (half up), 1 floor, 2 stochastic
  * (adds the top n bits of the 32-bit hash word). */
 static inline i64 shift_round(i64 prod, i64 n, int rounding, const i64 *words, i64 i) {

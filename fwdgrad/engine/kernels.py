@@ -46,6 +46,7 @@ SIGNATURES = {
     "fw_update": (_I64, [_P, _INT, _I64, _I64, _P, _I64, _P, _P, _INT, _P, _I64, _I64]),
     "fw_plan_planes": (_INT, [_P, _INT, _I64, _I64, _INT, _I64, _INT, _INT, _I64, _INT, _P, _P]),
     "fw_fill_planes": (None, [_P, _INT, _I64, _I64, _INT, _INT, _INT, _INT, _I64, _P, _INT]),
+    "fw_fill_columns": (None, [_P, _INT, _I64, _I64, _I64, _INT, _INT, _I64, _INT, _P]),
     "fw_ln_normalize": (None, [_P, _P, _I64, _INT, _I64, _INT, _I64, _P, _INT]),
     "fw_softmax": (None, [_P, _P, _I64, _INT, _P, _I64, _I64, _INT]),
     "fw_lut": (None, [_P, _P, _I64, _P, _I64, _INT]),
@@ -258,6 +259,40 @@ def _same_dense_layout(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     return [x.contiguous() for x in xs]
 
 
+def plan_planes(
+    w: torch.Tensor,
+    x_bound: int,
+    max_planes: int,
+    digit_bits: int = 0,
+    chunks: int = 1,
+    offset: int = 0,
+    limit_bits: int = 24,
+) -> tuple[int, int, int] | None:
+    """The certified split `digit_planes` makes, without making it: (planes, 0 where more than `max_planes`
+    would be needed; digit bits; bound), or None when `w` is not an 8/16/32-bit integer tensor."""
+    if w.dtype not in _INT_BYTES:
+        return None
+    w = w.contiguous()
+    bits, bound = ctypes.c_int(), ctypes.c_int64()
+    planes = library().fw_plan_planes(
+        w.data_ptr(), _INT_BYTES[w.dtype], w.shape[0], w[0].numel() if w.dim() > 1 else 1, chunks, x_bound,
+        max_planes, digit_bits, offset, limit_bits, ctypes.byref(bits), ctypes.byref(bound),
+    )  # fmt: skip
+    return planes, bits.value, bound.value
+
+
+def fill_planes(w: torch.Tensor, planes: int, bits: int, dtype, groups=1, chunks=1, offset=0) -> torch.Tensor:
+    """The planes of a plan (`plan_planes`) of w - offset, stacked as `digit_planes` describes."""
+    w, cout = w.contiguous(), w.shape[0]
+    shape = (chunks * planes * cout, w.shape[1] // chunks, *w.shape[2:]) if w.dim() > 1 else (planes * cout,)
+    out = torch.empty(shape, dtype=dtype)
+    library().fw_fill_planes(
+        w.data_ptr(), _INT_BYTES[w.dtype], cout, w[0].numel() if w.dim() > 1 else 1, groups, chunks, planes,
+        bits, offset, out.data_ptr(), out.element_size(),
+    )  # fmt: skip
+    return out
+
+
 def digit_planes(
     w: torch.Tensor,
     x_bound: int,
@@ -276,24 +311,29 @@ def digit_planes(
     that digit width whose entries also stay within ±2^(digit_bits-1) (the operands of an int8 kernel).
     With `offset`, the planes split w - offset (the bound stays that of w). Each plane's x_bound·Σ|d| stays
     below 2^limit_bits (24: exact float32 sums; 31: int32 accumulators)."""
-    if w.dtype not in _INT_BYTES:
+    plan = plan_planes(w, x_bound, max_planes, digit_bits, chunks, offset, limit_bits)
+    if plan is None:
         return None
-    lib, w = library(), w.contiguous()
-    cout, k = w.shape[0], w[0].numel() if w.dim() > 1 else 1
-    bits, bound = ctypes.c_int(), ctypes.c_int64()
-    nbytes = _INT_BYTES[w.dtype]
-    planes = lib.fw_plan_planes(
-        w.data_ptr(), nbytes, cout, k, chunks, x_bound, max_planes, digit_bits, offset, limit_bits,
-        ctypes.byref(bits), ctypes.byref(bound),
-    )  # fmt: skip
+    planes, bits, bound = plan
     if planes == 0:
-        return torch.empty(0), 0, 0, bound.value
+        return torch.empty(0), 0, 0, bound
     dtype = torch.int8 if digit_bits else torch.float32
-    shape = (chunks * planes * cout, w.shape[1] // chunks, *w.shape[2:]) if w.dim() > 1 else (planes * cout,)
-    out = torch.empty(shape, dtype=dtype)
-    args = (w.data_ptr(), nbytes, cout, k, groups, chunks, planes, bits.value, offset, out.data_ptr())
-    lib.fw_fill_planes(*args, 1 if digit_bits else 4)
-    return out, planes, bits.value, bound.value
+    return fill_planes(w, planes, bits, dtype, groups, chunks, offset), planes, bits, bound
+
+
+def digit_columns(w: torch.Tensor, planes: int, bits: int, offset: int) -> torch.Tensor:
+    """The int8 planes of a plan (`plan_planes`, groups 1) of w - offset as the columns of a GEMM:
+    [K, planes·C (+ 1)], the fan-in of a conv weight [C, C_in, kh, kw] in (kh, kw, C_in) order (im2col's),
+    with a nonzero offset a last column of 1s."""
+    w = w.contiguous()
+    cout, cin = w.shape[0], w.shape[1]
+    khw = w[0, 0].numel() if w.dim() > 2 else 1
+    ones = int(offset != 0)
+    out = torch.empty((cin * khw, planes * cout + ones), dtype=torch.int8)
+    library().fw_fill_columns(
+        w.data_ptr(), _INT_BYTES[w.dtype], cout, cin, khw, planes, bits, offset, ones, out.data_ptr()
+    )
+    return out
 
 
 #: The int16 GEMM's certificate: every partial sum of x·w is an integer below 2^31 (int32 lanes).

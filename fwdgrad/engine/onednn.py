@@ -133,23 +133,34 @@ def self_test(bits: int = DIGIT_BITS) -> bool:
     return True
 
 
-def planes_with_offset(w: torch.Tensor, x_bound: int, groups: int, bits: int, limit_bits: int = 24):
+def planes_with_offset(
+    w: torch.Tensor, x_bound: int, groups: int, bits: int, limit_bits: int = 24, columns: bool = False
+):
     """`kernels.digit_planes` of `w` in int8 digits of `bits` bits, (planes, count, bits, bound, offset), or
     None. Where w - 2^(bits-1) takes fewer planes (16-bit weights up to 32767 in two 8-bit digits, groups
-    1) those planes come with a ones output channel appended (offset 2^(bits-1), see `ExactWeights`)."""
+    1) those planes come with a ones output channel appended (offset 2^(bits-1), see `ExactWeights`). With
+    `columns` (groups 1), the planes as a GEMM's columns (`kernels.digit_columns`). Both splits are planned,
+    only the one taken is made."""
     fan_in = w[0].numel() if w.dim() > 1 else 1
-    alt = None
+    alt, offset = None, 1 << (bits - 1)
     if groups == 1 and w.dtype == torch.int16 and x_bound * fan_in < 2**limit_bits:
-        offset = 1 << (bits - 1)  # 16-bit weights: the offset split first, the plain one only to match it
-        alt = kernels.digit_planes(w, x_bound, 1, MAX_PLANES, bits, offset=offset, limit_bits=limit_bits)
-    most = alt[1] if alt and alt[1] else MAX_PLANES
-    split = kernels.digit_planes(w, x_bound, groups, most, bits, limit_bits=limit_bits)
-    if split is not None and split[1]:
-        return (*split, 0)
-    if alt and alt[1]:
-        ones = torch.ones((1, *alt[0].shape[1:]), dtype=alt[0].dtype)
-        return torch.cat([alt[0], ones]), alt[1], alt[2], alt[3], offset
-    return None
+        # 16-bit weights: the offset split first, the plain one only where it needs no more planes
+        alt = kernels.plan_planes(w, x_bound, MAX_PLANES, bits, offset=offset, limit_bits=limit_bits)
+    most = alt[0] if alt and alt[0] else MAX_PLANES
+    plan = kernels.plan_planes(w, x_bound, most, bits, limit_bits=limit_bits)
+    if plan is not None and plan[0]:
+        offset = 0
+    elif alt and alt[0]:
+        plan = alt
+    else:
+        return None
+    planes, bits, bound = plan
+    if columns:
+        return kernels.digit_columns(w, planes, bits, offset), planes, bits, bound, offset
+    stacked = kernels.fill_planes(w, planes, bits, torch.int8, groups, offset=offset)
+    if offset:
+        stacked = torch.cat([stacked, torch.ones((1, *stacked.shape[1:]), dtype=stacked.dtype)])
+    return stacked, planes, bits, bound, offset
 
 
 def _planes(w: torch.Tensor, groups: int, bits: int | None = None):
