@@ -222,6 +222,44 @@ def test_perturbation_restores_weights_and_same_seed_is_bit_identical():
     assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
 
 
+@pytest.mark.parametrize("planned", [6, 2, 0])
+def test_a_steps_passes_are_planned_before_its_first_forward(monkeypatch, planned):
+    """The perturbed weights of a step's passes are computed before its first forward, as many passes as
+    PLAN_ELEMENTS holds (the rest just before their pass; never inside a forward), with the integers of
+    computing each at its pass."""
+    from fwdgrad.ff import spaces
+
+    q, (x, y) = _digits_qmodel()
+    monkeypatch.setattr(
+        spaces, "PLAN_ELEMENTS", planned * sum(n.weight_q.numel() for n in q.weight_nodes().values())
+    )
+    weights = []
+    for plan in (True, False):
+        q, _ = _digits_qmodel()
+        opt = qzo_ff(q, lr=0.05, eps=1e-3, m=3, seed=0)
+        if not plan:
+            monkeypatch.setattr(opt.space, "plan", lambda step, passes: None)
+        events = []  # "w": a layer's perturbed weights computed, "f": a forward, "i" inside it
+        inner = opt.space.perturbed_weight
+        opt.space.perturbed_weight = lambda step, t, terms: events.append("w") or inner(step, t, terms)
+
+        def closure(s):
+            events.append("f")
+            out = q(x[32 * s : 32 * s + 32])
+            events.append("i")
+            return F.cross_entropy(out, y[32 * s : 32 * s + 32])
+
+        for s in range(3):
+            events.clear()
+            opt.step(lambda s=s: closure(s))
+            layers = len(opt.space.nodes)
+            first = "".join(events).index("f")
+            assert first == (max(planned, 1) if plan else 1) * layers
+            assert "".join(events).replace("fi", "") == "w" * 6 * layers  # all outside the forwards
+        weights.append([n.weight_q.clone() for n in q.weight_nodes().values()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
 def test_frozen_layers_never_perturbed_and_sparse_touches_only_masked():
     q, (x, y) = _digits_qmodel()
     names = list(q.weight_nodes())

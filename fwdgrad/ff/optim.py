@@ -132,6 +132,7 @@ class ForwardGradient(OneGroupOptimizer):
                 )
             return losses
         losses = []
+        self.space.plan(self.step_count, passes)
         for terms in passes:
             with self.space.perturbed(self.step_count, terms):
                 losses.append(float(closure()))

@@ -43,6 +43,10 @@ from .estimators import Distribution, Key, QuantDistribution, make_distribution
 #: this many elements (16 MB of 8-bit z); a device regenerates them (`Space.z`).
 KEEP_Z_ELEMENTS = 1 << 24
 
+#: A fixed-point step computes the perturbed weights of its passes before the first forward up to this many
+#: weights in all (32 MB of int16); later passes compute theirs when they run (`FixedPointSpace.plan`).
+PLAN_ELEMENTS = 1 << 24
+
 #: A stacked step perturbs its layer's weights for all P passes at once in torch up to this many elements
 #: (P × the layer's weights); larger layers take the C kernel once per pass (`FixedPointSpace.stacked`).
 STACK_TORCH_ELEMENTS = 1 << 16
@@ -106,6 +110,9 @@ class Space:
     def can_stack(self, step: int) -> bool:
         """Whether the passes of step `step` can run as one stacked pass (`FixedPointSpace.stacked`)."""
         return False
+
+    def plan(self, step: int, passes: list[list[Term]]) -> None:
+        """The passes step `step` will run next, in order (`FixedPointSpace.plan`; nothing to do here)."""
 
     def key(self, step: int, sample: int, t: int) -> Key:
         return Key(self.seed, step, sample, t)
@@ -301,6 +308,7 @@ class FixedPointSpace(Space):
         self.saturations: dict[str, dict[str, int]] = {"perturb": {}, "update": {}}
         self.weights_seen = {"perturb": 0, "update": 0}  # weights perturbed / updated (the rates' base)
         self._consts: dict[tuple, tuple] = {}  # per-tensor constants (`_const`)
+        self._planned: dict[tuple, dict[int, torch.Tensor]] = {}  # (step, terms): weights (`plan`)
 
     # -- per-tensor constants ---------------------------------------------------------------------
     def _channel_view(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -415,12 +423,30 @@ class FixedPointSpace(Space):
             self._saturated("perturb", t, n)
         return out.clamp(fmt.qmin, fmt.qmax).to(node.weight_q.dtype)
 
+    def plan(self, step: int, passes: list[list[Term]]) -> None:
+        """Compute the perturbed weights of the passes step `step` runs next, all at once before its first
+        forward, up to PLAN_ELEMENTS weights (`perturbed` takes them; the rest are computed as their pass
+        runs): one burst on warm caches, where between forwards the same work runs about twice as slow."""
+        active = self.active(step)
+        size = sum(self.nodes[t].weight_q.numel() for t in active)
+        self._planned = {}
+        for terms in passes[: PLAN_ELEMENTS // max(size, 1)]:
+            self._planned[(step, tuple(terms))] = {t: self.perturbed_weight(step, t, terms) for t in active}
+
+    def _pass_weights(self, step: int, terms: list[Term]) -> dict[int, torch.Tensor]:
+        planned = self._planned.pop((step, tuple(terms)), None)
+        return (
+            planned
+            if planned is not None
+            else {t: self.perturbed_weight(step, t, terms) for t in self.active(step)}
+        )
+
     @contextmanager
     def perturbed(self, step: int, terms: list[Term]):
-        """The pass with `terms`: every active tensor's perturbed weights computed and prepared for their
-        kernels up front, one after the other before the forward (`QWeighted.prepare_ahead`; inside the
-        forward, between layers, the same work runs several times slower on cold caches)."""
-        weights = {t: self.perturbed_weight(step, t, terms) for t in self.active(step)}
+        """The pass with `terms`: every active tensor's perturbed weights (`plan`ned, or computed now) are
+        prepared for their kernels before the forward (`QWeighted.prepare_ahead`; inside the forward,
+        between layers, the same work runs several times slower on cold caches)."""
+        weights = self._pass_weights(step, terms)
         for t, w in weights.items():
             self.nodes[t].prepare_ahead(w)
 
