@@ -709,19 +709,22 @@ void fw_dequantize(const void *w, int wbytes, i64 count, i64 per_channel, const 
     else dequantize_int32_t(w, count, per_channel, scale, out);
 }
 
-/* QZO-FF's fixed-point update of integer weights w (in place) from s = sum_i c_i z_i (c_i = +-1, m samples):
- * g = sign(s)·floor((2|s| + m) / 2m) clamped to +-127, r = round(g·M_c / 2^n_c) (nearest: + 2^(n-1); floor;
- * stochastic: + the word's top n bits), w <- sat(w - r); as fwdgrad/ff/spaces.py FixedPointSpace.update
- * (1 <= n_c <= 62). Returns the number of saturated weights. */
-i64 fw_update(void *w, int wbytes, i64 count, i64 per_channel, const int16_t *s, i64 m, const i64 *mult,
-              const i64 *nshift, int rounding, const i64 *words, i64 qmin, i64 qmax) {
+/* QZO-FF's fixed-point update of integer weights w (in place) from the step's m perturbations: s = Σ_j c_j z_j
+ * over the nz samples with c_j = signs[j] = ±1 (the others have c = 0), g = sign(s)·floor((2|s| + m) / 2m)
+ * clamped to ±127, r = round(g·M_c / 2^n_c) (nearest: + 2^(n-1); floor; stochastic: + the word's top n
+ * bits), w <- sat(w - r); as fwdgrad/ff/spaces.py FixedPointSpace.update (1 <= n_c <= 62). Returns the
+ * number of saturated weights. */
+i64 fw_update(void *w, int wbytes, i64 count, i64 per_channel, int nz, const int8_t **zs, const int8_t *signs, i64 m,
+              const i64 *mult, const i64 *nshift, int rounding, const i64 *words, i64 qmin, i64 qmax) {
     i64 sat = 0, channels = count / per_channel;
     for (i64 c = 0; c < channels; c++) {
         i64 M = mult[channels > 1 ? c : 0], n = nshift[channels > 1 ? c : 0];
         for (i64 i = c * per_channel; i < (c + 1) * per_channel; i++) {
-            i64 a = s[i] < 0 ? -(i64)s[i] : s[i], g = (2 * a + m) / (2 * m);
+            i64 sum = 0;
+            for (int j = 0; j < nz; j++) sum += signs[j] * zs[j][i];
+            i64 a = sum < 0 ? -sum : sum, g = (2 * a + m) / (2 * m);
             if (g > 127) g = 127;
-            if (s[i] < 0) g = -g;
+            if (sum < 0) g = -g;
             i64 r = shift_round(g * M, n, rounding, words, i);
             store_int(w, wbytes, i, saturate(load_int(w, wbytes, i) - r, qmin, qmax, &sat));
         }

@@ -43,7 +43,7 @@ SIGNATURES = {
     "fw_quantize": (None, [_P, _P, _I64, ctypes.c_double, _I64, _I64, _I64, _INT]),
     "fw_fake_quant": (None, [_P, _P, _I64, _F32, _F32, _F32, _F32, _INT]),
     "fw_codes_u8": (None, [_P, _P, _I64, _INT, _INT]),
-    "fw_update": (_I64, [_P, _INT, _I64, _I64, _P, _I64, _P, _P, _INT, _P, _I64, _I64]),
+    "fw_update": (_I64, [_P, _INT, _I64, _I64, _INT, _P, _P, _I64, _P, _P, _INT, _P, _I64, _I64]),
     "fw_plan_planes": (_INT, [_P, _INT, _I64, _I64, _INT, _I64, _INT, _INT, _I64, _INT, _P, _P]),
     "fw_fill_planes": (None, [_P, _INT, _I64, _I64, _INT, _INT, _INT, _INT, _I64, _P, _INT]),
     "fw_fill_columns": (None, [_P, _INT, _I64, _I64, _I64, _INT, _INT, _I64, _INT, _P]),
@@ -372,7 +372,8 @@ def gemm_s16(x: torch.Tensor, zp: int, packed: torch.Tensor, n: int) -> torch.Te
 
 def update(
     w: torch.Tensor,
-    s: torch.Tensor,
+    zs: list[torch.Tensor],
+    signs: list[int],
     m: int,
     mult: torch.Tensor,
     n: torch.Tensor,
@@ -381,31 +382,33 @@ def update(
     qmin: int,
     qmax: int,
 ) -> int | None:
-    """QZO-FF's fixed-point update of the integer weights `w`, in place, from s = Σ_i c_i·z_i (int16), in one
-    pass (see `fwdgrad.ff.spaces.FixedPointSpace.update`; `mult`, `n` one per output channel or one): returns
-    the number of saturated weights, or None when the C path does not apply (dtypes, layout, shifts). The
-    caller bumps `w`'s version (it is written through its pointer)."""
+    """QZO-FF's fixed-point update of the integer weights `w`, in place, from the step's perturbations: s =
+    Σ_j signs[j]·zs[j] over the samples whose coefficient is ±1 (int8 z; m samples in all), in one pass (see
+    `fwdgrad.ff.spaces.FixedPointSpace.update`; `mult`, `n` one per output channel or one): returns the
+    number of saturated weights, or None when the C path does not apply (dtypes, layout, shifts). The caller
+    bumps `w`'s version (it is written through its pointer)."""
     n = n.reshape(-1).to(torch.int64)
     if (
         w.dtype not in _INT_BYTES
         or not w.is_contiguous()
-        or s.dtype != torch.int16
-        or s.shape != w.shape
+        or any(z.dtype != torch.int8 or z.shape != w.shape for z in zs)
         or mult.numel() not in (1, w.shape[0])
         or n.numel() != mult.numel()
         or int(n.min()) < 1
         or int(n.max()) > 62
     ):
         return None
-    s = s.contiguous()
+    zs = [z.contiguous() for z in zs]
+    ptrs = (ctypes.c_void_p * max(1, len(zs)))(*[z.data_ptr() for z in zs])
+    sign_bytes = (ctypes.c_int8 * max(1, len(signs)))(*signs)
     mult = mult.reshape(-1).to(torch.int64).contiguous()
     n = n.contiguous()
     if words is not None:
         words = words.to(torch.int64).contiguous()
     per_channel = w.numel() // w.shape[0] if mult.numel() > 1 else w.numel()
     return library().fw_update(
-        w.data_ptr(), _INT_BYTES[w.dtype], w.numel(), per_channel, s.data_ptr(), m, mult.data_ptr(),
-        n.data_ptr(), ROUNDING_CODES[rounding], _ptr(words), qmin, qmax,
+        w.data_ptr(), _INT_BYTES[w.dtype], w.numel(), per_channel, len(zs), ptrs, sign_bytes, m,
+        mult.data_ptr(), n.data_ptr(), ROUNDING_CODES[rounding], _ptr(words), qmin, qmax,
     )  # fmt: skip
 
 

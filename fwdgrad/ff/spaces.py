@@ -536,9 +536,13 @@ class FixedPointSpace(Space):
         if not plain or w.device.type != "cpu" or kernels.library() is None:
             return False
         mult, shift = self.update_multiplier(t, lr)
-        s = self.coefficient_sum(step, t, coeffs, w.shape, w.device)
+        used = [(i, int(c)) for i, c in reversed(list(enumerate(coeffs))) if c]  # the last sample first
+        zs = [self.z(step, i, t, w.shape, w.device) for i, _ in used]
+        signs = [c for _, c in used]
         fmt = self.nodes[t].w_qp.fmt
-        sat = kernels.update(w, s, len(coeffs), mult, 31 + shift, self.rounding, words, fmt.qmin, fmt.qmax)
+        sat = kernels.update(
+            w, zs, signs, len(coeffs), mult, 31 + shift, self.rounding, words, fmt.qmin, fmt.qmax
+        )
         if sat is None:
             return False
         torch.autograd.graph.increment_version(w)  # written through its pointer: prepared copies are stale
