@@ -155,11 +155,13 @@ def test_every_kernel_path_equals_the_int64_reference(path, layer, wbits, requan
             ours = node.int_forward(x, ctx)
             ref, bad = _reference(node, x, requant, spec, conv)
             assert torch.equal(ours, ref), (path, layer, wbits, requant, zp_in, spec)
-            ew = node.exact_weights(node.weight_q, node._last_kind)
+            ew = node.exact_weights(node.weight_q, node._last["kind"])
             if path in ("onednn", "c_whole"):
-                assert node._last_kind == KERNEL[path] or ew is None or layer in ("long_fanin", "linear_long")
+                assert (
+                    node._last["kind"] == KERNEL[path] or ew is None or layer in ("long_fanin", "linear_long")
+                )
             if path.startswith("int_mm"):  # grouped convs keep the other kernels
-                assert node._last_kind == "int_mm" or conv["groups"] > 1
+                assert node._last["kind"] == "int_mm" or conv["groups"] > 1
             if path in ("onednn", "int_mm") and wbits == 16 and layer == "3x3" and ew.digit_bits == 8:
                 assert ew.planes == 2 and ew.offset == 128  # 32767 in two 8-bit digits: the ones channel
             if path == "c" and wbits == 16 and layer in ("long_fanin", "linear_long"):
@@ -205,7 +207,7 @@ def test_the_int16_gemm_certificate_boundary(excess):
     x = torch.full((3, cin), 255.0)
     ctx = ExecContext(acc=AccumulatorSpec(32), kernel="int16")
     assert torch.equal(node.int_forward(x, ctx), _reference(node, x, "single", ctx.acc, None)[0])
-    assert node._last_kind == ("int16" if excess < 0 else "float")
+    assert node._last["kind"] == ("int16" if excess < 0 else "float")
 
 
 def test_stored_weights_are_prepared_once_per_version(path):

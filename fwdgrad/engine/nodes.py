@@ -309,10 +309,11 @@ class QWeighted(QTrainable):
         )
         self._prepared: dict[str, tuple[torch.Tensor, int, ExactWeights | None]] = {}
         self._timed: dict[tuple, str] = {}  # (input shape, per-call weights) -> the faster kind ("auto")
-        self._last_kind = "float"
+        # what the last calls used, in one dict (assigning an nn.Module attribute costs microseconds):
+        # "kind": the kernel the last forward ran; "ahead": (w, version, kind, prepared), `prepare_ahead`;
+        # "ahead_kind": the kernel perturbed weights were last prepared for
+        self._last = {"kind": "float", "ahead": None, "ahead_kind": None}
         self._stacks: dict[tuple, QWeighted] = {}  # this layer with its output channels repeated (`stacked`)
-        self._ahead: tuple | None = None  # (w, version, kind, prepared): `prepare_ahead`
-        self._ahead_kind: str | None = None  # the kind perturbed weights were last prepared for
 
     channel_dim = 1
 
@@ -333,7 +334,7 @@ class QWeighted(QTrainable):
         prepares its own weights and times its own kernels)."""
         state = dict(self.__dict__)
         state["_prepared"], state["_timed"], state["_stacks"] = {}, {}, {}
-        state["_ahead"], state["_ahead_kind"] = None, None
+        state["_last"] = {"kind": "float", "ahead": None, "ahead_kind": None}
         return state
 
     def exact_weights(self, w: torch.Tensor, kind: str = "float") -> ExactWeights | None:
@@ -348,7 +349,8 @@ class QWeighted(QTrainable):
             ew = self._prepare(w, kind)
             self._prepared[kind] = (w, w._version, ew)
             return ew
-        ahead, self._ahead_kind = self._ahead, kind
+        last = self._last
+        ahead, last["ahead_kind"] = last["ahead"], kind
         if ahead is not None and ahead[0] is w and ahead[1] == w._version and ahead[2] == kind:
             return ahead[3]
         return self._prepare(w, kind)
@@ -357,9 +359,11 @@ class QWeighted(QTrainable):
         """Prepare perturbed weights `w` (not the stored ones) now for the kernel this layer's last perturbed
         forward ran on (nothing before one ran), where `exact_weights` finds them: a pass's preparation then
         runs before its forward, with warm caches, instead of between its layers."""
-        if self._ahead_kind is not None and w is not self.weight_q:
-            self._ahead = None  # the previous pass's are not needed any more
-            self._ahead = (w, w._version, self._ahead_kind, self._prepare(w, self._ahead_kind))
+        last = self._last
+        kind = last["ahead_kind"]
+        if kind is not None and w is not self.weight_q:
+            last["ahead"] = None  # the previous pass's are not needed any more
+            last["ahead"] = (w, w._version, kind, self._prepare(w, kind))
 
     def _prepare(self, w, kind):
         if kind == "onednn":
@@ -431,7 +435,7 @@ class QWeighted(QTrainable):
         """The exact kernel the stored weights ran on last (or would run on) and the epilogue that
         finishes it."""
         epilogue = "C epilogue" if kernels.library() is not None else "torch epilogue"
-        kind = self._last_kind if kernels.library() is not None else "float"
+        kind = self._last["kind"] if kernels.library() is not None else "float"
         ew = self.exact_weights(self.weight_q, kind) or self.exact_weights(self.weight_q)
         return f"{ew.kernel} + {epilogue}"
 
@@ -441,7 +445,7 @@ class QWeighted(QTrainable):
         ew = self.exact_weights(w, kind) if kind != "float" else None
         if ew is None:
             kind, ew = "float", self.exact_weights(w)
-        self._last_kind = kind
+        self._last["kind"] = kind
         raw = self.exact_op(x, ew)
         if kernels.library() is not None:
             return self._fused_epilogue(raw, ew, ctx)
