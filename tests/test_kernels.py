@@ -478,10 +478,10 @@ def test_a_steps_perturbed_weights_are_prepared_before_its_forwards(monkeypatch,
     calls, inside = [], [False]
     prepare = QWeighted._prepare
 
-    def counted(self, w, kind):
+    def counted(self, w, kind, shape=None):
         if w is not self.weight_q:
             calls.append((self.name, kind, inside[0]))
-        return prepare(self, w, kind)
+        return prepare(self, w, kind, shape)
 
     def closure():
         inside[0] = True

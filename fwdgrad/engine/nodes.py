@@ -255,6 +255,9 @@ class QTrainable(QNode):
     def prepare_ahead(self, w: torch.Tensor) -> None:
         """Prepare perturbed weights `w` before the forward that takes them (`QWeighted`; nothing here)."""
 
+    def forget_ahead(self) -> None:
+        """Drop weights prepared ahead and not used (`QWeighted`)."""
+
     def _derive_scales(self) -> None:
         raise NotImplementedError
 
@@ -312,7 +315,7 @@ class QWeighted(QTrainable):
         # what the last calls used, in one dict (assigning an nn.Module attribute costs microseconds):
         # "kind": the kernel the last forward ran; "ahead": (w, version, kind, prepared), `prepare_ahead`;
         # "ahead_kind": the kernel perturbed weights were last prepared for
-        self._last = {"kind": "float", "ahead": None, "ahead_kind": None}
+        self._last = {"kind": "float", "ahead": {}, "ahead_kind": None, "ahead_shape": None}
         self._stacks: dict[tuple, QWeighted] = {}  # this layer with its output channels repeated (`stacked`)
 
     channel_dim = 1
@@ -334,40 +337,45 @@ class QWeighted(QTrainable):
         prepares its own weights and times its own kernels)."""
         state = dict(self.__dict__)
         state["_prepared"], state["_timed"], state["_stacks"] = {}, {}, {}
-        state["_last"] = {"kind": "float", "ahead": None, "ahead_kind": None}
+        state["_last"] = {"kind": "float", "ahead": {}, "ahead_kind": None, "ahead_shape": None}
         return state
 
-    def exact_weights(self, w: torch.Tensor, kind: str = "float") -> ExactWeights | None:
+    def exact_weights(self, w: torch.Tensor, kind: str = "float", shape=None) -> ExactWeights | None:
         """`w` prepared for the exact kernel `kind` ("float": `intops.prepare`; "onednn": `onednn`, None
-        where its certificate fails; "dequantized": fake mode's float weights). The stored weights are
-        prepared once per version (an in-place update bumps it); perturbed weights (`weight_fn`) are
-        prepared per call."""
+        where its certificate fails; "dequantized": fake mode's float weights), for inputs of `shape` where
+        given (oneDNN packs for it; any shape runs, the same integers). The stored weights are prepared once
+        per version (an in-place update bumps it); perturbed weights (`weight_fn`) are prepared per call."""
         if w is self.weight_q:
             cached = self._prepared.get(kind)
             if cached is not None and cached[0] is w and cached[1] == w._version:
                 return cached[2]
-            ew = self._prepare(w, kind)
+            ew = self._prepare(w, kind, shape)
             self._prepared[kind] = (w, w._version, ew)
             return ew
         last = self._last
-        ahead, last["ahead_kind"] = last["ahead"], kind
+        last["ahead_kind"], last["ahead_shape"] = kind, shape
+        ahead = last["ahead"].pop(id(w), None)
         if ahead is not None and ahead[0] is w and ahead[1] == w._version and ahead[2] == kind:
             return ahead[3]
-        return self._prepare(w, kind)
+        return self._prepare(w, kind, shape)
 
     def prepare_ahead(self, w: torch.Tensor) -> None:
         """Prepare perturbed weights `w` (not the stored ones) now for the kernel this layer's last perturbed
-        forward ran on (nothing before one ran), where `exact_weights` finds them: a pass's preparation then
-        runs before its forward, with warm caches, instead of between its layers."""
+        forward ran on (nothing before one ran), where the forward that takes them finds them
+        (`exact_weights`, once): preparation then runs before the forwards, with warm caches, instead of
+        between their layers. Several can wait (a step's passes, `forget_ahead` drops them)."""
         last = self._last
         kind = last["ahead_kind"]
-        if kind is not None and w is not self.weight_q:
-            last["ahead"] = None  # the previous pass's are not needed any more
-            last["ahead"] = (w, w._version, kind, self._prepare(w, kind))
+        if kind is not None and w is not self.weight_q and id(w) not in last["ahead"]:
+            last["ahead"][id(w)] = (w, w._version, kind, self._prepare(w, kind, last["ahead_shape"]))
 
-    def _prepare(self, w, kind):
+    def forget_ahead(self) -> None:
+        """Drop perturbed weights prepared ahead and not used."""
+        self._last["ahead"] = {}
+
+    def _prepare(self, w, kind, shape=None):
         if kind == "onednn":
-            return self.onednn_prepare(w)
+            return self.onednn_prepare(w, shape)
         if kind == "int16":
             return self.int16_prepare(w)
         if kind == "int_mm":
@@ -402,13 +410,17 @@ class QWeighted(QTrainable):
 
             def run(kind) -> float:
                 t0 = time.perf_counter()
-                ew = self._prepare(w, kind) if per_call else self.exact_weights(self.weight_q, kind)
+                ew = (
+                    self._prepare(w, kind, x.shape)
+                    if per_call
+                    else self.exact_weights(self.weight_q, kind, x.shape)
+                )
                 if ew is None:
                     return float("inf")
                 self._fused_epilogue(self.exact_op(x, ew), ew, scratch)
                 return time.perf_counter() - t0
 
-            certified = [kind for kind in kinds if self.exact_weights(self.weight_q, kind) is not None]
+            certified = [k for k in kinds if self.exact_weights(self.weight_q, k, x.shape) is not None]
             for kind in certified:
                 run(kind)  # warms up (and prepares the stored weights)
             best = {kind: run(kind) for kind in certified}
@@ -442,7 +454,7 @@ class QWeighted(QTrainable):
     def int_forward(self, x, ctx):
         w = self.weight(ctx)
         kind = self.kernel_for(x, ctx.kernel, w) if kernels.library() is not None else "float"
-        ew = self.exact_weights(w, kind) if kind != "float" else None
+        ew = self.exact_weights(w, kind, x.shape) if kind != "float" else None
         if ew is None:
             kind, ew = "float", self.exact_weights(w)
         self._last["kind"] = kind
@@ -532,8 +544,9 @@ class QConv2d(QWeighted):
             x if self.zp_in == 0 else x - self.zp_in, ew, self.stride, self.padding, self.dilation
         )
 
-    def onednn_prepare(self, w):
-        return onednn.prepare_conv(w, int(self.zp_in), self.groups, self.stride, self.padding, self.dilation)
+    def onednn_prepare(self, w, shape=None):
+        zp, args = int(self.zp_in), (self.groups, self.stride, self.padding, self.dilation)
+        return onednn.prepare_conv(w, zp, *args, x_shape=shape)
 
     def float_op(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
@@ -552,8 +565,9 @@ class QLinear(QWeighted):
             return intmm.linear(x, ew)
         return exact_linear(x if self.zp_in == 0 else x - self.zp_in, ew)
 
-    def onednn_prepare(self, w):
-        return onednn.prepare_linear(w, int(self.zp_in))
+    def onednn_prepare(self, w, shape=None):
+        rows = None if shape is None else [math.prod(shape[:-1]), shape[-1]]  # as `onednn.linear` runs it
+        return onednn.prepare_linear(w, int(self.zp_in), x_shape=rows)
 
     def float_op(self, x, w, b):
         return F.linear(x, w, b)

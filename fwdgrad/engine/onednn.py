@@ -121,13 +121,13 @@ def self_test(bits: int = DIGIT_BITS) -> bool:
             x[: xs[0] // 2].random_(0, 256, generator=g)
             w = _weights(ws, hi, g)
             ref = F.conv2d(x.double() - zp, w.double(), None, stride, padding, dilation, groups)
-            ew = prepare_conv(w, zp, groups, stride, padding, dilation, bits)
+            ew = prepare_conv(w, zp, groups, stride, padding, dilation, bits, x_shape=xs)
             if ew is None or not torch.equal(conv(x, ew, zp, stride, padding, dilation).double(), ref):
                 return False
         rows = torch.full((8, n), 255.0)
         rows[:4].random_(0, 256, generator=g)
         w = _weights((4, n), hi, g)
-        lw = prepare_linear(w, zp, bits)
+        lw = prepare_linear(w, zp, bits, x_shape=rows.shape)
         if lw is None or not torch.equal(linear(rows, lw, zp).double(), (rows.double() - zp) @ w.double().T):
             return False
     return True
@@ -179,16 +179,20 @@ def _unit(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ones(n, dtype=torch.float32), torch.zeros(n, dtype=torch.int64)
 
 
-def prepare_conv(w: torch.Tensor, zp: int, groups: int, stride, padding, dilation, bits: int | None = None):
+def prepare_conv(
+    w: torch.Tensor, zp: int, groups: int, stride, padding, dilation, bits: int | None = None, x_shape=None
+):
     """Weights certified and packed for `conv` (digits of `bits` bits, default `digit_bits()`), or None when
-    no split into at most MAX_PLANES planes certifies."""
+    no split into at most MAX_PLANES planes certifies. Packed for inputs of `x_shape` where given (half the
+    packing time; inputs of any shape run on them alike)."""
     split = _planes(w, groups, bits)
     if split is None:
         return None
     planes, make = split
     scales, _ = _unit(planes.shape[0])
+    shape = None if x_shape is None else list(x_shape)
     packed = _ops().qconv_prepack(
-        planes, scales, 1.0, zp, list(stride), list(padding), list(dilation), groups
+        planes, scales, 1.0, zp, list(stride), list(padding), list(dilation), groups, shape
     )
     return make(packed)
 
@@ -204,12 +208,13 @@ def conv(x: torch.Tensor, ew, zp: int, stride, padding, dilation) -> torch.Tenso
     )  # fmt: skip
 
 
-def prepare_linear(w: torch.Tensor, zp: int, bits: int | None = None):
+def prepare_linear(w: torch.Tensor, zp: int, bits: int | None = None, x_shape=None):
+    """`prepare_conv` for `linear` (`x_shape`: the rows it runs, [N, K])."""
     split = _planes(w, 1, bits)
     if split is None:
         return None
     planes, make = split
-    return make(_ops().qlinear_prepack(planes, None))
+    return make(_ops().qlinear_prepack(planes, None if x_shape is None else list(x_shape)))
 
 
 def linear(x: torch.Tensor, ew, zp: int) -> torch.Tensor:

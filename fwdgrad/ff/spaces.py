@@ -432,6 +432,9 @@ class FixedPointSpace(Space):
         self._planned = {}
         for terms in passes[: PLAN_ELEMENTS // max(size, 1)]:
             self._planned[(step, tuple(terms))] = {t: self.perturbed_weight(step, t, terms) for t in active}
+        for weights in self._planned.values():
+            for t, w in weights.items():
+                self.nodes[t].prepare_ahead(w)
 
     def _pass_weights(self, step: int, terms: list[Term]) -> dict[int, torch.Tensor]:
         planned = self._planned.pop((step, tuple(terms)), None)
@@ -527,6 +530,9 @@ class FixedPointSpace(Space):
             if self.momentum is not None:
                 self.history[t] = self._rescale_history(g)
         self.forget_step_z()
+        self._planned = {}  # what the step planned and did not run (a closure that skipped passes)
+        for node in self.nodes:
+            node.forget_ahead()
 
     def _update_in_c(self, step: int, t: int, coeffs: list[float], lr: float, words) -> bool:
         """The plain update (no kernel-wise normalisation, no momentum history) of tensor t in one C pass
