@@ -424,7 +424,7 @@ class QWeighted(QTrainable):
             for kind in certified:
                 run(kind)  # warms up (and prepares the stored weights)
             best = {kind: run(kind) for kind in certified}
-            for _ in range(2):  # the best of three, for the kinds within 1.5x of the fastest so far
+            for _ in range(4):  # the best of five, for the kinds within 1.5x of the fastest so far
                 fastest = min(best.values())
                 for kind in [k for k in certified if best[k] <= 1.5 * fastest]:
                     best[kind] = min(best[kind], run(kind))
