@@ -67,11 +67,12 @@ def isa() -> dict:
 
 
 def interleaved(fns: dict, reps: int) -> dict[str, list[float]]:
-    """Seconds of each (function, context) in `fns`, one per round: every round runs each once, so drift hits
-    them all alike (the warm-up round is dropped)."""
+    """Seconds of each (function, context) in `fns`, one per round: every round runs each once, in the
+    reverse order every other round (A B, B A: a drift within a round favours neither), so drift hits them
+    all alike (the warm-up round is dropped)."""
     times = {k: [] for k in fns}
-    for _ in range(reps + 1):  # the first round warms up
-        for k, (fn, ctx) in fns.items():
+    for r in range(reps + 1):  # the first round warms up
+        for k, (fn, ctx) in list(fns.items())[:: -1 if r % 2 else 1]:
             with ctx():
                 t = timed(fn, 1)
             kernels.library()  # reload outside the timed call after a torch-path round
@@ -207,7 +208,8 @@ def markdown(result: dict) -> str:
         "",
         f"CPU: {prov['cpu']}; ISA flags: {flags}; torch CPU capability {cpu['torch_cpu_capability']}; "
         f"C kernels built: {cpu['c_kernels']}; {result['threads']} thread(s), {result['reps']} interleaved "
-        "rounds: ratios are the median of each round's ratio, times the median ms.",
+        "rounds (twice as many for the steps; the order reversed every other round): ratios are the median "
+        "of each round's ratio, times the median ms.",
         "",
         "Forward time relative to the float32 model (lower is faster):",
         "",
