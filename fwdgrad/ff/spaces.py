@@ -47,10 +47,6 @@ KEEP_Z_ELEMENTS = 1 << 24
 #: weights in all (32 MB of int16); later passes compute theirs when they run (`FixedPointSpace.plan`).
 PLAN_ELEMENTS = 1 << 24
 
-#: A stacked step perturbs its layer's weights for all P passes at once in torch up to this many elements
-#: (P × the layer's weights); larger layers take the C kernel once per pass (`FixedPointSpace.stacked`).
-STACK_TORCH_ELEMENTS = 1 << 16
-
 
 @dataclass(frozen=True)
 class Term:
@@ -474,9 +470,9 @@ class FixedPointSpace(Space):
         (t,) = self.active(step)
         name, weight_q = self.names[t], self.nodes[t].weight_q
         self.forget_step_z()
-        if weight_q.numel() * len(passes) <= STACK_TORCH_ELEMENTS:  # small: torch, all passes at once
+        if kernels.library() is None or weight_q.device.type != "cpu":  # torch, all passes at once
             w = self._perturbed_torch(step, t, passes, self._words(step, 2 * t, t))
-        else:  # large: one C pass over the weights per pass
+        else:  # one C pass over the weights per pass
             w = torch.stack([self.perturbed_weight(step, t, terms) for terms in passes])
 
         def weight_fn(n, node):
