@@ -447,6 +447,10 @@ static inline void digits(i64 v, int planes, int b, i64 *d) {
     d[planes - 1] = rest;
 }
 
+/* The low digit of `digits` with two planes, in int32 (8/16-bit weights: |w - offset| < 2^17); the high one
+ * is (v - d0) >> b. One expression, so the loops below that use it still vectorize. */
+static inline int32_t low_digit(int32_t v, int32_t half, int32_t mask) { return ((v + half) & mask) - half; }
+
 /* The two-plane digits of 8/16-bit weights, vectorizable (int32 lanes: |w - offset| < 2^17 and the digits
  * are those of `digits`): whether every digit lies in [lo, hi] and x_bound·Σ|d| < limit per plane, per
  * channel and fan-in chunk (the per-plane check of fw_plan_planes for p = 2). */
@@ -462,7 +466,7 @@ static inline void digits(i64 v, int planes, int b, i64 *d) {
                 i64 s0 = 0, s1 = 0;                                                                           \
                 int32_t bad = 0;                                                                              \
                 for (i64 k = 0; k < kg; k++) {                                                                \
-                    int32_t v = (int32_t)row[k] - off, d0 = ((v + half) & mask) - half, d1 = (v - d0) >> b;   \
+                    int32_t v = (int32_t)row[k] - off, d0 = low_digit(v, half, mask), d1 = (v - d0) >> b;     \
                     s0 += d0 < 0 ? -d0 : d0;                                                                  \
                     s1 += d1 < 0 ? -d1 : d1;                                                                  \
                     bad |= (d0 < lo32) | (d0 > hi32) | (d1 < lo32) | (d1 > hi32);                             \
@@ -559,7 +563,7 @@ int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, int chunks, i64 x_bo
                 for (i64 k = 0; k < K; k++) o0[k] = (O)((int32_t)row[k] - off);                                \
             else                                                                                              \
                 for (i64 k = 0; k < K; k++) {                                                                 \
-                    int32_t v = (int32_t)row[k] - off, d0 = ((v + half) & mask) - half;                       \
+                    int32_t v = (int32_t)row[k] - off, d0 = low_digit(v, half, mask);                         \
                     o0[k] = (O)d0;                                                                            \
                     o1[k] = (O)((v - d0) >> b);                                                               \
                 }                                                                                             \
@@ -608,7 +612,7 @@ void fw_fill_planes(const void *w, int wbytes, i64 C, i64 K, int groups, int chu
                 const T *src = w + ci * khw + sp;                                                             \
                 int8_t *row = out + (sp * cin + ci) * ld;                                                     \
                 for (i64 c = 0; c < C; c++) {                                                                 \
-                    int32_t v = (int32_t)src[c * K] - off, d0 = planes == 1 ? v : ((v + half) & mask) - half; \
+                    int32_t v = (int32_t)src[c * K] - off, d0 = planes == 1 ? v : low_digit(v, half, mask);   \
                     row[c] = (int8_t)d0;                                                                      \
                     if (planes == 2) row[C + c] = (int8_t)((v - d0) >> b);                                    \
                 }                                                                                             \
@@ -651,9 +655,7 @@ static inline i64 saturate(i64 v, i64 qmin, i64 qmax, i64 *sat) {
     return v < qmin ? qmin : qmax;
 }
 
-/* QZO-FF's perturbed weights: w± = sat(round((w·one + Σ_t size[t][c]·z_t) · M / 2^n)), channel
- * c = element / per_channel; rounding 0 nearest (half up), 1 floor, 2 stochastic (adds the top n bits of a
- * 32-bit hash word, as fwdgrad.ff.spaces.shift_round). Returns the number of saturated weights. */
+/* fw_perturb's one-term passes (nearest or floor rounding), in loops the compiler vectorizes. */
 #define PERTURB_ONE(T)                                                                                        \
     static i64 perturb_one_##T(const T *w, i64 count, i64 per_channel, i64 one, const int8_t *z, const i64 *sizes, \
                                i64 mult, int n, int rounding, i64 qmin, i64 qmax, T *out) {                  \
@@ -670,6 +672,10 @@ static inline i64 saturate(i64 v, i64 qmin, i64 qmax, i64 *sat) {
     }
 PERTURB_ONE(int8_t)
 PERTURB_ONE(int16_t)
+
+/* QZO-FF's perturbed weights: w± = sat(round((w·one + Σ_t size[t][c]·z_t) · M / 2^n)), channel
+ * c = element / per_channel; rounding 0 nearest (half up), 1 floor, 2 stochastic (adds the top n bits of a
+ * 32-bit hash word, as fwdgrad.ff.spaces.shift_round). Returns the number of saturated weights. */
 
 i64 fw_perturb(const void *w, int wbytes, i64 count, i64 per_channel, i64 one, int nterms, const int8_t **zs,
                const i64 *sizes, i64 mult, int n, int rounding, const i64 *words, i64 qmin, i64 qmax, void *out) {

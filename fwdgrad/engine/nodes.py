@@ -313,8 +313,9 @@ class QWeighted(QTrainable):
         self._prepared: dict[str, tuple[torch.Tensor, int, ExactWeights | None]] = {}
         self._timed: dict[tuple, str] = {}  # (input shape, per-call weights) -> the faster kind ("auto")
         # what the last calls used, in one dict (assigning an nn.Module attribute costs microseconds):
-        # "kind": the kernel the last forward ran; "ahead": (w, version, kind, prepared), `prepare_ahead`;
-        # "ahead_kind": the kernel perturbed weights were last prepared for
+        # "kind": the kernel the last forward ran; "ahead": perturbed weights prepared by `prepare_ahead`,
+        # id(w) -> (w, version, kind, prepared); "ahead_kind", "ahead_shape": the kernel and input shape
+        # perturbed weights were last prepared for
         self._last = {"kind": "float", "ahead": {}, "ahead_kind": None, "ahead_shape": None}
         self._stacks: dict[tuple, QWeighted] = {}  # this layer with its output channels repeated (`stacked`)
 
@@ -366,7 +367,7 @@ class QWeighted(QTrainable):
         between their layers. Several can wait (a step's passes, `forget_ahead` drops them)."""
         last = self._last
         kind = last["ahead_kind"]
-        if kind is not None and w is not self.weight_q and id(w) not in last["ahead"]:
+        if kind is not None and w is not self.weight_q:
             last["ahead"][id(w)] = (w, w._version, kind, self._prepare(w, kind, last["ahead_shape"]))
 
     def forget_ahead(self) -> None:

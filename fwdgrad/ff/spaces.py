@@ -423,31 +423,27 @@ class FixedPointSpace(Space):
         """Compute the perturbed weights of the passes step `step` runs next, all at once before its first
         forward, up to PLAN_ELEMENTS weights (`perturbed` takes them; the rest are computed as their pass
         runs): one burst on warm caches, where between forwards the same work runs about twice as slow."""
-        active = self.active(step)
-        size = sum(self.nodes[t].weight_q.numel() for t in active)
+        size = sum(self.nodes[t].weight_q.numel() for t in self.active(step))
         self._planned = {}
         for terms in passes[: PLAN_ELEMENTS // max(size, 1)]:
-            self._planned[(step, tuple(terms))] = {t: self.perturbed_weight(step, t, terms) for t in active}
-        for weights in self._planned.values():
-            for t, w in weights.items():
-                self.nodes[t].prepare_ahead(w)
+            self._planned[(step, tuple(terms))] = self._pass_weights(step, terms)
 
     def _pass_weights(self, step: int, terms: list[Term]) -> dict[int, torch.Tensor]:
-        planned = self._planned.pop((step, tuple(terms)), None)
-        return (
-            planned
-            if planned is not None
-            else {t: self.perturbed_weight(step, t, terms) for t in self.active(step)}
-        )
+        """Every active tensor's perturbed weights for the pass with `terms`, prepared for their kernels
+        (`QWeighted.prepare_ahead`)."""
+        weights = {t: self.perturbed_weight(step, t, terms) for t in self.active(step)}
+        for t, w in weights.items():
+            self.nodes[t].prepare_ahead(w)
+        return weights
 
     @contextmanager
     def perturbed(self, step: int, terms: list[Term]):
-        """The pass with `terms`: every active tensor's perturbed weights (`plan`ned, or computed now) are
-        prepared for their kernels before the forward (`QWeighted.prepare_ahead`; inside the forward,
-        between layers, the same work runs several times slower on cold caches)."""
-        weights = self._pass_weights(step, terms)
-        for t, w in weights.items():
-            self.nodes[t].prepare_ahead(w)
+        """The pass with `terms`, on its perturbed weights (`plan`ned, or computed and prepared now): all of
+        them before the forward (inside it, between layers, the same work runs several times slower on cold
+        caches)."""
+        weights = self._planned.pop((step, tuple(terms)), None)
+        if weights is None:
+            weights = self._pass_weights(step, terms)
 
         def weight_fn(name, node):
             w = weights.get(self.index.get(name))
