@@ -7,6 +7,7 @@ numpy / torch references."""
 import os
 import re
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -169,6 +170,12 @@ def test_every_kernel_path_equals_the_int64_reference(path, layer, wbits, requan
             assert ctx.stats.overflow.get(node.name, 0) == bad
             if spec.bits == 20 and wbits == 16:
                 assert bad > 0  # the narrow accumulator really overflows in this case
+            # codes stored as bytes in (channels-last where oneDNN reads them so) and out: the same integers
+            xb = x.to(torch.uint8)
+            xb = xb.contiguous(memory_format=torch.channels_last) if xb.dim() == 4 else xb
+            stored = node.int_forward(xb, replace(ctx, u8=frozenset({node.name})))
+            assert stored.dtype == (torch.float32 if path == "torch" else torch.uint8)
+            assert torch.equal(stored.float(), ref) and torch.equal(xb.float(), x), (path, layer, requant)
 
 
 @pytest.mark.parametrize("excess", [-1, 0, 1])
@@ -267,6 +274,74 @@ def test_c_sampler_equals_the_reference(n, offset):
     assert torch.equal(
         torch_port.uniform_q(*key, (n,), offset), torch.from_numpy(reference.uniform_q(*key, (n,), offset))
     )
+
+
+@pytest.mark.parametrize("mode", ["single", "gemmlowp", "float"])
+@pytest.mark.parametrize("channels", [16, 1500])  # whole rows per segment, and rows split into segments
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+def test_c_epilogue_writes_bytes_equal_to_the_reference_codes(mode, channels, layout):
+    """Output codes of an unsigned 8-bit format written as bytes (`out_u8`) are the float32 codes, which
+    are the reference requantization's; clamping at both ends of the byte range included."""
+    if kernels.library() is None:
+        pytest.skip("no C compiler on this machine")
+    from fwdgrad.engine.nodes import Requantizer
+
+    g = torch.Generator().manual_seed(channels)
+    real = torch.empty(channels, dtype=torch.float64).uniform_(2e-5, 2e-3, generator=g)
+    rq = Requantizer(real, _qp(0.1, 17, activation_format(8)), lo=0, hi=255, channels=channels)
+    acc = torch.randint(-(2**19), 2**19, (6, channels), generator=g)
+    if mode == "float":
+        bias = torch.empty(channels).uniform_(-40.0, 40.0, generator=g)
+        y = torch.round((acc.float() * rq.c_fscale + bias) / torch.tensor(rq.c_fout)) + rq.zp
+    else:
+        bias = torch.randint(-(2**12), 2**12, (channels,), generator=g)
+        y = (requantize(acc + bias, rq.mult, rq.shift, mode) + rq.zp).float()
+    ref = y.clamp(0, 255)
+    assert (ref == 0).any() and (ref == 255).any()
+    if layout == "rows":
+        raw, dim = acc.float(), -1
+    else:
+        raw, dim = acc.float().reshape(2, 3, 1, channels).permute(0, 3, 1, 2), 1  # (2, C, 3, 1)
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        raw = raw.contiguous(memory_format=fmt)
+    args = (raw, dim, (1, 1, channels, 0, 1), rq, bias, 32, False, mode)
+    codes, _ = kernels.epilogue(*args)
+    stored, _ = kernels.epilogue(*args, out_u8=True)
+    assert stored.dtype == torch.uint8 and stored.stride() == codes.stride()
+    assert torch.equal(stored.float(), codes)
+    got = codes if layout == "rows" else codes.permute(0, 2, 3, 1).reshape(6, channels)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("inputs", [1, 2, 3])
+@pytest.mark.parametrize("exact_f64", [True, False])
+def test_c_rescaled_sum_reads_and_writes_bytes_as_float32_codes(inputs, exact_f64):
+    """A residual add / concat input on codes stored as bytes, out as bytes or float32 codes, equals the
+    float32-codes call (one, two and more inputs; the float64 and the int64 forms)."""
+    if kernels.library() is None:
+        pytest.skip("no C compiler on this machine")
+    g = torch.Generator().manual_seed(inputs)
+    xs = [torch.randint(0, 256, (3, 8, 5, 5), generator=g).float() for _ in range(inputs)]
+    xs[0].view(-1)[:2] = torch.tensor([0.0, 255.0])
+    zps, mults = [3, 250, 128][:inputs], [3 << 29, 3 << 28, 5 << 27][:inputs]
+    bound = 255 if exact_f64 else 2**23  # an operand bound past float64's exact range: the int64 form
+    args = (zps, mults, bound, 30, 0, 0, 255)
+    codes = kernels.rescale_sum(xs, *args)
+    stored = [x.to(torch.uint8) for x in xs]
+    for out_u8 in (False, True):
+        for ins in (stored, [stored[0], *xs[1:]]):  # all bytes, or mixed storage
+            got = kernels.rescale_sum(ins, *args, out_u8=out_u8)
+            assert got.dtype == (torch.uint8 if out_u8 else torch.float32)
+            assert torch.equal(got.float(), codes)
+    assert codes.min() == 0 and codes.max() == 255  # the clamp is exercised at both ends
+
+
+def test_stored_bytes_are_never_flipped_in_place():
+    x = torch.tensor([0, 1, 127, 128, 255], dtype=torch.uint8)
+    flipped = kernels.codes_u8(x, 128)
+    assert torch.equal(x, torch.tensor([0, 1, 127, 128, 255], dtype=torch.uint8))
+    assert torch.equal(flipped, torch.tensor([128, 129, 255, 0, 127], dtype=torch.uint8))
+    assert kernels.codes_u8(x) is x
 
 
 @pytest.mark.parametrize("flip", [0, 128])
@@ -662,3 +737,56 @@ def test_int_mm_digits_only_where_its_self_test_proves_them():
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True", "7"], out.stdout + out.stderr
+
+
+class _Mixed(nn.Module):
+    """Readers of every kind: convs, a residual add, a LUT (hardswish), a max-pool, an average pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        a = F.relu(self.a(x))
+        c = self.c(F.hardswish(self.b(a))) + a
+        p = F.max_pool2d(c, 2)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(p, 1), 1))
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w16a8", "w8a16"])
+@pytest.mark.parametrize("requant", ["single", "float"])
+def test_values_stored_as_bytes_give_the_same_integers(scheme, requant):
+    """`QModel.byte_values`: 8-bit unsigned outputs whose every reader takes bytes are stored as bytes
+    in a pass (not: a LUT's or a max-pool's input, the output, 16-bit activations), bit-identical to
+    float32 codes throughout."""
+    if kernels.library() is None:
+        pytest.skip("no C compiler on this machine")
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    model = _Mixed().eval()
+    x = torch.randn(4, 3, 12, 12, generator=g)
+    q = convert(model, scheme, x, requant=requant)
+    if scheme == "w8a16":
+        assert q.byte_values == frozenset()
+    else:  # b: read by the LUT; add: by the max-pool (whose output then stays float32 codes); fc: the output
+        assert q.byte_values == {"a", "c", "adaptive_avg_pool2d", "flatten"}
+        prefix = q.run_prefix(x, upto="fc")
+        assert prefix.values["flatten"].dtype == torch.uint8  # bytes really flow
+    stored = q.run(x)
+    codes = q.run(x, keep=True)  # every value in float32 codes
+    assert all(v.dtype == torch.float32 for v in codes.values() if torch.is_tensor(v))
+    assert torch.equal(stored, codes[q.output])
+    with native.disabled():
+        assert torch.equal(q.run(x), stored)  # the torch path stores no bytes and agrees
+
+
+def test_resnets_store_bytes_around_the_max_pool_only_where_it_pays():
+    if kernels.library() is None:
+        pytest.skip("no C compiler on this machine")
+    model = build_model("resnet18", num_classes=10, in_channels=3).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    q = convert(model, "w8a8", x)
+    assert "conv1" not in q.byte_values and "maxpool" not in q.byte_values  # torch's u8 max-pool is slow
+    assert {"layer1_0_conv1", "add", "layer4_1_conv2", "avgpool", "flatten"} <= q.byte_values
+    assert torch.equal(q.run(x), q.run(x, keep=True)[q.output])

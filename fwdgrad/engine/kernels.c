@@ -110,27 +110,38 @@ static i64 finish_row(double *a, float *dst, i64 inner, i64 b, i64 m, int n, flo
     return bad;
 }
 
+/* Output codes of a row as bytes (`out_u8`: an unsigned format of at most 8 bits, lo >= 0, hi <= 255):
+ * the float32 codes the epilogue computed in a staging buffer, converted exactly. */
+static inline void store_u8(const float *restrict y, uint8_t *restrict dst, i64 len) {
+    for (i64 i = 0; i < len; i++) dst[i] = (uint8_t)(int32_t)y[i];
+}
+
 /* Epilogue of a conv/linear/avg-pool: recombine digit planes, add the int32 bias, fit the accumulator,
  * requantize, add the output zero point and clamp (fused activation). Layout of `acc`:
  * [outer][groups][planes][C/groups][inner] (planes stacked per group as extra output channels); `out` is
- * [outer][C][inner]. Per-channel constants have C entries. Returns the number of accumulator misfits. */
+ * [outer][C][inner], float32 codes or with `out_u8` bytes. Per-channel constants have C entries. Returns
+ * the number of accumulator misfits. */
 #define EPILOGUE(NAME, T)                                                                                   \
-    i64 NAME(const T *acc, float *out, i64 outer, int groups, int planes, int C, i64 inner, int digit_bits, \
+    i64 NAME(const T *acc, void *out, i64 outer, int groups, int planes, int C, i64 inner, int digit_bits,  \
              const i64 *bias, const i64 *mult, const int *n, const float *fscale, const float *fbias,      \
-             float fout, i64 zp, i64 lo, i64 hi, int acc_bits, int wrap, int mode, int nthreads) {          \
+             float fout, i64 zp, i64 lo, i64 hi, int acc_bits, int wrap, int mode, int out_u8,             \
+             int nthreads) {                                                                                \
         int cg = C / groups;                                                                                \
         i64 bad = 0, rows = outer * C, block = 4096;                                                        \
         _Pragma("omp parallel for num_threads(nthreads) reduction(+ : bad) schedule(static) if(rows * inner > 65536)") \
         for (i64 r = 0; r < rows; r++) {                                                                    \
             double a[4096];                                                                                    \
+            float yb[4096]; /* out_u8: the row's codes before they go out as bytes */                          \
             i64 o = r / C;                                                                                  \
             int c = (int)(r % C), g = c / cg, cc = c % cg;                                                  \
             const T *src = acc + (((o * groups + g) * planes) * cg + cc) * inner;                           \
             for (i64 i0 = 0; i0 < inner; i0 += block) {                                                    \
                 i64 len = inner - i0 < block ? inner - i0 : block;                                          \
+                float *dst = out_u8 ? yb : (float *)out + r * inner + i0;                                   \
                 gather_##T(src + i0, (i64)cg * inner, planes, digit_bits, len, a);                         \
-                bad += finish_row(a, out + r * inner + i0, len, bias ? bias[c] : 0, mult[c], n[c],          \
-                                  fscale[c], fbias ? fbias + c : 0, fout, zp, lo, hi, acc_bits, wrap, mode); \
+                bad += finish_row(a, dst, len, bias ? bias[c] : 0, mult[c], n[c], fscale[c],                \
+                                  fbias ? fbias + c : 0, fout, zp, lo, hi, acc_bits, wrap, mode);           \
+                if (out_u8) store_u8(yb, (uint8_t *)out + r * inner + i0, len);                             \
             }                                                                                               \
         }                                                                                                   \
         return bad;                                                                                         \
@@ -173,6 +184,15 @@ static inline void cl_single_f64(const double *restrict a, const double *restric
     }
 }
 
+/* PyTorch x86's output stage over a run: float32(acc)·s_acc + float bias, / s_out, half to even, clamped. */
+static inline void cl_float(const double *restrict a, const float *restrict fs, const float *restrict fb,
+                            float *restrict dst, int len, float fout, float fzp, float flo, float fhi) {
+    if (fb)
+        for (int j = 0; j < len; j++) dst[j] = clampf(rintf(((float)a[j] * fs[j] + fb[j]) / fout) + fzp, flo, fhi);
+    else
+        for (int j = 0; j < len; j++) dst[j] = clampf(rintf(((float)a[j] * fs[j]) / fout) + fzp, flo, fhi);
+}
+
 #define CL_GATHER(T)                                                                                        \
     static inline void cl_gather_##T(const T *restrict src, i64 stride, int planes, int len, double base,  \
                                      double *restrict a) {                                                  \
@@ -184,11 +204,11 @@ CL_GATHER(float)
 CL_GATHER(double)
 CL_GATHER(int32_t) /* int32 GEMMs: the int16 GEMM (one plane), _int_mm (planes) */
 #define EPILOGUE_CL(NAME, T)                                                                                \
-    i64 NAME(const T *acc, float *out, i64 outer, int groups, int planes, int C, int digit_bits,           \
+    i64 NAME(const T *acc, void *out, i64 outer, int groups, int planes, int C, int digit_bits,            \
              const i64 *bias, const i64 *mult, const int *n, const double *mhi, const double *mlo,          \
              const double *half, const double *inv, const float *fscale, const float *fbias, float fout,    \
              i64 zp, i64 lo, i64 hi, int acc_bits, int wrap, int mode, int f64, int chunks, i64 offset,      \
-             int nthreads) {                                                                                \
+             int out_u8, int nthreads) {                                                                    \
         int cg = C / groups, chunk = C < SEG ? C : SEG, k = C < SEG ? SEG / C : 1;                         \
         i64 ld = (i64)planes * C + (offset != 0); /* a row: the planes, then the ones channel (offset) */  \
         i64 nchunks = (C + chunk - 1) / chunk, nblocks = ((outer + k - 1) / k) * nchunks, bad = 0;         \
@@ -198,6 +218,7 @@ CL_GATHER(int32_t) /* int32 GEMMs: the int16 GEMM (one plane), _int_mm (planes) 
         _Pragma("omp parallel num_threads(nthreads) reduction(+ : bad) if(outer * C > 65536)")             \
         {                                                                                                   \
             double a[SEG], tb[SEG], tmh[SEG], tml[SEG], thf[SEG], tiv[SEG];                                 \
+            float tfs[SEG], tfb[SEG], ys[SEG]; /* ys (out_u8): the segment's codes before they go out as bytes */ \
             i64 off[SEG];                                                                                   \
             int tiled = -1; /* the chunk start c0 the tiled constants hold */                               \
             _Pragma("omp for schedule(static)")                                                             \
@@ -211,6 +232,7 @@ CL_GATHER(int32_t) /* int32 GEMMs: the int16 GEMM (one plane), _int_mm (planes) 
                         int c = c0 + e % len;                                                               \
                         tb[e] = bias ? (double)bias[c] : 0.0;                                               \
                         tmh[e] = mhi[c], tml[e] = mlo[c], thf[e] = half[c], tiv[e] = inv[c];                \
+                        tfs[e] = fscale[c], tfb[e] = fbias ? fbias[c] : 0.0f;                               \
                     }                                                                                       \
                     for (int j = 0; j < len; j++) {                                                         \
                         int c = c0 + j, g = c / cg;                                                         \
@@ -218,7 +240,9 @@ CL_GATHER(int32_t) /* int32 GEMMs: the int16 GEMM (one plane), _int_mm (planes) 
                     }                                                                                       \
                     tiled = c0;                                                                             \
                 }                                                                                           \
-                for (int r = 0; r < rows; r++) {                                                            \
+                int whole = len == C && planes == 1 && chunks == 1 && offset == 0; /* one run of input too */ \
+                if (whole) cl_gather_##T(acc + o0 * C, C, 1, cnt, base, a);                                  \
+                for (int r = 0; r < rows * !whole; r++) {                                                   \
                     i64 o = o0 + r;                                                                         \
                     double *ar = a + r * len;                                                               \
                     if (chunks > 1) { /* fan-in chunks (groups 1): [chunks][planes][C], summed */          \
@@ -249,25 +273,32 @@ CL_GATHER(int32_t) /* int32 GEMMs: the int16 GEMM (one plane), _int_mm (planes) 
                         if (a[e] < dlo || a[e] > dhi) a[e] = (double)fit((i64)a[e], alo, ahi, acc_bits, wrap, &unused); \
                     bad += nbad;                                                                            \
                 }                                                                                           \
-                float *dst = out + o0 * C + c0;                                                             \
-                for (int r = 0; r < rows; r++) {                                                            \
-                    const double *ar = a + r * len;                                                         \
-                    float *dr = dst + (i64)r * C;                                                           \
-                    if (mode == REQ_FLOAT) {                                                                \
-                        for (int j = 0; j < len; j++) {                                                     \
-                            float v = (float)ar[j] * fscale[c0 + j];                                        \
-                            if (fbias) v = v + fbias[c0 + j];                                               \
-                            dr[j] = clampf(rintf(v / fout) + (float)zp, (float)lo, (float)hi);              \
+                int fused = mode == REQ_FLOAT || (f64 && mode == REQ_SINGLE);                               \
+                if (len == C && fused) { /* whole rows: the block is one run of `cnt` outputs */            \
+                    float *dst = out_u8 ? ys : (float *)out + o0 * C;                                       \
+                    if (mode == REQ_FLOAT)                                                                  \
+                        cl_float(a, tfs, fbias ? tfb : 0, dst, cnt, fout, (float)zp, (float)lo, (float)hi); \
+                    else                                                                                    \
+                        cl_single_f64(a, tml, tmh, thf, tiv, dst, cnt, dzp, ylo, yhi);                      \
+                    if (out_u8) store_u8(ys, (uint8_t *)out + o0 * C, cnt);                                 \
+                } else {                                                                                    \
+                    for (int r = 0; r < rows; r++) {                                                        \
+                        const double *ar = a + r * len;                                                     \
+                        float *dr = out_u8 ? ys : (float *)out + (o0 + r) * C + c0;                         \
+                        if (mode == REQ_FLOAT) {                                                            \
+                            cl_float(ar, tfs, fbias ? tfb : 0, dr, len, fout, (float)zp, (float)lo, (float)hi); \
+                        } else if (f64 && mode == REQ_SINGLE) {                                             \
+                            cl_single_f64(ar, tml, tmh, thf, tiv, dr, len, dzp, ylo, yhi);                  \
+                        } else {                                                                            \
+                            for (int j = 0; j < len; j++) {                                                 \
+                                int c = c0 + j;                                                             \
+                                i64 v = (i64)ar[j];                                                         \
+                                i64 y = (mode == REQ_SINGLE ? req_single(v, mult[c], n[c])                  \
+                                                            : req_gemmlowp(v, mult[c], n[c])) + zp;         \
+                                dr[j] = (float)(y < lo ? lo : (y > hi ? hi : y));                           \
+                            }                                                                               \
                         }                                                                                   \
-                    } else if (f64 && mode == REQ_SINGLE) {                                                 \
-                        cl_single_f64(ar, tml, tmh, thf, tiv, dr, len, dzp, ylo, yhi);                      \
-                    } else {                                                                                \
-                        for (int j = 0; j < len; j++) {                                                     \
-                            int c = c0 + j;                                                                 \
-                            i64 v = (i64)ar[j];                                                             \
-                            i64 y = (mode == REQ_SINGLE ? req_single(v, mult[c], n[c]) : req_gemmlowp(v, mult[c], n[c])) + zp; \
-                            dr[j] = (float)(y < lo ? lo : (y > hi ? hi : y));                               \
-                        }                                                                                   \
+                        if (out_u8) store_u8(dr, (uint8_t *)out + (o0 + r) * C + c0, len);                  \
                     }                                                                                       \
                 }                                                                                           \
             }                                                                                               \
@@ -282,52 +313,81 @@ EPILOGUE_CL(fw_epilogue_cl_i32, int32_t)
 /* Residual add / one concat input: y = sat(((Σ_i (x_i - zp_i)·M_i) + 2^(S-1)) >> S) + zp_out). In float64
  * when every partial sum is an integer below 2^52 (`exact_f64`, checked by the caller), else in int64. With
  * k = 2 the second input may repeat with period `period` (a broadcast over leading dims, e.g. a ViT's
- * position embedding); otherwise period = count. */
+ * position embedding); otherwise period = count. Inputs are float32 codes, or all bytes (`in_u8`); the
+ * output float32 codes, or bytes (`out_u8`: lo >= 0, hi <= 255). */
 #define RESCALE_SEG 4096
-void fw_rescale_sum(const float **xs, int k, const i64 *zps, const i64 *mults, int shift, i64 zp_out, i64 lo,
-                    i64 hi, float *out, i64 count, i64 period, int exact_f64, int nthreads) {
+#define RESCALE2(TI, TO)                                                                                    \
+    static void rescale2_##TI##_##TO(const TI *x0, const TI *x1, double z0, double m0, double z1, double m1, \
+                                     double dhalf, double inv, double dzp, double dlo, double dhi, TO *out, \
+                                     i64 count, i64 period, int nthreads) {                                 \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static) if (count > 65536)")              \
+        for (i64 s = 0; s < count; s += RESCALE_SEG) {                                                      \
+            i64 end = count - s < RESCALE_SEG ? count : s + RESCALE_SEG;                                    \
+            for (i64 i = s; i < end;) { /* runs of x1 within one period */                                  \
+                i64 j = i % period, run = end - i < period - j ? end - i : period - j;                      \
+                const TI *a = x0 + i, *b = x1 + j;                                                          \
+                TO *o = out + i;                                                                            \
+                for (i64 t = 0; t < run; t++) {                                                             \
+                    double v = (dhalf + ((double)a[t] - z0) * m0) + ((double)b[t] - z1) * m1;               \
+                    double y = floor(v * inv) + dzp;                                                        \
+                    o[t] = (TO)(y < dlo ? dlo : (y > dhi ? dhi : y));                                       \
+                }                                                                                           \
+                i += run;                                                                                   \
+            }                                                                                               \
+        }                                                                                                   \
+    }
+typedef uint8_t u8;
+RESCALE2(float, float)
+RESCALE2(float, u8)
+RESCALE2(u8, float)
+RESCALE2(u8, u8)
+
+static inline double load_code(const void *x, int u8in, i64 i) {
+    return u8in ? (double)((const uint8_t *)x)[i] : (double)((const float *)x)[i];
+}
+
+static inline void store_code(void *out, int u8out, i64 i, double y) {
+    if (u8out)
+        ((uint8_t *)out)[i] = (uint8_t)y;
+    else
+        ((float *)out)[i] = (float)y;
+}
+
+void fw_rescale_sum(const void **xs, int k, const i64 *zps, const i64 *mults, int shift, i64 zp_out, i64 lo,
+                    i64 hi, void *out, i64 count, i64 period, int exact_f64, int in_u8, int out_u8,
+                    int nthreads) {
     i64 half = (i64)1 << (shift - 1);
+    double dhalf = (double)half, inv = ldexp(1.0, -shift), dzp = (double)zp_out, dlo = (double)lo,
+           dhi = (double)hi;
     if (exact_f64 && k <= 2) { /* one or two inputs: loops without an inner one vectorize */
-        double dhalf = (double)half, inv = ldexp(1.0, -shift), dzp = (double)zp_out, dlo = (double)lo,
-               dhi = (double)hi;
-        const float *x0 = xs[0], *x1 = xs[k - 1];
         double m0 = (double)mults[0], z0 = (double)zps[0];
         double m1 = k == 2 ? (double)mults[1] : 0.0, z1 = k == 2 ? (double)zps[1] : 0.0; /* k = 1: adds 0 */
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (count > 65536)
-        for (i64 s = 0; s < count; s += RESCALE_SEG) {
-            i64 end = count - s < RESCALE_SEG ? count : s + RESCALE_SEG;
-            for (i64 i = s; i < end;) { /* runs of x1 within one period */
-                i64 j = i % period, run = end - i < period - j ? end - i : period - j;
-                const float *a = x0 + i, *b = x1 + j;
-                float *o = out + i;
-                for (i64 t = 0; t < run; t++) {
-                    double v = (dhalf + ((double)a[t] - z0) * m0) + ((double)b[t] - z1) * m1;
-                    double y = floor(v * inv) + dzp;
-                    o[t] = (float)(y < dlo ? dlo : (y > dhi ? dhi : y));
-                }
-                i += run;
-            }
-        }
+        const void *x0 = xs[0], *x1 = xs[k - 1];
+#define RESCALE2_CALL(TI, TO)                                                                                \
+    rescale2_##TI##_##TO((const TI *)x0, (const TI *)x1, z0, m0, z1, m1, dhalf, inv, dzp, dlo, dhi, (TO *)out, \
+                         count, period, nthreads)
+        if (in_u8)
+            out_u8 ? RESCALE2_CALL(u8, u8) : RESCALE2_CALL(u8, float);
+        else
+            out_u8 ? RESCALE2_CALL(float, u8) : RESCALE2_CALL(float, float);
         return;
     }
     if (exact_f64) {
-        double dhalf = (double)half, inv = ldexp(1.0, -shift), dzp = (double)zp_out, dlo = (double)lo,
-               dhi = (double)hi;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (count > 65536)
         for (i64 i = 0; i < count; i++) {
             double a = dhalf;
-            for (int j = 0; j < k; j++) a += ((double)xs[j][i] - (double)zps[j]) * (double)mults[j];
+            for (int j = 0; j < k; j++) a += (load_code(xs[j], in_u8, i) - (double)zps[j]) * (double)mults[j];
             double y = floor(a * inv) + dzp;
-            out[i] = (float)(y < dlo ? dlo : (y > dhi ? dhi : y));
+            store_code(out, out_u8, i, y < dlo ? dlo : (y > dhi ? dhi : y));
         }
         return;
     }
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (count > 65536)
     for (i64 i = 0; i < count; i++) {
         i64 a = 0;
-        for (int j = 0; j < k; j++) a += ((i64)xs[j][i] - zps[j]) * mults[j];
+        for (int j = 0; j < k; j++) a += ((i64)load_code(xs[j], in_u8, i) - zps[j]) * mults[j];
         i64 y = ((a + half) >> shift) + zp_out;
-        out[i] = (float)(y < lo ? lo : (y > hi ? hi : y));
+        store_code(out, out_u8, i, (double)(y < lo ? lo : (y > hi ? hi : y)));
     }
 }
 

@@ -26,11 +26,16 @@ _F32 = ctypes.c_float
 _EPILOGUE = (
     _I64,
     [_P, _P, _I64, _INT, _INT, _INT, _I64, _INT, _P, _P, _P, _P, _P, _F32, _I64, _I64, _I64, _INT]
-    + [_INT, _INT, _INT],
+    + [_INT, _INT, _INT, _INT],
 )
 _EPILOGUE_CL = (
     _I64,
-    [_P, _P, _I64, _INT, _INT, _INT, _INT] + [_P] * 9 + [_F32, _I64, _I64, _I64] + [_INT] * 5 + [_I64, _INT],
+    [_P, _P, _I64, _INT, _INT, _INT, _INT]
+    + [_P] * 9
+    + [_F32, _I64, _I64, _I64]
+    + [_INT] * 5
+    + [_I64]
+    + [_INT, _INT],
 )
 SIGNATURES = {
     "fw_epilogue_f32": _EPILOGUE,
@@ -39,7 +44,7 @@ SIGNATURES = {
     "fw_epilogue_cl_f32": _EPILOGUE_CL,
     "fw_epilogue_cl_f64": _EPILOGUE_CL,
     "fw_epilogue_cl_i32": _EPILOGUE_CL,
-    "fw_rescale_sum": (None, [_P, _INT, _P, _P, _INT, _I64, _I64, _I64, _P, _I64, _I64, _INT, _INT]),
+    "fw_rescale_sum": (None, [_P, _INT, _P, _P, _INT, _I64, _I64, _I64, _P, _I64, _I64] + [_INT] * 4),
     "fw_quantize": (None, [_P, _P, _I64, ctypes.c_double, _I64, _I64, _I64, _INT]),
     "fw_fake_quant": (None, [_P, _P, _I64, _F32, _F32, _F32, _F32, _INT]),
     "fw_codes_u8": (None, [_P, _P, _I64, _INT, _INT]),
@@ -80,10 +85,11 @@ def epilogue(
     mode: str,
     offset: int = 0,
     shift: torch.Tensor | None = None,
+    out_u8: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """One pass from a raw kernel output (float32 / float64, or an int32 GEMM's) to output codes
-    (float32): planes recombined, bias added, accumulator fitted to `acc_bits`, requantized with `mode`, zero
-    point added, clamped.
+    (float32, or with `out_u8` torch.uint8 for an unsigned format of at most 8 bits): planes recombined,
+    bias added, accumulator fitted to `acc_bits`, requantized with `mode`, zero point added, clamped.
 
     stack = (groups, planes, channels, digit_bits, chunks): along `channel_dim`, `raw` holds
     [groups][planes][channels/groups], or with fan-in chunks (groups 1) [chunks][planes][channels], summed
@@ -107,14 +113,14 @@ def epilogue(
         if (chunks > 1 or offset) and not last:
             raw = raw.contiguous(memory_format=torch.channels_last)
             last = True
-    threads = torch.get_num_threads()
+    threads, dtype = torch.get_num_threads(), torch.uint8 if out_u8 else torch.float32
     if last:
         rows = raw.numel() // (chunks * planes * channels + (offset != 0))
         f64_single = mode == "single" and consts.f64_exact(acc_bits)
         if channel_dim in (-1, raw.dim() - 1):
-            raw, out = raw.contiguous(), torch.empty(shape, dtype=torch.float32)
+            raw, out = raw.contiguous(), torch.empty(shape, dtype=dtype)
         else:
-            out = torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)
+            out = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
         fn = {torch.float64: lib.fw_epilogue_cl_f64, torch.int32: lib.fw_epilogue_cl_i32}.get(
             raw.dtype, lib.fw_epilogue_cl_f32
         )
@@ -123,11 +129,11 @@ def epilogue(
             _ptr(ibias), consts.c_mult.data_ptr(), consts.c_n.data_ptr(), consts.c_mhi.data_ptr(),
             consts.c_mlo.data_ptr(), consts.c_half.data_ptr(), consts.c_inv.data_ptr(),
             consts.c_fscale.data_ptr(), _ptr(fbias), consts.c_fout, consts.zp, consts.lo, consts.hi,
-            acc_bits, int(wrap), REQUANT_CODES[mode], int(f64_single), chunks, offset, threads,
+            acc_bits, int(wrap), REQUANT_CODES[mode], int(f64_single), chunks, offset, int(out_u8), threads,
         )  # fmt: skip
         return out, bad
     raw = raw.contiguous()
-    out = torch.empty(shape, dtype=torch.float32)
+    out = torch.empty(shape, dtype=dtype)
     outer, inner = raw.shape[0], raw[0, 0].numel() if raw.dim() > 2 else 1
     fn = {torch.float64: lib.fw_epilogue_f64, torch.int32: lib.fw_epilogue_i32}.get(
         raw.dtype, lib.fw_epilogue_f32
@@ -136,7 +142,7 @@ def epilogue(
         raw.data_ptr(), out.data_ptr(), outer, groups, planes, channels, inner, bits,
         _ptr(ibias), consts.c_mult.data_ptr(), consts.c_n.data_ptr(), consts.c_fscale.data_ptr(),
         _ptr(fbias), consts.c_fout, consts.zp, consts.lo, consts.hi, acc_bits, int(wrap),
-        REQUANT_CODES[mode], threads,
+        REQUANT_CODES[mode], int(out_u8), threads,
     )  # fmt: skip
     return out, bad
 
@@ -145,11 +151,23 @@ REQUANT_CODES = {"single": 0, "gemmlowp": 1, "float": 2}
 
 
 def rescale_sum(
-    xs: list[torch.Tensor], zps, mults, x_bound: int, shift: int, zp_out: int, lo: int, hi: int
+    xs: list[torch.Tensor],
+    zps,
+    mults,
+    x_bound: int,
+    shift: int,
+    zp_out: int,
+    lo: int,
+    hi: int,
+    out_u8: bool = False,
 ) -> torch.Tensor:
-    """sat(((Σ_i (x_i - zp_i)·M_i) + 2^(S-1)) >> S) + zp_out) over float32 codes broadcast together, each
-    |x_i - zp_i| <= x_bound. Two inputs where one broadcasts over leading dims only (a ViT's position
+    """sat(((Σ_i (x_i - zp_i)·M_i) + 2^(S-1)) >> S) + zp_out) over codes broadcast together, each
+    |x_i - zp_i| <= x_bound: float32 codes, or all torch.uint8; the output float32 codes, or with `out_u8`
+    bytes (lo >= 0, hi <= 255). Two inputs where one broadcasts over leading dims only (a ViT's position
     embedding) are read as they are, the smaller one repeating; other broadcasts are expanded first."""
+    in_u8 = all(x.dtype == torch.uint8 for x in xs)
+    if not in_u8:  # mixed storage: float32 codes throughout
+        xs = [x.float() for x in xs]
     same = all(x.shape == xs[0].shape for x in xs)
     shape = xs[0].shape if same else torch.broadcast_shapes(*(x.shape for x in xs))
     # every partial sum an integer below 2^52: float64 is exact (in any order of the terms)
@@ -161,13 +179,13 @@ def rescale_sum(
         xs, period = [xs[0].contiguous(), xs[1].contiguous()], xs[1].numel()
     else:
         xs = _same_dense_layout([x if x.shape == shape else x.expand(shape).contiguous() for x in xs])
-    out = torch.empty_like(xs[0])
+    out = torch.empty_like(xs[0], dtype=torch.uint8 if out_u8 else torch.float32)
     ptrs = (ctypes.c_void_p * len(xs))(*[x.data_ptr() for x in xs])
     z = torch.tensor(zps, dtype=torch.int64)
     m = torch.tensor(mults, dtype=torch.int64)
     library().fw_rescale_sum(
         ptrs, len(xs), z.data_ptr(), m.data_ptr(), shift, zp_out, lo, hi, out.data_ptr(), out.numel(), period,
-        int(exact_f64), torch.get_num_threads(),
+        int(exact_f64), int(in_u8), int(out_u8), torch.get_num_threads(),
     )  # fmt: skip
     return out
 
@@ -227,7 +245,10 @@ def quantize(x: torch.Tensor, scale: float, zp: int, qmin: int, qmax: int) -> to
 
 def codes_u8(x: torch.Tensor, flip: int = 0) -> torch.Tensor:
     """float32 u8 codes (integers in [0, 255]) as torch.uint8 in `x`'s dense layout (NCHW or channels-last),
-    each XORed with `flip` (128 gives the int8 x − 128 as bytes); torch's conversion without the C kernels."""
+    each XORed with `flip` (128 gives the int8 x − 128 as bytes); torch's conversion without the C kernels.
+    Codes already stored as bytes come back as they are (flipped into a new tensor)."""
+    if x.dtype == torch.uint8:
+        return x ^ flip if flip else x
     lib = library()
     if lib is None or x.dtype != torch.float32:
         u = x.to(torch.uint8)

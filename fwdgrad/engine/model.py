@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..quant import dequantize
+from . import kernels
 from .intops import AccumulatorSpec, OverflowStats
 from .nodes import KERNELS, ExecContext, QLinear, QNode, QTrainable
 
@@ -64,6 +65,7 @@ class QModel(nn.Module):
         self.kernel = "auto"  # see KERNELS
         self.stats = OverflowStats()
         self._last_use = self._liveness()
+        self.byte_values = self._byte_values()
         self._weight_fn: Callable | None = None
         self._stack = 1
 
@@ -111,6 +113,25 @@ class QModel(nn.Module):
                 last[name] = i
         return last
 
+    def _byte_values(self) -> frozenset[str]:
+        """Values an integer pass with the C kernels may store as bytes (torch.uint8) instead of float32
+        codes: outputs in an unsigned format of at most 8 bits, of nodes that can write bytes, whose every
+        reader takes bytes (a reader that passes its input's storage on counts only if its own output may
+        be bytes too), never the model's output. The epilogue then writes 1 byte per code instead of 4 and
+        oneDNN reads them as they are."""
+        readers: dict[str, list[QNode]] = {}
+        for node in self.nodes:
+            for name in node.inputs:
+                readers.setdefault(name, []).append(node)
+        u8: set[str] = set()
+        for node in reversed(list(self.nodes)):
+            fmt = node.out_qp.fmt if node.out_qp is not None else None
+            if node.name == self.output or not node.writes_u8 or fmt is None or fmt.signed or fmt.bits > 8:
+                continue
+            if all(r.takes_u8 and (not r.passes_dtype or r.name in u8) for r in readers.get(node.name, [])):
+                u8.add(node.name)
+        return frozenset(u8)
+
     @torch.no_grad()
     def macs(self, x: torch.Tensor) -> OrderedDict[str, int]:
         """Multiply-accumulates per example of every node, in forward order (conv/linear: output elements ×
@@ -141,7 +162,7 @@ class QModel(nn.Module):
         """Execute the graph. Returns the raw output value (integers in integer mode), or with keep=True a
         dict of every node's output (from `prefix.start` on, with a prefix). With `prefix` (from
         `run_prefix` on the same input, in the same mode), execution resumes from its saved values."""
-        ctx = self._context(mode, weight_fn)
+        ctx = self._context(mode, weight_fn, bytes_ok=not keep)
         if prefix is None:
             env, start = {}, 0
         else:
@@ -161,7 +182,7 @@ class QModel(nn.Module):
         names = [n.name for n in self.nodes]
         if upto not in names:
             raise ValueError(f"node {upto!r} is not in the model; allowed: {names}")
-        ctx = self._context(mode, weight_fn)
+        ctx = self._context(mode, weight_fn, bytes_ok=True)
         stop = names.index(upto)
         return Prefix(self._execute({}, x, ctx, 0, stop, keep=False), stop, ctx.mode)
 
@@ -171,10 +192,13 @@ class QModel(nn.Module):
         env = self._execute(dict(prefix.values), x, ctx, prefix.start, prefix.start + 1, keep=True)
         return env[self.nodes[prefix.start].name]
 
-    def _context(self, mode: str | None, weight_fn: Callable | None) -> ExecContext:
+    def _context(self, mode: str | None, weight_fn: Callable | None, bytes_ok: bool = False) -> ExecContext:
+        """A pass's context; with `bytes_ok` (values the caller does not see) `byte_values` are stored as
+        bytes where the C kernels are built."""
+        u8 = self.byte_values if bytes_ok and kernels.library() is not None else frozenset()
         ctx = ExecContext(
             mode or self.mode, weight_fn or self._weight_fn, self.acc, self.requant, self.stats, self.kernel,
-            self._stack if weight_fn is None else 1,
+            self._stack if weight_fn is None else 1, u8,
         )  # fmt: skip
         if ctx.mode not in ENGINE_MODES:
             raise ValueError(f"execution mode {ctx.mode!r} is invalid; allowed: {ENGINE_MODES}")

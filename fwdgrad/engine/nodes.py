@@ -47,6 +47,7 @@ class ExecContext:
     stats: OverflowStats = field(default_factory=OverflowStats)
     kernel: str = "auto"  # KERNELS: which exact kernel conv/linear layers use
     stack: int = 1  # P > 1: P passes stacked along the batch; weight_fn may return [P, *shape] weights
+    u8: frozenset[str] = frozenset()  # the nodes whose output codes this pass stores as bytes
 
 
 #: "auto": per layer and input shape the fastest of the certified paths (timed once); "float": float32 digit
@@ -93,6 +94,10 @@ class QNode(nn.Module):
     """One op of the converted graph. `inputs` name the nodes it reads; `out_qp` its output format."""
 
     kind = "node"
+    #: In integer mode with the C kernels: it reads codes stored as bytes (torch.uint8) as well as float32
+    #: codes; `writes_u8`: it can write its output codes as bytes (`ExecContext.u8`); `passes_dtype`: its
+    #: output has its input's storage whatever it is asked (ops that only move values).
+    takes_u8 = writes_u8 = passes_dtype = False
 
     def __init__(self, name: str, inputs: list[str], out_qp: QParams | None):
         super().__init__()
@@ -269,6 +274,9 @@ class QWeighted(QTrainable):
     y_q = sat(round(acc · s_in·s_w / s_out) + zp)
     """
 
+    takes_u8 = writes_u8 = True
+    BYTE_KERNELS = ("onednn", "int_mm")  # the kernels that read codes stored as bytes as they are
+
     def macs(self, out, *xs) -> int:  # every output element is one dot product over the fan-in
         return out.numel() * self.weight_q[0].numel()
 
@@ -418,7 +426,7 @@ class QWeighted(QTrainable):
                 )
                 if ew is None:
                     return float("inf")
-                self._fused_epilogue(self.exact_op(x, ew), ew, scratch)
+                self._fused_epilogue(self.exact_op(self._operand(x, kind), ew), ew, scratch)
                 return time.perf_counter() - t0
 
             certified = [k for k in kinds if self.exact_weights(self.weight_q, k, x.shape) is not None]
@@ -459,7 +467,7 @@ class QWeighted(QTrainable):
         if ew is None:
             kind, ew = "float", self.exact_weights(w)
         self._last["kind"] = kind
-        raw = self.exact_op(x, ew)
+        raw = self.exact_op(self._operand(x, kind), ew)
         if kernels.library() is not None:
             return self._fused_epilogue(raw, ew, ctx)
         acc = combine(raw, ew, self.channel_dim)
@@ -472,6 +480,11 @@ class QWeighted(QTrainable):
         acc, n, amax = accumulate(acc, ctx.acc, bound)
         ctx.stats.add(self.name, n)
         return self.requant(acc, ctx.requant, amax)
+
+    def _operand(self, x, kind: str):
+        """`x` as the kernel `kind` reads it: codes stored as bytes become float32 codes (exactly) for the
+        kernels that take floats."""
+        return x.float() if x.dtype == torch.uint8 and kind not in self.BYTE_KERNELS else x
 
     def _float_requant(self, acc, ctx):
         """PyTorch x86 (fbgemm) output stage: float32(acc)·float32(s_in·s_w) + float bias, / s_out, round half
@@ -498,7 +511,7 @@ class QWeighted(QTrainable):
         stack = (ew.groups, ew.planes, ew.channels, ew.digit_bits, ew.chunks)
         out, n = kernels.epilogue(
             raw, self.channel_dim, stack, self.requant, bias, ctx.acc.bits, ctx.acc.overflow == "wrap",
-            ctx.requant, ew.offset, ew.shift,
+            ctx.requant, ew.offset, ew.shift, self.name in ctx.u8,
         )  # fmt: skip
         ctx.stats.add(self.name, n)
         return out
@@ -652,6 +665,8 @@ class QRescaleSum(QNode):
     y = sat(Σ_i ((q_i - zp_i) · M_i + 2^(S-1)) >> S + zp_out), M_i = round(s_i / s_out · 2^S), S = 30 - e.
     """
 
+    takes_u8 = writes_u8 = True
+
     def __init__(
         self,
         name,
@@ -679,9 +694,9 @@ class QRescaleSum(QNode):
         return y.clamp_(self.lo, self.hi).to(torch.float32)
 
     def int_forward(self, *xs, ctx):
-        if kernels.library() is not None and all(x.dtype == torch.float32 for x in xs):
+        if kernels.library() is not None and all(x.dtype in (torch.float32, torch.uint8) for x in xs):
             zps = [int(z) for z in self.zps]
-            out = (self.xb, self.shift, self.zp_out, self.lo, self.hi)
+            out = (self.xb, self.shift, self.zp_out, self.lo, self.hi, self.name in ctx.u8)
             if self.cat_dim is None:  # inputs broadcast together (a ViT's position embedding)
                 return kernels.rescale_sum(list(xs), zps, self.mults, *out)
             if self.cat_dim is not None:
@@ -701,6 +716,8 @@ class QRescaleSum(QNode):
 
 class QAvgPool(QNode):
     """Average pooling: exact window sums, then one requantization by s_in / (n · s_out)."""
+
+    takes_u8 = writes_u8 = True
 
     def __init__(self, name, inputs, in_qp: QParams, out_qp: QParams, pool: nn.Module):
         super().__init__(name, inputs, out_qp)
@@ -727,7 +744,7 @@ class QAvgPool(QNode):
     def int_forward(self, x, ctx):
         k, s, p = self._window(x)
         n = math.prod(k) if isinstance(k, tuple) else k * k
-        xz = x - self.zp_in
+        xz = x - self.zp_in  # float32 (bytes promote)
         if n * self.xb >= 2**24:
             xz = xz.double()
         acc = F.avg_pool2d(xz, k, s, p, divisor_override=1)
@@ -737,7 +754,8 @@ class QAvgPool(QNode):
             self._requant[n, channels] = Requantizer(real, self.out_qp, self.lo, self.hi, channels=channels)
         rq = self._requant[n, channels]
         if kernels.library() is not None and acc.dim() == 4:
-            return kernels.epilogue(acc, 1, (1, 1, channels, 0, 1), rq, None, 48, False, ctx.requant)[0]
+            stack, u8 = (1, 1, channels, 0, 1), self.name in ctx.u8
+            return kernels.epilogue(acc, 1, stack, rq, None, 48, False, ctx.requant, out_u8=u8)[0]
         return rq(acc.double(), ctx.requant, n * self.xb)
 
     def fake_forward(self, x, ctx):
@@ -746,6 +764,8 @@ class QAvgPool(QNode):
 
 class QClamp(QNode):
     """Standalone ReLU / ReLU6 / Hardtanh on the input's own scale (no requantization)."""
+
+    takes_u8 = writes_u8 = passes_dtype = True
 
     def __init__(self, name, inputs, in_qp: QParams, lo_real: float | None, hi_real: float | None):
         super().__init__(name, inputs, in_qp)
@@ -784,9 +804,14 @@ class QLayout(QNode):
     """Ops that only move or select values (flatten, reshape, permute, max-pool, dropout, getitem):
     the same call on integers and on floats, output format = input format."""
 
+    passes_dtype = True
+
     def __init__(self, name, inputs, out_qp, call: Callable, args, kwargs):
         super().__init__(name, inputs, out_qp)
         self.call, self.args_t, self.kwargs_t = call, args, kwargs
+        # torch's uint8 max-pool refuses channels-last inputs and is 10x slower than float32 on NCHW ones
+        max_pool = isinstance(call, nn.MaxPool2d) or call is F.max_pool2d
+        self.takes_u8 = self.writes_u8 = not max_pool
 
     def _run(self, *xs, ctx):
         return self.call(*materialize(self.args_t, xs), **materialize(self.kwargs_t, xs))
@@ -798,9 +823,12 @@ class QFallback(QLayout):
     """Any other op: runs in float on dequantized inputs, output re-quantized (fake-quant in both modes).
     Non-tensor results (shapes, sizes) pass through unchanged."""
 
+    passes_dtype = False
+
     def __init__(self, name, inputs, in_qps: list[QParams | None], out_qp, call, args, kwargs):
         super().__init__(name, inputs, out_qp, call, args, kwargs)
         self.in_qps = in_qps
+        self.takes_u8 = self.writes_u8 = False
 
     def describe(self) -> str:
         """What runs in float: the tensor method's name, the function's name or the module's type."""
