@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fwdgrad import native
 from fwdgrad.engine import QConv2d, QLinear, convert, intmm, kernels, onednn
-from fwdgrad.engine.intops import F32_EXACT, AccumulatorSpec, prepare
+from fwdgrad.engine.intops import F32_EXACT, AccumulatorSpec, ExactWeights, prepare
 from fwdgrad.engine.nodes import ExecContext
 from fwdgrad.ff import qzo_ff
 from fwdgrad.ff.spaces import Term
@@ -790,3 +790,71 @@ def test_resnets_store_bytes_around_the_max_pool_only_where_it_pays():
     assert "conv1" not in q.byte_values and "maxpool" not in q.byte_values  # torch's u8 max-pool is slow
     assert {"layer1_0_conv1", "add", "layer4_1_conv2", "avgpool", "flatten"} <= q.byte_values
     assert torch.equal(q.run(x), q.run(x, keep=True)[q.output])
+
+
+# (weight shape, groups, stride, padding, dilation, input shape); None: a linear layer
+PACKED = [
+    ((33, 16, 3, 3), 1, 1, 1, 1, (8, 16, 12, 12)),
+    ((65, 32, 1, 1), 1, 2, 0, 1, (8, 32, 9, 9)),
+    ((24, 4, 3, 3), 6, 1, 1, 1, (2, 24, 7, 7)),  # grouped: planes per group
+    ((16, 1, 3, 3), 16, 2, 1, 1, (2, 16, 8, 8)),  # depthwise
+    ((8, 5, 3, 3), 1, 1, 2, 2, (1, 5, 9, 9)),  # dilated
+    ((21, 40), None, None, None, None, (10, 40)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PACKED)))
+@pytest.mark.parametrize("ones", [False, True])
+def test_per_call_weights_written_into_the_learnt_layout_equal_onednns_packing(case, ones):
+    """`onednn.pack(per_call=True)`: planes written into the layout learnt from index probes give the
+    packed buffer of oneDNN's own packing byte for byte (random planes with both extremes, the ones
+    channel of an offset split), and the kernel the same integers."""
+    if kernels.library() is None or not onednn.available():
+        pytest.skip("oneDNN's int8 kernels are not usable here")
+    shape, groups, stride, padding, dilation, x_shape = PACKED[case]
+    conv = None if groups is None else ((stride,) * 2, (padding,) * 2, (dilation,) * 2, groups)
+    if ones and groups not in (None, 1):
+        pytest.skip("the ones channel goes with groups 1")
+    g = torch.Generator().manual_seed(case)
+    planes = torch.randint(-128, 128, shape, dtype=torch.int8, generator=g)
+    planes.view(-1)[:2] = torch.tensor([-128, 127], dtype=torch.int8)
+    offset = 128 if ones else 0
+    assert onednn.packed_layout(shape, ones, 7, conv, x_shape) is not None  # a permutation on this CPU
+    written = onednn.pack(planes, offset, 7, conv, x_shape, per_call=True)
+    packed = onednn.pack(planes, offset, 7, conv, x_shape, per_call=False)
+    assert torch.equal(onednn._packed_bytes(written), onednn._packed_bytes(packed))
+    x = torch.randint(0, 256, x_shape, generator=g).float()
+    outputs = shape[0] + ones
+    ews = [
+        ExactWeights(p, 1, 8, groups or 1, outputs, 0, kind="onednn", conv_groups=groups or 1)
+        for p in (written, packed)
+    ]
+    if conv is None:
+        ys = [onednn.linear(x, ew, 7) for ew in ews]
+    else:
+        ys = [onednn.conv(x, ew, 7, *(a for a in conv[:3])) for ew in ews]
+    assert torch.equal(ys[0], ys[1])
+
+
+def test_a_layout_with_weight_derived_bytes_is_not_learnt(monkeypatch):
+    """Where packed buffers held more than the weights' permutation (here: an emulated checksum byte),
+    no layout is learnt and per-call weights are packed by oneDNN."""
+    if kernels.library() is None or not onednn.available():
+        pytest.skip("oneDNN's int8 kernels are not usable here")
+    real = onednn._packed_bytes
+
+    def with_checksum(packed):
+        b = real(packed)
+        return torch.cat([b, (b.to(torch.int64).sum() % 251 + 1).to(torch.int8).reshape(1)])
+
+    monkeypatch.setattr(onednn, "_packed_bytes", with_checksum)
+    onednn.packed_layout.cache_clear()
+    try:
+        shape, x_shape, conv = (9, 4, 3, 3), (2, 4, 6, 6), ((1, 1), (1, 1), (1, 1), 1)
+        assert onednn.packed_layout(shape, False, 0, conv, x_shape) is None
+        planes = torch.randint(-128, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+        monkeypatch.setattr(onednn, "_packed_bytes", real)
+        got = onednn.pack(planes, 0, 0, conv, x_shape, per_call=True)  # the cached None: oneDNN packs
+        assert torch.equal(real(got), real(onednn._pack(planes, 0, conv, x_shape)))
+    finally:
+        onednn.packed_layout.cache_clear()

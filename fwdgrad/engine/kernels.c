@@ -881,3 +881,18 @@ void fw_gemm_s16(const float *x, i64 M, i64 K, i64 ldx, i64 zp, const int16_t *w
         free(a);
     }
 }
+
+/* Int8 weights [rows][n / rows] into a packed buffer at their byte positions (`onednn.packed_layout`):
+ * out[at[i]] = w[i]; with comp >= 0 also each row's -Σ w as an int32 at out + comp + 4·row (oneDNN's
+ * zero-point compensation). */
+void fw_scatter_i8(const int8_t *w, const int32_t *at, int8_t *out, i64 n, i64 rows, i64 comp) {
+    for (i64 i = 0; i < n; i++) out[at[i]] = w[i];
+    if (comp < 0) return;
+    i64 k = n / rows;
+    for (i64 r = 0; r < rows; r++) {
+        int32_t sum = 0;
+        for (i64 j = 0; j < k; j++) sum += w[r * k + j];
+        sum = -sum;
+        memcpy(out + comp + 4 * r, &sum, 4);
+    }
+}

@@ -59,6 +59,7 @@ SIGNATURES = {
     "fw_gemm_s16": (None, [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _INT]),
     "fw_perturb": (_I64, [_P, _INT, _I64, _I64, _I64, _INT, _P, _P, _I64, _INT, _INT, _P, _I64, _I64, _P]),
     "fw_dequantize": (None, [_P, _INT, _I64, _I64, _P, _P]),
+    "fw_scatter_i8": (None, [_P, _P, _P, _I64, _I64, _I64]),
 }
 _INT_BYTES = {torch.int8: 1, torch.int16: 2, torch.int32: 4}
 ROUNDING_CODES = {"nearest": 0, "floor": 1, "stochastic": 2}
@@ -431,6 +432,13 @@ def update(
         w.data_ptr(), _INT_BYTES[w.dtype], w.numel(), per_channel, len(zs), ptrs, sign_bytes, m,
         mult.data_ptr(), n.data_ptr(), ROUNDING_CODES[rounding], _ptr(words), qmin, qmax,
     )  # fmt: skip
+
+
+def scatter_i8(w: torch.Tensor, at: torch.Tensor, out_ptr: int, comp: int = -1) -> None:
+    """int8 `w` (row-major, rows along dim 0) written into the buffer at `out_ptr`, weight i at byte
+    `at[i]` (int32); with `comp` >= 0 also each row's -Σ w as int32 at byte comp + 4·row."""
+    w = w.contiguous()
+    library().fw_scatter_i8(w.data_ptr(), at.data_ptr(), out_ptr, w.numel(), w.shape[0], comp)
 
 
 def dequantize(w: torch.Tensor, qp) -> torch.Tensor | None:

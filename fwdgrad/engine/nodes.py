@@ -560,7 +560,7 @@ class QConv2d(QWeighted):
 
     def onednn_prepare(self, w, shape=None):
         zp, args = int(self.zp_in), (self.groups, self.stride, self.padding, self.dilation)
-        return onednn.prepare_conv(w, zp, *args, x_shape=shape)
+        return onednn.prepare_conv(w, zp, *args, x_shape=shape, per_call=w is not self.weight_q)
 
     def float_op(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
@@ -581,7 +581,7 @@ class QLinear(QWeighted):
 
     def onednn_prepare(self, w, shape=None):
         rows = None if shape is None else [math.prod(shape[:-1]), shape[-1]]  # as `onednn.linear` runs it
-        return onednn.prepare_linear(w, int(self.zp_in), x_shape=rows)
+        return onednn.prepare_linear(w, int(self.zp_in), x_shape=rows, per_call=w is not self.weight_q)
 
     def float_op(self, x, w, b):
         return F.linear(x, w, b)

@@ -23,7 +23,9 @@ the same integers.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import math
 import warnings
 
 import torch
@@ -134,11 +136,18 @@ def self_test(bits: int = DIGIT_BITS) -> bool:
 
 
 def planes_with_offset(
-    w: torch.Tensor, x_bound: int, groups: int, bits: int, limit_bits: int = 24, columns: bool = False
+    w: torch.Tensor,
+    x_bound: int,
+    groups: int,
+    bits: int,
+    limit_bits: int = 24,
+    columns: bool = False,
+    ones: bool = True,
 ):
     """`kernels.digit_planes` of `w` in int8 digits of `bits` bits, (planes, count, bits, bound, offset), or
     None. Where w - 2^(bits-1) takes fewer planes (16-bit weights up to 32767 in two 8-bit digits, groups
-    1) those planes come with a ones output channel appended (offset 2^(bits-1), see `ExactWeights`). With
+    1) those planes come with a ones output channel appended (offset 2^(bits-1), see `ExactWeights`; not
+    with `ones` False: the caller appends it). With
     `columns` (groups 1), the planes as a GEMM's columns (`kernels.digit_columns`). Both splits are planned,
     only the one taken is made."""
     fan_in = w[0].numel() if w.dim() > 1 else 1
@@ -158,20 +167,30 @@ def planes_with_offset(
     if columns:
         return kernels.digit_columns(w, planes, bits, offset), planes, bits, bound, offset
     stacked = kernels.fill_planes(w, planes, bits, torch.int8, groups, offset=offset)
-    if offset:
-        stacked = torch.cat([stacked, torch.ones((1, *stacked.shape[1:]), dtype=stacked.dtype)])
+    if offset and ones:
+        stacked = _with_ones(stacked)
     return stacked, planes, bits, bound, offset
 
 
+def _with_ones(planes: torch.Tensor) -> torch.Tensor:
+    """The planes of an offset split with their ones output channel appended."""
+    return torch.cat([planes, torch.ones((1, *planes.shape[1:]), dtype=planes.dtype)])
+
+
 def _planes(w: torch.Tensor, groups: int, bits: int | None = None):
+    """(int8 planes without the ones channel, offset, ExactWeights from the packed planes), or None."""
     from .intops import ExactWeights
 
-    split = planes_with_offset(w, X_MAX, groups, bits or digit_bits())
+    split = planes_with_offset(w, X_MAX, groups, bits or digit_bits(), ones=False)
     if split is None:
         return None
     planes, p, bits, bound, offset = split
-    return planes, lambda packed: ExactWeights(
-        packed, p, bits, groups, w.shape[0], bound, kind="onednn", conv_groups=groups, offset=offset
+    return (
+        planes,
+        offset,
+        lambda packed: ExactWeights(
+            packed, p, bits, groups, w.shape[0], bound, kind="onednn", conv_groups=groups, offset=offset
+        ),
     )
 
 
@@ -179,22 +198,127 @@ def _unit(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ones(n, dtype=torch.float32), torch.zeros(n, dtype=torch.int64)
 
 
+def _pack(planes: torch.Tensor, zp: int, conv: tuple | None, x_shape: tuple | None) -> torch.Tensor:
+    """oneDNN's packing of int8 `planes` (all output channels) for a conv (`conv` = (stride, padding,
+    dilation, groups)) or, with conv None, a linear layer, for inputs of `x_shape` where given."""
+    shape = None if x_shape is None else list(x_shape)
+    if conv is None:
+        return _ops().qlinear_prepack(planes, shape)
+    stride, padding, dilation, groups = conv
+    scales, _ = _unit(planes.shape[0])
+    return _ops().qconv_prepack(
+        planes, scales, 1.0, zp, list(stride), list(padding), list(dilation), groups, shape
+    )
+
+
+#: Per-call weights (a QZO-FF pass's) of at most this many int8 digits are packed by copying them into
+#: oneDNN's layout (`packed_layout`): 3-5x faster than packing, whose cost at these sizes is mostly setup.
+LAYOUT_ELEMENTS = 2**20
+
+
+def _packed_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """A copy of a packed tensor's buffer, as int8."""
+    n, ptr = torch.ops.mkldnn._nbytes(packed), torch.ops.mkldnn.data_ptr(packed)
+    return torch.frombuffer((ctypes.c_int8 * n).from_address(ptr), dtype=torch.int8).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def packed_layout(shape: tuple, ones: bool, zp: int, conv: tuple | None, x_shape: tuple):
+    """Where oneDNN's packing (`_pack`) puts each int8 weight of planes of `shape`, with a ones output channel
+    appended if `ones`: (the packing of zero planes with that ones channel, the int32 byte position of each
+    plane weight in row-major order, the byte offset of the int32 zero-point compensation -Σ_k w[c, k] per
+    output channel c, or -1 where the packing has none), or None where the buffer is anything else (other
+    weight-derived bytes) or cannot be read. Learnt by packing one-weight tensors (where the compensation
+    lies) and probes that hold 6-bit digits of each weight's index, plus 1 (padding reads 0), and confirmed
+    by packing random planes with both extremes both ways: byte for byte equal buffers run the same
+    integers."""
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    if mkldnn is None or not hasattr(mkldnn, "data_ptr") or not hasattr(mkldnn, "_nbytes"):
+        return None
+    full = (shape[0] + ones, *shape[1:])
+    n = math.prod(full)
+    base = torch.zeros(shape, dtype=torch.int8)
+    template = _pack(_with_ones(base) if ones else base, zp, conv, x_shape)
+    empty = _packed_bytes(template)
+    comp = []
+    for row in (0, shape[0] - 1):  # a 1 in a row: its byte, and -1 as int32 where the packing compensates
+        unit = base.clone()
+        unit[row].view(-1)[0] = 1
+        changed = _packed_bytes(_pack(_with_ones(unit) if ones else unit, zp, conv, x_shape)) != empty
+        changed = changed.nonzero().flatten()
+        if len(changed) == 5:  # the weight and 4 bytes of -1 (the weight's byte may come first or last)
+            runs = [changed[1:], changed[:4]]
+            run = next((r for r in runs if torch.equal(r, torch.arange(int(r[0]), int(r[0]) + 4))), None)
+            comp.append(None if run is None else int(run[0]) - 4 * row)
+        else:
+            comp.append(-1 if len(changed) == 1 else None)
+    if comp[0] is None or comp[0] != comp[1]:
+        return None
+    comp = comp[0]
+    index = torch.arange(n, dtype=torch.int64)
+    source, filled = None, None
+    for d in range(max(1, math.ceil(math.log2(max(n, 2)) / 6))):
+        probe = (((index >> (6 * d)) & 63) + 1).to(torch.int8).reshape(full)
+        got = _packed_bytes(_pack(probe, zp, conv, x_shape)).to(torch.int64)
+        if comp >= 0:
+            got[comp : comp + 4 * full[0]] = 0
+        if filled is None:
+            filled, source = got != 0, torch.zeros_like(got)
+        elif not torch.equal(got != 0, filled):
+            return None
+        source += (got - 1).clamp_min(0) << (6 * d)
+    source = source[filled]
+    if source.numel() != n or not torch.equal(torch.sort(source).values, index):
+        return None
+    at = torch.empty(n, dtype=torch.int32)
+    at[source] = filled.nonzero().flatten().to(torch.int32)
+    at = at[: math.prod(shape)].clone()  # the planes' weights; the ones channel is in the template
+    w = torch.randint(-128, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    w.view(-1)[:2] = torch.tensor([-128, 127], dtype=torch.int8)
+    official = _pack(_with_ones(w) if ones else w, zp, conv, x_shape)
+    if not torch.equal(_packed_bytes(_repack(w, template, at, comp)), _packed_bytes(official)):
+        return None
+    return template, at, comp
+
+
+def _repack(planes: torch.Tensor, template: torch.Tensor, at: torch.Tensor, comp: int) -> torch.Tensor:
+    packed = template.clone()
+    kernels.scatter_i8(planes, at, torch.ops.mkldnn.data_ptr(packed), comp)
+    return packed
+
+
+def pack(planes: torch.Tensor, offset: int, zp: int, conv: tuple | None, x_shape, per_call: bool):
+    """`_pack` of the planes of a split (with its ones channel where `offset`); for weights prepared per
+    call (`per_call`, at most LAYOUT_ELEMENTS digits, for a known input shape) by writing them into the
+    layout `packed_layout` learnt once for these arguments."""
+    if per_call and x_shape is not None and planes.numel() <= LAYOUT_ELEMENTS:
+        layout = packed_layout(tuple(planes.shape), offset != 0, zp, conv, tuple(x_shape))
+        if layout is not None:
+            return _repack(planes, *layout)
+    return _pack(_with_ones(planes) if offset else planes, zp, conv, x_shape)
+
+
 def prepare_conv(
-    w: torch.Tensor, zp: int, groups: int, stride, padding, dilation, bits: int | None = None, x_shape=None
+    w: torch.Tensor,
+    zp: int,
+    groups: int,
+    stride,
+    padding,
+    dilation,
+    bits: int | None = None,
+    x_shape=None,
+    per_call: bool = False,
 ):
     """Weights certified and packed for `conv` (digits of `bits` bits, default `digit_bits()`), or None when
     no split into at most MAX_PLANES planes certifies. Packed for inputs of `x_shape` where given (half the
-    packing time; inputs of any shape run on them alike)."""
+    packing time; inputs of any shape run on them alike); weights prepared per call (`per_call`) by copy
+    into the packed layout (`pack`)."""
     split = _planes(w, groups, bits)
     if split is None:
         return None
-    planes, make = split
-    scales, _ = _unit(planes.shape[0])
-    shape = None if x_shape is None else list(x_shape)
-    packed = _ops().qconv_prepack(
-        planes, scales, 1.0, zp, list(stride), list(padding), list(dilation), groups, shape
-    )
-    return make(packed)
+    planes, offset, make = split
+    conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
+    return make(pack(planes, offset, zp, conv, x_shape, per_call))
 
 
 def conv(x: torch.Tensor, ew, zp: int, stride, padding, dilation) -> torch.Tensor:
@@ -208,13 +332,13 @@ def conv(x: torch.Tensor, ew, zp: int, stride, padding, dilation) -> torch.Tenso
     )  # fmt: skip
 
 
-def prepare_linear(w: torch.Tensor, zp: int, bits: int | None = None, x_shape=None):
+def prepare_linear(w: torch.Tensor, zp: int, bits: int | None = None, x_shape=None, per_call: bool = False):
     """`prepare_conv` for `linear` (`x_shape`: the rows it runs, [N, K])."""
     split = _planes(w, 1, bits)
     if split is None:
         return None
-    planes, make = split
-    return make(_ops().qlinear_prepack(planes, None if x_shape is None else list(x_shape)))
+    planes, offset, make = split
+    return make(pack(planes, offset, zp, None, x_shape, per_call))
 
 
 def linear(x: torch.Tensor, ew, zp: int) -> torch.Tensor:

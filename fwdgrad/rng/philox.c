@@ -48,14 +48,40 @@ void fw_philox_words(u32 c1, u32 c2, u32 c3, u32 k0, u32 k1, i64 offset, i64 n, 
     WALK(out[I] = u)
 }
 
-/* z_q = (number of thresholds <= word) - 127 by the reference's two-level search. */
-void fw_gaussian_q(u32 c1, u32 c2, u32 c3, u32 k0, u32 k1, i64 offset, i64 n, const i64 *base,
-                   const i64 *padded, int span, int8_t *out) {
-    WALK({
+/* z_q = (number of thresholds <= word) - 127 by the reference's two-level search. Scalar on purpose:
+ * vectorized, its table lookups become gathers, 2.5x slower here (AMD EPYC). */
+__attribute__((optimize("no-tree-vectorize"))) static void gauss_words(const u32 *restrict ws, i64 cnt,
+                                                                        const i64 *restrict base,
+                                                                        const i64 *restrict padded, int span,
+                                                                        int8_t *restrict o) {
+    if (span == 1) { /* z_max up to about 4: one compare (2x faster than the loop below) */
+        for (i64 q = 0; q < cnt; q++) {
+            u32 u = ws[q];
+            i64 b = base[u >> 16];
+            o[q] = (int8_t)(b + (padded[b] <= (i64)u) - 127);
+        }
+        return;
+    }
+    for (i64 q = 0; q < cnt; q++) {
+        u32 u = ws[q];
         i64 b = base[u >> 16], idx = b;
         for (int t = 0; t < span; t++) idx += padded[b + t] <= (i64)u;
-        out[I] = (int8_t)(idx - 127);
-    })
+        o[q] = (int8_t)(idx - 127);
+    }
+}
+
+void fw_gaussian_q(u32 c1, u32 c2, u32 c3, u32 k0, u32 k1, i64 offset, i64 n, const i64 *base,
+                   const i64 *padded, int span, int8_t *out) {
+    u32 w[4 * BATCH];
+    i64 i = 0, last = offset + n - 1;
+    while (i < n) { /* the blocks of WALK, then the lookups over them in a loop of their own */
+        i64 e = offset + i, b0 = e >> 2, nb_needed = (last >> 2) - b0 + 1;
+        int nb = nb_needed < BATCH ? (int)nb_needed : BATCH, j0 = (int)(e & 3);
+        blocks((u64)b0, nb, c1, c2, c3, k0, k1, w);
+        i64 cnt = 4 * nb - j0 < n - i ? 4 * nb - j0 : n - i;
+        gauss_words(w + j0, cnt, base, padded, span, out + i);
+        i += cnt;
+    }
 }
 
 /* +one where bit 31 of the word is 0, -one where it is 1. */
