@@ -858,3 +858,28 @@ def test_a_layout_with_weight_derived_bytes_is_not_learnt(monkeypatch):
         assert torch.equal(real(got), real(onednn._pack(planes, 0, conv, x_shape)))
     finally:
         onednn.packed_layout.cache_clear()
+
+
+def test_fake_quantization_is_in_place_only_on_fresh_outputs():
+    """`kernels.fake_quant(inplace=True)` writes into a dense x (the values of the copy); strided inputs and
+    the nodes' inputs are never changed: every kept value of a fake pass equals its node run again on the
+    kept inputs."""
+    if kernels.library() is None:
+        pytest.skip("no C compiler on this machine")
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(6, 40, generator=g) * 10
+    before = y.clone()
+    ref = kernels.fake_quant(y, 0.1, 3.0, 0.0, 255.0)
+    assert torch.equal(y, before)
+    strided = y.t()
+    assert torch.equal(kernels.fake_quant(strided, 0.1, 3.0, 0.0, 255.0, inplace=True), ref.t())
+    assert torch.equal(y, before)  # a strided x is copied, not written
+    out = kernels.fake_quant(y, 0.1, 3.0, 0.0, 255.0, inplace=True)
+    assert out is y and torch.equal(out, ref)
+    model = _Mixed().eval()
+    x = torch.randn(4, 3, 12, 12, generator=g)
+    q = convert(model, "w8a8", x)
+    env = q.run(x, mode="fake", keep=True)
+    for node in list(q.nodes)[1:]:
+        again = node(*[env[i] for i in node.inputs], ctx=ExecContext(mode="fake"))
+        assert torch.equal(again, env[node.name]), node.name

@@ -217,11 +217,13 @@ def ste(y: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
     return y + (yq - y).detach() if y.requires_grad else yq
 
 
-def fake_out(y: torch.Tensor, qp: QParams, lo: int, hi: int) -> torch.Tensor:
-    """Quantize-dequantize a float output with clamp [lo, hi] (fused activation); STE under autograd."""
+def fake_out(y: torch.Tensor, qp: QParams, lo: int, hi: int, fresh: bool = False) -> torch.Tensor:
+    """Quantize-dequantize a float output with clamp [lo, hi] (fused activation); STE under autograd. A
+    `fresh` y (a temporary the caller just made and nothing else holds) is quantized in place: no second
+    buffer of the output's size to allocate and fault in."""
     s, z = float(qp.scale.reshape(-1)[0]), float(qp.zero_point.reshape(-1)[0])
     if not y.requires_grad and y.dtype == torch.float32 and kernels.library() is not None:
-        return kernels.fake_quant(y, s, z, lo, hi)
+        return kernels.fake_quant(y, s, z, lo, hi, inplace=fresh)
     return ste(y, (torch.round(y.detach() / s) + z).clamp_(lo, hi).sub_(z).mul_(s))
 
 
@@ -519,7 +521,7 @@ class QWeighted(QTrainable):
     def fake_forward(self, x, ctx):
         w = self.weight(ctx)  # integer codes, or float (already fake-quantized) weights for QAT
         w = w if w.is_floating_point() else self.exact_weights(w, "dequantized")  # cached per version
-        return fake_out(self.float_op(x, w, self.float_bias()), self.out_qp, self.lo, self.hi)
+        return fake_out(self.float_op(x, w, self.float_bias()), self.out_qp, self.lo, self.hi, fresh=True)
 
 
 class QConv2d(QWeighted):
@@ -710,8 +712,11 @@ class QRescaleSum(QNode):
         return torch.cat([self._finish(self._rescale(x, i)) for i, x in enumerate(xs)], self.cat_dim)
 
     def fake_forward(self, *xs, ctx):
-        y = xs[0] + sum(xs[1:]) if self.cat_dim is None else torch.cat(xs, self.cat_dim)
-        return fake_out(y, self.out_qp, self.lo, self.hi)
+        if self.cat_dim is not None:
+            y = torch.cat(xs, self.cat_dim)
+        else:  # a residual add: one pass (sum() would start with 0 + xs[1])
+            y = xs[0] + (xs[1] if len(xs) == 2 else sum(xs[1:]))
+        return fake_out(y, self.out_qp, self.lo, self.hi, fresh=True)
 
 
 class QAvgPool(QNode):
@@ -759,7 +764,7 @@ class QAvgPool(QNode):
         return rq(acc.double(), ctx.requant, n * self.xb)
 
     def fake_forward(self, x, ctx):
-        return fake_out(self.pool(x), self.out_qp, self.lo, self.hi)
+        return fake_out(self.pool(x), self.out_qp, self.lo, self.hi, fresh=True)
 
 
 class QClamp(QNode):

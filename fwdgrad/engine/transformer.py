@@ -137,7 +137,7 @@ class QLayerNorm(QTrainable):
         w = _real_weight(self.weight(ctx), self.w_qp)
         b = self.bias_q.double() * (self.w_qp.scale.reshape(-1) * 2.0**-self.frac)
         y = F.layer_norm(x, (self.dim,), w.to(x.dtype), b.to(x.dtype), self.eps)
-        return fake_out(y, self.out_qp, self.lo, self.hi)
+        return fake_out(y, self.out_qp, self.lo, self.hi, fresh=True)
 
 
 class QSoftmax(QNode):
@@ -210,7 +210,7 @@ class QMatmul(QNode):
         return self.requant(acc, ctx.requant, amax)
 
     def fake_forward(self, a, b, ctx: ExecContext):
-        return fake_out(torch.matmul(a, b), self.out_qp, self.lo, self.hi)
+        return fake_out(torch.matmul(a, b), self.out_qp, self.lo, self.hi, fresh=True)
 
 
 class QTokens(QTrainable):
@@ -245,4 +245,4 @@ class QTokens(QTrainable):
 
     def fake_forward(self, x, ctx: ExecContext):
         t = _real_weight(self.weight(ctx), self.w_qp).to(x.dtype)
-        return fake_out(self._splice(x, t), self.out_qp, self.lo, self.hi)
+        return fake_out(self._splice(x, t), self.out_qp, self.lo, self.hi, fresh=True)
