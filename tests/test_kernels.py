@@ -309,6 +309,9 @@ def test_c_epilogue_writes_bytes_equal_to_the_reference_codes(mode, channels, la
     stored, _ = kernels.epilogue(*args, out_u8=True)
     assert stored.dtype == torch.uint8 and stored.stride() == codes.stride()
     assert torch.equal(stored.float(), codes)
+    for out_u8 in (False, True):  # accumulators known to fit: requant "float" finished in float32 directly
+        direct, bad = kernels.epilogue(*args, out_u8=out_u8, fits=True)
+        assert bad == 0 and direct.stride() == codes.stride() and torch.equal(direct.float(), codes)
     got = codes if layout == "rows" else codes.permute(0, 2, 3, 1).reshape(6, channels)
     assert torch.equal(got, ref)
 

@@ -310,6 +310,36 @@ EPILOGUE_CL(fw_epilogue_cl_f32, float)
 EPILOGUE_CL(fw_epilogue_cl_f64, double)
 EPILOGUE_CL(fw_epilogue_cl_i32, int32_t)
 
+static inline void direct_float(const float *restrict a, const float *restrict fs, const float *restrict fb,
+                                float *restrict dst, int len, float fout, float fzp, float flo, float fhi) {
+    if (fb)
+        for (int j = 0; j < len; j++) dst[j] = clampf(rintf((a[j] * fs[j] + fb[j]) / fout) + fzp, flo, fhi);
+    else
+        for (int j = 0; j < len; j++) dst[j] = clampf(rintf((a[j] * fs[j]) / fout) + fzp, flo, fhi);
+}
+
+/* requant "float" straight from a one-plane float32 kernel output, channels-last [rows][C] with C <= SEG,
+ * where no accumulator can misfit its width (the caller checked the certified bound) and no integer term
+ * joins it: the codes of fw_epilogue_cl_f32 (whose trip through double changes no float32 integer), in
+ * one run per block of whole rows, float32 codes or bytes. */
+void fw_epilogue_float_direct(const float *acc, void *out, i64 rows, int C, const float *fscale,
+                              const float *fbias, float fout, float zp, float lo, float hi, int out_u8,
+                              int nthreads) {
+    int k = SEG / C;
+    i64 nblocks = (rows + k - 1) / k;
+    _Pragma("omp parallel num_threads(nthreads) if(rows * C > 65536)") {
+        float tfs[SEG], tfb[SEG], ys[SEG];
+        for (int e = 0; e < k * C; e++) tfs[e] = fscale[e % C], tfb[e] = fbias ? fbias[e % C] : 0.0f;
+        _Pragma("omp for schedule(static)") for (i64 blk = 0; blk < nblocks; blk++) {
+            i64 o0 = blk * k;
+            int cnt = (int)((rows - o0 < k ? rows - o0 : k) * C);
+            float *dst = out_u8 ? ys : (float *)out + o0 * C;
+            direct_float(acc + o0 * C, tfs, fbias ? tfb : 0, dst, cnt, fout, zp, lo, hi);
+            if (out_u8) store_u8(ys, (uint8_t *)out + o0 * C, cnt);
+        }
+    }
+}
+
 /* Residual add / one concat input: y = sat(((Σ_i (x_i - zp_i)·M_i) + 2^(S-1)) >> S) + zp_out). In float64
  * when every partial sum is an integer below 2^52 (`exact_f64`, checked by the caller), else in int64. With
  * k = 2 the second input may repeat with period `period` (a broadcast over leading dims, e.g. a ViT's

@@ -513,7 +513,7 @@ class QWeighted(QTrainable):
         stack = (ew.groups, ew.planes, ew.channels, ew.digit_bits, ew.chunks)
         out, n = kernels.epilogue(
             raw, self.channel_dim, stack, self.requant, bias, ctx.acc.bits, ctx.acc.overflow == "wrap",
-            ctx.requant, ew.offset, ew.shift, self.name in ctx.u8,
+            ctx.requant, ew.offset, ew.shift, self.name in ctx.u8, ew.bound < 2 ** (ctx.acc.bits - 1),
         )  # fmt: skip
         ctx.stats.add(self.name, n)
         return out
