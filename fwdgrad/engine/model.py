@@ -33,7 +33,8 @@ def chunk_rows(x: torch.Tensor, max_rows: int = 512) -> int:
 @dataclass(frozen=True)
 class Prefix:
     """What `QModel.run_prefix` computed once: the live values (by node name) that the nodes from index
-    `start` on read, and the execution mode they were computed in."""
+    `start` on read (integer codes as float32, or as torch.uint8 for `QModel.byte_values`), and the
+    execution mode they were computed in."""
 
     values: dict[str, torch.Tensor]
     start: int
