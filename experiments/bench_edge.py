@@ -3,9 +3,11 @@
 One bundle (CIFAR-style ResNet-8, w16a8, all layers trainable), one data batch and m; each side fine-tunes
 in its own fresh subprocess with the same thread count, then the final weights are compared bit for bit.
 The parent process imports neither numpy nor torch before the workers ran: Linux carries a parent's peak
-RSS into a forked child's ru_maxrss, so a big parent would mask the workers' figures. Prints JSON.
+RSS into a forked child's ru_maxrss, so a big parent would mask the workers' figures. Prints JSON; with
+--out DIR also writes DIR/edge.json and DIR/edge.md (`--render JSON` rewrites the Markdown of an earlier run).
 
     uv run python experiments/bench_edge.py [--batch 32] [--size 32] [--m 3] [--steps 6] [--threads 1]
+                                            [--out DIR]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 
+import bench_results
 from timing import timed
 
 
@@ -40,7 +43,7 @@ def worker_numpy(args) -> dict:
     fwd = timed(lambda: trainer.runtime.run(x), args.steps)
     steps = timed(lambda: trainer.step(x, y), args.steps)
     np.savez(
-        args.out, **{t["name"]: bundle.arrays[t["name"] + ".weight"] for t in bundle.training["tensors"]}
+        args.weights, **{t["name"]: bundle.arrays[t["name"] + ".weight"] for t in bundle.training["tensors"]}
     )
     return {
         "forward_s": fwd,
@@ -76,7 +79,7 @@ def worker_torch(args) -> dict:
         fwd = timed(lambda: q.run(x, mode="integer"), args.steps)
         steps = timed(lambda: opt.step(closure), args.steps)
     nodes = q.weight_nodes()
-    np.savez(args.out, **{n: nodes[n].weight_q.numpy() for n in tr["trainable"]})
+    np.savez(args.weights, **{n: nodes[n].weight_q.numpy() for n in tr["trainable"]})
     return {"forward_s": fwd, "step_s": steps, "rss_before_model_mib": rss_loaded, "torch_loaded": True}
 
 
@@ -136,13 +139,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=6, help="timed steps (and forwards) per side")
     ap.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads of both sides")
     ap.add_argument("--worker", choices=tuple(WORKERS), help=argparse.SUPPRESS)
-    for a in ("--bundle", "--data", "--qmodel", "--out"):
+    for a in ("--bundle", "--data", "--qmodel", "--weights"):
         ap.add_argument(a, help=argparse.SUPPRESS)
+    bench_results.add_arguments(ap, "edge")
     args = ap.parse_args(argv)
     if args.worker:
         res = WORKERS[args.worker](args)
         print(json.dumps(dict(res, peak_rss_mib=_rss_mib())))
         return res
+    if (earlier := bench_results.rendered(args, markdown)) is not None:  # no measuring
+        return earlier
     threads = {k: str(args.threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     env = dict(os.environ, **threads)
     result = {
@@ -163,7 +169,7 @@ def main(argv=None) -> dict:
         _run_worker(args, "prepare", paths, env)
         result["bundle_bytes"] = os.path.getsize(paths["bundle"])
         for side in ("numpy", "torch"):
-            r = _run_worker(args, side, dict(paths, out=os.path.join(tmp, f"w_{side}.npz")), env)
+            r = _run_worker(args, side, dict(paths, weights=os.path.join(tmp, f"w_{side}.npz")), env)
             result[side] = {
                 "step_ms": round(statistics.median(r["step_s"]) * 1e3, 1),
                 "first_step_ms": round(r["step_s"][0] * 1e3, 1),
@@ -182,8 +188,39 @@ def main(argv=None) -> dict:
     result["peak_rss_numpy_over_torch"] = round(
         result["numpy"]["peak_rss_mib"] / result["torch"]["peak_rss_mib"], 3
     )
-    print(json.dumps(result, indent=2))
-    return result
+    result = {"provenance": bench_results.source("bench_edge.py", argv), **result}  # torch loads only now
+    return bench_results.publish(result, args, "edge", markdown)
+
+
+def markdown(result: dict) -> str:
+    from fwdgrad.provenance import provenance_line
+
+    n, t = result["numpy"], result["torch"]
+    return "\n".join(
+        [
+            "# numpy edge runtime against the PyTorch engine (integer mode)",
+            "",
+            provenance_line(result["provenance"]),
+            "",
+            f"{result['model']} {result['scheme']}, input {'x'.join(map(str, result['input']))}, batch "
+            f"{result['batch']}, m = {result['m']} ({result['forwards_per_step']} forwards per step), "
+            f"{result['timed_steps']} timed steps per side, {result['threads']} thread(s), each side in its "
+            "own fresh process:",
+            "",
+            "| | numpy runtime | PyTorch engine (integer) |",
+            "|---|---|---|",
+            f"| step, median ms | {n['step_ms']} | {t['step_ms']} |",
+            f"| forward pass, median ms | {n['forward_ms']} | {t['forward_ms']} |",
+            f"| process peak RSS, MiB | {n['peak_rss_mib']} | {t['peak_rss_mib']} |",
+            f"| RSS after imports and data, MiB | {n['rss_before_model_mib']} "
+            f"| {t['rss_before_model_mib']} |",
+            f"| final weights bit-identical | {result['weights_bit_exact']} | |",
+            "",
+            f"Step time numpy / engine: {result['step_time_numpy_over_torch']}; peak RSS numpy / engine: "
+            f"{result['peak_rss_numpy_over_torch']}.",
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":
