@@ -184,14 +184,19 @@ static inline void cl_single_f64(const double *restrict a, const double *restric
     }
 }
 
-/* PyTorch x86's output stage over a run: float32(acc)·s_acc + float bias, / s_out, half to even, clamped. */
-static inline void cl_float(const double *restrict a, const float *restrict fs, const float *restrict fb,
-                            float *restrict dst, int len, float fout, float fzp, float flo, float fhi) {
-    if (fb)
-        for (int j = 0; j < len; j++) dst[j] = clampf(rintf(((float)a[j] * fs[j] + fb[j]) / fout) + fzp, flo, fhi);
-    else
-        for (int j = 0; j < len; j++) dst[j] = clampf(rintf(((float)a[j] * fs[j]) / fout) + fzp, flo, fhi);
-}
+/* PyTorch x86's output stage over a run: float32(acc)·s_acc + float bias, / s_out, half to even, clamped.
+ * From the float64 accumulators, or straight from a kernel's values (float32(double(v)) == float32(v)). */
+#define CL_FLOAT(T)                                                                                         \
+    static inline void cl_float_##T(const T *restrict a, const float *restrict fs, const float *restrict fb, \
+                                    float *restrict dst, int len, float fout, float fzp, float flo, float fhi) { \
+        if (fb)                                                                                             \
+            for (int j = 0; j < len; j++) dst[j] = clampf(rintf(((float)a[j] * fs[j] + fb[j]) / fout) + fzp, flo, fhi); \
+        else                                                                                                \
+            for (int j = 0; j < len; j++) dst[j] = clampf(rintf(((float)a[j] * fs[j]) / fout) + fzp, flo, fhi); \
+    }
+CL_FLOAT(float)
+CL_FLOAT(double)
+CL_FLOAT(int32_t)
 
 #define CL_GATHER(T)                                                                                        \
     static inline void cl_gather_##T(const T *restrict src, i64 stride, int planes, int len, double base,  \
@@ -208,7 +213,7 @@ CL_GATHER(int32_t) /* int32 GEMMs: the int16 GEMM (one plane), _int_mm (planes) 
              const i64 *bias, const i64 *mult, const int *n, const double *mhi, const double *mlo,          \
              const double *half, const double *inv, const float *fscale, const float *fbias, float fout,    \
              i64 zp, i64 lo, i64 hi, int acc_bits, int wrap, int mode, int f64, int chunks, i64 offset,      \
-             int out_u8, int nthreads) {                                                                    \
+             int out_u8, int fits, int nthreads) {                                                          \
         int cg = C / groups, chunk = C < SEG ? C : SEG, k = C < SEG ? SEG / C : 1;                         \
         i64 ld = (i64)planes * C + (offset != 0); /* a row: the planes, then the ones channel (offset) */  \
         i64 nchunks = (C + chunk - 1) / chunk, nblocks = ((outer + k - 1) / k) * nchunks, bad = 0;         \
@@ -241,6 +246,12 @@ CL_GATHER(int32_t) /* int32 GEMMs: the int16 GEMM (one plane), _int_mm (planes) 
                     tiled = c0;                                                                             \
                 }                                                                                           \
                 int whole = len == C && planes == 1 && chunks == 1 && offset == 0; /* one run of input too */ \
+                if (whole && fits && !bias && mode == REQ_FLOAT) { /* no misfit possible, no integer term */ \
+                    float *dst = out_u8 ? ys : (float *)out + o0 * C;                                       \
+                    cl_float_##T(acc + o0 * C, tfs, fbias ? tfb : 0, dst, cnt, fout, (float)zp, (float)lo, (float)hi); \
+                    if (out_u8) store_u8(ys, (uint8_t *)out + o0 * C, cnt);                                 \
+                    continue;                                                                               \
+                }                                                                                           \
                 if (whole) cl_gather_##T(acc + o0 * C, C, 1, cnt, base, a);                                  \
                 for (int r = 0; r < rows * !whole; r++) {                                                   \
                     i64 o = o0 + r;                                                                         \
@@ -277,7 +288,7 @@ CL_GATHER(int32_t) /* int32 GEMMs: the int16 GEMM (one plane), _int_mm (planes) 
                 if (len == C && fused) { /* whole rows: the block is one run of `cnt` outputs */            \
                     float *dst = out_u8 ? ys : (float *)out + o0 * C;                                       \
                     if (mode == REQ_FLOAT)                                                                  \
-                        cl_float(a, tfs, fbias ? tfb : 0, dst, cnt, fout, (float)zp, (float)lo, (float)hi); \
+                        cl_float_double(a, tfs, fbias ? tfb : 0, dst, cnt, fout, (float)zp, (float)lo, (float)hi); \
                     else                                                                                    \
                         cl_single_f64(a, tml, tmh, thf, tiv, dst, cnt, dzp, ylo, yhi);                      \
                     if (out_u8) store_u8(ys, (uint8_t *)out + o0 * C, cnt);                                 \
@@ -286,7 +297,7 @@ CL_GATHER(int32_t) /* int32 GEMMs: the int16 GEMM (one plane), _int_mm (planes) 
                         const double *ar = a + r * len;                                                     \
                         float *dr = out_u8 ? ys : (float *)out + (o0 + r) * C + c0;                         \
                         if (mode == REQ_FLOAT) {                                                            \
-                            cl_float(ar, tfs, fbias ? tfb : 0, dr, len, fout, (float)zp, (float)lo, (float)hi); \
+                            cl_float_double(ar, tfs, fbias ? tfb : 0, dr, len, fout, (float)zp, (float)lo, (float)hi); \
                         } else if (f64 && mode == REQ_SINGLE) {                                             \
                             cl_single_f64(ar, tml, tmh, thf, tiv, dr, len, dzp, ylo, yhi);                  \
                         } else {                                                                            \
@@ -309,36 +320,6 @@ CL_GATHER(int32_t) /* int32 GEMMs: the int16 GEMM (one plane), _int_mm (planes) 
 EPILOGUE_CL(fw_epilogue_cl_f32, float)
 EPILOGUE_CL(fw_epilogue_cl_f64, double)
 EPILOGUE_CL(fw_epilogue_cl_i32, int32_t)
-
-static inline void direct_float(const float *restrict a, const float *restrict fs, const float *restrict fb,
-                                float *restrict dst, int len, float fout, float fzp, float flo, float fhi) {
-    if (fb)
-        for (int j = 0; j < len; j++) dst[j] = clampf(rintf((a[j] * fs[j] + fb[j]) / fout) + fzp, flo, fhi);
-    else
-        for (int j = 0; j < len; j++) dst[j] = clampf(rintf((a[j] * fs[j]) / fout) + fzp, flo, fhi);
-}
-
-/* requant "float" straight from a one-plane float32 kernel output, channels-last [rows][C] with C <= SEG,
- * where no accumulator can misfit its width (the caller checked the certified bound) and no integer term
- * joins it: the codes of fw_epilogue_cl_f32 (whose trip through double changes no float32 integer), in
- * one run per block of whole rows, float32 codes or bytes. */
-void fw_epilogue_float_direct(const float *acc, void *out, i64 rows, int C, const float *fscale,
-                              const float *fbias, float fout, float zp, float lo, float hi, int out_u8,
-                              int nthreads) {
-    int k = SEG / C;
-    i64 nblocks = (rows + k - 1) / k;
-    _Pragma("omp parallel num_threads(nthreads) if(rows * C > 65536)") {
-        float tfs[SEG], tfb[SEG], ys[SEG];
-        for (int e = 0; e < k * C; e++) tfs[e] = fscale[e % C], tfb[e] = fbias ? fbias[e % C] : 0.0f;
-        _Pragma("omp for schedule(static)") for (i64 blk = 0; blk < nblocks; blk++) {
-            i64 o0 = blk * k;
-            int cnt = (int)((rows - o0 < k ? rows - o0 : k) * C);
-            float *dst = out_u8 ? ys : (float *)out + o0 * C;
-            direct_float(acc + o0 * C, tfs, fbias ? tfb : 0, dst, cnt, fout, zp, lo, hi);
-            if (out_u8) store_u8(ys, (uint8_t *)out + o0 * C, cnt);
-        }
-    }
-}
 
 /* Residual add / one concat input: y = sat(((Σ_i (x_i - zp_i)·M_i) + 2^(S-1)) >> S) + zp_out). In float64
  * when every partial sum is an integer below 2^52 (`exact_f64`, checked by the caller), else in int64. With
@@ -766,7 +747,6 @@ PERTURB_ONE(int16_t)
 /* QZO-FF's perturbed weights: w± = sat(round((w·one + Σ_t size[t][c]·z_t) · M / 2^n)), channel
  * c = element / per_channel; rounding 0 nearest (half up), 1 floor, 2 stochastic (adds the top n bits of a
  * 32-bit hash word, as fwdgrad.ff.spaces.shift_round). Returns the number of saturated weights. */
-
 i64 fw_perturb(const void *w, int wbytes, i64 count, i64 per_channel, i64 one, int nterms, const int8_t **zs,
                const i64 *sizes, i64 mult, int n, int rounding, const i64 *words, i64 qmin, i64 qmax, void *out) {
     i64 sat = 0, channels = count / per_channel;

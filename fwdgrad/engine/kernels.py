@@ -35,7 +35,7 @@ _EPILOGUE_CL = (
     + [_F32, _I64, _I64, _I64]
     + [_INT] * 5
     + [_I64]
-    + [_INT, _INT],
+    + [_INT, _INT, _INT],
 )
 SIGNATURES = {
     "fw_epilogue_f32": _EPILOGUE,
@@ -44,7 +44,6 @@ SIGNATURES = {
     "fw_epilogue_cl_f32": _EPILOGUE_CL,
     "fw_epilogue_cl_f64": _EPILOGUE_CL,
     "fw_epilogue_cl_i32": _EPILOGUE_CL,
-    "fw_epilogue_float_direct": (None, [_P, _P, _I64, _INT, _P, _P] + [_F32] * 4 + [_INT, _INT]),
     "fw_rescale_sum": (None, [_P, _INT, _P, _P, _INT, _I64, _I64, _I64, _P, _I64, _I64] + [_INT] * 4),
     "fw_quantize": (None, [_P, _P, _I64, ctypes.c_double, _I64, _I64, _I64, _INT]),
     "fw_fake_quant": (None, [_P, _P, _I64, _F32, _F32, _F32, _F32, _INT]),
@@ -102,8 +101,9 @@ def epilogue(
     layout. `consts` is a `Requantizer` (its `c_*` arrays, zp, lo, hi); `bias` is per channel: int64 added
     to the accumulator, or with mode "float" float32 added after scaling; `shift` (int64 per channel, any
     mode) is a kernel's own term of the exact accumulator. `fits`: the caller has proved that no accumulator
-    can misfit `acc_bits` (then a one-plane float32 output with requant "float" is finished straight in
-    float32). Returns (codes, number of accumulator misfits)."""
+    can misfit `acc_bits` (then, channels-last, a one-plane output with requant "float" and no integer term
+    is finished straight from the kernel's values, without the float64 pass). Returns (codes, number of
+    accumulator misfits)."""
     lib = library()
     ibias, fbias = (None, bias) if mode == "float" else (bias, None)
     if shift is not None:
@@ -119,17 +119,6 @@ def epilogue(
             raw = raw.contiguous(memory_format=torch.channels_last)
             last = True
     threads, dtype = torch.get_num_threads(), torch.uint8 if out_u8 else torch.float32
-    layout = torch.channels_last if raw.dim() == 4 and channel_dim == 1 else torch.contiguous_format
-    direct = fits and mode == "float" and ibias is None and raw.dtype == torch.float32 and planes == 1
-    direct = direct and last and chunks == 1 and not offset and channels <= SEG
-    if direct and raw.is_contiguous(memory_format=layout):
-        out = torch.empty_like(raw, dtype=dtype)
-        lib.fw_epilogue_float_direct(
-            raw.data_ptr(), out.data_ptr(), raw.numel() // channels, channels, consts.c_fscale.data_ptr(),
-            _ptr(fbias), consts.c_fout, float(consts.zp), float(consts.lo), float(consts.hi), int(out_u8),
-            threads,
-        )  # fmt: skip
-        return out, 0
     if last:
         rows = raw.numel() // (chunks * planes * channels + (offset != 0))
         f64_single = mode == "single" and consts.f64_exact(acc_bits)
@@ -145,7 +134,8 @@ def epilogue(
             _ptr(ibias), consts.c_mult.data_ptr(), consts.c_n.data_ptr(), consts.c_mhi.data_ptr(),
             consts.c_mlo.data_ptr(), consts.c_half.data_ptr(), consts.c_inv.data_ptr(),
             consts.c_fscale.data_ptr(), _ptr(fbias), consts.c_fout, consts.zp, consts.lo, consts.hi,
-            acc_bits, int(wrap), REQUANT_CODES[mode], int(f64_single), chunks, offset, int(out_u8), threads,
+            acc_bits, int(wrap), REQUANT_CODES[mode], int(f64_single), chunks, offset, int(out_u8), int(fits),
+            threads,
         )  # fmt: skip
         return out, bad
     raw = raw.contiguous()
@@ -164,7 +154,6 @@ def epilogue(
 
 
 REQUANT_CODES = {"single": 0, "gemmlowp": 1, "float": 2}
-SEG = 1024  # kernels.c's segment of the channels-last epilogue
 
 
 def rescale_sum(
