@@ -198,9 +198,11 @@ def _unit(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ones(n, dtype=torch.float32), torch.zeros(n, dtype=torch.int64)
 
 
-def _pack(planes: torch.Tensor, zp: int, conv: tuple | None, x_shape: tuple | None) -> torch.Tensor:
-    """oneDNN's packing of int8 `planes` (all output channels) for a conv (`conv` = (stride, padding,
-    dilation, groups)) or, with conv None, a linear layer, for inputs of `x_shape` where given."""
+def _pack(planes: torch.Tensor, zp: int, conv: tuple | None, x_shape: tuple | None, ones: bool = False):
+    """oneDNN's packing of int8 `planes` (with the ones output channel of an offset split appended where
+    `ones`) for a conv (`conv` = (stride, padding, dilation, groups)) or, with conv None, a linear layer,
+    for inputs of `x_shape` where given."""
+    planes = _with_ones(planes) if ones else planes
     shape = None if x_shape is None else list(x_shape)
     if conv is None:
         return _ops().qlinear_prepack(planes, shape)
@@ -239,13 +241,13 @@ def packed_layout(shape: tuple, ones: bool, zp: int, conv: tuple | None, x_shape
     full = (shape[0] + ones, *shape[1:])
     n = math.prod(full)
     base = torch.zeros(shape, dtype=torch.int8)
-    template = _pack(_with_ones(base) if ones else base, zp, conv, x_shape)
+    template = _pack(base, zp, conv, x_shape, ones)
     empty = _packed_bytes(template)
     comp = []
     for row in (0, shape[0] - 1):  # a 1 in a row: its byte, and -1 as int32 where the packing compensates
         unit = base.clone()
         unit[row].view(-1)[0] = 1
-        changed = _packed_bytes(_pack(_with_ones(unit) if ones else unit, zp, conv, x_shape)) != empty
+        changed = _packed_bytes(_pack(unit, zp, conv, x_shape, ones)) != empty
         changed = changed.nonzero().flatten()
         if len(changed) == 5:  # the weight and 4 bytes of -1 (the weight's byte may come first or last)
             runs = [changed[1:], changed[:4]]
@@ -276,7 +278,7 @@ def packed_layout(shape: tuple, ones: bool, zp: int, conv: tuple | None, x_shape
     at = at[: math.prod(shape)].clone()  # the planes' weights; the ones channel is in the template
     w = torch.randint(-128, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(0))
     w.view(-1)[:2] = torch.tensor([-128, 127], dtype=torch.int8)
-    official = _pack(_with_ones(w) if ones else w, zp, conv, x_shape)
+    official = _pack(w, zp, conv, x_shape, ones)
     if not torch.equal(_packed_bytes(_repack(w, template, at, comp)), _packed_bytes(official)):
         return None
     return template, at, comp
@@ -296,7 +298,7 @@ def pack(planes: torch.Tensor, offset: int, zp: int, conv: tuple | None, x_shape
         layout = packed_layout(tuple(planes.shape), offset != 0, zp, conv, tuple(x_shape))
         if layout is not None:
             return _repack(planes, *layout)
-    return _pack(_with_ones(planes) if offset else planes, zp, conv, x_shape)
+    return _pack(planes, zp, conv, x_shape, offset != 0)
 
 
 def prepare_conv(

@@ -27,8 +27,9 @@ static void blocks(u64 b0, int nb, u32 c1, u32 c2, u32 c3, u32 key0, u32 key1, u
     for (int i = 0; i < nb; i++) w[4 * i] = x0[i], w[4 * i + 1] = x1[i], w[4 * i + 2] = x2[i], w[4 * i + 3] = x3[i];
 }
 
-/* Run the statement `...` for every element offset .. offset+n-1 with its word `u` and output index `I`. */
-#define WALK(...)                                                                                          \
+/* Run the statement `...` for every run of words: `ws`, the `cnt` words of elements offset+i .. (up to a
+ * batch of Philox blocks at a time). */
+#define WALK_RUNS(...)                                                                                     \
     u32 w[4 * BATCH];                                                                                      \
     i64 i = 0, last = offset + n - 1;                                                                      \
     while (i < n) {                                                                                        \
@@ -36,13 +37,18 @@ static void blocks(u64 b0, int nb, u32 c1, u32 c2, u32 c3, u32 key0, u32 key1, u
         int nb = nb_needed < BATCH ? (int)nb_needed : BATCH, j0 = (int)(e & 3);                           \
         blocks((u64)b0, nb, c1, c2, c3, k0, k1, w);                                                        \
         i64 cnt = 4 * nb - j0 < n - i ? 4 * nb - j0 : n - i;                                               \
-        for (i64 q = 0; q < cnt; q++) {                                                                    \
-            u32 u = w[j0 + q];                                                                             \
-            i64 I = i + q;                                                                                 \
-            __VA_ARGS__;                                                                                   \
-        }                                                                                                  \
+        const u32 *ws = w + j0;                                                                            \
+        __VA_ARGS__;                                                                                       \
         i += cnt;                                                                                          \
     }
+
+/* Run the statement `...` for every element offset .. offset+n-1 with its word `u` and output index `I`. */
+#define WALK(...)                                                                                          \
+    WALK_RUNS(for (i64 q = 0; q < cnt; q++) {                                                              \
+        u32 u = ws[q];                                                                                     \
+        i64 I = i + q;                                                                                     \
+        __VA_ARGS__;                                                                                       \
+    })
 
 void fw_philox_words(u32 c1, u32 c2, u32 c3, u32 k0, u32 k1, i64 offset, i64 n, u32 *out) {
     WALK(out[I] = u)
@@ -72,16 +78,7 @@ __attribute__((optimize("no-tree-vectorize"))) static void gauss_words(const u32
 
 void fw_gaussian_q(u32 c1, u32 c2, u32 c3, u32 k0, u32 k1, i64 offset, i64 n, const i64 *base,
                    const i64 *padded, int span, int8_t *out) {
-    u32 w[4 * BATCH];
-    i64 i = 0, last = offset + n - 1;
-    while (i < n) { /* the blocks of WALK, then the lookups over them in a loop of their own */
-        i64 e = offset + i, b0 = e >> 2, nb_needed = (last >> 2) - b0 + 1;
-        int nb = nb_needed < BATCH ? (int)nb_needed : BATCH, j0 = (int)(e & 3);
-        blocks((u64)b0, nb, c1, c2, c3, k0, k1, w);
-        i64 cnt = 4 * nb - j0 < n - i ? 4 * nb - j0 : n - i;
-        gauss_words(w + j0, cnt, base, padded, span, out + i);
-        i += cnt;
-    }
+    WALK_RUNS(gauss_words(ws, cnt, base, padded, span, out + i)) /* the lookups in a loop of their own */
 }
 
 /* +one where bit 31 of the word is 0, -one where it is 1. */
