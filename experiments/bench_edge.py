@@ -24,6 +24,8 @@ import tempfile
 import bench_results
 from timing import timed
 
+from fwdgrad.provenance import provenance_line  # neither numpy nor torch (as bench_results)
+
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
@@ -193,8 +195,6 @@ def main(argv=None) -> dict:
 
 
 def markdown(result: dict) -> str:
-    from fwdgrad.provenance import provenance_line
-
     n, t = result["numpy"], result["torch"]
     return "\n".join(
         [

@@ -268,11 +268,10 @@ def codes_u8(x: torch.Tensor, flip: int = 0) -> torch.Tensor:
 def fake_quant(x: torch.Tensor, scale: float, zp: float, lo: float, hi: float, inplace: bool = False):
     """(clamp(rint(x / s) + z, lo, hi) - z) · s in float32, as the torch expression; into `x` itself with
     `inplace` where its storage is dense."""
-    dense = _same_dense_layout([x])[0]
-    out = dense if inplace and dense is x else torch.empty_like(dense)
-    x = dense
+    (dense,) = _same_dense_layout([x])
+    out = x if inplace and dense is x else torch.empty_like(dense)
     threads = torch.get_num_threads()
-    library().fw_fake_quant(x.data_ptr(), out.data_ptr(), x.numel(), scale, zp, lo, hi, threads)
+    library().fw_fake_quant(dense.data_ptr(), out.data_ptr(), dense.numel(), scale, zp, lo, hi, threads)
     return out
 
 
