@@ -839,6 +839,121 @@ def test_per_call_weights_written_into_the_learnt_layout_equal_onednns_packing(c
     assert torch.equal(ys[0], ys[1])
 
 
+def _split_weights(split: str, shape, g) -> torch.Tensor:
+    """Weights that take each split: int8 (one plane), int16 within the plain split's range (two planes),
+    int16 up to 32767 (two planes of w - 128, with the ones channel); both extremes present."""
+    if split == "int8":
+        w = torch.randint(-128, 128, shape, dtype=torch.int8, generator=g)
+        w.view(-1)[:2] = torch.tensor([-128, 127], dtype=torch.int8)
+        return w
+    hi = 32767 if split == "int16_offset" else 30000
+    w = torch.randint(-hi, hi + 1, shape, dtype=torch.int16, generator=g)
+    w.view(-1)[:2] = torch.tensor([-hi, hi], dtype=torch.int16)
+    return w
+
+
+@pytest.mark.parametrize("case", range(len(PACKED)))
+@pytest.mark.parametrize("split", ["int8", "int16", "int16_offset"])
+def test_weights_split_straight_into_the_layout_equal_split_then_packed(case, split):
+    """`onednn._written`: weights split as an earlier call's split and written into the learnt layout in one
+    pass give oneDNN's packing of the planes byte for byte, with the same bound, and the kernel the same
+    integers; a split that does not certify for the weights gives None, and `prepare_conv(like=...)` then
+    splits and packs as usual."""
+    if kernels.library() is None or not onednn.available():
+        pytest.skip("oneDNN's int8 kernels are not usable here")
+    shape, groups, stride, padding, dilation, x_shape = PACKED[case]
+    conv = None if groups is None else ((stride,) * 2, (padding,) * 2, (dilation,) * 2, groups)
+    if split == "int16_offset" and groups not in (None, 1):
+        pytest.skip("the offset split goes with groups 1")
+    w = _split_weights(split, shape, torch.Generator().manual_seed(case))
+    planes, offset, make = onednn._planes(w, groups or 1)
+    packed = make(onednn._pack(planes, 7, conv, x_shape, offset != 0))
+    like = (packed.planes, packed.digit_bits, packed.offset)
+    assert like[0] == (1 if split == "int8" else 2) and (like[2] != 0) == (split == "int16_offset")
+    written = onednn._written(w, like, 7, conv, x_shape, None)
+    if onednn.packed_layout(tuple(planes.shape), offset != 0, 7, conv, x_shape) is None:
+        assert written is None  # no layout learnt (a depthwise conv's two planes per group): packed as usual
+        return
+    assert written is not None
+    assert torch.equal(onednn._packed_bytes(written.weight), onednn._packed_bytes(packed.weight))
+    fields = ("planes", "digit_bits", "groups", "channels", "bound", "kind", "conv_groups", "offset")
+    assert all(getattr(written, f) == getattr(packed, f) for f in fields)
+    x = torch.randint(0, 256, x_shape, generator=torch.Generator().manual_seed(1)).float()
+    if conv is None:
+        ys = [onednn.linear(x, ew, 7) for ew in (written, packed)]
+    else:
+        ys = [onednn.conv(x, ew, 7, *conv[:3]) for ew in (written, packed)]
+    assert torch.equal(ys[0], ys[1])
+    if split != "int8":  # one plane cannot hold 16-bit weights: refused, and prepare_conv splits anew
+        assert onednn._written(w, (1, 0, 0), 7, conv, x_shape, None) is None
+        if conv is not None:
+            args = (w, 7, groups, *conv[:3])
+            again = onednn.prepare_conv(*args, x_shape=x_shape, per_call=True, like=(1, 0, 0))
+            assert again.planes == packed.planes
+            assert torch.equal(onednn._packed_bytes(again.weight), onednn._packed_bytes(packed.weight))
+
+
+def test_a_split_over_the_float32_limit_is_not_written():
+    """Digits whose x_bound·Σ|d| reaches 2^24 in one channel (here 515 digits of -128 at x_bound 255): the
+    written split is refused, as the planner refuses it."""
+    if kernels.library() is None or not onednn.available():
+        pytest.skip("oneDNN's int8 kernels are not usable here")
+    shape, conv, x_shape = (4, 515), None, (3, 515)
+    w = torch.full(shape, -128, dtype=torch.int8)
+    w[1:] = 3
+    assert kernels.plan_planes(w, 255, 1, 8) == (0, 0, 255 * 128 * 515)  # one plane does not certify
+    assert onednn._written(w, (1, 0, 0), 0, conv, x_shape, None) is None
+    w[0, 0] = 0  # one digit less: certified
+    assert kernels.plan_planes(w, 255, 1, 8)[0] == 1
+    assert onednn._written(w, (1, 0, 0), 0, conv, x_shape, None) is not None
+
+
+@pytest.mark.parametrize("shape", [(33, 16, 3, 3), (65, 32, 1, 1), (21, 40)])
+@pytest.mark.parametrize("split", ["int8", "int16", "int16_offset"])
+def test_weights_split_straight_into_gemm_columns_equal_the_columns(shape, split):
+    """`intmm._written`: the columns, bound and per-channel shift of `intmm.prepare`, and the same GEMM."""
+    if kernels.library() is None or not intmm.available():
+        pytest.skip("torch._int_mm is not exact here")
+    w = _split_weights(split, shape, torch.Generator().manual_seed(len(shape)))
+    made = intmm.prepare(w, 9)
+    like = (made.planes, made.digit_bits, made.offset)
+    written = intmm._written(w, like, 9)
+    assert torch.equal(written.weight, made.weight) and torch.equal(written.shift, made.shift)
+    fields = ("planes", "digit_bits", "groups", "channels", "bound", "kind", "offset")
+    assert all(getattr(written, f) == getattr(made, f) for f in fields)
+    if split != "int8":
+        assert intmm._written(w, (1, 0, 0), 9) is None
+
+
+@pytest.mark.parametrize("kernel", ["onednn", "int_mm"])
+def test_steps_on_weights_written_into_layouts_equal_steps_on_packed_ones(monkeypatch, kernel):
+    """QZO-FF steps whose passes write their weights straight into the learnt layouts (all passes after a
+    layer's first) reach the same integers as steps that split and pack every pass."""
+    if kernels.library() is None or not (onednn.available() if kernel == "onednn" else intmm.available()):
+        pytest.skip(f"{kernel} is not usable here")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.arange(8) % 10
+    model = build_model("resnet8", num_classes=10, in_channels=3).eval()
+    module = onednn if kernel == "onednn" else intmm
+    real, written = module._written, []
+    monkeypatch.setattr(module, "_written", lambda *a: written.append(real(*a)) or written[-1])
+    results = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(module, "_written", lambda *a: None)
+        q = convert(model, "w16a8", x)
+        q.kernel = kernel
+        opt = qzo_ff(q, lr=0.05, eps=0.01, m=2)
+        with torch.no_grad():
+            losses = [float(opt.step(lambda: F.cross_entropy(q(x), y))) for _ in range(3)]
+        results.append((losses, [n.weight_q.clone() for n in q.weight_nodes().values()]))
+    (la, wa), (lb, wb) = results
+    assert la == lb and all(torch.equal(a, b) for a, b in zip(wa, wb))
+    before = [n.weight_q for n in convert(model, "w16a8", x).weight_nodes().values()]
+    assert sum(not torch.equal(a, b) for a, b in zip(wa, before)) > 5  # the steps moved the weights
+    assert len(written) > 10 and all(ew is not None for ew in written)
+
+
 def test_a_layout_with_weight_derived_bytes_is_not_learnt(monkeypatch):
     """Where packed buffers held more than the weights' permutation (here: an emulated checksum byte),
     no layout is learnt and per-call weights are packed by oneDNN."""

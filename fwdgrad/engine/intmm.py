@@ -19,6 +19,7 @@ those do, else the kernel is unavailable. Grouped convolutions keep the other ke
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -69,12 +70,49 @@ def available() -> bool:
     return digit_bits() > 0
 
 
-def prepare(w: torch.Tensor, zp: int):
-    """Weights [C, ...] (fan-in flattened in the order of `columns`: kh, kw, C_in) as int8 planes
-    [K, outputs], certified for int32 accumulation, in an ExactWeights of kind "int_mm"; None where no split
-    certifies."""
+@functools.lru_cache(maxsize=64)
+def columns_layout(shape: tuple, planes: int, ones: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where `kernels.digit_columns` puts each digit of `planes` planes of weights of `shape` [C, C_in, ...]:
+    (the columns of zero planes, with their ones column where `ones`; the int32 byte position of each digit of
+    the planes stacked [planes][C][K] as `kernels.fill_planes` stacks them, K in the weights' order)."""
+    c, cin, khw = shape[0], shape[1] if len(shape) > 1 else 1, math.prod(shape[2:])
+    ld = planes * c + ones
+    template = torch.zeros((cin * khw, ld), dtype=torch.int8)
+    if ones:
+        template[:, -1] = 1
+    q, ch, ci, sp = torch.meshgrid(*(torch.arange(n) for n in (planes, c, cin, khw)), indexing="ij")
+    at = (sp * cin + ci) * ld + q * c + ch  # im2col's fan-in order: k = (kh, kw, C_in)
+    return template, at.reshape(-1).to(torch.int32)
+
+
+def _written(w: torch.Tensor, like: tuple[int, int, int], zp: int):
+    """`onednn._written` for these columns: per-call weights split as an earlier call's were (`like` =
+    (planes, digit bits, offset)) straight into a copy of their columns' template, or None where the split
+    does not certify for `w`."""
     from .intops import ExactWeights
 
+    planes, bits, offset = like
+    template, at = columns_layout(tuple(w.shape), planes, offset != 0)
+    cols = template.clone()
+    done = kernels.split_into(
+        w, planes, bits, digit_bits(), offset, U_BOUND, LIMIT_BITS, at, cols.data_ptr(), rowsum=True
+    )
+    if done is None:
+        return None
+    bound, sums = done
+    shift = (128 - zp) * sums
+    return ExactWeights(cols, planes, bits, 1, w.shape[0], bound, kind="int_mm", offset=offset, shift=shift)
+
+
+def prepare(w: torch.Tensor, zp: int, like: tuple[int, int, int] | None = None):
+    """Weights [C, ...] (fan-in flattened in the order of `columns`: kh, kw, C_in) as int8 planes
+    [K, outputs], certified for int32 accumulation, in an ExactWeights of kind "int_mm"; None where no split
+    certifies. Per-call weights with `like` = (planes, digit bits, offset) of an earlier call's split are
+    first split that way straight into their columns (`_written`)."""
+    from .intops import ExactWeights
+
+    if like is not None and (ew := _written(w, like, zp)) is not None:
+        return ew
     split = planes_with_offset(w, U_BOUND, 1, digit_bits(), LIMIT_BITS, columns=True)
     if split is None:
         return None

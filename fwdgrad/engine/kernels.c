@@ -906,3 +906,75 @@ void fw_scatter_i8(const int8_t *w, const int32_t *at, int8_t *out, i64 n, i64 r
         memcpy(out + comp + 4 * r, &sum, 4);
     }
 }
+
+/* The split of fw_fill_planes into one or two int8 planes (stacked [groups][planes][C/groups][K]) written
+ * through an index: digit j of that stack goes to byte at[j] of dst (a kernel's packed weight layout, learnt
+ * once per shape: fwdgrad/engine/onednn.py packed_layout, intmm.py columns_layout), with comp >= 0 each
+ * stacked row's -Σ digits as int32 at byte comp + 4·row, and with rowsum each channel's Σ_k w (int64).
+ * Certified as fw_plan_planes: every digit in [lo, hi] and x_bound·Σ_k |d| < 2^limit_bits per plane and
+ * channel. Returns the bound x_bound·max_c Σ_k |w| (as fw_plan_planes), or -1 when the split does not
+ * certify (dst is then partly written and must be dropped). */
+#define SPLIT_ROWS 16 /* rows split before their digits are written: the rows of one cache line of a blocked layout */
+#define SPLIT_INTO(T)                                                                                         \
+    static i64 split_into_##T(const T *w, i64 C, i64 K, int groups, int planes, int b, i64 offset,          \
+                              i64 x_bound, i64 limit, i64 lo, i64 hi, const int32_t *at, int8_t *dst,         \
+                              i64 comp, i64 *rowsum, int8_t *d0s, int8_t *d1s) {                              \
+        int32_t mask = (1 << b) - 1, half = b > 0 ? 1 << (b - 1) : 0, off = (int32_t)offset;                 \
+        int32_t lo32 = lo < -128 ? -128 : (int32_t)lo, hi32 = hi > 127 ? 127 : (int32_t)hi; /* int8 digits */ \
+        i64 cg = C / groups, smax = 0, r0[SPLIT_ROWS];                                                        \
+        for (i64 c0 = 0; c0 < C; c0 += SPLIT_ROWS) {                                                          \
+            int rows = C - c0 < SPLIT_ROWS ? (int)(C - c0) : SPLIT_ROWS;                                      \
+            for (int r = 0; r < rows; r++) {                                                                  \
+                i64 c = c0 + r;                                                                               \
+                const T *row = w + c * K;                                                                     \
+                int8_t *e0 = d0s + r * K, *e1 = d1s + r * K;                                                  \
+                int32_t bad = 0;                                                                              \
+                i64 a0 = 0, a1 = 0, s0 = 0, s1 = 0, aw = 0, sw = 0;                                          \
+                for (i64 k = 0; k < K; k++) { /* vectorizable: digits and sums */                             \
+                    int32_t x = (int32_t)row[k], v = x - off;                                                 \
+                    int32_t d0 = planes == 1 ? v : low_digit(v, half, mask), d1 = planes == 1 ? 0 : (v - d0) >> b; \
+                    bad |= (d0 < lo32) | (d0 > hi32) | (d1 < lo32) | (d1 > hi32);                             \
+                    e0[k] = (int8_t)d0;                                                                       \
+                    e1[k] = (int8_t)d1;                                                                       \
+                    a0 += d0 < 0 ? -d0 : d0;                                                                  \
+                    a1 += d1 < 0 ? -d1 : d1;                                                                  \
+                    s0 += d0;                                                                                 \
+                    s1 += d1;                                                                                 \
+                    aw += x < 0 ? -x : x;                                                                     \
+                    sw += x;                                                                                  \
+                }                                                                                             \
+                if (bad || x_bound * a0 >= limit || x_bound * a1 >= limit) return -1;                         \
+                smax = aw > smax ? aw : smax;                                                                 \
+                if (rowsum) rowsum[c] = sw;                                                                   \
+                r0[r] = (c / cg) * planes * cg + c % cg; /* the stacked row of its low digit; + cg: high */   \
+                if (comp >= 0) {                                                                              \
+                    int32_t n0 = (int32_t)-s0, n1 = (int32_t)-s1;                                             \
+                    memcpy(dst + comp + 4 * r0[r], &n0, 4);                                                   \
+                    if (planes == 2) memcpy(dst + comp + 4 * (r0[r] + cg), &n1, 4);                           \
+                }                                                                                             \
+            }                                                                                                 \
+            for (int q = 0; q < planes; q++) /* k outer: neighbouring rows' digits share cache lines */       \
+                for (i64 k = 0; k < K; k++)                                                                   \
+                    for (int r = 0; r < rows; r++)                                                            \
+                        dst[at[(r0[r] + q * cg) * K + k]] = (q ? d1s : d0s)[r * K + k];                       \
+        }                                                                                                     \
+        return x_bound * smax;                                                                                \
+    }
+SPLIT_INTO(int8_t)
+SPLIT_INTO(int16_t)
+
+i64 fw_split_into(const void *w, int wbytes, i64 C, i64 K, int groups, int planes, int b, i64 offset, i64 x_bound,
+                  int limit_bits, i64 lo, i64 hi, const int32_t *at, int8_t *dst, i64 comp, i64 *rowsum) {
+    if ((wbytes != 1 && wbytes != 2) || planes < 1 || planes > 2 || (planes == 2 && (b < 1 || b > 8))) return -1;
+    int8_t *buf = malloc(2 * SPLIT_ROWS * K);
+    if (!buf) return -1;
+    i64 limit = (i64)1 << limit_bits, r;
+    if (wbytes == 1)
+        r = split_into_int8_t(w, C, K, groups, planes, b, offset, x_bound, limit, lo, hi, at, dst, comp, rowsum, buf,
+                              buf + SPLIT_ROWS * K);
+    else
+        r = split_into_int16_t(w, C, K, groups, planes, b, offset, x_bound, limit, lo, hi, at, dst, comp, rowsum,
+                               buf, buf + SPLIT_ROWS * K);
+    free(buf);
+    return r;
+}

@@ -60,6 +60,10 @@ SIGNATURES = {
     "fw_perturb": (_I64, [_P, _INT, _I64, _I64, _I64, _INT, _P, _P, _I64, _INT, _INT, _P, _I64, _I64, _P]),
     "fw_dequantize": (None, [_P, _INT, _I64, _I64, _P, _P]),
     "fw_scatter_i8": (None, [_P, _P, _P, _I64, _I64, _I64]),
+    "fw_split_into": (
+        _I64,
+        [_P, _INT, _I64, _I64, _INT, _INT, _INT, _I64, _I64, _INT, _I64, _I64, _P, _P, _I64, _P],
+    ),
 }
 _INT_BYTES = {torch.int8: 1, torch.int16: 2, torch.int32: 4}
 ROUNDING_CODES = {"nearest": 0, "floor": 1, "stochastic": 2}
@@ -445,6 +449,38 @@ def scatter_i8(w: torch.Tensor, at: torch.Tensor, out_ptr: int, comp: int = -1) 
     `at[i]` (int32); with `comp` >= 0 also each row's -Σ w as int32 at byte comp + 4·row."""
     w = w.contiguous()
     library().fw_scatter_i8(w.data_ptr(), at.data_ptr(), out_ptr, w.numel(), w.shape[0], comp)
+
+
+def split_into(
+    w: torch.Tensor,
+    planes: int,
+    bits: int,
+    fixed_bits: int,
+    offset: int,
+    x_bound: int,
+    limit_bits: int,
+    at: torch.Tensor,
+    out_ptr: int,
+    comp: int = -1,
+    groups: int = 1,
+    rowsum: bool = False,
+) -> tuple[int, torch.Tensor | None] | None:
+    """The split `fill_planes` makes of int8/int16 `w` [C, ...] into `planes` (1 or 2) int8 planes of `bits`
+    bits minus `offset`, certified as `plan_planes` certifies it (digits within ±2^(fixed_bits-1), capped at
+    127; x_bound·Σ|d| < 2^limit_bits per plane and channel) and written straight into the buffer at `out_ptr`
+    as `scatter_i8` writes the planes (digit j of the stack at byte `at[j]`, with `comp` >= 0 the rows'
+    -Σ d). Returns (the bound x_bound·max_c Σ|w|, each channel's Σ w as int64 where `rowsum`), or None where
+    the split does not certify or does not apply (the buffer then holds some digits: drop it)."""
+    if w.dtype not in (torch.int8, torch.int16) or planes not in (1, 2):
+        return None
+    w = w.contiguous()
+    sums = torch.empty(w.shape[0], dtype=torch.int64) if rowsum else None
+    lo, hi = -(1 << (fixed_bits - 1)), min(1 << (fixed_bits - 1), 127)
+    bound = library().fw_split_into(
+        w.data_ptr(), _INT_BYTES[w.dtype], w.shape[0], w[0].numel() if w.dim() > 1 else 1, groups, planes,
+        bits, offset, x_bound, limit_bits, lo, hi, at.data_ptr(), out_ptr, comp, _ptr(sums),
+    )  # fmt: skip
+    return None if bound < 0 else (bound, sums)
 
 
 def dequantize(w: torch.Tensor, qp) -> torch.Tensor | None:

@@ -326,7 +326,7 @@ class QWeighted(QTrainable):
         # "kind": the kernel the last forward ran; "ahead": perturbed weights prepared by `prepare_ahead`,
         # id(w) -> (w, version, kind, prepared); "ahead_kind", "ahead_shape": the kernel and input shape
         # perturbed weights were last prepared for
-        self._last = {"kind": "float", "ahead": {}, "ahead_kind": None, "ahead_shape": None}
+        self._last = {"kind": "float", "ahead": {}, "ahead_kind": None, "ahead_shape": None, "like": {}}
         self._stacks: dict[tuple, QWeighted] = {}  # this layer with its output channels repeated (`stacked`)
 
     channel_dim = 1
@@ -348,7 +348,7 @@ class QWeighted(QTrainable):
         prepares its own weights and times its own kernels)."""
         state = dict(self.__dict__)
         state["_prepared"], state["_timed"], state["_stacks"] = {}, {}, {}
-        state["_last"] = {"kind": "float", "ahead": {}, "ahead_kind": None, "ahead_shape": None}
+        state["_last"] = {"kind": "float", "ahead": {}, "ahead_kind": None, "ahead_shape": None, "like": {}}
         return state
 
     def exact_weights(self, w: torch.Tensor, kind: str = "float", shape=None) -> ExactWeights | None:
@@ -385,14 +385,20 @@ class QWeighted(QTrainable):
         self._last["ahead"] = {}
 
     def _prepare(self, w, kind, shape=None):
-        if kind == "onednn":
-            return self.onednn_prepare(w, shape)
+        if kind in ("onednn", "int_mm"):  # per call: split as the last call's split, where it certifies
+            per_call = w is not self.weight_q
+            like = self._last["like"].get(kind) if per_call else None
+            if kind == "onednn":
+                ew = self.onednn_prepare(w, shape, like)
+            else:
+                ok = onednn.supports(self.in_qp.fmt) and getattr(self, "groups", 1) == 1
+                ok = ok and not isinstance(getattr(self, "padding", ()), str) and intmm.available()
+                ew = intmm.prepare(w, int(self.zp_in), like) if ok else None
+            if per_call and ew is not None:
+                self._last["like"][kind] = (ew.planes, ew.digit_bits, ew.offset)
+            return ew
         if kind == "int16":
             return self.int16_prepare(w)
-        if kind == "int_mm":
-            ok = onednn.supports(self.in_qp.fmt) and getattr(self, "groups", 1) == 1
-            ok = ok and not isinstance(getattr(self, "padding", ()), str) and intmm.available()
-            return intmm.prepare(w, int(self.zp_in)) if ok else None
         if kind == "dequantized":  # fake mode's float weights
             fast = kernels.dequantize(w, self.w_qp)
             return dequantize(w, self.w_qp) if fast is None else fast
@@ -560,9 +566,9 @@ class QConv2d(QWeighted):
             x if self.zp_in == 0 else x - self.zp_in, ew, self.stride, self.padding, self.dilation
         )
 
-    def onednn_prepare(self, w, shape=None):
+    def onednn_prepare(self, w, shape=None, like=None):
         zp, args = int(self.zp_in), (self.groups, self.stride, self.padding, self.dilation)
-        return onednn.prepare_conv(w, zp, *args, x_shape=shape, per_call=w is not self.weight_q)
+        return onednn.prepare_conv(w, zp, *args, x_shape=shape, per_call=w is not self.weight_q, like=like)
 
     def float_op(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
@@ -581,9 +587,10 @@ class QLinear(QWeighted):
             return intmm.linear(x, ew)
         return exact_linear(x if self.zp_in == 0 else x - self.zp_in, ew)
 
-    def onednn_prepare(self, w, shape=None):
+    def onednn_prepare(self, w, shape=None, like=None):
         rows = None if shape is None else [math.prod(shape[:-1]), shape[-1]]  # as `onednn.linear` runs it
-        return onednn.prepare_linear(w, int(self.zp_in), x_shape=rows, per_call=w is not self.weight_q)
+        per_call = w is not self.weight_q
+        return onednn.prepare_linear(w, int(self.zp_in), x_shape=rows, per_call=per_call, like=like)
 
     def float_op(self, x, w, b):
         return F.linear(x, w, b)

@@ -301,6 +301,34 @@ def pack(planes: torch.Tensor, offset: int, zp: int, conv: tuple | None, x_shape
     return _pack(planes, zp, conv, x_shape, offset != 0)
 
 
+def _written(w: torch.Tensor, like: tuple[int, int, int], zp: int, conv: tuple | None, x_shape, bits):
+    """Per-call weights `w` split as an earlier call's were (`like` = (planes, digit bits, offset), one or two
+    planes) and written straight into the packed layout learnt for that split (`packed_layout`,
+    `kernels.split_into`: one pass, no planes in between), or None where that layout is unknown or the split
+    does not certify for `w` (the caller then splits and packs as usual)."""
+    from .intops import ExactWeights
+
+    planes, digit, offset = like
+    groups = 1 if conv is None else conv[3]
+    shape = (planes * w.shape[0], *w.shape[1:])
+    if x_shape is None or planes not in (1, 2) or math.prod(shape) > LAYOUT_ELEMENTS:
+        return None
+    layout = packed_layout(shape, offset != 0, zp, conv, tuple(x_shape))
+    if layout is None:
+        return None
+    template, at, comp = layout
+    packed = template.clone()
+    done = kernels.split_into(
+        w, planes, digit, bits or digit_bits(), offset, X_MAX, 24, at, torch.ops.mkldnn.data_ptr(packed),
+        comp, groups,
+    )  # fmt: skip
+    if done is None:
+        return None
+    return ExactWeights(
+        packed, planes, digit, groups, w.shape[0], done[0], kind="onednn", conv_groups=groups, offset=offset
+    )
+
+
 def prepare_conv(
     w: torch.Tensor,
     zp: int,
@@ -311,16 +339,22 @@ def prepare_conv(
     bits: int | None = None,
     x_shape=None,
     per_call: bool = False,
+    like: tuple[int, int, int] | None = None,
 ):
     """Weights certified and packed for `conv` (digits of `bits` bits, default `digit_bits()`), or None when
     no split into at most MAX_PLANES planes certifies. Packed for inputs of `x_shape` where given (half the
     packing time; inputs of any shape run on them alike); weights prepared per call (`per_call`) by copy
-    into the packed layout (`pack`)."""
+    into the packed layout (`pack`), or with `like` = (planes, digit bits, offset) of an earlier call's split
+    first by splitting them that way straight into the layout (`_written`)."""
+    conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
+    if like is not None:
+        ew = _written(w, like, zp, conv, x_shape, bits)
+        if ew is not None:
+            return ew
     split = _planes(w, groups, bits)
     if split is None:
         return None
     planes, offset, make = split
-    conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
     return make(pack(planes, offset, zp, conv, x_shape, per_call))
 
 
@@ -335,8 +369,14 @@ def conv(x: torch.Tensor, ew, zp: int, stride, padding, dilation) -> torch.Tenso
     )  # fmt: skip
 
 
-def prepare_linear(w: torch.Tensor, zp: int, bits: int | None = None, x_shape=None, per_call: bool = False):
+def prepare_linear(
+    w: torch.Tensor, zp: int, bits: int | None = None, x_shape=None, per_call: bool = False, like=None
+):
     """`prepare_conv` for `linear` (`x_shape`: the rows it runs, [N, K])."""
+    if like is not None:
+        ew = _written(w, like, zp, None, x_shape, bits)
+        if ew is not None:
+            return ew
     split = _planes(w, 1, bits)
     if split is None:
         return None
