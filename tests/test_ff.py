@@ -240,8 +240,10 @@ def test_a_steps_passes_are_planned_before_its_first_forward(monkeypatch, planne
         if not plan:
             monkeypatch.setattr(opt.space, "plan", lambda step, passes: None)
         events = []  # "w": a layer's perturbed weights computed, "f": a forward, "i" inside it
-        inner = opt.space.perturbed_weight
-        opt.space.perturbed_weight = lambda step, t, terms: events.append("w") or inner(step, t, terms)
+        inner = opt.space.perturbed_weights
+        opt.space.perturbed_weights = lambda step, t, passes: (
+            events.append("w" * len(passes)) or inner(step, t, passes)
+        )
 
         def closure(s):
             events.append("f")
@@ -268,13 +270,13 @@ def test_frozen_layers_never_perturbed_and_sparse_touches_only_masked():
         q, lr=0.05, eps=1e-3, m=2, seed=0, trainable=names[-2:], sparse={"kind": "topk", "density": 0.1}
     )
     asked = set()
-    inner = opt.space.perturbed_weight
+    inner = opt.space.perturbed_weights
 
-    def spy(step, t, terms):
+    def spy(step, t, passes):
         asked.add(opt.space.names[t])
-        return inner(step, t, terms)
+        return inner(step, t, passes)
 
-    opt.space.perturbed_weight = spy
+    opt.space.perturbed_weights = spy
     for s in range(6):
         opt.step(lambda s=s: F.cross_entropy(q(x[32 * s : 32 * s + 32]), y[32 * s : 32 * s + 32]))
     assert asked == set(names[-2:])

@@ -385,7 +385,9 @@ def test_c_perturbation_equals_the_torch_path(monkeypatch, rounding, per_channel
         q = convert(model, "w16a8", x, per_channel=per_channel)
         opt = qzo_ff(q, lr=0.5, eps=0.05, m=3, rounding=rounding)
         space = opt.space
-        weights = [space.perturbed_weight(3, t, [Term(0, 0.05, +1), Term(1, 0.02, -1)]) for t in range(3)]
+        weights = [
+            space.perturbed_weights(3, t, [[Term(0, 0.05, +1), Term(1, 0.02, -1)]])[0] for t in range(3)
+        ]
         with torch.no_grad():
             opt.step(lambda: q(x).sum())
             q(x)  # the stored weights prepared for their kernels
@@ -416,7 +418,7 @@ def test_c_one_term_perturbation_equals_the_torch_path(monkeypatch, scheme, roun
         q = convert(model, scheme, x, per_channel=per_channel)
         space = qzo_ff(q, lr=0.5, eps=0.05, m=2, rounding=rounding).space
         weights = [
-            space.perturbed_weight(5, t, [Term(i, eps, sign)])
+            space.perturbed_weights(5, t, [[Term(i, eps, sign)]])[0]
             for eps in (1e-3, 0.3)
             for i in (0, 1)
             for sign in (+1, -1)
@@ -554,12 +556,11 @@ def test_a_steps_perturbed_weights_are_prepared_before_its_forwards(monkeypatch,
     x = torch.randn(8, 3, 12, 12, generator=g)
     model = build_model("small_cnn", num_classes=4, in_channels=3).eval()
     calls, inside = [], [False]
-    prepare = QWeighted._prepare
+    prepare = QWeighted._prepare_per_call
 
-    def counted(self, w, kind, shape=None):
-        if w is not self.weight_q:
-            calls.append((self.name, kind, inside[0]))
-        return prepare(self, w, kind, shape)
+    def counted(self, ws, kind, shape):
+        calls.extend((self.name, kind, inside[0]) for _ in ws)
+        return prepare(self, ws, kind, shape)
 
     def closure():
         inside[0] = True
@@ -577,10 +578,10 @@ def test_a_steps_perturbed_weights_are_prepared_before_its_forwards(monkeypatch,
         opt = qzo_ff(q, lr=0.5, eps=0.05, m=2)
         with torch.no_grad():
             opt.step(closure)  # the first pass of a layer picks its kernel inside the forward
-            monkeypatch.setattr(QWeighted, "_prepare", counted)
+            monkeypatch.setattr(QWeighted, "_prepare_per_call", counted)
             calls.clear()
             opt.step(closure)
-            monkeypatch.setattr(QWeighted, "_prepare", prepare)
+            monkeypatch.setattr(QWeighted, "_prepare_per_call", prepare)
         if ahead:
             layers = len(q.weight_nodes())
             assert len(calls) == 4 * layers and not any(c[2] for c in calls)  # 2m passes, all ahead
@@ -855,10 +856,9 @@ def _split_weights(split: str, shape, g) -> torch.Tensor:
 @pytest.mark.parametrize("case", range(len(PACKED)))
 @pytest.mark.parametrize("split", ["int8", "int16", "int16_offset"])
 def test_weights_split_straight_into_the_layout_equal_split_then_packed(case, split):
-    """`onednn._written`: weights split as an earlier call's split and written into the learnt layout in one
-    pass give oneDNN's packing of the planes byte for byte, with the same bound, and the kernel the same
-    integers; a split that does not certify for the weights gives None, and `prepare_conv(like=...)` then
-    splits and packs as usual."""
+    """`onednn.write_split`: weights split as an earlier call's split and written into the learnt layout in
+    one pass give oneDNN's packing of the planes byte for byte, with the same bound, and the kernel the same
+    integers; a split that does not certify for the weights gives None."""
     if kernels.library() is None or not onednn.available():
         pytest.skip("oneDNN's int8 kernels are not usable here")
     shape, groups, stride, padding, dilation, x_shape = PACKED[case]
@@ -870,7 +870,7 @@ def test_weights_split_straight_into_the_layout_equal_split_then_packed(case, sp
     packed = make(onednn._pack(planes, 7, conv, x_shape, offset != 0))
     like = (packed.planes, packed.digit_bits, packed.offset)
     assert like[0] == (1 if split == "int8" else 2) and (like[2] != 0) == (split == "int16_offset")
-    written = onednn._written(w, like, 7, conv, x_shape, None)
+    written = onednn.write_split([w], like, 7, conv, x_shape, None)[0]
     if onednn.packed_layout(tuple(planes.shape), offset != 0, 7, conv, x_shape) is None:
         assert written is None  # no layout learnt (a depthwise conv's two planes per group): packed as usual
         return
@@ -885,12 +885,7 @@ def test_weights_split_straight_into_the_layout_equal_split_then_packed(case, sp
         ys = [onednn.conv(x, ew, 7, *conv[:3]) for ew in (written, packed)]
     assert torch.equal(ys[0], ys[1])
     if split != "int8":  # one plane cannot hold 16-bit weights: refused, and prepare_conv splits anew
-        assert onednn._written(w, (1, 0, 0), 7, conv, x_shape, None) is None
-        if conv is not None:
-            args = (w, 7, groups, *conv[:3])
-            again = onednn.prepare_conv(*args, x_shape=x_shape, per_call=True, like=(1, 0, 0))
-            assert again.planes == packed.planes
-            assert torch.equal(onednn._packed_bytes(again.weight), onednn._packed_bytes(packed.weight))
+        assert onednn.write_split([w], (1, 0, 0), 7, conv, x_shape, None)[0] is None
 
 
 def test_a_split_over_the_float32_limit_is_not_written():
@@ -902,27 +897,53 @@ def test_a_split_over_the_float32_limit_is_not_written():
     w = torch.full(shape, -128, dtype=torch.int8)
     w[1:] = 3
     assert kernels.plan_planes(w, 255, 1, 8) == (0, 0, 255 * 128 * 515)  # one plane does not certify
-    assert onednn._written(w, (1, 0, 0), 0, conv, x_shape, None) is None
+    assert onednn.write_split([w], (1, 0, 0), 0, conv, x_shape, None)[0] is None
     w[0, 0] = 0  # one digit less: certified
     assert kernels.plan_planes(w, 255, 1, 8)[0] == 1
-    assert onednn._written(w, (1, 0, 0), 0, conv, x_shape, None) is not None
+    assert onednn.write_split([w], (1, 0, 0), 0, conv, x_shape, None)[0] is not None
 
 
 @pytest.mark.parametrize("shape", [(33, 16, 3, 3), (65, 32, 1, 1), (21, 40)])
 @pytest.mark.parametrize("split", ["int8", "int16", "int16_offset"])
 def test_weights_split_straight_into_gemm_columns_equal_the_columns(shape, split):
-    """`intmm._written`: the columns, bound and per-channel shift of `intmm.prepare`, and the same GEMM."""
+    """`intmm.write_split`: the columns, bound and per-channel shift of `intmm.prepare`, and the same GEMM."""
     if kernels.library() is None or not intmm.available():
         pytest.skip("torch._int_mm is not exact here")
     w = _split_weights(split, shape, torch.Generator().manual_seed(len(shape)))
     made = intmm.prepare(w, 9)
     like = (made.planes, made.digit_bits, made.offset)
-    written = intmm._written(w, like, 9)
+    written = intmm.write_split([w], like, 9)[0]
     assert torch.equal(written.weight, made.weight) and torch.equal(written.shift, made.shift)
     fields = ("planes", "digit_bits", "groups", "channels", "bound", "kind", "offset")
     assert all(getattr(written, f) == getattr(made, f) for f in fields)
     if split != "int8":
-        assert intmm._written(w, (1, 0, 0), 9) is None
+        assert intmm.write_split([w], (1, 0, 0), 9)[0] is None
+
+
+def test_written_weights_reuse_only_buffers_whose_holder_is_gone():
+    """`onednn.buffers`: a buffer comes back once the ExactWeights it was written for is gone, never while it
+    lives: per-call weights kept by a caller keep their bytes while later splits are written."""
+    if kernels.library() is None or not onednn.available():
+        pytest.skip("oneDNN's int8 kernels are not usable here")
+    shape, conv, x_shape = (8, 4, 3, 3), ((1, 1), (1, 1), (1, 1), 1), (2, 4, 6, 6)
+    g = torch.Generator().manual_seed(0)
+    pools = {}
+
+    def written(n):
+        ws = [torch.randint(-128, 128, shape, dtype=torch.int8, generator=g) for _ in range(n)]
+        return ws, onednn.write_split(ws, (1, 0, 0), 0, conv, x_shape, None, pools)
+
+    ws, kept = written(2)
+    buffers = [ew.weight for ew in kept]
+    before = onednn._packed_bytes(kept[0].weight)
+    del kept[1]  # its buffer is free again; kept[0]'s is not
+    ws2, again = written(3)
+    assert again[0].weight is buffers[1] and all(ew.weight is not buffers[0] for ew in again)
+    assert torch.equal(onednn._packed_bytes(kept[0].weight), before)  # untouched
+    ref = onednn._pack(ws2[0], 0, conv, x_shape)
+    assert torch.equal(onednn._packed_bytes(again[0].weight), onednn._packed_bytes(ref))  # rewritten whole
+    (pool,) = pools.values()
+    assert len(pool[1]) == 4  # two from the first call, two new
 
 
 @pytest.mark.parametrize("kernel", ["onednn", "int_mm"])
@@ -935,12 +956,12 @@ def test_steps_on_weights_written_into_layouts_equal_steps_on_packed_ones(monkey
     x, y = torch.randn(8, 3, 16, 16, generator=g), torch.arange(8) % 10
     model = build_model("resnet8", num_classes=10, in_channels=3).eval()
     module = onednn if kernel == "onednn" else intmm
-    real, written = module._written, []
-    monkeypatch.setattr(module, "_written", lambda *a: written.append(real(*a)) or written[-1])
+    real, written = module.write_split, []
+    monkeypatch.setattr(module, "write_split", lambda *a: written.extend(real(*a)) or written[-len(a[0]) :])
     results = []
     for fast in (True, False):
         if not fast:
-            monkeypatch.setattr(module, "_written", lambda *a: None)
+            monkeypatch.setattr(module, "write_split", lambda ws, *a: [None] * len(ws))
         q = convert(model, "w16a8", x)
         q.kernel = kernel
         opt = qzo_ff(q, lr=0.05, eps=0.01, m=2)

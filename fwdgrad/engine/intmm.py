@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import torch
 
 from . import kernels
-from .onednn import planes_with_offset
+from .onednn import buffers, planes_with_offset
 
 U_BOUND = 128  # |x - 128| for u8 codes
 LIMIT_BITS = 31  # int32 accumulators
@@ -85,34 +86,39 @@ def columns_layout(shape: tuple, planes: int, ones: bool) -> tuple[torch.Tensor,
     return template, at.reshape(-1).to(torch.int32)
 
 
-def _written(w: torch.Tensor, like: tuple[int, int, int], zp: int):
-    """`onednn._written` for these columns: per-call weights split as an earlier call's were (`like` =
-    (planes, digit bits, offset)) straight into a copy of their columns' template, or None where the split
-    does not certify for `w`."""
+def write_split(ws: list[torch.Tensor], like: tuple[int, int, int], zp: int, pools: dict | None = None):
+    """`onednn.write_split` for these columns: per-call weights (one shape) split as an earlier call's were
+    (`like` = (planes, digit bits, offset)) straight into copies of their columns' template, each an
+    ExactWeights, or None where the split does not certify for that tensor. The buffers come from `pools`
+    where given (`onednn.buffers`)."""
     from .intops import ExactWeights
 
     planes, bits, offset = like
-    template, at = columns_layout(tuple(w.shape), planes, offset != 0)
-    cols = template.clone()
+    template, at = columns_layout(tuple(ws[0].shape), planes, offset != 0)
+    slots = buffers(template, len(ws), pools)
+    ptrs = [s[0].data_ptr() for s in slots]
     done = kernels.split_into(
-        w, planes, bits, digit_bits(), offset, U_BOUND, LIMIT_BITS, at, cols.data_ptr(), rowsum=True
+        ws, planes, bits, digit_bits(), offset, U_BOUND, LIMIT_BITS, at, ptrs, rowsum=True
     )
-    if done is None:
-        return None
-    bound, sums = done
-    shift = (128 - zp) * sums
-    return ExactWeights(cols, planes, bits, 1, w.shape[0], bound, kind="int_mm", offset=offset, shift=shift)
+    made = []
+    for slot, d in zip(slots, done):
+        ew = None
+        if d is not None:
+            shift = (128 - zp) * d[1]
+            ew = ExactWeights(
+                slot[0], planes, bits, 1, len(shift), d[0], "int_mm", offset=offset, shift=shift
+            )
+            slot[1] = weakref.ref(ew)  # the buffer's holder (`onednn.buffers`)
+        made.append(ew)
+    return made
 
 
-def prepare(w: torch.Tensor, zp: int, like: tuple[int, int, int] | None = None):
+def prepare(w: torch.Tensor, zp: int):
     """Weights [C, ...] (fan-in flattened in the order of `columns`: kh, kw, C_in) as int8 planes
     [K, outputs], certified for int32 accumulation, in an ExactWeights of kind "int_mm"; None where no split
-    certifies. Per-call weights with `like` = (planes, digit bits, offset) of an earlier call's split are
-    first split that way straight into their columns (`_written`)."""
+    certifies."""
     from .intops import ExactWeights
 
-    if like is not None and (ew := _written(w, like, zp)) is not None:
-        return ew
     split = planes_with_offset(w, U_BOUND, 1, digit_bits(), LIMIT_BITS, columns=True)
     if split is None:
         return None

@@ -744,11 +744,12 @@ static inline i64 saturate(i64 v, i64 qmin, i64 qmax, i64 *sat) {
 PERTURB_ONE(int8_t)
 PERTURB_ONE(int16_t)
 
-/* QZO-FF's perturbed weights: w± = sat(round((w·one + Σ_t size[t][c]·z_t) · M / 2^n)), channel
+/* QZO-FF's perturbed weights of one pass: w± = sat(round((w·one + Σ_t size[t][c]·z_t) · M / 2^n)), channel
  * c = element / per_channel; rounding 0 nearest (half up), 1 floor, 2 stochastic (adds the top n bits of a
  * 32-bit hash word, as fwdgrad.ff.spaces.shift_round). Returns the number of saturated weights. */
-i64 fw_perturb(const void *w, int wbytes, i64 count, i64 per_channel, i64 one, int nterms, const int8_t **zs,
-               const i64 *sizes, i64 mult, int n, int rounding, const i64 *words, i64 qmin, i64 qmax, void *out) {
+static i64 perturb_pass(const void *w, int wbytes, i64 count, i64 per_channel, i64 one, int nterms, const int8_t **zs,
+                        const i64 *sizes, i64 mult, int n, int rounding, const i64 *words, i64 qmin, i64 qmax,
+                        void *out) {
     i64 sat = 0, channels = count / per_channel;
     if (nterms == 1 && rounding != 2 && wbytes <= 2) /* one term, nearest or floor: vectorizable */
         return wbytes == 1 ? perturb_one_int8_t(w, count, per_channel, one, zs[0], sizes, mult, n, rounding, qmin, qmax, out)
@@ -764,6 +765,17 @@ i64 fw_perturb(const void *w, int wbytes, i64 count, i64 per_channel, i64 one, i
         }
     }
     return sat;
+}
+
+/* perturb_pass for each of `passes` passes of one weight tensor (a step's 2m): pass p has nterms[p] terms,
+ * whose z pointers follow those of the passes before it in zs, and the size table sizes[p] [terms][channels];
+ * its weights go to outs[p], its saturations to sats[p]. */
+void fw_perturb(const void *w, int wbytes, i64 count, i64 per_channel, i64 one, int passes, const int *nterms,
+                const int8_t **zs, const i64 **sizes, i64 mult, int n, int rounding, const i64 *words, i64 qmin,
+                i64 qmax, void **outs, i64 *sats) {
+    for (int p = 0, first = 0; p < passes; first += nterms[p], p++)
+        sats[p] = perturb_pass(w, wbytes, count, per_channel, one, nterms[p], zs + first, sizes[p], mult, n,
+                               rounding, words, qmin, qmax, outs[p]);
 }
 
 /* Integer weights as float32 (fwdgrad.quant.dequantize with zero point 0): the float64 product
@@ -963,18 +975,24 @@ void fw_scatter_i8(const int8_t *w, const int32_t *at, int8_t *out, i64 n, i64 r
 SPLIT_INTO(int8_t)
 SPLIT_INTO(int16_t)
 
-i64 fw_split_into(const void *w, int wbytes, i64 C, i64 K, int groups, int planes, int b, i64 offset, i64 x_bound,
-                  int limit_bits, i64 lo, i64 hi, const int32_t *at, int8_t *dst, i64 comp, i64 *rowsum) {
-    if ((wbytes != 1 && wbytes != 2) || planes < 1 || planes > 2 || (planes == 2 && (b < 1 || b > 8))) return -1;
-    int8_t *buf = malloc(2 * SPLIT_ROWS * K);
-    if (!buf) return -1;
-    i64 limit = (i64)1 << limit_bits, r;
-    if (wbytes == 1)
-        r = split_into_int8_t(w, C, K, groups, planes, b, offset, x_bound, limit, lo, hi, at, dst, comp, rowsum, buf,
-                              buf + SPLIT_ROWS * K);
-    else
-        r = split_into_int16_t(w, C, K, groups, planes, b, offset, x_bound, limit, lo, hi, at, dst, comp, rowsum,
-                               buf, buf + SPLIT_ROWS * K);
+/* fw_split_into of nw weight tensors of one shape ws[i] into dsts[i]: bounds[i] the bound or -1, with rowsums
+ * [nw][C] each channel's Σ_k w. */
+void fw_split_into(const void **ws, int nw, int wbytes, i64 C, i64 K, int groups, int planes, int b, i64 offset,
+                   i64 x_bound, int limit_bits, i64 lo, i64 hi, const int32_t *at, int8_t **dsts, i64 comp,
+                   i64 *rowsums, i64 *bounds) {
+    int8_t *buf = (wbytes == 1 || wbytes == 2) && planes >= 1 && planes <= 2 && (planes == 1 || (b >= 1 && b <= 8))
+                      ? malloc(2 * SPLIT_ROWS * K)
+                      : NULL;
+    i64 limit = (i64)1 << limit_bits;
+    for (int i = 0; i < nw; i++) {
+        i64 *rowsum = rowsums ? rowsums + i * C : NULL;
+        if (!buf) bounds[i] = -1;
+        else if (wbytes == 1)
+            bounds[i] = split_into_int8_t(ws[i], C, K, groups, planes, b, offset, x_bound, limit, lo, hi, at, dsts[i],
+                                          comp, rowsum, buf, buf + SPLIT_ROWS * K);
+        else
+            bounds[i] = split_into_int16_t(ws[i], C, K, groups, planes, b, offset, x_bound, limit, lo, hi, at,
+                                           dsts[i], comp, rowsum, buf, buf + SPLIT_ROWS * K);
+    }
     free(buf);
-    return r;
 }

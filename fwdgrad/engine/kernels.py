@@ -57,12 +57,15 @@ SIGNATURES = {
     "fw_lut": (None, [_P, _P, _I64, _P, _I64, _INT]),
     "fw_pack_s16": (None, [_P, _INT, _I64, _I64, _P]),
     "fw_gemm_s16": (None, [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _INT]),
-    "fw_perturb": (_I64, [_P, _INT, _I64, _I64, _I64, _INT, _P, _P, _I64, _INT, _INT, _P, _I64, _I64, _P]),
+    "fw_perturb": (
+        None,
+        [_P, _INT, _I64, _I64, _I64, _INT, _P, _P, _P, _I64, _INT, _INT, _P, _I64, _I64, _P, _P],
+    ),
     "fw_dequantize": (None, [_P, _INT, _I64, _I64, _P, _P]),
     "fw_scatter_i8": (None, [_P, _P, _P, _I64, _I64, _I64]),
     "fw_split_into": (
-        _I64,
-        [_P, _INT, _I64, _I64, _INT, _INT, _INT, _I64, _I64, _INT, _I64, _I64, _P, _P, _I64, _P],
+        None,
+        [_P, _INT, _INT, _I64, _I64, _INT, _INT, _INT, _I64, _I64, _INT, _I64, _I64, _P, _P, _I64, _P, _P],
     ),
 }
 _INT_BYTES = {torch.int8: 1, torch.int16: 2, torch.int32: 4}
@@ -77,6 +80,11 @@ def library() -> ctypes.CDLL | None:
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def _ptrs(ts: list[torch.Tensor]):
+    """The data pointers of `ts` as a C array (void *[])."""
+    return (ctypes.c_void_p * max(1, len(ts)))(*[t.data_ptr() for t in ts])
 
 
 def epilogue(
@@ -452,7 +460,7 @@ def scatter_i8(w: torch.Tensor, at: torch.Tensor, out_ptr: int, comp: int = -1) 
 
 
 def split_into(
-    w: torch.Tensor,
+    ws: list[torch.Tensor],
     planes: int,
     bits: int,
     fixed_bits: int,
@@ -460,27 +468,30 @@ def split_into(
     x_bound: int,
     limit_bits: int,
     at: torch.Tensor,
-    out_ptr: int,
+    out_ptrs: list[int],
     comp: int = -1,
     groups: int = 1,
     rowsum: bool = False,
-) -> tuple[int, torch.Tensor | None] | None:
-    """The split `fill_planes` makes of int8/int16 `w` [C, ...] into `planes` (1 or 2) int8 planes of `bits`
-    bits minus `offset`, certified as `plan_planes` certifies it (digits within ±2^(fixed_bits-1), capped at
-    127; x_bound·Σ|d| < 2^limit_bits per plane and channel) and written straight into the buffer at `out_ptr`
-    as `scatter_i8` writes the planes (digit j of the stack at byte `at[j]`, with `comp` >= 0 the rows'
-    -Σ d). Returns (the bound x_bound·max_c Σ|w|, each channel's Σ w as int64 where `rowsum`), or None where
-    the split does not certify or does not apply (the buffer then holds some digits: drop it)."""
-    if w.dtype not in (torch.int8, torch.int16) or planes not in (1, 2):
-        return None
-    w = w.contiguous()
-    sums = torch.empty(w.shape[0], dtype=torch.int64) if rowsum else None
+) -> list[tuple[int, torch.Tensor | None] | None]:
+    """The split `fill_planes` makes of each int8/int16 weight tensor in `ws` (one shape [C, ...]) into
+    `planes` (1 or 2) int8 planes of `bits` bits minus `offset`, certified as `plan_planes` certifies it
+    (digits within ±2^(fixed_bits-1), capped at 127; x_bound·Σ|d| < 2^limit_bits per plane and channel) and
+    written straight into the buffer at its `out_ptrs` entry as `scatter_i8` writes the planes (digit j of
+    the stack at byte `at[j]`, with `comp` >= 0 the rows' -Σ d). Returns per tensor (the bound
+    x_bound·max_c Σ|w|, each channel's Σ w as int64 where `rowsum`), or None where the split does not
+    certify or does not apply (that buffer then holds some digits: drop it)."""
+    if not ws or ws[0].dtype not in (torch.int8, torch.int16) or planes not in (1, 2):
+        return [None] * len(ws)
+    ws = [w.contiguous() for w in ws]
+    c, k = ws[0].shape[0], ws[0][0].numel() if ws[0].dim() > 1 else 1
+    sums = torch.empty((len(ws), c), dtype=torch.int64) if rowsum else None
+    bounds = (ctypes.c_int64 * len(ws))()
     lo, hi = -(1 << (fixed_bits - 1)), min(1 << (fixed_bits - 1), 127)
-    bound = library().fw_split_into(
-        w.data_ptr(), _INT_BYTES[w.dtype], w.shape[0], w[0].numel() if w.dim() > 1 else 1, groups, planes,
-        bits, offset, x_bound, limit_bits, lo, hi, at.data_ptr(), out_ptr, comp, _ptr(sums),
+    library().fw_split_into(
+        _ptrs(ws), len(ws), _INT_BYTES[ws[0].dtype], c, k, groups, planes, bits, offset, x_bound, limit_bits,
+        lo, hi, at.data_ptr(), (ctypes.c_void_p * len(ws))(*out_ptrs), comp, _ptr(sums), bounds,
     )  # fmt: skip
-    return None if bound < 0 else (bound, sums)
+    return [None if b < 0 else (b, None if sums is None else sums[i]) for i, b in enumerate(bounds)]
 
 
 def dequantize(w: torch.Tensor, qp) -> torch.Tensor | None:
@@ -508,36 +519,36 @@ def dequantize(w: torch.Tensor, qp) -> torch.Tensor | None:
 def perturb(
     w: torch.Tensor,
     one: int,
-    zs: list[torch.Tensor],
-    sizes: torch.Tensor,
+    passes: list[tuple[list[torch.Tensor], torch.Tensor]],
     mult: int,
     n: int,
     rounding: str,
     words: torch.Tensor | None,
     qmin: int,
     qmax: int,
-) -> tuple[torch.Tensor, int] | None:
-    """QZO-FF's perturbed weights sat(round((w·one + Σ_t sizes[t, c]·z_t) · M / 2^n)) in one pass (see
-    `fwdgrad.ff.spaces.FixedPointSpace.perturbed_weight`); returns (weights, saturations), or None when the
-    C path does not apply (weight or z dtypes, too many terms)."""
+) -> list[tuple[torch.Tensor, int]] | None:
+    """QZO-FF's perturbed weights sat(round((w·one + Σ_t sizes[t, c]·z_t) · M / 2^n)) of several passes in
+    one call (see `fwdgrad.ff.spaces.FixedPointSpace.perturbed_weights`), each pass given as (its z tensors,
+    its size table [terms, channels or 1]); returns each pass's (weights, saturations), or None when the C
+    path does not apply (weight or z dtypes, no or too many terms)."""
     if (
         w.dtype not in _INT_BYTES
-        or len(zs) > MAX_TERMS
-        or any(z.dtype != torch.int8 or z.shape != w.shape for z in zs)
         or not 1 <= n <= 62
+        or any(not 1 <= len(zs) <= MAX_TERMS for zs, _ in passes)
+        or any(z.dtype != torch.int8 or z.shape != w.shape for zs, _ in passes for z in zs)
     ):
         return None
-    lib, w = library(), w.contiguous()
-    zs = [z.contiguous() for z in zs]
-    ptrs = (ctypes.c_void_p * max(1, len(zs)))(*[z.data_ptr() for z in zs])
-    sizes = sizes.to(torch.int64).contiguous()
+    w = w.contiguous()
+    zs = [z.contiguous() for p in passes for z in p[0]]
+    channels = w.shape[0] if any(t.shape[-1] > 1 for _, t in passes) else 1
+    tables = [t.to(torch.int64).expand(t.shape[0], channels).contiguous() for _, t in passes]
     if words is not None:
         words = words.to(torch.int64).contiguous()
-    out = torch.empty_like(w)
-    per_channel = w.numel() // w.shape[0] if sizes.shape[-1] > 1 else w.numel()
-    sat = lib.fw_perturb(
-        w.data_ptr(), _INT_BYTES[w.dtype], w.numel(), per_channel,
-        one, len(zs), ptrs, sizes.data_ptr(), mult, n, ROUNDING_CODES[rounding], _ptr(words), qmin, qmax,
-        out.data_ptr(),
+    outs = [torch.empty_like(w) for _ in passes]
+    sats = (ctypes.c_int64 * len(passes))()
+    library().fw_perturb(
+        w.data_ptr(), _INT_BYTES[w.dtype], w.numel(), w.numel() // channels, one, len(passes),
+        (ctypes.c_int * len(passes))(*[len(p[0]) for p in passes]), _ptrs(zs), _ptrs(tables), mult, n,
+        ROUNDING_CODES[rounding], _ptr(words), qmin, qmax, _ptrs(outs), sats,
     )  # fmt: skip
-    return out, sat
+    return list(zip(outs, sats))

@@ -259,8 +259,8 @@ class QTrainable(QNode):
     def weight(self, ctx: ExecContext) -> torch.Tensor:
         return ctx.weight_fn(self.name, self) if ctx.weight_fn is not None else self.weight_q
 
-    def prepare_ahead(self, w: torch.Tensor) -> None:
-        """Prepare perturbed weights `w` before the forward that takes them (`QWeighted`; nothing here)."""
+    def prepare_ahead(self, ws: list[torch.Tensor]) -> None:
+        """Prepare perturbed weights `ws` before the forwards that take them (`QWeighted`; nothing here)."""
 
     def forget_ahead(self) -> None:
         """Drop weights prepared ahead and not used (`QWeighted`)."""
@@ -325,8 +325,16 @@ class QWeighted(QTrainable):
         # what the last calls used, in one dict (assigning an nn.Module attribute costs microseconds):
         # "kind": the kernel the last forward ran; "ahead": perturbed weights prepared by `prepare_ahead`,
         # id(w) -> (w, version, kind, prepared); "ahead_kind", "ahead_shape": the kernel and input shape
-        # perturbed weights were last prepared for
-        self._last = {"kind": "float", "ahead": {}, "ahead_kind": None, "ahead_shape": None, "like": {}}
+        # perturbed weights were last prepared for; "like": the split of the last per-call weights per kernel,
+        # "pools": the buffers they were written into (`onednn.buffers`)
+        self._last = {
+            "kind": "float",
+            "ahead": {},
+            "ahead_kind": None,
+            "ahead_shape": None,
+            "like": {},
+            "pools": {},
+        }
         self._stacks: dict[tuple, QWeighted] = {}  # this layer with its output channels repeated (`stacked`)
 
     channel_dim = 1
@@ -348,7 +356,14 @@ class QWeighted(QTrainable):
         prepares its own weights and times its own kernels)."""
         state = dict(self.__dict__)
         state["_prepared"], state["_timed"], state["_stacks"] = {}, {}, {}
-        state["_last"] = {"kind": "float", "ahead": {}, "ahead_kind": None, "ahead_shape": None, "like": {}}
+        state["_last"] = {
+            "kind": "float",
+            "ahead": {},
+            "ahead_kind": None,
+            "ahead_shape": None,
+            "like": {},
+            "pools": {},
+        }
         return state
 
     def exact_weights(self, w: torch.Tensor, kind: str = "float", shape=None) -> ExactWeights | None:
@@ -368,35 +383,51 @@ class QWeighted(QTrainable):
         ahead = last["ahead"].pop(id(w), None)
         if ahead is not None and ahead[0] is w and ahead[1] == w._version and ahead[2] == kind:
             return ahead[3]
-        return self._prepare(w, kind, shape)
+        return self._prepare_per_call([w], kind, shape)[0]
 
-    def prepare_ahead(self, w: torch.Tensor) -> None:
-        """Prepare perturbed weights `w` (not the stored ones) now for the kernel this layer's last perturbed
-        forward ran on (nothing before one ran), where the forward that takes them finds them
-        (`exact_weights`, once): preparation then runs before the forwards, with warm caches, instead of
-        between their layers. Several can wait (a step's passes, `forget_ahead` drops them)."""
+    def prepare_ahead(self, ws: list[torch.Tensor]) -> None:
+        """Prepare perturbed weights `ws` (a step's passes; not the stored ones) now for the kernel this
+        layer's last perturbed forward ran on (nothing before one ran), where the forwards that take them
+        find them (`exact_weights`, once each): preparation then runs before the forwards, with warm caches,
+        instead of between their layers (`forget_ahead` drops those not taken)."""
         last = self._last
-        kind = last["ahead_kind"]
-        if kind is not None and w is not self.weight_q:
-            last["ahead"][id(w)] = (w, w._version, kind, self._prepare(w, kind, last["ahead_shape"]))
+        kind, ws = last["ahead_kind"], [w for w in ws if w is not self.weight_q]
+        if kind is not None and ws:
+            for w, ew in zip(ws, self._prepare_per_call(ws, kind, last["ahead_shape"])):
+                last["ahead"][id(w)] = (w, w._version, kind, ew)
+
+    def _prepare_per_call(self, ws: list[torch.Tensor], kind: str, shape) -> list[ExactWeights | None]:
+        """`_prepare` of per-call weights `ws` (one shape): for oneDNN and `_int_mm` all split at once as this
+        layer's last per-call weights were, straight into the kernel's layout, where that split
+        certifies (`write_split`); the others split and packed one by one."""
+        likes = self._last["like"]
+        done = [None] * len(ws)
+        if kind in likes:
+            done = self.write_split(ws, kind, shape, likes[kind])
+        done = [ew if ew is not None else self._prepare(w, kind, shape) for w, ew in zip(ws, done)]
+        if kind in ("onednn", "int_mm") and done[-1] is not None and done[-1].planes in (1, 2):
+            likes[kind] = (done[-1].planes, done[-1].digit_bits, done[-1].offset)
+        return done
+
+    def write_split(self, ws, kind, shape, like) -> list[ExactWeights | None]:
+        """Per-call weights `ws` split as `like` = (planes, digit bits, offset) straight into the layout of
+        kernel `kind` ("onednn": `onednn.write_split`; "int_mm": `intmm.write_split`), None where it does not
+        apply or certify."""
+        if kind == "int_mm":
+            return intmm.write_split(ws, like, int(self.zp_in), self._last["pools"])
+        return self.onednn_write_split(ws, shape, like)
 
     def forget_ahead(self) -> None:
         """Drop perturbed weights prepared ahead and not used."""
         self._last["ahead"] = {}
 
     def _prepare(self, w, kind, shape=None):
-        if kind in ("onednn", "int_mm"):  # per call: split as the last call's split, where it certifies
-            per_call = w is not self.weight_q
-            like = self._last["like"].get(kind) if per_call else None
-            if kind == "onednn":
-                ew = self.onednn_prepare(w, shape, like)
-            else:
-                ok = onednn.supports(self.in_qp.fmt) and getattr(self, "groups", 1) == 1
-                ok = ok and not isinstance(getattr(self, "padding", ()), str) and intmm.available()
-                ew = intmm.prepare(w, int(self.zp_in), like) if ok else None
-            if per_call and ew is not None:
-                self._last["like"][kind] = (ew.planes, ew.digit_bits, ew.offset)
-            return ew
+        if kind == "onednn":
+            return self.onednn_prepare(w, shape)
+        if kind == "int_mm":
+            ok = onednn.supports(self.in_qp.fmt) and getattr(self, "groups", 1) == 1
+            ok = ok and not isinstance(getattr(self, "padding", ()), str) and intmm.available()
+            return intmm.prepare(w, int(self.zp_in)) if ok else None
         if kind == "int16":
             return self.int16_prepare(w)
         if kind == "dequantized":  # fake mode's float weights
@@ -428,7 +459,7 @@ class QWeighted(QTrainable):
             def run(kind) -> float:
                 t0 = time.perf_counter()
                 ew = (
-                    self._prepare(w, kind, x.shape)
+                    self._prepare_per_call([w], kind, x.shape)[0]
                     if per_call
                     else self.exact_weights(self.weight_q, kind, x.shape)
                 )
@@ -566,9 +597,13 @@ class QConv2d(QWeighted):
             x if self.zp_in == 0 else x - self.zp_in, ew, self.stride, self.padding, self.dilation
         )
 
-    def onednn_prepare(self, w, shape=None, like=None):
+    def onednn_prepare(self, w, shape=None):
         zp, args = int(self.zp_in), (self.groups, self.stride, self.padding, self.dilation)
-        return onednn.prepare_conv(w, zp, *args, x_shape=shape, per_call=w is not self.weight_q, like=like)
+        return onednn.prepare_conv(w, zp, *args, x_shape=shape, per_call=w is not self.weight_q)
+
+    def onednn_write_split(self, ws, shape, like):
+        conv = (tuple(self.stride), tuple(self.padding), tuple(self.dilation), self.groups)
+        return onednn.write_split(ws, like, int(self.zp_in), conv, shape, None, self._last["pools"])
 
     def float_op(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
@@ -587,10 +622,20 @@ class QLinear(QWeighted):
             return intmm.linear(x, ew)
         return exact_linear(x if self.zp_in == 0 else x - self.zp_in, ew)
 
-    def onednn_prepare(self, w, shape=None, like=None):
-        rows = None if shape is None else [math.prod(shape[:-1]), shape[-1]]  # as `onednn.linear` runs it
-        per_call = w is not self.weight_q
-        return onednn.prepare_linear(w, int(self.zp_in), x_shape=rows, per_call=per_call, like=like)
+    def onednn_prepare(self, w, shape=None):
+        return onednn.prepare_linear(
+            w, int(self.zp_in), x_shape=self._rows(shape), per_call=w is not self.weight_q
+        )
+
+    def onednn_write_split(self, ws, shape, like):
+        return onednn.write_split(
+            ws, like, int(self.zp_in), None, self._rows(shape), None, self._last["pools"]
+        )
+
+    @staticmethod
+    def _rows(shape):
+        """The rows [N, K] `onednn.linear` runs for inputs of `shape`."""
+        return None if shape is None else [math.prod(shape[:-1]), shape[-1]]
 
     def float_op(self, x, w, b):
         return F.linear(x, w, b)

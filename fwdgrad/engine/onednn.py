@@ -27,6 +27,7 @@ import ctypes
 import functools
 import math
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -301,32 +302,72 @@ def pack(planes: torch.Tensor, offset: int, zp: int, conv: tuple | None, x_shape
     return _pack(planes, zp, conv, x_shape, offset != 0)
 
 
-def _written(w: torch.Tensor, like: tuple[int, int, int], zp: int, conv: tuple | None, x_shape, bits):
-    """Per-call weights `w` split as an earlier call's were (`like` = (planes, digit bits, offset), one or two
-    planes) and written straight into the packed layout learnt for that split (`packed_layout`,
-    `kernels.split_into`: one pass, no planes in between), or None where that layout is unknown or the split
-    does not certify for `w` (the caller then splits and packs as usual)."""
+#: Buffers a pool keeps (`buffers`) beyond those still held.
+POOL_MAX = 64
+
+
+def buffers(template: torch.Tensor, n: int, pools: dict | None) -> list[list]:
+    """n buffers like `template` (a layout's zero weights) for splits written whole into it (each rewrites
+    every byte a split writes; the rest stays the template's), as [buffer, holder] slots: the caller puts a
+    weak reference to the object that holds the buffer (its ExactWeights) in the slot. With `pools`
+    (id(template) -> (template, its slots), owned by the caller) the buffers whose holder is gone are
+    reused, the rest are new copies added to the pool; without, all are new."""
+    if pools is None:
+        return [[template.clone(), None] for _ in range(n)]
+    entry = pools.get(id(template))
+    if entry is None or entry[0] is not template:
+        entry = pools[id(template)] = (template, [])
+    pool = entry[1]
+    free = [slot for slot in pool if slot[1] is None or slot[1]() is None][:n]
+    for slot in free:
+        slot[1] = None
+    new = [[template.clone(), None] for _ in range(n - len(free))]
+    pool.extend(new)
+    if len(pool) > POOL_MAX:  # the buffers still held are left to their holders
+        pool[:] = free + new
+    return free + new
+
+
+def write_split(
+    ws: list[torch.Tensor],
+    like: tuple[int, int, int],
+    zp: int,
+    conv: tuple | None,
+    x_shape,
+    bits: int | None,
+    pools: dict | None = None,
+):
+    """Per-call weights `ws` (one shape) split as an earlier call's were (`like` = (planes, digit bits,
+    offset), one or two planes) and written straight into copies of the packed layout learnt for that split
+    (`packed_layout`, `kernels.split_into`: one pass, no planes in between), each an ExactWeights, or None
+    where that layout is unknown or the split does not certify for that tensor (the caller then splits and
+    packs it as usual). The buffers come from `pools` where given (`buffers`)."""
     from .intops import ExactWeights
 
     planes, digit, offset = like
     groups = 1 if conv is None else conv[3]
-    shape = (planes * w.shape[0], *w.shape[1:])
-    if x_shape is None or planes not in (1, 2) or math.prod(shape) > LAYOUT_ELEMENTS:
-        return None
-    layout = packed_layout(shape, offset != 0, zp, conv, tuple(x_shape))
+    shape = (planes * ws[0].shape[0], *ws[0].shape[1:])
+    layout = None
+    if x_shape is not None and planes in (1, 2) and math.prod(shape) <= LAYOUT_ELEMENTS:
+        layout = packed_layout(shape, offset != 0, zp, conv, tuple(x_shape))
     if layout is None:
-        return None
+        return [None] * len(ws)
     template, at, comp = layout
-    packed = template.clone()
+    slots = buffers(template, len(ws), pools)
     done = kernels.split_into(
-        w, planes, digit, bits or digit_bits(), offset, X_MAX, 24, at, torch.ops.mkldnn.data_ptr(packed),
-        comp, groups,
+        ws, planes, digit, bits or digit_bits(), offset, X_MAX, 24, at,
+        [torch.ops.mkldnn.data_ptr(s[0]) for s in slots], comp, groups,
     )  # fmt: skip
-    if done is None:
-        return None
-    return ExactWeights(
-        packed, planes, digit, groups, w.shape[0], done[0], kind="onednn", conv_groups=groups, offset=offset
-    )
+    made = []
+    for slot, d in zip(slots, done):
+        ew = None
+        if d is not None:
+            ew = ExactWeights(
+                slot[0], planes, digit, groups, ws[0].shape[0], d[0], "onednn", groups, offset=offset
+            )
+            slot[1] = weakref.ref(ew)  # the buffer's holder (`buffers`)
+        made.append(ew)
+    return made
 
 
 def prepare_conv(
@@ -339,22 +380,16 @@ def prepare_conv(
     bits: int | None = None,
     x_shape=None,
     per_call: bool = False,
-    like: tuple[int, int, int] | None = None,
 ):
     """Weights certified and packed for `conv` (digits of `bits` bits, default `digit_bits()`), or None when
     no split into at most MAX_PLANES planes certifies. Packed for inputs of `x_shape` where given (half the
     packing time; inputs of any shape run on them alike); weights prepared per call (`per_call`) by copy
-    into the packed layout (`pack`), or with `like` = (planes, digit bits, offset) of an earlier call's split
-    first by splitting them that way straight into the layout (`_written`)."""
-    conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
-    if like is not None:
-        ew = _written(w, like, zp, conv, x_shape, bits)
-        if ew is not None:
-            return ew
+    into the packed layout (`pack`)."""
     split = _planes(w, groups, bits)
     if split is None:
         return None
     planes, offset, make = split
+    conv = (tuple(stride), tuple(padding), tuple(dilation), groups)
     return make(pack(planes, offset, zp, conv, x_shape, per_call))
 
 
@@ -369,14 +404,8 @@ def conv(x: torch.Tensor, ew, zp: int, stride, padding, dilation) -> torch.Tenso
     )  # fmt: skip
 
 
-def prepare_linear(
-    w: torch.Tensor, zp: int, bits: int | None = None, x_shape=None, per_call: bool = False, like=None
-):
+def prepare_linear(w: torch.Tensor, zp: int, bits: int | None = None, x_shape=None, per_call: bool = False):
     """`prepare_conv` for `linear` (`x_shape`: the rows it runs, [N, K])."""
-    if like is not None:
-        ew = _written(w, like, zp, None, x_shape, bits)
-        if ew is not None:
-            return ew
     split = _planes(w, 1, bits)
     if split is None:
         return None

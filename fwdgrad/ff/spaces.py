@@ -382,24 +382,30 @@ class FixedPointSpace(Space):
         ).reshape(w.shape)
 
     # -- perturbation -----------------------------------------------------------------------------
-    def perturbed_weight(self, step: int, t: int, terms: list[Term]) -> torch.Tensor:
-        """w_q± for tensor t: sat_b(round((w_q·1_q + Σ s·a_q·z_q) · r_p))."""
+    def perturbed_weights(self, step: int, t: int, passes: list[list[Term]]) -> list[torch.Tensor]:
+        """w_q± of tensor t for each of `passes`: sat_b(round((w_q·1_q + Σ s·a_q·z_q) · r_p)), the terms' z
+        sampled once for all passes; in C all passes in one call (`kernels.perturb`), else in torch."""
         node, fmt = self.nodes[t], self.nodes[t].w_qp.fmt
         shape, device = node.weight_q.shape, node.weight_q.device
-        zs = [self.z(step, term.sample, t, shape, device, keep=True) for term in terms]
         words = self._words(step, 2 * t, t)
-        if kernels.library() is not None and device.type == "cpu" and terms:  # one pass in C
+        if kernels.library() is not None and device.type == "cpu":
+            zs = {
+                s: self.z(step, s, t, shape, device, keep=True)
+                for s in {tm.sample for p in passes for tm in p}
+            }
             done = kernels.perturb(
-                node.weight_q, self.dist.one_q, zs, self.size_table(t, terms), self.p_mult, self.p_n,
-                self.rounding, words, fmt.qmin, fmt.qmax,
+                node.weight_q, self.dist.one_q,
+                [([zs[term.sample] for term in terms], self.size_table(t, terms)) for terms in passes],
+                self.p_mult, self.p_n, self.rounding, words, fmt.qmin, fmt.qmax,
             )  # fmt: skip
             if done is not None:
-                self._saturated("perturb", t, done[1])
-                return done[0]
-        return self._perturbed_torch(step, t, [terms], words)[0]
+                for _, n in done:
+                    self._saturated("perturb", t, n)
+                return [w for w, _ in done]
+        return list(self._perturbed_torch(step, t, passes, words))
 
     def _perturbed_torch(self, step: int, t: int, passes: list[list[Term]], words) -> torch.Tensor:
-        """`perturbed_weight` of each pass in torch int64, all passes in one [P, *shape] tensor."""
+        """`perturbed_weights` in torch int64, all passes in one [P, *shape] tensor."""
         node, fmt = self.nodes[t], self.nodes[t].w_qp.fmt
         w = node.weight_q.to(torch.int64)
         base = w * self.dist.one_q
@@ -424,16 +430,20 @@ class FixedPointSpace(Space):
         forward, up to PLAN_ELEMENTS weights (`perturbed` takes them; the rest are computed as their pass
         runs): one burst on warm caches, where between forwards the same work runs about twice as slow."""
         size = sum(self.nodes[t].weight_q.numel() for t in self.active(step))
-        self._planned = {}
-        for terms in passes[: PLAN_ELEMENTS // max(size, 1)]:
-            self._planned[(step, tuple(terms))] = self._pass_weights(step, terms)
+        planned = passes[: PLAN_ELEMENTS // max(size, 1)]
+        self._planned = {
+            (step, tuple(terms)): w for terms, w in zip(planned, self._passes_weights(step, planned))
+        }
 
-    def _pass_weights(self, step: int, terms: list[Term]) -> dict[int, torch.Tensor]:
-        """Every active tensor's perturbed weights for the pass with `terms`, prepared for their kernels
-        (`QWeighted.prepare_ahead`)."""
-        weights = {t: self.perturbed_weight(step, t, terms) for t in self.active(step)}
-        for t, w in weights.items():
-            self.nodes[t].prepare_ahead(w)
+    def _passes_weights(self, step: int, passes: list[list[Term]]) -> list[dict[int, torch.Tensor]]:
+        """Every active tensor's perturbed weights for each of `passes`, prepared for their kernels: tensor
+        by tensor, all passes at once (`perturbed_weights`, `QWeighted.prepare_ahead`)."""
+        weights = [{} for _ in passes]
+        for t in self.active(step) if passes else []:
+            ws = self.perturbed_weights(step, t, passes)
+            self.nodes[t].prepare_ahead(ws)
+            for pass_weights, w in zip(weights, ws):
+                pass_weights[t] = w
         return weights
 
     @contextmanager
@@ -443,7 +453,7 @@ class FixedPointSpace(Space):
         caches)."""
         weights = self._planned.pop((step, tuple(terms)), None)
         if weights is None:
-            weights = self._pass_weights(step, terms)
+            weights = self._passes_weights(step, [terms])[0]
 
         def weight_fn(name, node):
             w = weights.get(self.index.get(name))
@@ -460,7 +470,7 @@ class FixedPointSpace(Space):
     def stacked(self, step: int, passes: list[list[Term]]):
         """All passes of a step at once (`can_stack`: one tensor t is active, a linear layer whose output
         alone feeds the rest of the model): its P perturbed weights [P, *shape], each exactly
-        `perturbed_weight(step, t, terms)` in pass order, run as one layer of P·N outputs, and a forward
+        `perturbed_weights(step, t, passes)`, run as one layer of P·N outputs, and a forward
         returns the P passes' outputs stacked along the batch (`QModel.using_weights`). Costs P copies of
         that one layer's weights (and keeps the step's m perturbations of it for the update)."""
         (t,) = self.active(step)
@@ -469,7 +479,7 @@ class FixedPointSpace(Space):
         if kernels.library() is None or weight_q.device.type != "cpu":  # torch, all passes at once
             w = self._perturbed_torch(step, t, passes, self._words(step, 2 * t, t))
         else:  # one C pass over the weights per pass
-            w = torch.stack([self.perturbed_weight(step, t, terms) for terms in passes])
+            w = torch.stack(self.perturbed_weights(step, t, passes))
 
         def weight_fn(n, node):
             return w if n == name else node.weight_q
@@ -499,10 +509,10 @@ class FixedPointSpace(Space):
             raise ValueError("the fixed-point update takes sign coefficients; use the 'sign' difference")
         for t in self.active(step):
             node = self.nodes[t]
-            w = node.weight_q.to(torch.int64)
             words = self._words(step, 2 * t + 1, t)
             if self._update_in_c(step, t, coeffs, lr, words):
                 continue
+            w = node.weight_q.to(torch.int64)
             if self.kernel_norm:
                 upd, g = self._kernel_norm_update(step, t, coeffs, lr, w, words)
             else:
