@@ -402,6 +402,52 @@ def test_c_perturbation_equals_the_torch_path(monkeypatch, rounding, per_channel
     assert len(in_c) == 2 * 3 and None not in in_c  # both updates of the 3 layers ran in C
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16])
+@pytest.mark.parametrize("rounding", ["nearest", "floor", "stochastic"])
+@pytest.mark.parametrize("m", [1, 2, 3, 7])
+def test_c_update_equals_its_formula(dtype, rounding, m):
+    """`kernels.update` (the vectorized loop for nearest and floor, the general one for stochastic): w <-
+    sat(w - round(g·M_c / 2^n_c)), g = sign(s)·min(floor((2|s| + m) / 2m), 127), s = Σ_j c_j z_j, on z at
+    both extremes (|s| = 127·m: g clamps) and random, every sample or one left out, weights at both ends."""
+    if kernels.library() is None:
+        pytest.skip("no C compiler on this machine")
+    g = torch.Generator().manual_seed(m)
+    info = torch.iinfo(dtype)
+    shape = (5, 3, 3, 3)
+    w = torch.randint(info.min, info.max + 1, shape, dtype=dtype, generator=g)
+    w.view(-1)[:2] = torch.tensor([info.min, info.max], dtype=dtype)
+    zs = [torch.randint(-127, 128, shape, dtype=torch.int8, generator=g) for _ in range(m)]
+    for z in zs:
+        z[0], z[1] = 127, -127  # channel 0: s = +127·nz, channel 1: alternating signs below
+    signs = [1 if j % 2 == 0 else -1 for j in range(m)]
+    for z, sign in zip(zs, signs):
+        z[1] = -127 * sign  # s = -127·nz: g clamps at -127 where nz > 1
+    mult = torch.randint(1 << 20, 1 << 31, (shape[0],), dtype=torch.int64, generator=g)
+    n = torch.randint(24, 40, (shape[0],), dtype=torch.int64, generator=g)
+    words = (
+        torch.randint(0, 2**32, shape, dtype=torch.int64, generator=g) if rounding == "stochastic" else None
+    )
+    for used in (m, m - 1):  # every sample's coefficient ±1, or the last one 0
+        got = w.clone()
+        sat = kernels.update(got, zs[:used], signs[:used], m, mult, n, rounding, words, info.min, info.max)
+        s = (
+            sum(sign * z.to(torch.int64) for z, sign in zip(zs[:used], signs[:used]))
+            if used
+            else torch.zeros(shape, dtype=torch.int64)
+        )
+        grad = torch.sign(s) * ((2 * s.abs() + m) // (2 * m)).clamp(max=127)
+        prod, nn = grad * mult.view(-1, 1, 1, 1), n.view(-1, 1, 1, 1)
+        if rounding == "nearest":
+            r = (prod + (1 << (nn - 1))) >> nn
+        elif rounding == "floor":
+            r = prod >> nn
+        else:
+            r = (prod + torch.where(nn <= 32, words >> (32 - nn), words << (nn - 32))) >> nn
+        new = w.to(torch.int64) - r
+        assert torch.equal(got, new.clamp(info.min, info.max).to(dtype))
+        assert sat == int(((new < info.min) | (new > info.max)).sum())
+
+
 @pytest.mark.parametrize("scheme", ["w8a8", "w16a8"])
 @pytest.mark.parametrize("rounding", ["nearest", "floor", "stochastic"])
 @pytest.mark.parametrize("per_channel", [False, True])

@@ -802,8 +802,46 @@ void fw_dequantize(const void *w, int wbytes, i64 count, i64 per_channel, const 
  * clamped to ±127, r = round(g·M_c / 2^n_c) (nearest: + 2^(n-1); floor; stochastic: + the word's top n
  * bits), w <- sat(w - r); as fwdgrad/ff/spaces.py FixedPointSpace.update (1 <= n_c <= 62). Returns the
  * number of saturated weights. */
+#define UPDATE_ROWS 1024 /* elements whose sums the vectorized update forms at a time */
+#define UPDATE_FAST(T)                                                                                        \
+    static i64 update_fast_##T(T *w, i64 count, i64 per_channel, int nz, const int8_t **zs,                \
+                               const int8_t *signs, i64 m, const i64 *mult, const i64 *nshift, int rounding, \
+                               i64 qmin, i64 qmax) {                                                          \
+        i64 sat = 0, channels = count / per_channel;                                                          \
+        double two_m = 2.0 * (double)m; /* floor((2a + m) / 2m) exactly: a quotient of small integers */     \
+        int32_t s[UPDATE_ROWS];                                                                               \
+        for (i64 c = 0; c < channels; c++) {                                                                  \
+            i64 M = mult[channels > 1 ? c : 0], n = nshift[channels > 1 ? c : 0];                             \
+            i64 half = rounding == 0 ? (i64)1 << (n - 1) : 0;                                                 \
+            for (i64 i0 = c * per_channel; i0 < (c + 1) * per_channel; i0 += UPDATE_ROWS) {                   \
+                i64 len = (c + 1) * per_channel - i0 < UPDATE_ROWS ? (c + 1) * per_channel - i0 : UPDATE_ROWS; \
+                for (i64 i = 0; i < len; i++) s[i] = 0;                                                       \
+                for (int j = 0; j < nz; j++) {                                                                \
+                    const int8_t *z = zs[j] + i0;                                                             \
+                    int32_t sg = signs[j];                                                                    \
+                    for (i64 i = 0; i < len; i++) s[i] += sg * z[i];                                          \
+                }                                                                                             \
+                for (i64 i = 0; i < len; i++) {                                                               \
+                    int32_t a = s[i] < 0 ? -s[i] : s[i];                                                      \
+                    int32_t g = (int32_t)floor((double)(2 * a + m) / two_m);                                  \
+                    g = g > 127 ? 127 : g;                                                                    \
+                    g = s[i] < 0 ? -g : g;                                                                    \
+                    i64 r = ((i64)g * M + half) >> n, v = (i64)w[i0 + i] - r;                                  \
+                    sat += (v < qmin) | (v > qmax);                                                           \
+                    w[i0 + i] = (T)(v < qmin ? qmin : v > qmax ? qmax : v);                                    \
+                }                                                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
+        return sat;                                                                                           \
+    }
+UPDATE_FAST(int8_t)
+UPDATE_FAST(int16_t)
+
 i64 fw_update(void *w, int wbytes, i64 count, i64 per_channel, int nz, const int8_t **zs, const int8_t *signs, i64 m,
               const i64 *mult, const i64 *nshift, int rounding, const i64 *words, i64 qmin, i64 qmax) {
+    if (wbytes <= 2 && rounding != 2 && nz <= 1 << 20) /* nearest or floor, 8/16-bit weights: vectorizable */
+        return wbytes == 1 ? update_fast_int8_t(w, count, per_channel, nz, zs, signs, m, mult, nshift, rounding, qmin, qmax)
+                           : update_fast_int16_t(w, count, per_channel, nz, zs, signs, m, mult, nshift, rounding, qmin, qmax);
     i64 sat = 0, channels = count / per_channel;
     for (i64 c = 0; c < channels; c++) {
         i64 M = mult[channels > 1 ? c : 0], n = nshift[channels > 1 ? c : 0];
