@@ -541,14 +541,19 @@ def perturb(
     w = w.contiguous()
     zs = [z.contiguous() for p in passes for z in p[0]]
     channels = w.shape[0] if any(t.shape[-1] > 1 for _, t in passes) else 1
-    tables = [t.to(torch.int64).expand(t.shape[0], channels).contiguous() for _, t in passes]
+    tables = [
+        t if t.dtype == torch.int64 and t.shape[-1] == channels and t.is_contiguous()
+        else t.to(torch.int64).expand(t.shape[0], channels).contiguous()
+        for _, t in passes
+    ]  # fmt: skip
     if words is not None:
         words = words.to(torch.int64).contiguous()
-    outs = [torch.empty_like(w) for _ in passes]
+    out, size = torch.empty((len(passes), *w.shape), dtype=w.dtype), w.numel() * w.element_size()
     sats = (ctypes.c_int64 * len(passes))()
     library().fw_perturb(
         w.data_ptr(), _INT_BYTES[w.dtype], w.numel(), w.numel() // channels, one, len(passes),
         (ctypes.c_int * len(passes))(*[len(p[0]) for p in passes]), _ptrs(zs), _ptrs(tables), mult, n,
-        ROUNDING_CODES[rounding], _ptr(words), qmin, qmax, _ptrs(outs), sats,
+        ROUNDING_CODES[rounding], _ptr(words), qmin, qmax,
+        (ctypes.c_void_p * len(passes))(*[out.data_ptr() + p * size for p in range(len(passes))]), sats,
     )  # fmt: skip
-    return list(zip(outs, sats))
+    return list(zip(out.unbind(0), sats))

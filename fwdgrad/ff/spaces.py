@@ -356,8 +356,9 @@ class FixedPointSpace(Space):
                     f"{fmt.bits}-bit range; allowed: {key} <= {limit:.3g}"
                 )
 
-    def _saturated(self, kind: str, t: int, n: int) -> None:
-        self.weights_seen[kind] += self.nodes[t].weight_q.numel()
+    def _saturated(self, kind: str, t: int, n: int, tensors: int = 1) -> None:
+        """Count `n` saturated weights of tensor t, out of `tensors` copies of it (a step's passes)."""
+        self.weights_seen[kind] += tensors * self.nodes[t].weight_q.numel()
         if n:
             counts = self.saturations[kind]
             name = self.nodes[t].name
@@ -399,8 +400,7 @@ class FixedPointSpace(Space):
                 self.p_mult, self.p_n, self.rounding, words, fmt.qmin, fmt.qmax,
             )  # fmt: skip
             if done is not None:
-                for _, n in done:
-                    self._saturated("perturb", t, n)
+                self._saturated("perturb", t, sum(n for _, n in done), len(done))
                 return [w for w, _ in done]
         return list(self._perturbed_torch(step, t, passes, words))
 
