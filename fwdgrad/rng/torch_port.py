@@ -142,6 +142,17 @@ def _lut_tensors(z_max: float, device: torch.device) -> tuple[torch.Tensor, torc
     return base, padded, lut.bucket_span
 
 
+@functools.lru_cache(maxsize=64)
+def _lut_bytes(z_max: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The z_max table as the C sampler reads it: ``bucket_base`` as uint8 (its values count thresholds,
+    at most 254: 64 KiB that stay in cache, where the int64 form takes 512 KiB), the padded thresholds
+    int64."""
+    base, padded, span = _lut_tensors(z_max, torch.device("cpu"))
+    if int(base.max()) > 255:  # by construction (254 thresholds) never; a wrapped byte would be wrong
+        raise RuntimeError(f"z_max={z_max}: a Gaussian bucket index above 255")
+    return base.to(torch.uint8), padded, span
+
+
 def gaussian_from_words(words: torch.Tensor, z_max=Z_MAX_DEFAULT) -> torch.Tensor:
     """Map int64 words in [0, 2**32) to int8 z_q = (number of thresholds <= word) - 127."""
     if words.dtype != torch.int64:
@@ -178,7 +189,7 @@ def gaussian_q(
     z_max = check_z_max(z_max)
     dims, size = shape_size(shape)
     if _on_cpu(device):
-        base, padded, span = _lut_tensors(z_max, torch.device("cpu"))
+        base, padded, span = _lut_bytes(z_max)
 
         def fill(lib, args, ptr):
             lib.fw_gaussian_q(*args, base.data_ptr(), padded.data_ptr(), span, ptr)
