@@ -965,8 +965,8 @@ void fw_scatter_i8(const int8_t *w, const int32_t *at, int8_t *out, i64 n, i64 r
  * channel. Returns the bound x_bound·max_c Σ_k |w| (as fw_plan_planes), or -1 when the split does not
  * certify (dst is then partly written and must be dropped). */
 #define SPLIT_ROWS 16 /* rows split before their digits are written: the rows of one cache line of a blocked layout */
-#define SPLIT_INTO(T)                                                                                         \
-    static i64 split_into_##T(const T *w, i64 C, i64 K, int groups, int planes, int b, i64 offset,          \
+#define SPLIT_INTO(T, A) /* A: the accumulators' type (int32 while K < 2^16: |Σ w| < 2^31) */                 \
+    static i64 split_into_##T##_##A(const T *w, i64 C, i64 K, int groups, int planes, int b, i64 offset,  \
                               i64 x_bound, i64 limit, i64 lo, i64 hi, const int32_t *at, int8_t *dst,         \
                               i64 comp, i64 *rowsum, int8_t *d0s, int8_t *d1s) {                              \
         int32_t mask = (1 << b) - 1, half = b > 0 ? 1 << (b - 1) : 0, off = (int32_t)offset;                 \
@@ -979,7 +979,7 @@ void fw_scatter_i8(const int8_t *w, const int32_t *at, int8_t *out, i64 n, i64 r
                 const T *row = w + c * K;                                                                     \
                 int8_t *e0 = d0s + r * K, *e1 = d1s + r * K;                                                  \
                 int32_t bad = 0;                                                                              \
-                i64 a0 = 0, a1 = 0, s0 = 0, s1 = 0, aw = 0, sw = 0;                                          \
+                A a0 = 0, a1 = 0, s0 = 0, s1 = 0, aw = 0, sw = 0;                                            \
                 for (i64 k = 0; k < K; k++) { /* vectorizable: digits and sums */                             \
                     int32_t x = (int32_t)row[k], v = x - off;                                                 \
                     int32_t d0 = planes == 1 ? v : low_digit(v, half, mask), d1 = planes == 1 ? 0 : (v - d0) >> b; \
@@ -993,7 +993,7 @@ void fw_scatter_i8(const int8_t *w, const int32_t *at, int8_t *out, i64 n, i64 r
                     aw += x < 0 ? -x : x;                                                                     \
                     sw += x;                                                                                  \
                 }                                                                                             \
-                if (bad || x_bound * a0 >= limit || x_bound * a1 >= limit) return -1;                         \
+                if (bad || x_bound * (i64)a0 >= limit || x_bound * (i64)a1 >= limit) return -1;               \
                 smax = aw > smax ? aw : smax;                                                                 \
                 if (rowsum) rowsum[c] = sw;                                                                   \
                 r0[r] = (c / cg) * planes * cg + c % cg; /* the stacked row of its low digit; + cg: high */   \
@@ -1010,8 +1010,10 @@ void fw_scatter_i8(const int8_t *w, const int32_t *at, int8_t *out, i64 n, i64 r
         }                                                                                                     \
         return x_bound * smax;                                                                                \
     }
-SPLIT_INTO(int8_t)
-SPLIT_INTO(int16_t)
+SPLIT_INTO(int8_t, int32_t)
+SPLIT_INTO(int16_t, int32_t)
+SPLIT_INTO(int8_t, i64)
+SPLIT_INTO(int16_t, i64)
 
 /* fw_split_into of nw weight tensors of one shape ws[i] into dsts[i]: bounds[i] the bound or -1, with rowsums
  * [nw][C] each channel's Σ_k w. */
@@ -1024,13 +1026,13 @@ void fw_split_into(const void **ws, int nw, int wbytes, i64 C, i64 K, int groups
     i64 limit = (i64)1 << limit_bits;
     for (int i = 0; i < nw; i++) {
         i64 *rowsum = rowsums ? rowsums + i * C : NULL;
+#define SPLIT_CALL(T, A) \
+    split_into_##T##_##A(ws[i], C, K, groups, planes, b, offset, x_bound, limit, lo, hi, at, dsts[i], comp, rowsum, \
+                         buf, buf + SPLIT_ROWS * K)
         if (!buf) bounds[i] = -1;
-        else if (wbytes == 1)
-            bounds[i] = split_into_int8_t(ws[i], C, K, groups, planes, b, offset, x_bound, limit, lo, hi, at, dsts[i],
-                                          comp, rowsum, buf, buf + SPLIT_ROWS * K);
-        else
-            bounds[i] = split_into_int16_t(ws[i], C, K, groups, planes, b, offset, x_bound, limit, lo, hi, at,
-                                           dsts[i], comp, rowsum, buf, buf + SPLIT_ROWS * K);
+        else if (K < 1 << 16) bounds[i] = wbytes == 1 ? SPLIT_CALL(int8_t, int32_t) : SPLIT_CALL(int16_t, int32_t);
+        else bounds[i] = wbytes == 1 ? SPLIT_CALL(int8_t, i64) : SPLIT_CALL(int16_t, i64);
+#undef SPLIT_CALL
     }
     free(buf);
 }
