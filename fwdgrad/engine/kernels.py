@@ -479,7 +479,7 @@ def split_into(
     written straight into the buffer at its `out_ptrs` entry as `scatter_i8` writes the planes (digit j of
     the stack at byte `at[j]`, with `comp` >= 0 the rows' -Σ d). Returns per tensor (the bound
     x_bound·max_c Σ|w|, each channel's Σ w as int64 where `rowsum`), or None where the split does not
-    certify or does not apply (that buffer then holds some digits: drop it)."""
+    certify or does not apply (that buffer then holds some of its digits: a later split rewrites them all)."""
     if not ws or ws[0].dtype not in (torch.int8, torch.int16) or planes not in (1, 2):
         return [None] * len(ws)
     ws = [w.contiguous() for w in ws]

@@ -322,19 +322,7 @@ class QWeighted(QTrainable):
         )
         self._prepared: dict[str, tuple[torch.Tensor, int, ExactWeights | None]] = {}
         self._timed: dict[tuple, str] = {}  # (input shape, per-call weights) -> the faster kind ("auto")
-        # what the last calls used, in one dict (assigning an nn.Module attribute costs microseconds):
-        # "kind": the kernel the last forward ran; "ahead": perturbed weights prepared by `prepare_ahead`,
-        # id(w) -> (w, version, kind, prepared); "ahead_kind", "ahead_shape": the kernel and input shape
-        # perturbed weights were last prepared for; "like": the split of the last per-call weights per kernel,
-        # "pools": the buffers they were written into (`onednn.buffers`)
-        self._last = {
-            "kind": "float",
-            "ahead": {},
-            "ahead_kind": None,
-            "ahead_shape": None,
-            "like": {},
-            "pools": {},
-        }
+        self._last = self._fresh_last()
         self._stacks: dict[tuple, QWeighted] = {}  # this layer with its output channels repeated (`stacked`)
 
     channel_dim = 1
@@ -356,7 +344,17 @@ class QWeighted(QTrainable):
         prepares its own weights and times its own kernels)."""
         state = dict(self.__dict__)
         state["_prepared"], state["_timed"], state["_stacks"] = {}, {}, {}
-        state["_last"] = {
+        state["_last"] = self._fresh_last()
+        return state
+
+    @staticmethod
+    def _fresh_last() -> dict:
+        """What the last calls used, in one dict (assigning an nn.Module attribute costs microseconds):
+        "kind": the kernel the last forward ran; "ahead": perturbed weights prepared by `prepare_ahead`,
+        id(w) -> (w, version, kind, prepared); "ahead_kind", "ahead_shape": the kernel and input shape
+        perturbed weights were last prepared for; "like": per kernel, the split (planes, digit bits, offset)
+        of the last per-call weights; "pools": the buffers they were written into (`onednn.buffers`)."""
+        return {
             "kind": "float",
             "ahead": {},
             "ahead_kind": None,
@@ -364,7 +362,6 @@ class QWeighted(QTrainable):
             "like": {},
             "pools": {},
         }
-        return state
 
     def exact_weights(self, w: torch.Tensor, kind: str = "float", shape=None) -> ExactWeights | None:
         """`w` prepared for the exact kernel `kind` ("float": `intops.prepare`; "onednn": `onednn`, None
@@ -424,12 +421,12 @@ class QWeighted(QTrainable):
     def _prepare(self, w, kind, shape=None):
         if kind == "onednn":
             return self.onednn_prepare(w, shape)
+        if kind == "int16":
+            return self.int16_prepare(w)
         if kind == "int_mm":
             ok = onednn.supports(self.in_qp.fmt) and getattr(self, "groups", 1) == 1
             ok = ok and not isinstance(getattr(self, "padding", ()), str) and intmm.available()
             return intmm.prepare(w, int(self.zp_in)) if ok else None
-        if kind == "int16":
-            return self.int16_prepare(w)
         if kind == "dequantized":  # fake mode's float weights
             fast = kernels.dequantize(w, self.w_qp)
             return dequantize(w, self.w_qp) if fast is None else fast
