@@ -996,6 +996,27 @@ def test_written_weights_reuse_only_buffers_whose_holder_is_gone():
     assert len(pool[1]) == 4  # two from the first call, two new
 
 
+def test_a_reused_buffer_runs_its_new_weights_at_any_batch():
+    """One buffer rewritten with new weights step after step (the same address each time) runs exactly the
+    new weights, at the batch it was packed for and at others (nothing oneDNN derives from the buffer, such
+    as a reorder for another input shape, outlives its contents)."""
+    if kernels.library() is None or not onednn.available():
+        pytest.skip("oneDNN's int8 kernels are not usable here")
+    g = torch.Generator().manual_seed(0)
+    shape, conv, x_shape = (16, 8, 3, 3), ((1, 1), (1, 1), (1, 1), 1), (4, 8, 10, 10)
+    pools, addresses = {}, set()
+    for _ in range(4):
+        w = torch.randint(-128, 128, shape, dtype=torch.int8, generator=g)
+        (ew,) = onednn.write_split([w], (1, 0, 0), 3, conv, x_shape, None, pools)
+        addresses.add(torch.ops.mkldnn.data_ptr(ew.weight))
+        for batch in (4, 1, 7):
+            x = torch.randint(0, 256, (batch, 8, 10, 10), generator=g).float()
+            exact = F.conv2d(x.double() - 3, w.double(), padding=1)
+            assert torch.equal(onednn.conv(x, ew, 3, *conv[:3]).double(), exact)
+        del ew  # its buffer is free for the next step
+    assert len(addresses) == 1
+
+
 @pytest.mark.parametrize("kernel", ["onednn", "int_mm"])
 def test_steps_on_weights_written_into_layouts_equal_steps_on_packed_ones(monkeypatch, kernel):
     """QZO-FF steps whose passes write their weights straight into the learnt layouts (all passes after a
