@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 
 import torch
 
 from . import kernels
-from .onednn import buffers, planes_with_offset
+from .onednn import buffers, held, planes_with_offset
 
 U_BOUND = 128  # |x - 128| for u8 codes
 LIMIT_BITS = 31  # int32 accumulators
@@ -90,7 +89,7 @@ def write_split(ws: list[torch.Tensor], like: tuple[int, int, int], zp: int, poo
     """`onednn.write_split` for these columns: per-call weights (one shape) split as an earlier call's were
     (`like` = (planes, digit bits, offset)) straight into copies of their columns' template, each an
     ExactWeights, or None where the split does not certify for that tensor. The buffers come from `pools`
-    where given (`onednn.buffers`)."""
+    where given (`onednn.buffers`, `onednn.held`)."""
     from .intops import ExactWeights
 
     planes, bits, offset = like
@@ -100,17 +99,13 @@ def write_split(ws: list[torch.Tensor], like: tuple[int, int, int], zp: int, poo
     done = kernels.split_into(
         ws, planes, bits, digit_bits(), offset, U_BOUND, LIMIT_BITS, at, ptrs, rowsum=True
     )
-    made = []
-    for slot, d in zip(slots, done):
-        ew = None
-        if d is not None:
-            shift = (128 - zp) * d[1]
-            ew = ExactWeights(
-                slot[0], planes, bits, 1, len(shift), d[0], "int_mm", offset=offset, shift=shift
-            )
-            slot[1] = weakref.ref(ew)  # the buffer's holder (`onednn.buffers`)
-        made.append(ew)
-    return made
+    return held(
+        slots,
+        done,
+        lambda buf, d: ExactWeights(
+            buf, planes, bits, 1, len(d[1]), d[0], "int_mm", offset=offset, shift=(128 - zp) * d[1]
+        ),
+    )
 
 
 def prepare(w: torch.Tensor, zp: int):

@@ -308,10 +308,10 @@ POOL_MAX = 64
 
 def buffers(template: torch.Tensor, n: int, pools: dict | None) -> list[list]:
     """n buffers like `template` (a layout's zero weights) for splits written whole into it (each rewrites
-    every byte a split writes; the rest stays the template's), as [buffer, holder] slots: the caller puts a
-    weak reference to the object that holds the buffer (its ExactWeights) in the slot. With `pools`
-    (id(template) -> (template, its slots), owned by the caller) the buffers whose holder is gone are
-    reused, the rest are new copies added to the pool; without, all are new."""
+    every byte a split writes; the rest stays the template's), as [buffer, holder] slots (`held` records
+    the holder: a weak reference to the ExactWeights made of the buffer). With `pools` (id(template) ->
+    (template, its slots), owned by the caller) the buffers whose holder is gone are reused, the rest are
+    new copies added to the pool; without, all are new."""
     if pools is None:
         return [[template.clone(), None] for _ in range(n)]
     entry = pools.get(id(template))
@@ -326,6 +326,18 @@ def buffers(template: torch.Tensor, n: int, pools: dict | None) -> list[list]:
     if len(pool) > POOL_MAX:  # the buffers still held are left to their holders
         pool[:] = free + new
     return free + new
+
+
+def held(slots: list[list], done: list, make) -> list:
+    """`make(buffer, split)` for each split written into a slot's buffer that certified (None for the
+    others, whose buffers stay free), each recorded as its buffer's holder (`buffers`)."""
+    made = []
+    for slot, split in zip(slots, done):
+        ew = None if split is None else make(slot[0], split)
+        if ew is not None:
+            slot[1] = weakref.ref(ew)
+        made.append(ew)
+    return made
 
 
 def write_split(
@@ -358,16 +370,14 @@ def write_split(
         ws, planes, digit, bits or digit_bits(), offset, X_MAX, 24, at,
         [torch.ops.mkldnn.data_ptr(s[0]) for s in slots], comp, groups,
     )  # fmt: skip
-    made = []
-    for slot, d in zip(slots, done):
-        ew = None
-        if d is not None:
-            ew = ExactWeights(
-                slot[0], planes, digit, groups, ws[0].shape[0], d[0], "onednn", groups, offset=offset
-            )
-            slot[1] = weakref.ref(ew)  # the buffer's holder (`buffers`)
-        made.append(ew)
-    return made
+    channels = ws[0].shape[0]
+    return held(
+        slots,
+        done,
+        lambda buf, d: ExactWeights(
+            buf, planes, digit, groups, channels, d[0], "onednn", groups, offset=offset
+        ),
+    )
 
 
 def prepare_conv(
