@@ -549,6 +549,14 @@ static inline int32_t low_digit(int32_t v, int32_t half, int32_t mask) { return 
 TWO_PLANES_OK(int8_t)
 TWO_PLANES_OK(int16_t)
 
+/* The range an int8 kernel's digits of `fixed_bits` bits must stay in: [-2^(b-1), 2^(b-1)] capped at 127
+ * (7-bit digits within ±64, 8-bit ones within [-128, 127]); unbounded for fixed_bits 0 (float planes). */
+static void digit_range(int fixed_bits, i64 *lo, i64 *hi) {
+    *lo = fixed_bits > 0 ? -((i64)1 << (fixed_bits - 1)) : INT64_MIN;
+    *hi = fixed_bits > 0 ? ((i64)1 << (fixed_bits - 1)) : INT64_MAX;
+    if (fixed_bits > 0 && *hi > 127) *hi = 127;
+}
+
 /* The certified digit-plane split of integer weights [C][K] minus `offset` (see fwdgrad/engine/intops.py:
  * each plane's x_bound·max_c Σ_k |d[c,k]| < 2^limit_bits: 24 for float32 sums, 31 for int32 ones), trying
  * 1..max_planes planes with the same digit widths as the torch path. With chunks > 1 the fan-in K is cut into
@@ -581,9 +589,8 @@ int fw_plan_planes(const void *w, int wbytes, i64 C, i64 K, int chunks, i64 x_bo
     }
     *bound = x_bound * smax;
     *bits = 0;
-    i64 lo = fixed_bits > 0 ? -((i64)1 << (fixed_bits - 1)) : INT64_MIN;
-    i64 hi = fixed_bits > 0 ? ((i64)1 << (fixed_bits - 1)) : INT64_MAX;
-    hi = hi > 127 && fixed_bits > 0 ? 127 : hi;
+    i64 lo, hi;
+    digit_range(fixed_bits, &lo, &hi);
     if (x_bound * cmax < limit && vmin >= lo && vmax <= hi) return 1;
     int nbits = 1;
     while ((amax >> nbits) > 0) nbits++;
@@ -797,11 +804,7 @@ void fw_dequantize(const void *w, int wbytes, i64 count, i64 per_channel, const 
     else dequantize_int32_t(w, count, per_channel, scale, out);
 }
 
-/* QZO-FF's fixed-point update of integer weights w (in place) from the step's m perturbations: s = Σ_j c_j z_j
- * over the nz samples with c_j = signs[j] = ±1 (the others have c = 0), g = sign(s)·floor((2|s| + m) / 2m)
- * clamped to ±127, r = round(g·M_c / 2^n_c) (nearest: + 2^(n-1); floor; stochastic: + the word's top n
- * bits), w <- sat(w - r); as fwdgrad/ff/spaces.py FixedPointSpace.update (1 <= n_c <= 62). Returns the
- * number of saturated weights. */
+/* fw_update (below) for nearest or floor rounding and 8/16-bit weights, in loops the compiler vectorizes. */
 #define UPDATE_ROWS 1024 /* elements whose sums the vectorized update forms at a time */
 #define UPDATE_FAST(T)                                                                                        \
     static i64 update_fast_##T(T *w, i64 count, i64 per_channel, int nz, const int8_t **zs,                \
@@ -837,6 +840,11 @@ void fw_dequantize(const void *w, int wbytes, i64 count, i64 per_channel, const 
 UPDATE_FAST(int8_t)
 UPDATE_FAST(int16_t)
 
+/* QZO-FF's fixed-point update of integer weights w (in place) from the step's m perturbations: s = Σ_j c_j z_j
+ * over the nz samples with c_j = signs[j] = ±1 (the others have c = 0), g = sign(s)·floor((2|s| + m) / 2m)
+ * clamped to ±127, r = round(g·M_c / 2^n_c) (nearest: + 2^(n-1); floor; stochastic: + the word's top n
+ * bits), w <- sat(w - r); as fwdgrad/ff/spaces.py FixedPointSpace.update (1 <= n_c <= 62). Returns the
+ * number of saturated weights. */
 i64 fw_update(void *w, int wbytes, i64 count, i64 per_channel, int nz, const int8_t **zs, const int8_t *signs, i64 m,
               const i64 *mult, const i64 *nshift, int rounding, const i64 *words, i64 qmin, i64 qmax) {
     if (wbytes <= 2 && rounding != 2 && nz <= 1 << 20) /* nearest or floor, 8/16-bit weights: vectorizable */
@@ -963,7 +971,7 @@ void fw_scatter_i8(const int8_t *w, const int32_t *at, int8_t *out, i64 n, i64 r
  * stacked row's -Σ digits as int32 at byte comp + 4·row, and with rowsum each channel's Σ_k w (int64).
  * Certified as fw_plan_planes: every digit in [lo, hi] and x_bound·Σ_k |d| < 2^limit_bits per plane and
  * channel. Returns the bound x_bound·max_c Σ_k |w| (as fw_plan_planes), or -1 when the split does not
- * certify (dst is then partly written and must be dropped). */
+ * certify (dst then holds some of its digits: a later split rewrites them all). */
 #define SPLIT_ROWS 16 /* rows split before their digits are written: the rows of one cache line of a blocked layout */
 #define SPLIT_INTO(T, A) /* A: the accumulators' type (int32 while K < 2^16: |Σ w| < 2^31) */                 \
     static i64 split_into_##T##_##A(const T *w, i64 C, i64 K, int groups, int planes, int b, i64 offset,  \
@@ -1015,15 +1023,16 @@ SPLIT_INTO(int16_t, int32_t)
 SPLIT_INTO(int8_t, i64)
 SPLIT_INTO(int16_t, i64)
 
-/* fw_split_into of nw weight tensors of one shape ws[i] into dsts[i]: bounds[i] the bound or -1, with rowsums
- * [nw][C] each channel's Σ_k w. */
+/* split_into of nw weight tensors of one shape ws[i] into dsts[i], digits of `fixed_bits` bits (digit_range):
+ * bounds[i] the bound or -1, with rowsums [nw][C] each channel's Σ_k w. */
 void fw_split_into(const void **ws, int nw, int wbytes, i64 C, i64 K, int groups, int planes, int b, i64 offset,
-                   i64 x_bound, int limit_bits, i64 lo, i64 hi, const int32_t *at, int8_t **dsts, i64 comp,
+                   i64 x_bound, int limit_bits, int fixed_bits, const int32_t *at, int8_t **dsts, i64 comp,
                    i64 *rowsums, i64 *bounds) {
     int8_t *buf = (wbytes == 1 || wbytes == 2) && planes >= 1 && planes <= 2 && (planes == 1 || (b >= 1 && b <= 8))
                       ? malloc(2 * SPLIT_ROWS * K)
                       : NULL;
-    i64 limit = (i64)1 << limit_bits;
+    i64 limit = (i64)1 << limit_bits, lo, hi;
+    digit_range(fixed_bits, &lo, &hi);
     for (int i = 0; i < nw; i++) {
         i64 *rowsum = rowsums ? rowsums + i * C : NULL;
 #define SPLIT_CALL(T, A) \

@@ -65,7 +65,7 @@ SIGNATURES = {
     "fw_scatter_i8": (None, [_P, _P, _P, _I64, _I64, _I64]),
     "fw_split_into": (
         None,
-        [_P, _INT, _INT, _I64, _I64, _INT, _INT, _INT, _I64, _I64, _INT, _I64, _I64, _P, _P, _I64, _P, _P],
+        [_P, _INT, _INT, _I64, _I64, _INT, _INT, _INT, _I64, _I64, _INT, _INT, _P, _P, _I64, _P, _P],
     ),
 }
 _INT_BYTES = {torch.int8: 1, torch.int16: 2, torch.int32: 4}
@@ -198,7 +198,7 @@ def rescale_sum(
     else:
         xs = _same_dense_layout([x if x.shape == shape else x.expand(shape).contiguous() for x in xs])
     out = torch.empty_like(xs[0], dtype=torch.uint8 if out_u8 else torch.float32)
-    ptrs = (ctypes.c_void_p * len(xs))(*[x.data_ptr() for x in xs])
+    ptrs = _ptrs(xs)
     z = torch.tensor(zps, dtype=torch.int64)
     m = torch.tensor(mults, dtype=torch.int64)
     library().fw_rescale_sum(
@@ -439,7 +439,7 @@ def update(
     ):
         return None
     zs = [z.contiguous() for z in zs]
-    ptrs = (ctypes.c_void_p * max(1, len(zs)))(*[z.data_ptr() for z in zs])
+    ptrs = _ptrs(zs)
     sign_bytes = (ctypes.c_int8 * max(1, len(signs)))(*signs)
     mult = mult.reshape(-1).to(torch.int64).contiguous()
     n = n.contiguous()
@@ -486,10 +486,9 @@ def split_into(
     c, k = ws[0].shape[0], ws[0][0].numel() if ws[0].dim() > 1 else 1
     sums = torch.empty((len(ws), c), dtype=torch.int64) if rowsum else None
     bounds = (ctypes.c_int64 * len(ws))()
-    lo, hi = -(1 << (fixed_bits - 1)), min(1 << (fixed_bits - 1), 127)
     library().fw_split_into(
         _ptrs(ws), len(ws), _INT_BYTES[ws[0].dtype], c, k, groups, planes, bits, offset, x_bound, limit_bits,
-        lo, hi, at.data_ptr(), (ctypes.c_void_p * len(ws))(*out_ptrs), comp, _ptr(sums), bounds,
+        fixed_bits, at.data_ptr(), (ctypes.c_void_p * len(ws))(*out_ptrs), comp, _ptr(sums), bounds,
     )  # fmt: skip
     return [None if b < 0 else (b, None if sums is None else sums[i]) for i, b in enumerate(bounds)]
 
