@@ -474,12 +474,9 @@ class FixedPointSpace(Space):
         returns the P passes' outputs stacked along the batch (`QModel.using_weights`). Costs P copies of
         that one layer's weights (and keeps the step's m perturbations of it for the update)."""
         (t,) = self.active(step)
-        name, weight_q = self.names[t], self.nodes[t].weight_q
+        name = self.names[t]
         self.forget_step_z()
-        if kernels.library() is None or weight_q.device.type != "cpu":  # torch, all passes at once
-            w = self._perturbed_torch(step, t, passes, self._words(step, 2 * t, t))
-        else:  # one C pass over the weights per pass
-            w = torch.stack(self.perturbed_weights(step, t, passes))
+        w = torch.stack(self.perturbed_weights(step, t, passes))  # in C or in torch, all passes in one call
 
         def weight_fn(n, node):
             return w if n == name else node.weight_q
